@@ -1,0 +1,368 @@
+"""Shared machinery for the benches: the system header, memory-capped contender subprocesses,
+the interpreter's idle footprint, the O_DIRECT disk bandwidth, a greedy decode timer, a table
+printer and JSON output.
+
+A memory-limited machine is simulated honestly: a capped contender runs in a fresh memory cgroup
+(``../shared/tools/memlimit.sh BYTES CMD...``, relative to the repository root) whose limit is
+the budget plus the interpreter's idle footprint, so the page cache counts against it too. The
+page cache is dropped once before each capped contender so no contender inherits warm pages.
+Where cgroups are unavailable (not root, no cgroup v1 memory controller) the contenders run
+uncapped and every row says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+MEMLIMIT = (REPO_ROOT / ".." / "shared" / "tools" / "memlimit.sh").resolve()
+CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+RESULT_TAG = "BENCH_RESULT "
+BLOCK = 4096
+CHUNK = 8 << 20
+
+_MEMLIMIT_RE = re.compile(r"memlimit: limit=(\d+) max_usage=(\d+) failcnt=(\d+)")
+
+
+# -- sizes ---------------------------------------------------------------------------------------
+def fmt_bytes(n: float | int | None) -> str:
+    """Decimal units (matches offload's format_bytes)."""
+    if n is None:
+        return "-"
+    v = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(v) < 1000 or unit == "TB":
+            return f"{v:.0f} {unit}" if unit in ("B", "KB", "MB") else f"{v:.2f} {unit}"
+        v /= 1000
+    return f"{v:.2f} TB"
+
+
+# -- the system header ---------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """(device, fstype) of the filesystem holding ``path``."""
+    best, dev, fstype = "", "?", "?"
+    try:
+        real = str(path.resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            mnt = parts[1].replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, dev, fstype = mnt, parts[0], parts[2]
+    except OSError:
+        pass
+    return dev, fstype
+
+
+def _rotational(dev: str) -> str:
+    name = Path(dev).name
+    p = Path("/sys/block") / name / "queue" / "rotational"
+    if p.exists():
+        return "rotational" if p.read_text().strip() == "1" else "non-rotational"
+    return "?"
+
+
+def system_info(work_dir: Path) -> dict:
+    import torch
+
+    info: dict = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
+    for mod in ("transformers", "accelerate", "safetensors"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # optional in a minimal environment
+            info[mod] = None
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        info["ram_bytes"], info["ram_available_bytes"] = vm.total, vm.available
+        info["swap_bytes"] = psutil.swap_memory().total
+    except Exception:
+        info["ram_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    dev, fstype = _mount_of(work_dir)
+    info["disk"] = {"work_dir": str(work_dir), "device": dev, "fstype": fstype,
+                    "kind": _rotational(dev), "free_bytes": shutil.disk_usage(work_dir).free}
+    return info
+
+
+def format_header(info: dict, extra: list[tuple[str, str]] = ()) -> str:
+    d = info["disk"]
+    rows = [
+        ("machine", f"{info['cpu']} x{info['cpu_count']} (torch threads {info['torch_threads']}),"
+                    f" RAM {fmt_bytes(info.get('ram_bytes'))}, swap "
+                    f"{fmt_bytes(info.get('swap_bytes', 0))}, CUDA {info['cuda']}"),
+        ("software", f"python {info['python']}, torch {info['torch']}, transformers "
+                     f"{info.get('transformers')}, accelerate {info.get('accelerate')}"),
+        ("disk", f"{d['device']} ({d['fstype']}, {d['kind']}) for {d['work_dir']}, "
+                 f"{fmt_bytes(d['free_bytes'])} free"),
+        *extra,
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)} : {v}" for k, v in rows)
+
+
+# -- memory caps ---------------------------------------------------------------------------------
+def cgroup_status() -> tuple[bool, str]:
+    """Whether memlimit.sh can cap a contender here, and if not, why."""
+    if not MEMLIMIT.is_file():
+        return False, f"{MEMLIMIT} is missing"
+    if os.geteuid() != 0:
+        return False, "not root (memlimit.sh creates a cgroup)"
+    if not (CGROUP_MEMORY / "memory.limit_in_bytes").exists():
+        return False, f"no cgroup v1 memory controller at {CGROUP_MEMORY}"
+    if not os.access(CGROUP_MEMORY, os.W_OK):
+        return False, f"{CGROUP_MEMORY} is not writable"
+    try:
+        r = subprocess.run(["bash", str(MEMLIMIT), str(256 << 20), "true"], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"memlimit.sh failed: {e}"
+    if r.returncode != 0 or not _MEMLIMIT_RE.search(r.stderr):
+        return False, f"memlimit.sh failed (rc {r.returncode}): {r.stderr.strip()[-200:]}"
+    return True, f"memory cgroup v1 via {MEMLIMIT}"
+
+
+def drop_page_cache() -> bool:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches``; False where not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def idle_footprint(imports: str = "import torch, transformers, accelerate; "
+                                  "from transformers import LlamaForCausalLM") -> int:
+    """VmRSS of a fresh interpreter after ``imports``: what every contender pays before any
+    weights, and what the cap adds to the budget."""
+    code = (f"{imports}\nimport gc; gc.collect()\n"
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')][0])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"measuring the idle footprint failed: {r.stderr[-2000:]}")
+    return int(r.stdout.strip().splitlines()[-1]) * 1024
+
+
+# -- disk bandwidth ------------------------------------------------------------------------------
+def disk_bandwidth(path: Path, chunk: int = CHUNK, max_bytes: int | None = None) -> dict:
+    """Sequential read bandwidth of ``path`` with O_DIRECT (page cache bypassed) in ``chunk``
+    reads into one 4096-aligned buffer. Falls back to buffered reads after dropping the cache
+    where O_DIRECT is refused, and says so."""
+    import mmap
+
+    size = os.path.getsize(path) // BLOCK * BLOCK
+    length = size if max_bytes is None else min(size, max_bytes // BLOCK * BLOCK)
+    buf = mmap.mmap(-1, chunk)            # anonymous mmap: page-aligned
+    direct = True
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        direct = False
+        drop_page_cache()
+        fd = os.open(path, os.O_RDONLY)
+    done = 0
+    mv = memoryview(buf)
+    try:
+        t0 = time.perf_counter()
+        while done < length:
+            n = min(chunk, length - done)
+            got = os.preadv(fd, [mv[:n]], done)
+            if got <= 0:
+                break
+            done += got
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        mv.release()
+        buf.close()
+    return {"bytes": done, "seconds": elapsed, "bps": done / max(elapsed, 1e-9),
+            "direct": direct, "chunk": chunk, "path": str(path)}
+
+
+# -- contenders ----------------------------------------------------------------------------------
+@dataclass
+class ContenderRun:
+    """What one contender subprocess produced."""
+
+    name: str
+    cmd: list[str]
+    returncode: int
+    seconds: float
+    capped: bool
+    cap_bytes: int | None
+    results: list[dict] = field(default_factory=list)
+    memlimit: dict | None = None
+    log_tail: str = ""
+    dropped_cache: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and bool(self.results)
+
+    @property
+    def killed(self) -> bool:
+        return self.returncode in (-9, 137) or bool(self.memlimit and self.returncode != 0
+                                                     and self.memlimit.get("failcnt"))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "cmd": self.cmd, "returncode": self.returncode,
+                "seconds": self.seconds, "capped": self.capped, "cap_bytes": self.cap_bytes,
+                "dropped_cache": self.dropped_cache, "memlimit": self.memlimit,
+                "results": self.results, "log_tail": self.log_tail if not self.ok else ""}
+
+
+def run_contender(name: str, argv: list[str], *, cap_bytes: int | None = None,
+                  drop_cache: bool = False, timeout: float = 3600, echo: bool = True,
+                  prefix: str | None = None) -> ContenderRun:
+    """Run ``python argv...`` in its own process, under memlimit.sh at ``cap_bytes`` if given.
+
+    The child prints ``BENCH_RESULT {json}`` lines; its output is echoed to our stderr with a
+    prefix as it arrives (a slow contender shows progress) and kept for parsing.
+    """
+    cmd = [sys.executable, *argv]
+    if cap_bytes is not None:
+        cmd = ["bash", str(MEMLIMIT), str(int(cap_bytes)), *cmd]
+    dropped = drop_page_cache() if drop_cache else False
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    tag = prefix or f"[{name}]"
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, bufsize=1, cwd=str(REPO_ROOT))
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if echo and not line.startswith(RESULT_TAG):
+                print(f"  {tag} {line.rstrip()}", file=sys.stderr, flush=True)
+            if time.perf_counter() - t0 > timeout:
+                proc.kill()
+                lines.append(f"bench: killed after {timeout:.0f} s (timeout)")
+                break
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    seconds = time.perf_counter() - t0
+    results, mem = [], None
+    for line in lines:
+        if line.startswith(RESULT_TAG):
+            results.append(json.loads(line[len(RESULT_TAG):]))
+        m = _MEMLIMIT_RE.search(line)
+        if m:
+            mem = {"limit": int(m.group(1)), "max_usage": int(m.group(2)),
+                   "failcnt": int(m.group(3))}
+    tail = "\n".join(l for l in lines if not l.startswith(RESULT_TAG))[-4000:]
+    return ContenderRun(name, cmd, rc, seconds, cap_bytes is not None, cap_bytes, results, mem,
+                        tail, dropped)
+
+
+def emit_result(result: dict) -> None:
+    """Called in a contender: hand one result row to the parent."""
+    result.setdefault("rss_peak_bytes", peak_rss())
+    print(RESULT_TAG + json.dumps(result, default=str), flush=True)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- timing --------------------------------------------------------------------------------------
+def greedy_decode(model, prompts, n_tokens: int, *, warmup_tokens: int = 1,
+                  before_timed=None) -> dict:
+    """Prefill ``prompts`` ([batch, len] int64), decode ``warmup_tokens`` untimed (the first
+    token after prefill warms every path), then time ``n_tokens`` greedy decode steps (one
+    forward each, batch tokens per step). Prefill and warm-up are reported, never timed in.
+    ``before_timed()`` is called just before the timed steps (e.g. to snapshot counters)."""
+    import torch
+
+    batch = int(prompts.shape[0])
+    step_s: list[float] = []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=prompts, use_cache=True, logits_to_keep=1)
+        prefill_s = time.perf_counter() - t0
+        cache = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [nxt]
+        t0 = time.perf_counter()
+        for _ in range(warmup_tokens):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+        warmup_s = time.perf_counter() - t0
+        if before_timed is not None:
+            before_timed()
+        for _ in range(n_tokens):
+            t0 = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            step_s.append(time.perf_counter() - t0)
+            tokens.append(nxt)
+    total = sum(step_s)
+    return {"batch": batch, "prompt_len": int(prompts.shape[1]), "tokens": n_tokens,
+            "prefill_s": prefill_s, "warmup_s": warmup_s, "step_s": step_s,
+            "decode_s": total, "tok_s": batch * n_tokens / total if total else 0.0,
+            "s_per_step": total / n_tokens if n_tokens else 0.0,
+            "s_per_token": total / (batch * n_tokens) if n_tokens else 0.0,
+            "generated": torch.cat(tokens, dim=1)[:, :8].tolist()}
+
+
+# -- output --------------------------------------------------------------------------------------
+def format_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    width = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "  ".join((c.rjust(w) if i in right else c.ljust(w))
+                         for i, (c, w) in enumerate(zip(r, width))).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in width)]
+                     + [line(r) for r in cells[1:]])
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+    return path

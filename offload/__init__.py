@@ -1,0 +1,13 @@
+"""offload: run models larger than memory, streamed from disk, exactly.
+
+    import offload
+    model = offload.run("path/to/checkpoint", budget="8GB")
+    model.generate(...)
+    offload.stats(model)
+"""
+from .api import close, pack, plan, run, stats
+from .errors import BudgetError, HardwareError, ModelError, OffloadError, StoreError
+
+__all__ = ["run", "plan", "pack", "stats", "close", "OffloadError", "BudgetError",
+           "StoreError", "ModelError", "HardwareError"]
+__version__ = "0.1.0"

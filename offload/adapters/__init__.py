@@ -1,0 +1,5 @@
+"""Adapters: the only model-aware code. One per model family; adding a family is adding one."""
+from .base import Adapter
+from .registry import adapter_for, supported_model_types
+
+__all__ = ["Adapter", "adapter_for", "supported_model_types"]

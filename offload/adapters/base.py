@@ -1,0 +1,63 @@
+"""What an adapter tells the rest of offload about a model family."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..store.pack import UnitSpec
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers of a decoder-only transformer that size its KV cache and activations."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    def kv_bytes(self, tokens: int, itemsize: int) -> int:
+        """KV cache bytes for ``tokens`` cached positions summed over the batch."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * itemsize * tokens
+
+    def activation_bytes(self, batch: int, new: int, total: int, itemsize: int,
+                         logits_rows: int) -> int:
+        """A high-water estimate of one forward's activations: the live hidden states of one
+        layer, its MLP and attention intermediates (scores in float32), and ``logits_rows``
+        rows of logits (counted at float32 width: generate upcasts them)."""
+        n = batch * new
+        per_token = (4 * self.hidden + 3 * self.intermediate
+                     + (self.heads + 2 * self.kv_heads) * self.head_dim) * itemsize
+        scores = batch * self.heads * new * total * 4
+        logits = logits_rows * self.vocab * max(itemsize, 4)
+        return n * per_token + scores + logits
+
+
+class Adapter(Protocol):
+    """A model family's mapping to Units and hook points."""
+
+    model_types: tuple[str, ...]
+
+    def shape(self, config) -> Shape: ...
+
+    def unit_specs(self, config, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
+                   ) -> tuple[list[UnitSpec], dict[str, str]]:
+        """Units in execution order, and ``{group: group}`` ties (``{"head": "embed"}``)."""
+        ...
+
+    def bind_points(self, model) -> dict[str, torch.nn.Module]:
+        """Unit key -> the module whose parameters that Unit fills (layers, norms)."""
+        ...
+
+    def row_points(self, model) -> dict[str, tuple[torch.nn.Module, str]]:
+        """Static group -> (module, op) for row-chunked groups: op is ``embedding`` or ``linear``."""
+        ...
+
+    def execution_order(self, config, groups: dict[str, list[str]]) -> list[str]:
+        """Unit keys in the order one forward pass consumes them (a tied group twice)."""
+        ...

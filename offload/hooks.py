@@ -1,0 +1,99 @@
+"""Attach and detach: how the runtime borrows a model's modules and gives them back.
+
+Decoder layers and norms whose Unit is streamed get a forward pre-hook that waits for the Unit
+and binds its tensors as the module's parameters, and a forward hook (always called, also when
+forward raises) that unbinds them and releases the slot. Row-chunked modules (embedding, head)
+get an instance-level forward that walks their chunks. ``detach`` restores every parameter and
+forward; user classes are never patched.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def submodule_param(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """``("self_attn.q_proj.weight")`` -> (the q_proj module, ``"weight"``)."""
+    path, _, attr = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), attr
+
+
+def placeholder(p: torch.Tensor, device: torch.device) -> torch.nn.Parameter:
+    """A parameter with ``p``'s shape and dtype on ``device`` that holds one element: keeps
+    ``model.device``/``dtype`` truthful while the real bytes live elsewhere."""
+    one = torch.zeros((), dtype=p.dtype, device=device)
+    return torch.nn.Parameter(one.expand(p.shape), requires_grad=False)
+
+
+class Binding:
+    """The parameters of one module that one Unit fills, and their placeholders."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str], device: torch.device):
+        self.targets = [submodule_param(module, n) for n in names]
+        self.names = names
+        self.originals = [m._parameters[a] for m, a in self.targets]
+        self.placeholders = [placeholder(p, device) for p in self.originals]
+
+    def bind(self, tensors: dict[str, torch.nn.Parameter]) -> None:
+        for (m, a), n in zip(self.targets, self.names):
+            m._parameters[a] = tensors[n]
+
+    def unbind(self) -> None:
+        for (m, a), p in zip(self.targets, self.placeholders):
+            m._parameters[a] = p
+
+    def restore(self) -> None:
+        for (m, a), p in zip(self.targets, self.originals):
+            m._parameters[a] = p
+
+
+class StreamedBindHook:
+    """pre_forward: wait for the Unit and bind it; post_forward: unbind and release."""
+
+    def __init__(self, key: str, binding: Binding, acquire: Callable, release: Callable):
+        self.key, self.binding = key, binding
+        self._acquire, self._release = acquire, release
+
+    def pre_forward(self, module, args):
+        self.binding.bind(self._acquire(self.key))
+
+    def post_forward(self, module, args, output):
+        self.binding.unbind()
+        self._release(self.key)
+
+
+def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dtype, device,
+                      acquire: Callable, release: Callable) -> Callable:
+    """A forward for an embedding whose rows live in chunks: gathers each chunk's rows."""
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(*ids.shape, hidden, dtype=dtype, device=device)   # [B, T, H]
+        for key, (start, stop) in chunks:
+            weight = acquire(key)["weight"]
+            try:
+                hit = (ids >= start) & (ids < stop)
+                out[hit] = F.embedding(ids[hit] - start, weight)
+            finally:
+                release(key)
+        return out
+
+    return forward
+
+
+def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire: Callable,
+                   release: Callable) -> Callable:
+    """A forward for a bias-free linear whose output rows live in chunks (the LM head)."""
+
+    def forward(h: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(*h.shape[:-1], rows, dtype=h.dtype, device=h.device)   # [B, T, V]
+        for key, (start, stop) in chunks:
+            weight = acquire(key)["weight"]
+            try:
+                out[..., start:stop] = F.linear(h, weight)
+            finally:
+                release(key)
+        return out
+
+    return forward

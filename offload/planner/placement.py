@@ -1,0 +1,106 @@
+"""Placement: which Units stay on the compute device, how many staging slots, and the cost.
+
+Every streamed byte is read once per forward pass, so the best placement under a budget is the
+one that streams the fewest bytes per pass. Staging slots are sized to the largest streamed
+Unit; Units larger than the chosen slot size must be resident. The search tries each distinct
+Unit size as the slot size and keeps the placement that streams least (ties: fewer slots, then
+less resident), so the same inputs always give the same Plan.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from ..errors import BudgetError
+from ..sizes import format_bytes
+from ..units import Unit, align
+from .plan import DEVICE, DISK, Plan
+from .profile import HardwareProfile
+
+BLOCK = 4096
+SMALL_FRACTION = 100    # Units under 1% of the budget stay resident: a read each costs more
+
+
+def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_bytes: int,
+              max_tokens: int, profile: HardwareProfile, *, prefetch: int | None = None) -> Plan:
+    """Place ``units`` under ``budget_bytes``.
+
+    Args:
+        units: every Unit of the store.
+        order: unit keys in the order one forward pass consumes them (repeats allowed).
+        budget_bytes: the compute tier's budget.
+        reserve_bytes: KV cache and activations to keep free for ``max_tokens``.
+        profile: measured bandwidths for the cost model.
+        prefetch: Units fetched ahead of the one computing (slots = prefetch + 1); default 1.
+
+    Raises:
+        BudgetError: no placement fits; the message states the minimum budget.
+    """
+    size = {u.key: align(u.nbytes, BLOCK) for u in units}
+    reads = Counter(order)
+    want_slots = 1 + (1 if prefetch is None else max(0, int(prefetch)))
+    best, minimum = None, None
+    small = budget_bytes // SMALL_FRACTION
+    for slot_bytes in sorted({size[k] for k in reads} | {0}):
+        forced = {k for k in reads if size[k] > slot_bytes or size[k] <= small}
+        streamable = [k for k in reads if k not in forced]
+        floor = sum(size[k] for k in forced) + reserve_bytes + (slot_bytes if streamable else 0)
+        minimum = floor if minimum is None else min(minimum, floor)
+        for slots in sorted({min(want_slots, len(streamable)), 1 if streamable else 0},
+                            reverse=True):
+            option = _fill(forced, streamable, size, reads, slots, slot_bytes,
+                           budget_bytes - reserve_bytes)
+            if option is not None and (best is None or option < best):
+                best = option
+    if best is None:
+        raise BudgetError(
+            f"budget {format_bytes(budget_bytes)} is below the minimum working set of this model "
+            f"({format_bytes(minimum)}: the largest streamed Unit, the always-resident Units and "
+            f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} tokens); "
+            f"raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
+            budget_bytes=budget_bytes, minimum_bytes=minimum)
+    _, n_slots, _, _, resident = best
+    resident = set(resident)
+    slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
+    return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
+                 reserve_bytes, max_tokens, minimum, profile)
+
+
+def _fill(forced, streamable, size, reads, slots, slot_bytes, room):
+    """Greedy: after forced Units and slots, keep the Units that save the most bytes per pass."""
+    used = sum(size[k] for k in forced) + slots * slot_bytes
+    if used > room:
+        return None
+    resident = set(forced)
+    for k in sorted(streamable, key=lambda k: (-reads[k] * size[k], streamable.index(k))):
+        if used + size[k] <= room:
+            resident.add(k)
+            used += size[k]
+    if slots == 0 and any(k not in resident for k in reads):
+        return None
+    streamed = sum(reads[k] * size[k] for k in reads if k not in resident)
+    resident_bytes = sum(size[k] for k in resident)
+    return (streamed, slots if streamed else 0, resident_bytes, slot_bytes, tuple(sorted(resident)))
+
+
+def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens, minimum,
+          profile: HardwareProfile) -> Plan:
+    size = {u.key: align(u.nbytes, BLOCK) for u in units}
+    stream = tuple(k for k in order if k not in resident)
+    slots = min(slots, len(stream))
+    streamed = sum(size[k] for k in stream)
+    weight_bytes = sum(u.nbytes for u in units)
+    compute_s = weight_bytes / max(profile.compute_bps, 1.0)
+    io_s = streamed / max(profile.disk_read_bps, 1.0)
+    link_s = streamed / profile.h2d_bps if profile.h2d_bps else 0.0
+    costs = {"compute": compute_s, "disk": io_s, "host link": link_s}
+    bottleneck = max(costs, key=costs.get)
+    # With one slot nothing overlaps: fetch and compute add up.
+    predicted = max(costs.values()) if slots > 1 else compute_s + io_s + link_s
+    return Plan(
+        budget_bytes=budget, device=profile.device,
+        homes=tuple((u.key, DEVICE if u.key in resident else DISK, size[u.key]) for u in units),
+        order=tuple(order), stream=stream, slots=slots, slot_bytes=slot_bytes,
+        resident_bytes=sum(size[k] for k in resident), reserve_bytes=reserve,
+        max_tokens=max_tokens, weight_bytes=weight_bytes, streamed_bytes=streamed,
+        minimum_bytes=minimum, compute_s=compute_s, io_s=io_s, link_s=link_s,
+        predicted_s=predicted, bottleneck=bottleneck)

@@ -1,0 +1,108 @@
+"""The Plan: pure, printable, serialisable data saying where every Unit lives and why."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..sizes import format_bytes
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A placement and a schedule.
+
+    Attributes:
+        budget_bytes: the compute tier's budget.
+        device: the compute device.
+        homes: ``(unit key, tier, nbytes)`` in store order; tier is device, host or disk.
+        order: unit keys in the order a forward pass consumes them.
+        stream: the non-resident keys of ``order``: what the pipeline fetches each pass.
+        slots: staging slots in the ring (the prefetch depth is ``slots - 1``).
+        slot_bytes: bytes of one slot (the largest streamed Unit, 4096-aligned).
+        resident_bytes: bytes of Units kept on the compute device.
+        reserve_bytes: KV cache and activations reserved for ``max_tokens`` cached tokens.
+        max_tokens: batch x context the reserve is sized for.
+        weight_bytes: all weights.
+        streamed_bytes: bytes fetched per forward pass.
+        minimum_bytes: the smallest budget any placement of this model fits.
+        compute_s / io_s / link_s: predicted seconds per decode step for each resource.
+        predicted_s: predicted seconds per decode step.
+        bottleneck: the resource that sets ``predicted_s``.
+    """
+
+    budget_bytes: int
+    device: str
+    homes: tuple[tuple[str, str, int], ...]
+    order: tuple[str, ...]
+    stream: tuple[str, ...]
+    slots: int
+    slot_bytes: int
+    resident_bytes: int
+    reserve_bytes: int
+    max_tokens: int
+    weight_bytes: int
+    streamed_bytes: int
+    minimum_bytes: int
+    compute_s: float
+    io_s: float
+    link_s: float
+    predicted_s: float
+    bottleneck: str
+
+    @property
+    def home(self) -> dict[str, str]:
+        return {k: t for k, t, _ in self.homes}
+
+    @property
+    def total_bytes(self) -> int:
+        """What the compute tier holds at most: resident + slots + reserve."""
+        return self.resident_bytes + self.slots * self.slot_bytes + self.reserve_bytes
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """The placement table and the prediction, for people."""
+        rows = [("tier", "units", "bytes")]
+        for tier in (DEVICE, HOST, DISK):
+            keys = [k for k, t, _ in self.homes if t == tier]
+            if keys:
+                nbytes = sum(n for _, t, n in self.homes if t == tier)
+                rows.append((tier, _span(keys), format_bytes(nbytes)))
+        rows.append(("staging", f"{self.slots} slots", format_bytes(self.slots * self.slot_bytes)))
+        rows.append(("KV+activations", f"{self.max_tokens} tokens", format_bytes(self.reserve_bytes)))
+        width = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in width))
+        lines += [
+            "",
+            f"compute tier: {format_bytes(self.total_bytes)} of {format_bytes(self.budget_bytes)}"
+            f" budget (minimum {format_bytes(self.minimum_bytes)}); device {self.device}",
+            f"streamed per forward: {format_bytes(self.streamed_bytes)} of "
+            f"{format_bytes(self.weight_bytes)} weights; prefetch depth {max(self.slots - 1, 0)}",
+            f"predicted per decode step: {self.predicted_s * 1000:.1f} ms "
+            f"({1 / max(self.predicted_s, 1e-9):.2f} tok/s at batch 1) — bottleneck: "
+            f"{self.bottleneck} (compute {self.compute_s * 1000:.1f} ms, disk "
+            f"{self.io_s * 1000:.1f} ms, host link {self.link_s * 1000:.1f} ms)",
+        ]
+        return "\n".join(lines)
+
+
+def _span(keys: list[str]) -> str:
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        g, _, i = k.partition(".")
+        groups.setdefault(g, []).append(i)
+    parts = []
+    for g, idx in groups.items():
+        nums = sorted(int(i) for i in idx if i.isdigit())
+        if not nums:
+            parts.append(g)
+        elif len(nums) == 1:
+            parts.append(f"{g}.{nums[0]}")
+        else:
+            parts.append(f"{g}.{nums[0]}-{nums[-1]} ({len(nums)})"
+                         if nums == list(range(nums[0], nums[-1] + 1))
+                         else f"{g} x{len(nums)}")
+    return ", ".join(parts)

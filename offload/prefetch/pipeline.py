@@ -1,0 +1,141 @@
+"""The prefetch pipeline: a sliding window over the cyclic stream of non-resident Units.
+
+One forward pass consumes the Plan's ``stream`` in order, and the next pass starts it again,
+so the stream is a cycle: position ``p`` holds ``stream[p % n]`` in slot ``p % S``. Releasing
+position ``p`` frees its slot, which immediately starts fetching position ``p + S``: while one
+Unit computes, the next ``S - 1`` are in flight, across the boundary between tokens too.
+
+The per-Unit loop reads like FlexGen's: submit next, wait for this one, compute, release.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..tiers.base import Ticket
+from ..tiers.slots import FILLING, FREE, IN_USE, READY, Slot, SlotRing
+from ..units import Unit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineStats:
+    """Counters of one pipeline; seconds are wall-clock."""
+
+    fetches: int = 0
+    fetched_bytes: int = 0
+    stall_seconds: float = 0.0
+    io_seconds: float = 0.0
+    resyncs: int = 0
+
+
+class Pipeline:
+    """Fetches ``stream`` cyclically into ``slots``.
+
+    Args:
+        stream: unit keys in consumption order (one forward pass).
+        units: key -> Unit.
+        slots: the ring of staging slots.
+        submit: starts moving a Unit into a slot and returns its Ticket.
+    """
+
+    def __init__(self, stream: tuple[str, ...], units: dict[str, Unit], slots: SlotRing,
+                 submit: Callable[[Unit, Slot], Ticket], *,
+                 on_ready: Callable[[Slot], None] | None = None,
+                 on_release: Callable[[Slot], None] | None = None):
+        self.stream = stream
+        self._on_ready = on_ready
+        self._on_release = on_release
+        self.units = units
+        self.slots = slots
+        self._submit = submit
+        self.stats = PipelineStats()
+        self._next = 0      # stream position the next acquire must match
+        self._primed = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.stream)
+
+    def begin_pass(self) -> None:
+        """Called before each forward pass: the stream must be at its start."""
+        if not self._primed:
+            self._prime(0)
+        elif self._next % len(self.stream):
+            log.debug("forward pass began mid-stream (an earlier pass failed); resyncing")
+            self.resync(0)
+
+    def acquire(self, key: str) -> dict[str, torch.nn.Parameter]:
+        """Wait until ``key`` is in its slot and return its tensors (records the stall)."""
+        pos = self._next
+        if self.stream[pos % len(self.stream)] != key:
+            pos = self._find(key)
+            self.resync(pos)
+        slot = self.slots[pos % len(self.slots)]
+        t0 = time.perf_counter()
+        try:
+            self.stats.io_seconds += slot.ticket.wait()
+        finally:
+            self.stats.stall_seconds += time.perf_counter() - t0
+        slot.move(FILLING, READY)
+        if self._on_ready is not None:
+            self._on_ready(slot)  # GPU: the compute stream waits for the slot's copy event
+        slot.move(READY, IN_USE)
+        return slot.views(slot.unit)
+
+    def release(self, key: str) -> None:
+        """The consumer of ``key`` is done: free its slot and fetch ``len(slots)`` ahead."""
+        pos = self._next
+        slot = self.slots[pos % len(self.slots)]
+        if slot.unit is None or slot.unit.key != key or slot.state != IN_USE:
+            return  # acquire never completed (its wait raised); resync handles the rest
+        slot.move(IN_USE, FREE)
+        if self._on_release is not None:
+            self._on_release(slot)  # GPU: the next copy into this slot waits for its consumer
+        slot.ticket = None
+        self._next = pos + 1
+        self._fill(pos + len(self.slots))
+
+    def resync(self, pos: int) -> None:
+        """Drain every fetch in flight and restart the window at stream position ``pos``."""
+        self.stats.resyncs += 1
+        self.drain()
+        for slot in self.slots:
+            slot.state, slot.unit, slot.ticket = FREE, None, None
+        self._prime(pos)
+
+    def drain(self) -> None:
+        """Wait for every fetch in flight, ignoring its errors (used on resync and close)."""
+        for slot in self.slots:
+            if slot.ticket is not None:
+                try:
+                    slot.ticket.wait()
+                except Exception:  # the error was or will be reported by acquire
+                    pass
+
+    def _prime(self, pos: int) -> None:
+        self._primed = True
+        self._next = pos
+        for p in range(pos, pos + len(self.slots)):
+            self._fill(p)
+
+    def _fill(self, pos: int) -> None:
+        slot = self.slots[pos % len(self.slots)]
+        unit = self.units[self.stream[pos % len(self.stream)]]
+        slot.move(FREE, FILLING)
+        slot.unit = unit
+        slot.ticket = self._submit(unit, slot)
+        self.stats.fetches += 1
+        self.stats.fetched_bytes += unit.nbytes
+
+    def _find(self, key: str) -> int:
+        n = len(self.stream)
+        for step in range(n):
+            if self.stream[(self._next + step) % n] == key:
+                return (self._next + step) % n
+        raise KeyError(f"unit {key} is not streamed by this plan")

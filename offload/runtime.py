@@ -1,0 +1,241 @@
+"""The Runtime: owns the tiers, buffers, pipeline and hooks that run one offloaded model."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import BudgetError
+from .hooks import Binding, StreamedBindHook, embedding_forward, linear_forward
+from .planner.plan import Plan
+from .prefetch.pipeline import Pipeline
+from .sizes import format_bytes
+from .store.format import Manifest
+from .tiers.device import DeviceTier
+from .tiers.disk import DiskTier
+from .tiers.slots import Slot, SlotRing, tensor_views
+from .units import DTYPES, Unit, align
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    forwards: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    peak_bytes: int = 0
+    kv_bytes: int = 0
+    checksummed: set = field(default_factory=set)
+
+
+class Runtime:
+    """Runs ``model`` with the weights of ``manifest`` placed by ``plan``.
+
+    Use ``close()`` (or ``offload.close(model)``) to give the model back with its hooks removed.
+    """
+
+    def __init__(self, model: torch.nn.Module, manifest: Manifest, plan: Plan, adapter,
+                 device: torch.device):
+        self.model, self.manifest, self.plan, self.adapter = model, manifest, plan, adapter
+        self.device = device
+        self.shape = adapter.shape(model.config)
+        self.itemsize = DTYPES[manifest.dtype].itemsize
+        self.units = {u.key: u for u in manifest.units}
+        self.counters = Counters()
+        self.device_tier = DeviceTier(device)
+        self.disk = DiskTier(manifest.data_path, threads=max(1, plan.slots))
+        self._undo: list = []
+        self._forward_t0 = 0.0
+        self._forward_shape = (0, 0)
+        self._closed = False
+        try:
+            self.resident = self._load_resident()
+            self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
+            self._slot_np = [s.buffer.numpy() for s in self.slots.slots] if device.type == "cpu" else []
+            self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit)
+            self._attach()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start-up -------------------------------------------------------------------------
+    def _load_resident(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        home = self.plan.home
+        keys = [u.key for u in self.manifest.units if home[u.key] == "device"]
+        total = sum(align(self.units[k].nbytes, 4096) for k in keys)
+        arena = self.device_tier.alloc(total) if total else None
+        staging = arena if self.device.type == "cpu" else None
+        bounce = None
+        views, off = {}, 0
+        for k in keys:
+            unit = self.units[k]
+            n = align(unit.nbytes, 4096)
+            if staging is not None:
+                self.disk.read(unit, staging[off:off + n].numpy(), verify=True)
+            else:  # GPU: through one pinned bounce buffer, once, at start-up
+                from .tiers.device import aligned_host
+                if bounce is None or bounce.numel() < n:
+                    bounce = aligned_host(max(n for n in [align(self.units[x].nbytes, 4096)
+                                                         for x in keys]), pin=True)
+                self.disk.read(unit, bounce[:n].numpy(), verify=True)
+                arena[off:off + n].copy_(bounce[:n])
+            self.counters.checksummed.add(k)
+            views[k] = tensor_views(arena[off:off + n], unit)
+            off += n
+        return views
+
+    def _submit(self, unit: Unit, slot: Slot):
+        verify = unit.key not in self.counters.checksummed
+        if verify:
+            self.counters.checksummed.add(unit.key)   # the first read of each Unit is verified
+        return self.disk.submit(unit, self._slot_np[slot.index], verify=verify)
+
+    def _attach(self) -> None:
+        model, adapter = self.model, self.adapter
+        groups = self._groups()
+        for key, module in adapter.bind_points(model).items():
+            unit = self.units[key]
+            binding = Binding(module, [t.name for t in unit.tensors], self.device)
+            self._undo.append(binding.restore)
+            if key in self.resident:
+                binding.bind(self.resident[key])
+                continue
+            binding.unbind()
+            hook = StreamedBindHook(key, binding, self._acquire, self._release)
+            self._undo.append(module.register_forward_pre_hook(hook.pre_forward).remove)
+            self._undo.append(
+                module.register_forward_hook(hook.post_forward, always_call=True).remove)
+        tied = self.manifest.tied
+        for group, (module, op) in adapter.row_points(model).items():
+            keys = groups[tied.get(group, group)]
+            chunks = [(k, self.units[k].rows) for k in keys]
+            binding = Binding(module, ["weight"], self.device)
+            binding.unbind()
+            self._undo.append(binding.restore)
+            if op == "embedding":
+                fwd = embedding_forward(chunks, self.shape.hidden, DTYPES[self.manifest.dtype],
+                                        self.device, self._acquire, self._release)
+            else:
+                fwd = linear_forward(chunks, self.shape.vocab, self._acquire, self._release)
+            module.forward = fwd
+            self._undo.append(lambda m=module: m.__dict__.pop("forward", None))
+        self._undo.append(model.register_forward_pre_hook(self._begin, with_kwargs=True).remove)
+        self._undo.append(model.register_forward_hook(self._end, always_call=True).remove)
+
+    def _groups(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for u in self.manifest.units:
+            groups.setdefault(u.group, []).append(u.key)
+        return groups
+
+    # -- the hot path -----------------------------------------------------------------------
+    def _acquire(self, key: str) -> dict[str, torch.nn.Parameter]:
+        views = self.resident.get(key)
+        return views if views is not None else self.pipeline.acquire(key)
+
+    def _release(self, key: str) -> None:
+        if key not in self.resident:
+            self.pipeline.release(key)
+
+    def _begin(self, module, args, kwargs):
+        if self._closed:
+            raise RuntimeError("this offloaded model was closed; run offload.run() again")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        batch, new = int(ids.shape[0]), int(ids.shape[1])
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(
+            cache, "get_seq_length") else 0
+        keep = kwargs.get("logits_to_keep", 0)
+        rows = batch * (keep if isinstance(keep, int) and 0 < keep < new else new)
+        need = (self.shape.kv_bytes(batch * (past + new), self.itemsize)
+                + self.shape.activation_bytes(batch, new, past + new, self.itemsize, rows))
+        if need > self.plan.reserve_bytes:
+            raise BudgetError(
+                f"this forward (batch {batch}, {past + new} positions) needs "
+                f"{format_bytes(need)} for KV cache and activations, but the plan reserved "
+                f"{format_bytes(self.plan.reserve_bytes)} for max_tokens={self.plan.max_tokens};"
+                f" pass max_tokens >= {batch * (past + new)} (the budget must hold it too)",
+                budget_bytes=self.plan.budget_bytes)
+        c = self.counters
+        c.peak_bytes = max(c.peak_bytes, self.device_tier.allocated_bytes + need)
+        if self.pipeline.active:
+            self.pipeline.begin_pass()
+        self._forward_shape = (batch, new)
+        self._forward_t0 = time.perf_counter()
+
+    def _end(self, module, args, output):
+        elapsed = time.perf_counter() - self._forward_t0
+        batch, new = self._forward_shape
+        c = self.counters
+        c.forwards += 1
+        c.forward_seconds += elapsed
+        if new == 1:
+            c.decode_tokens += batch
+            c.decode_seconds += elapsed
+        else:
+            c.prefill_tokens += batch * new
+        keys = output.keys() if hasattr(output, "keys") else ()
+        cache = output["cache"] if "cache" in keys else (
+            output["past_key_values"] if "past_key_values" in keys else None)
+        c.kv_bytes = max(c.kv_bytes, _cache_bytes(cache))
+
+    # -- reporting and shutdown -----------------------------------------------------------
+    def stats(self) -> dict:
+        """Where the bytes and the milliseconds went."""
+        if self._closed:
+            return dict(getattr(self, "_final_stats", {}))
+        c, p = self.counters, self.pipeline.stats
+        io = self.disk.busy_seconds
+        return {
+            "budget_bytes": self.plan.budget_bytes,
+            "peak_bytes": c.peak_bytes,
+            "allocated_bytes": self.device_tier.allocated_bytes,
+            "resident_bytes": self.plan.resident_bytes,
+            "staging_bytes": self.plan.slots * self.plan.slot_bytes,
+            "kv_bytes": c.kv_bytes,
+            "bytes_read": {"disk": self.disk.bytes_read},
+            "direct_io": self.disk.direct,
+            "fetches": p.fetches,
+            "io_seconds": io,
+            "stall_seconds": p.stall_seconds,
+            "overlap": (max(0.0, 1.0 - p.stall_seconds / io) if io > 0 else 1.0),
+            "forwards": c.forwards,
+            "forward_seconds": c.forward_seconds,
+            "prefill_tokens": c.prefill_tokens,
+            "decode_tokens": c.decode_tokens,
+            "decode_seconds": c.decode_seconds,
+            "tokens_per_s": c.decode_tokens / c.decode_seconds if c.decode_seconds else 0.0,
+            "resyncs": p.resyncs,
+        }
+
+    def close(self) -> None:
+        """Detach every hook, restore the model's parameters, stop I/O, free buffers."""
+        if self._closed:
+            return
+        if getattr(self, "pipeline", None) is not None:
+            self._final_stats = self.stats()
+        self._closed = True
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.drain()
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        self.disk.close()
+        self.resident, self.slots, self.pipeline = {}, None, None
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", None) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

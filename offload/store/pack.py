@@ -1,0 +1,207 @@
+"""Write a packed store once: aligned Units, a CRC32 per Unit, atomically renamed into place."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import HardwareError, StoreError
+from ..sizes import format_bytes
+from ..units import DTYPE_NAMES, TensorSpec, Unit, align
+from .format import BLOCK, DATA_FILE, MANIFEST_FILE, TENSOR_ALIGN, Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorPart:
+    """One tensor of a Unit to be packed: ``source`` names the checkpoint tensor, ``rows`` an
+    optional ``[start, stop)`` row slice of it."""
+
+    name: str
+    source: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rows: tuple[int, int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """A Unit before it is written: where its tensors come from."""
+
+    key: str
+    kind: str
+    group: str
+    index: int
+    parts: tuple[TensorPart, ...]
+    rows: tuple[int, int] | None = None
+
+    def layout(self) -> tuple[list[TensorSpec], int]:
+        specs, off = [], 0
+        for p in self.parts:
+            off = align(off, TENSOR_ALIGN)
+            specs.append(TensorSpec(p.name, DTYPE_NAMES[p.dtype], p.shape, off, p.nbytes))
+            off += p.nbytes
+        return specs, off
+
+
+def store_bytes(specs: list[UnitSpec]) -> int:
+    """Bytes the data file of a store of these Units takes on disk."""
+    return sum(align(s.layout()[1], BLOCK) for s in specs)
+
+
+def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
+                load: Callable[[str], torch.Tensor], meta: dict, *,
+                progress: bool = True) -> Manifest:
+    """Write ``specs`` as a packed store at ``out_dir``, replacing any store there.
+
+    The store is written under a temporary name beside ``out_dir``, fsynced, and renamed into
+    place only when complete, so an interrupted pack leaves no store that could be misread.
+
+    Args:
+        out_dir: the store directory to create or replace.
+        specs: the Units in file order.
+        load: returns the checkpoint tensor of a source name (called once per part).
+        meta: manifest fields: model_type, config, dtype, source, tied.
+        progress: show a progress bar (tqdm) on stderr.
+
+    Raises:
+        HardwareError: the parent directory is not writable or has too little free space.
+        StoreError: a tensor's shape or dtype differs from what the spec promised.
+    """
+    out_dir = Path(out_dir).absolute()
+    total = store_bytes(specs)
+    parent = out_dir.parent
+    _check_writable(parent, total)
+    tmp = parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        units = _write_units(tmp / DATA_FILE, specs, load, progress, out_dir.name)
+        manifest = Manifest(out_dir, meta["model_type"], meta["config"], meta["dtype"],
+                            meta["source"], tuple(units), meta.get("tied", {}), total)
+        _write_file(tmp / MANIFEST_FILE, json.dumps(manifest.to_json(), indent=1).encode())
+        _replace_dir(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise HardwareError(
+                f"the offload dir {parent} ran out of space while packing ({format_bytes(total)}"
+                " needed); free space or choose another --offload-dir", path=str(parent),
+                needed_bytes=total) from e
+        raise HardwareError(f"cannot write the packed store at {out_dir}: {e}",
+                            path=str(out_dir)) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("packed %d units (%s) into %s", len(units), format_bytes(total), out_dir)
+    return manifest
+
+
+def _check_writable(parent: Path, total: int) -> None:
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HardwareError(f"cannot create the offload dir {parent}: {e.strerror}; choose a "
+                            "writable --offload-dir", path=str(parent)) from e
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HardwareError(f"the offload dir {parent} is not writable; choose a writable "
+                            "--offload-dir or fix its permissions", path=str(parent))
+    free = shutil.disk_usage(parent).free
+    if free < total + (64 << 20):
+        raise HardwareError(
+            f"the offload dir {parent} has {format_bytes(free)} free but the packed store needs "
+            f"{format_bytes(total)} (plus 64 MB headroom); free space or choose another "
+            "--offload-dir", path=str(parent), needed_bytes=total, free_bytes=free)
+
+
+def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: str) -> list[Unit]:
+    from tqdm.auto import tqdm
+
+    units, offset = [], 0
+    bar = tqdm(total=store_bytes(specs), unit="B", unit_scale=True, desc=f"packing {name}",
+               disable=not progress, leave=False)
+    with open(path, "wb") as f:
+        for spec in specs:
+            tensors, nbytes = spec.layout()
+            buf = torch.zeros(align(nbytes, BLOCK), dtype=torch.uint8)
+            for part, ts in zip(spec.parts, tensors):
+                t = _part_tensor(part, load)
+                buf[ts.offset:ts.offset + ts.nbytes].copy_(t.reshape(-1).view(torch.uint8))
+            data = buf.numpy()
+            checksum = zlib.crc32(data[:nbytes])
+            f.write(memoryview(data))
+            units.append(Unit(spec.key, spec.kind, spec.group, spec.index, offset, nbytes,
+                              checksum, tuple(tensors), spec.rows))
+            offset += len(data)
+            bar.update(len(data))
+        f.flush()
+        os.fsync(f.fileno())
+    bar.close()
+    return units
+
+
+def _part_tensor(part: TensorPart, load) -> torch.Tensor:
+    t = load(part.source)
+    if part.rows is not None:
+        t = t[part.rows[0]:part.rows[1]]
+    if tuple(t.shape) != part.shape or t.dtype != part.dtype:
+        raise StoreError(f"tensor {part.source} is {tuple(t.shape)} {t.dtype}, expected "
+                         f"{part.shape} {part.dtype}: the checkpoint does not match its config")
+    return t.detach().to("cpu").contiguous()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    fd = os.open(out_dir.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_partials(parent: Path, name: str) -> None:
+    """Remove leftovers of interrupted packs of ``name`` (from processes no longer alive)."""
+    if not parent.is_dir():
+        return
+    for p in parent.glob(f".{name}.partial-*"):
+        pid = p.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,89 @@
+"""Units and their tensors: the smallest things the planner places and one read fetches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
+    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+KINDS = ("layer", "expert", "kv", "static")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor inside a Unit: ``offset`` is relative to the Unit's first byte."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    encoding: str = "dense"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "offset": self.offset, "nbytes": self.nbytes, "encoding": self.encoding}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]), d["offset"], d["nbytes"],
+                   d.get("encoding", "dense"))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of a model placed and moved as one aligned read.
+
+    Attributes:
+        key: unique name, e.g. ``layer.3``, ``embed.0``, ``norm``.
+        kind: one of ``KINDS``.
+        group: what the Unit is part of: ``layer`` for decoder layers, or a static group name
+            (``embed``, ``head``, ``norm``) whose parts may be row-chunks of one tensor.
+        index: the layer number, or the chunk number inside a static group.
+        offset: byte offset of the Unit in the store's data file (a multiple of 4096).
+        nbytes: bytes of tensor data (the read is rounded up to 4096).
+        checksum: CRC32 of the ``nbytes`` data bytes.
+        rows: for a row-chunk of a larger tensor, the ``[start, stop)`` rows it holds.
+    """
+
+    key: str
+    kind: str
+    group: str
+    index: int
+    offset: int
+    nbytes: int
+    checksum: int
+    tensors: tuple[TensorSpec, ...]
+    rows: tuple[int, int] | None = None
+
+    @property
+    def layout(self) -> tuple:
+        """Tensors' names, dtypes, shapes and offsets: Units with one layout share slot views."""
+        return tuple((t.name, t.dtype, t.shape, t.offset) for t in self.tensors)
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "kind": self.kind, "group": self.group, "index": self.index,
+                "offset": self.offset, "nbytes": self.nbytes, "checksum": self.checksum,
+                "rows": list(self.rows) if self.rows else None,
+                "tensors": [t.to_json() for t in self.tensors]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Unit":
+        return cls(d["key"], d["kind"], d["group"], d["index"], d["offset"], d["nbytes"],
+                   d["checksum"], tuple(TensorSpec.from_json(t) for t in d["tensors"]),
+                   tuple(d["rows"]) if d.get("rows") else None)
+
+
+def align(n: int, to: int) -> int:
+    """Round ``n`` up to a multiple of ``to``."""
+    return (n + to - 1) // to * to

