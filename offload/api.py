@@ -54,10 +54,13 @@ def pack(model, out: str | os.PathLike | None = None, *, offload_dir=None,
 
 
 def _prepare(model, out, offload_dir, progress=True, force=False) -> Prepared:
+    if isinstance(model, (str, os.PathLike)) and (Path(model) / "manifest.json").is_file() \
+            and out is None:
+        return _open_store(Path(model))
     source = open_source(model)
     adapter = adapter_for(source.config)
     base = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
-    store_dir = Path(out).expanduser() if out else base / source.name
+    store_dir = Path(out).expanduser() if out else base / f"{source.name}.offload"
     clean_partials(store_dir.parent, store_dir.name)
     manifest = None
     if not force and (store_dir / "manifest.json").exists():
@@ -78,6 +81,16 @@ def _prepare(model, out, offload_dir, progress=True, force=False) -> Prepared:
         if source.tokenizer_path is not None:
             _save_tokenizer(source, store_dir)
     return Prepared(source, manifest, adapter, store_dir.parent if out else base)
+
+
+def _open_store(path: Path) -> Prepared:
+    """A packed store passed directly: no source to parse, the manifest says everything."""
+    manifest = read_manifest(path)
+    config = build_config(manifest.config)
+    source = Source(name=path.name, description=str(path), config=config,
+                    fingerprint=manifest.source.get("fingerprint", ""), shapes=dict,
+                    load=lambda name: None)
+    return Prepared(source, manifest, adapter_for(config), path.parent)
 
 
 def _store_dtype(specs) -> str:

@@ -33,8 +33,13 @@ class Binding:
     def __init__(self, module: torch.nn.Module, names: list[str], device: torch.device):
         self.targets = [submodule_param(module, n) for n in names]
         self.names = names
-        self.originals = [m._parameters[a] for m, a in self.targets]
-        self.placeholders = [placeholder(p, device) for p in self.originals]
+        params = [m._parameters[a] for m, a in self.targets]
+        self.placeholders = [placeholder(p, device) for p in params]
+        # What detach restores: the same parameters on the meta device. The real bytes now live
+        # in the store, so a model object passed in gives its RAM back instead of keeping it.
+        self.originals = [p if p.is_meta else torch.nn.Parameter(p.detach().to("meta"),
+                                                                 requires_grad=p.requires_grad)
+                          for p in params]
 
     def bind(self, tensors: dict[str, torch.nn.Parameter]) -> None:
         for (m, a), n in zip(self.targets, self.names):

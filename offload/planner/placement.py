@@ -1,10 +1,11 @@
 """Placement: which Units stay on the compute device, how many staging slots, and the cost.
 
-Every streamed byte is read once per forward pass, so the best placement under a budget is the
-one that streams the fewest bytes per pass. Staging slots are sized to the largest streamed
-Unit; Units larger than the chosen slot size must be resident. The search tries each distinct
-Unit size as the slot size and keeps the placement that streams least (ties: fewer slots, then
-less resident), so the same inputs always give the same Plan.
+Every streamed byte is read once per forward pass, and reads overlap compute only when there
+are at least two staging slots. Staging slots are sized to the largest streamed Unit; Units
+larger than the chosen slot size must be resident. The search tries each distinct Unit size as
+the slot size and each depth, fills the rest of the budget greedily with the Units that save
+the most bytes per pass, and keeps the placement with the least predicted time per decode step
+(ties: fewer bytes streamed, fewer slots), so the same inputs always give the same Plan.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from .plan import DEVICE, DISK, Plan
 from .profile import HardwareProfile
 
 BLOCK = 4096
-SMALL_FRACTION = 100    # Units under 1% of the budget stay resident: a read each costs more
+SMALL_FRACTION = 100    # Units under 1% of the largest stay resident: a read each costs more
 
 
 def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_bytes: int,
               max_tokens: int, profile: HardwareProfile, *, prefetch: int | None = None) -> Plan:
-    """Place ``units`` under ``budget_bytes``.
+    """Place ``units`` under ``budget_bytes``, minimising the predicted time per decode step.
 
     Args:
         units: every Unit of the store.
@@ -30,27 +31,37 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
         budget_bytes: the compute tier's budget.
         reserve_bytes: KV cache and activations to keep free for ``max_tokens``.
         profile: measured bandwidths for the cost model.
-        prefetch: Units fetched ahead of the one computing (slots = prefetch + 1); default 1.
+        prefetch: Units fetched ahead of the one computing (slots = prefetch + 1). ``None``
+            lets the planner choose 0-2 by predicted time; a number is honoured when it fits
+            (fewer slots only when the budget cannot hold that many).
 
     Raises:
         BudgetError: no placement fits; the message states the minimum budget.
     """
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
+    weight_bytes = sum(u.nbytes for u in units)
     reads = Counter(order)
-    want_slots = 1 + (1 if prefetch is None else max(0, int(prefetch)))
+    depths = [int(prefetch) + 1] if prefetch is not None else [3, 2, 1]
+    small = max(size.values()) // SMALL_FRACTION   # independent of the budget: so is the minimum
     best, minimum = None, None
-    small = budget_bytes // SMALL_FRACTION
     for slot_bytes in sorted({size[k] for k in reads} | {0}):
         forced = {k for k in reads if size[k] > slot_bytes or size[k] <= small}
         streamable = [k for k in reads if k not in forced]
         floor = sum(size[k] for k in forced) + reserve_bytes + (slot_bytes if streamable else 0)
         minimum = floor if minimum is None else min(minimum, floor)
-        for slots in sorted({min(want_slots, len(streamable)), 1 if streamable else 0},
-                            reverse=True):
+        wanted = sorted({max(0, min(d, len(streamable))) for d in depths}, reverse=True)
+        fallback = list(range(min(wanted) - 1, 0, -1)) if prefetch is not None else []
+        for slots in wanted + fallback:
             option = _fill(forced, streamable, size, reads, slots, slot_bytes,
                            budget_bytes - reserve_bytes)
-            if option is not None and (best is None or option < best):
-                best = option
+            if option is None:
+                continue
+            cost = _cost(weight_bytes, option[0], option[1], profile)
+            key = (cost["predicted"], *option)
+            if best is None or key < best:
+                best = key
+            if prefetch is not None:
+                break   # an explicit depth: take the deepest that fits
     if best is None:
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the minimum working set of this model "
@@ -58,11 +69,20 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
             f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} tokens); "
             f"raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
             budget_bytes=budget_bytes, minimum_bytes=minimum)
-    _, n_slots, _, _, resident = best
+    _, _, n_slots, _, _, resident = best
     resident = set(resident)
     slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
     return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
                  reserve_bytes, max_tokens, minimum, profile)
+
+
+def _cost(weight_bytes: int, streamed: int, slots: int, profile: HardwareProfile) -> dict:
+    """Seconds per decode step: compute, disk and host link overlap only with 2+ slots."""
+    c = {"compute": weight_bytes / max(profile.compute_bps, 1.0),
+         "disk": streamed / max(profile.disk_read_bps, 1.0),
+         "host link": streamed / profile.h2d_bps if profile.h2d_bps else 0.0}
+    c["predicted"] = max(c.values()) if slots > 1 else sum(c.values())
+    return c
 
 
 def _fill(forced, streamable, size, reads, slots, slot_bytes, room):
@@ -89,13 +109,10 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
     slots = min(slots, len(stream))
     streamed = sum(size[k] for k in stream)
     weight_bytes = sum(u.nbytes for u in units)
-    compute_s = weight_bytes / max(profile.compute_bps, 1.0)
-    io_s = streamed / max(profile.disk_read_bps, 1.0)
-    link_s = streamed / profile.h2d_bps if profile.h2d_bps else 0.0
-    costs = {"compute": compute_s, "disk": io_s, "host link": link_s}
-    bottleneck = max(costs, key=costs.get)
-    # With one slot nothing overlaps: fetch and compute add up.
-    predicted = max(costs.values()) if slots > 1 else compute_s + io_s + link_s
+    cost = _cost(weight_bytes, streamed, slots, profile)
+    predicted = cost.pop("predicted")
+    bottleneck = max(cost, key=cost.get)
+    compute_s, io_s, link_s = cost["compute"], cost["disk"], cost["host link"]
     return Plan(
         budget_bytes=budget, device=profile.device,
         homes=tuple((u.key, DEVICE if u.key in resident else DISK, size[u.key]) for u in units),

@@ -86,6 +86,9 @@ def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
         StoreError: a tensor's shape or dtype differs from what the spec promised.
     """
     out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).exists():
+        raise StoreError(f"{out_dir} exists and is not a packed store; refusing to replace it: "
+                         "choose another output path", path=str(out_dir))
     total = store_bytes(specs)
     parent = out_dir.parent
     _check_writable(parent, total)
