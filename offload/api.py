@@ -11,7 +11,7 @@ import torch
 from .adapters import adapter_for
 from .errors import HardwareError, OffloadError, StoreError
 from .planner import Plan, load_or_measure, make_plan
-from .runtime import Runtime
+from .runtime import Runtime, scratch_bytes
 from .sizes import parse_size
 from .store.format import Manifest, read_manifest
 from .store.pack import clean_partials, write_store
@@ -135,7 +135,8 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
     budget_bytes = parse_size(budget, total_bytes=manifest.weight_bytes)
     max_tokens = int(max_tokens or DEFAULT_MAX_TOKENS)
     reserve = (shape.kv_bytes(max_tokens, dtype.itemsize)
-               + shape.activation_bytes(1, max_tokens, max_tokens, dtype.itemsize, max_tokens))
+               + shape.activation_bytes(1, max_tokens, max_tokens, dtype.itemsize, max_tokens)
+               + scratch_bytes(shape, dtype.itemsize))
     groups: dict[str, list[str]] = {}
     for u in manifest.units:
         groups.setdefault(u.group, []).append(u.key)

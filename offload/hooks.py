@@ -70,18 +70,22 @@ class StreamedBindHook:
 
 
 def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dtype, device,
-                      acquire: Callable, release: Callable) -> Callable:
-    """A forward for an embedding whose rows live in chunks: gathers each chunk's rows."""
+                      resident: dict, gather: Callable) -> Callable:
+    """A forward for an embedding whose rows live in chunks: resident chunks are indexed in
+    memory; for the others ``gather(key, rows)`` reads just the rows the ids name."""
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         out = torch.empty(*ids.shape, hidden, dtype=dtype, device=device)   # [B, T, H]
         for key, (start, stop) in chunks:
-            weight = acquire(key)["weight"]
-            try:
-                hit = (ids >= start) & (ids < stop)
-                out[hit] = F.embedding(ids[hit] - start, weight)
-            finally:
-                release(key)
+            hit = (ids >= start) & (ids < stop)
+            views = resident.get(key)
+            if views is not None:
+                out[hit] = F.embedding(ids[hit] - start, views["weight"])
+                continue
+            wanted = ids[hit]
+            if wanted.numel():
+                rows, inverse = torch.unique(wanted - start, return_inverse=True)
+                out[hit] = gather(key, rows)[inverse]
         return out
 
     return forward

@@ -13,12 +13,18 @@ from .planner.plan import Plan
 from .prefetch.pipeline import Pipeline
 from .sizes import format_bytes
 from .store.format import Manifest
-from .tiers.device import DeviceTier
+from .tiers.device import DeviceTier, aligned_host
 from .tiers.disk import DiskTier
 from .tiers.slots import Slot, SlotRing, tensor_views
 from .units import DTYPES, Unit, align
 
 log = logging.getLogger(__name__)
+
+
+
+def scratch_bytes(shape, itemsize: int) -> int:
+    """Host scratch for gathering embedding rows (one row plus two O_DIRECT blocks)."""
+    return align(shape.hidden * itemsize + 2 * 4096, 4096)
 
 
 @dataclass
@@ -50,14 +56,23 @@ class Runtime:
         self.device_tier = DeviceTier(device)
         self.disk = DiskTier(manifest.data_path, threads=max(1, plan.slots))
         self._undo: list = []
+        # Host scratch for row gathers and start-up checks; the plan's reserve counts it.
+        self._scratch = aligned_host(scratch_bytes(self.shape, self.itemsize)).numpy()
         self._forward_t0 = 0.0
         self._forward_shape = (0, 0)
         self._closed = False
         try:
             self.resident = self._load_resident()
             self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
-            self._slot_np = [s.buffer.numpy() for s in self.slots.slots] if device.type == "cpu" else []
-            self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit)
+            self.staging = None
+            hooks = {}
+            if device.type == "cpu":   # disk reads land straight in the slots
+                self._slot_np = [s.buffer.numpy() for s in self.slots.slots]
+            else:                      # disk -> pinned bounce buffer -> copy stream -> slot
+                from .tiers.host import PinnedStaging
+                self.staging = PinnedStaging(self.disk, plan.slots, plan.slot_bytes, device)
+                hooks = {"on_ready": self.staging.on_ready, "on_release": self.staging.on_release}
+            self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit, **hooks)
             self._attach()
         except BaseException:
             self.close()
@@ -79,9 +94,9 @@ class Runtime:
                 self.disk.read(unit, staging[off:off + n].numpy(), verify=True)
             else:  # GPU: through one pinned bounce buffer, once, at start-up
                 from .tiers.device import aligned_host
-                if bounce is None or bounce.numel() < n:
-                    bounce = aligned_host(max(n for n in [align(self.units[x].nbytes, 4096)
-                                                         for x in keys]), pin=True)
+                if bounce is None:
+                    bounce = aligned_host(max(align(self.units[x].nbytes, 4096) for x in keys),
+                                          pin=True)
                 self.disk.read(unit, bounce[:n].numpy(), verify=True)
                 arena[off:off + n].copy_(bounce[:n])
             self.counters.checksummed.add(k)
@@ -93,6 +108,8 @@ class Runtime:
         verify = unit.key not in self.counters.checksummed
         if verify:
             self.counters.checksummed.add(unit.key)   # the first read of each Unit is verified
+        if self.staging is not None:
+            return self.staging.submit(unit, slot, verify=verify)
         return self.disk.submit(unit, self._slot_np[slot.index], verify=verify)
 
     def _attach(self) -> None:
@@ -119,7 +136,11 @@ class Runtime:
             self._undo.append(binding.restore)
             if op == "embedding":
                 fwd = embedding_forward(chunks, self.shape.hidden, DTYPES[self.manifest.dtype],
-                                        self.device, self._acquire, self._release)
+                                        self.device, self.resident, self._gather)
+                for k in keys:   # gathered rows are checked by checksumming their Unit once
+                    if k not in self.resident and k not in self.counters.checksummed:
+                        self.disk.verify(self.units[k], self._scratch)
+                        self.counters.checksummed.add(k)
             else:
                 fwd = linear_forward(chunks, self.shape.vocab, self._acquire, self._release)
             module.forward = fwd
@@ -138,6 +159,16 @@ class Runtime:
         views = self.resident.get(key)
         return views if views is not None else self.pipeline.acquire(key)
 
+    def _gather(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of a non-resident embedding chunk, read from disk: ``[len(rows), H]``."""
+        unit = self.units[key]
+        spec = unit.tensors[0]
+        row_bytes = spec.nbytes // spec.shape[0]
+        out = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
+        self.disk.read_rows(unit, spec.offset, row_bytes, rows.tolist(),  # syncs: ids to host
+                            out.numpy(), self._scratch)
+        return out.view(spec.torch_dtype).to(self.device)
+
     def _release(self, key: str) -> None:
         if key not in self.resident:
             self.pipeline.release(key)
@@ -155,7 +186,8 @@ class Runtime:
         keep = kwargs.get("logits_to_keep", 0)
         rows = batch * (keep if isinstance(keep, int) and 0 < keep < new else new)
         need = (self.shape.kv_bytes(batch * (past + new), self.itemsize)
-                + self.shape.activation_bytes(batch, new, past + new, self.itemsize, rows))
+                + self.shape.activation_bytes(batch, new, past + new, self.itemsize, rows)
+                + self._scratch.nbytes)
         if need > self.plan.reserve_bytes:
             raise BudgetError(
                 f"this forward (batch {batch}, {past + new} positions) needs "
@@ -200,7 +232,8 @@ class Runtime:
             "resident_bytes": self.plan.resident_bytes,
             "staging_bytes": self.plan.slots * self.plan.slot_bytes,
             "kv_bytes": c.kv_bytes,
-            "bytes_read": {"disk": self.disk.bytes_read},
+            "bytes_read": {"disk": self.disk.bytes_read,
+                           "host_to_device": self.staging.h2d_bytes if self.staging else 0},
             "direct_io": self.disk.direct,
             "fetches": p.fetches,
             "io_seconds": io,

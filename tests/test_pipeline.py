@@ -77,3 +77,22 @@ def test_close_restores_the_model(offload_dir):
     assert all(p.is_meta for p in off.model.layers.parameters())
     with pytest.raises(RuntimeError, match="closed"):
         offload.stats(off)["forwards"], off._offload_runtime._begin(off, (), {})
+
+
+def test_embedding_rows_are_gathered_not_streamed(offload_dir):
+    """A decode step reads a few KB of embedding rows, never the whole embedding."""
+    model = tiny_model("llama")
+    off = offload.run(model, budget=int(weight_bytes(model) * 0.2), offload_dir=offload_dir,
+                      max_tokens=16)
+    rt = off._offload_runtime
+    assert not any(k.startswith("embed.") for k in rt.plan.stream)
+    ids = torch.tensor([[5, 1500, 2999, 5]])
+    with torch.no_grad():
+        off(ids)                       # first pass: start-up and checksum reads
+        rt.pipeline.drain()            # the window runs ahead: count only completed reads
+        before = rt.disk.bytes_read
+        off(ids)
+        rt.pipeline.drain()
+    gathered = rt.disk.bytes_read - before - rt.plan.streamed_bytes
+    assert 0 < gathered <= 3 * 2 * 4096   # three distinct ids, at most two blocks each
+    offload.close(off)

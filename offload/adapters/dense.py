@@ -71,8 +71,10 @@ class DenseAdapter:
         return specs
 
     def execution_order(self, config, groups):
+        # The embedding is not streamed: its forward gathers only the rows of the batch's ids
+        # (a few KB per token) from wherever the chunk lives. Only a tied head reads it whole.
         head = groups.get("head") or groups["embed"]
-        return groups["embed"] + groups["layer"] + groups["norm"] + head
+        return groups["layer"] + groups["norm"] + head
 
     def bind_points(self, model):
         points = {f"layer.{i}": layer for i, layer in enumerate(model.model.layers)}

@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
 
 def measure_compute(device: torch.device, dtype: torch.dtype, hidden: int) -> float:
     """Weight bytes per second a batch-1 matmul streams through compute (decode speed)."""
-    rows = max(4 * hidden, 4096)
+    # A weight larger than the caches, as a decoder layer is: batch-1 decode streams it from RAM.
+    rows = max(4 * hidden, (64 << 20) // (hidden * dtype.itemsize))
     w = torch.randn(rows, hidden, device=device).to(dtype)
     x = torch.randn(1, hidden, device=device).to(dtype)
     torch.nn.functional.linear(x, w)

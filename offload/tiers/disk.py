@@ -90,6 +90,41 @@ class DiskTier:
         self.busy_seconds += elapsed
         return elapsed
 
+    def read_rows(self, unit: Unit, offset: int, row_bytes: int, rows: list[int],
+                  out: np.ndarray, scratch: np.ndarray) -> None:
+        """Read rows ``rows`` of the row-major tensor at ``offset`` inside ``unit`` into
+        ``out[i]`` (uint8, ``[len(rows), row_bytes]``): one aligned read per row through
+        ``scratch`` (aligned, at least ``row_bytes + 2 * 4096``). Synchronous: a few KB."""
+        for i, r in enumerate(rows):
+            start = unit.offset + offset + r * row_bytes
+            base = start // BLOCK * BLOCK
+            length = align(start + row_bytes - base, BLOCK)
+            got = os.preadv(self._fd, [scratch[:length]], base)
+            if got < start + row_bytes - base:
+                raise StoreError(f"the store's data file {self.path} ends inside unit {unit.key} "
+                                 "(truncated store): delete it and pack again",
+                                 path=self.path, unit=unit.key)
+            out[i] = scratch[start - base:start - base + row_bytes]
+            self.bytes_read += length
+
+    def verify(self, unit: Unit, scratch: np.ndarray) -> None:
+        """Check ``unit``'s CRC32 by reading it through ``scratch`` (aligned) piece by piece."""
+        crc, done, step = 0, 0, scratch.nbytes // BLOCK * BLOCK
+        while done < unit.nbytes:
+            n = min(step, align(unit.nbytes - done, BLOCK))
+            got = os.preadv(self._fd, [scratch[:n]], unit.offset + done)
+            take = min(got, unit.nbytes - done)
+            if take <= 0:
+                raise StoreError(f"the store's data file {self.path} ends inside unit {unit.key} "
+                                 "(truncated store): delete it and pack again",
+                                 path=self.path, unit=unit.key)
+            crc = zlib.crc32(scratch[:take], crc)
+            done += take
+        if crc != unit.checksum:
+            raise StoreError(f"checksum mismatch in unit {unit.key} of {self.path}: the store is "
+                             "corrupt; delete it (or run `offload pack` again) to rebuild it",
+                             path=self.path, unit=unit.key)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         if self._fd >= 0:

@@ -1,0 +1,70 @@
+"""The Host tier on GPU machines: pinned bounce buffers and a copy stream.
+
+Disk -> pinned host buffer (O_DIRECT, in an I/O thread) -> device slot (``copy_`` on a
+dedicated copy stream, in the same thread), then an event the compute stream waits on. Every
+cross-stream point is explicit:
+
+* a bounce buffer is refilled only after its previous host-to-device copy finished
+  (``bounce_done[i].synchronize()`` in the I/O thread, never on the compute thread);
+* a device slot is overwritten only after the compute that used it finished
+  (the copy stream waits on the slot's ``released`` event, recorded by the compute stream);
+* compute uses a slot only after its copy finished (the compute stream waits on ``ready``).
+
+Only imported when the compute device is a CUDA GPU; validated on a GPU machine.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..units import Unit, align
+from .base import Ticket
+from .device import aligned_host
+from .disk import BLOCK, DiskTier
+from .slots import Slot
+
+
+class PinnedStaging:
+    """Moves Units from the disk tier into device slots through pinned bounce buffers."""
+
+    def __init__(self, disk: DiskTier, count: int, nbytes: int, device: torch.device):
+        self.disk = disk
+        self.device = device
+        self.bounce = [aligned_host(nbytes, pin=True) for _ in range(count)]
+        self.bounce_np = [b.numpy() for b in self.bounce]
+        self.stream = torch.cuda.Stream(device)
+        self.bounce_done: list[torch.cuda.Event | None] = [None] * count
+        self.ready: list[torch.cuda.Event | None] = [None] * count
+        self.released: list[torch.cuda.Event | None] = [None] * count
+        self.host_bytes = count * nbytes
+        self.h2d_bytes = 0
+
+    def submit(self, unit: Unit, slot: Slot, *, verify: bool) -> Ticket:
+        i = slot.index
+        future = self.disk._pool.submit(self._move, unit, slot, i, verify)
+        return Ticket(unit.key, unit.nbytes, future)
+
+    def _move(self, unit: Unit, slot: Slot, i: int, verify: bool) -> float:
+        if self.bounce_done[i] is not None:
+            self.bounce_done[i].synchronize()   # syncs (I/O thread): bounce buffer i is free
+        seconds = self.disk.read(unit, self.bounce_np[i], verify=verify)
+        n = align(unit.nbytes, BLOCK)
+        with torch.cuda.stream(self.stream):
+            if self.released[i] is not None:
+                self.stream.wait_event(self.released[i])   # hazard: slot still read by compute
+            slot.buffer[:n].copy_(self.bounce[i][:n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.bounce_done[i] = done
+        self.ready[i] = done
+        self.h2d_bytes += n
+        return seconds
+
+    def on_ready(self, slot: Slot) -> None:
+        """Compute stream: wait (on the device, not the host) for the slot's copy."""
+        torch.cuda.current_stream(self.device).wait_event(self.ready[slot.index])
+
+    def on_release(self, slot: Slot) -> None:
+        """Compute stream: mark where its use of the slot ends."""
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self.released[slot.index] = ev
