@@ -77,9 +77,9 @@ def _prepare(model, out, offload_dir, progress=True, force=False) -> Prepared:
         meta = {"model_type": source.config.model_type, "config": config_dict(source.config),
                 "dtype": dtype, "tied": tied,
                 "source": {"description": source.description, "fingerprint": source.fingerprint}}
-        manifest = write_store(store_dir, specs, source.load, meta, progress=progress)
-        if source.tokenizer_path is not None:
-            _save_tokenizer(source, store_dir)
+        extras = (lambda tmp: _save_tokenizer(source, tmp)) if source.tokenizer_path else None
+        manifest = write_store(store_dir, specs, source.load, meta, progress=progress,
+                               extras=extras)
     return Prepared(source, manifest, adapter, store_dir.parent if out else base)
 
 

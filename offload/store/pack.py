@@ -68,7 +68,8 @@ def store_bytes(specs: list[UnitSpec]) -> int:
 
 def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
                 load: Callable[[str], torch.Tensor], meta: dict, *,
-                progress: bool = True) -> Manifest:
+                progress: bool = True,
+                extras: Callable[[Path], None] | None = None) -> Manifest:
     """Write ``specs`` as a packed store at ``out_dir``, replacing any store there.
 
     The store is written under a temporary name beside ``out_dir``, fsynced, and renamed into
@@ -80,6 +81,8 @@ def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
         load: returns the checkpoint tensor of a source name (called once per part).
         meta: manifest fields: model_type, config, dtype, source, tied.
         progress: show a progress bar (tqdm) on stderr.
+        extras: writes further files (a tokenizer) into the temporary directory, so they are
+            committed by the same rename as the Units.
 
     Raises:
         HardwareError: the parent directory is not writable or has too little free space.
@@ -98,6 +101,8 @@ def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
         units = _write_units(tmp / DATA_FILE, specs, load, progress, out_dir.name)
         manifest = Manifest(out_dir, meta["model_type"], meta["config"], meta["dtype"],
                             meta["source"], tuple(units), meta.get("tied", {}), total)
+        if extras is not None:
+            extras(tmp)
         _write_file(tmp / MANIFEST_FILE, json.dumps(manifest.to_json(), indent=1).encode())
         _replace_dir(tmp, out_dir)
     except OSError as e:
