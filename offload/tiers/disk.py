@@ -75,16 +75,12 @@ class DiskTier:
             n = min(CHUNK_BYTES, length - done)
             got = os.preadv(self._fd, [dest[done:done + n]], unit.offset + done)
             if got <= 0:
-                raise StoreError(f"the store's data file {self.path} ends inside unit {unit.key} "
-                                 "(truncated store): delete it and pack again",
-                                 path=self.path, unit=unit.key)
+                raise self._truncated(unit)
             done += got
         if not self.direct:
             os.posix_fadvise(self._fd, unit.offset, length, os.POSIX_FADV_DONTNEED)
         if verify and zlib.crc32(dest[:unit.nbytes]) != unit.checksum:
-            raise StoreError(f"checksum mismatch in unit {unit.key} of {self.path}: the store is "
-                             "corrupt; delete it (or run `offload pack` again) to rebuild it",
-                             path=self.path, unit=unit.key)
+            raise self._corrupt(unit)
         elapsed = time.perf_counter() - t0
         self.bytes_read += length
         self.busy_seconds += elapsed
@@ -101,9 +97,7 @@ class DiskTier:
             length = align(start + row_bytes - base, BLOCK)
             got = os.preadv(self._fd, [scratch[:length]], base)
             if got < start + row_bytes - base:
-                raise StoreError(f"the store's data file {self.path} ends inside unit {unit.key} "
-                                 "(truncated store): delete it and pack again",
-                                 path=self.path, unit=unit.key)
+                raise self._truncated(unit)
             out[i] = scratch[start - base:start - base + row_bytes]
             self.bytes_read += length
 
@@ -115,15 +109,21 @@ class DiskTier:
             got = os.preadv(self._fd, [scratch[:n]], unit.offset + done)
             take = min(got, unit.nbytes - done)
             if take <= 0:
-                raise StoreError(f"the store's data file {self.path} ends inside unit {unit.key} "
-                                 "(truncated store): delete it and pack again",
-                                 path=self.path, unit=unit.key)
+                raise self._truncated(unit)
             crc = zlib.crc32(scratch[:take], crc)
             done += take
         if crc != unit.checksum:
-            raise StoreError(f"checksum mismatch in unit {unit.key} of {self.path}: the store is "
-                             "corrupt; delete it (or run `offload pack` again) to rebuild it",
-                             path=self.path, unit=unit.key)
+            raise self._corrupt(unit)
+
+    def _corrupt(self, unit: Unit) -> StoreError:
+        return StoreError(f"checksum mismatch in unit {unit.key} of {self.path}: the store is "
+                          "corrupt; delete it (or run `offload pack` again) to rebuild it",
+                          path=self.path, unit=unit.key)
+
+    def _truncated(self, unit: Unit) -> StoreError:
+        return StoreError(f"the store's data file {self.path} ends inside unit {unit.key} "
+                          "(truncated store): delete it and pack again",
+                          path=self.path, unit=unit.key)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
