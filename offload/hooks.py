@@ -96,6 +96,12 @@ def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire
     """A forward for a bias-free linear whose output rows live in chunks (the LM head)."""
 
     def forward(h: torch.Tensor) -> torch.Tensor:
+        if h.dtype in (torch.bfloat16, torch.float16) and not h.is_contiguous():
+            # generate() passes h[:, -1:, :], a strided view. For half types torch's CPU linear
+            # then expands the weight once per batch row (8 x 88 MB for a TinyLlama head chunk
+            # at batch 8): far over any budget. The contiguous input gives the same bits
+            # (tests/test_exactness.py checks it); float32 takes the strided path unchanged.
+            h = h.contiguous()
         out = torch.empty(*h.shape[:-1], rows, dtype=h.dtype, device=h.device)   # [B, T, V]
         for key, (start, stop) in chunks:
             weight = acquire(key)["weight"]

@@ -75,3 +75,26 @@ def test_smollm2_bitwise(smollm2, batch, tmp_path):
     s = offload.stats(off)
     assert s["peak_bytes"] <= s["budget_bytes"]
     offload.close(off)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_head_on_strided_input_matches_contiguous(dtype):
+    """The head makes generate's strided h[:, -1:, :] contiguous for half types (torch would
+    otherwise copy the weight per batch row); the bits must not change."""
+    torch.manual_seed(0)
+    w = torch.randn(6144, 576).to(dtype)
+    for batch in (1, 4, 8):
+        h = torch.randn(batch, 9, 576).to(dtype)[:, -1:, :]
+        assert torch.equal(F.linear(h, w), F.linear(h.contiguous(), w))
+
+
+def test_bf16_model_bitwise(offload_dir):
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ids, mask = _prompts(4, model.config.vocab_size)
+    ref_logits, ref_tokens = _reference(model, ids, mask, 5)
+    off = offload.run(model, budget=int(weight_bytes(model) * 0.3), offload_dir=offload_dir,
+                      max_tokens=64)
+    assert any(k.startswith("head.") for k in off._offload_runtime.plan.stream)
+    logits, tokens = _reference(off, ids, mask, 5)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    offload.close(off)
