@@ -96,12 +96,15 @@ def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire
     """A forward for a bias-free linear whose output rows live in chunks (the LM head)."""
 
     def forward(h: torch.Tensor) -> torch.Tensor:
-        if h.dtype in (torch.bfloat16, torch.float16) and not h.is_contiguous():
-            # generate() passes h[:, -1:, :], a strided view. For half types torch's CPU linear
-            # then expands the weight once per batch row (8 x 88 MB for a TinyLlama head chunk
-            # at batch 8): far over any budget. The contiguous input gives the same bits
-            # (tests/test_exactness.py checks it); float32 takes the strided path unchanged.
-            h = h.contiguous()
+        if h.dtype == torch.bfloat16 and h.dim() > 2 and h.device.type == "cpu":
+            # generate() passes h[:, -1:, :], a strided 3-D view. For bf16 torch's CPU linear
+            # then copies the weight once per batch row (8 x 88 MB for a TinyLlama head chunk
+            # at batch 8): far over any budget. For bf16 the contiguous 2-D input gives the
+            # same bits (tests/test_exactness.py checks it). float32 copies nothing on the 3-D
+            # call and its bits differ from the 2-D one, so it keeps the call; float16 has the
+            # same copy but also different bits, so it keeps it too (a known limit on CPU).
+            lead = h.shape[:-1]
+            return forward(h.reshape(-1, h.shape[-1]).contiguous()).view(*lead, rows)
         out = torch.empty(*h.shape[:-1], rows, dtype=h.dtype, device=h.device)   # [B, T, V]
         for key, (start, stop) in chunks:
             weight = acquire(key)["weight"]

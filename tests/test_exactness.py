@@ -77,15 +77,17 @@ def test_smollm2_bitwise(smollm2, batch, tmp_path):
     offload.close(off)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_head_on_strided_input_matches_contiguous(dtype):
-    """The head makes generate's strided h[:, -1:, :] contiguous for half types (torch would
-    otherwise copy the weight per batch row); the bits must not change."""
+@pytest.mark.parametrize("shape", [(6144, 576), (21504, 2048)])
+def test_bf16_head_on_strided_input_matches_flat(shape):
+    """The head flattens generate's strided h[:, -1:, :] for bf16 (torch would otherwise copy
+    the weight per batch row); the bits must not change."""
     torch.manual_seed(0)
-    w = torch.randn(6144, 576).to(dtype)
-    for batch in (1, 4, 8):
-        h = torch.randn(batch, 9, 576).to(dtype)[:, -1:, :]
-        assert torch.equal(F.linear(h, w), F.linear(h.contiguous(), w))
+    rows, hidden = shape
+    w = torch.randn(rows, hidden).to(torch.bfloat16)
+    for batch in (1, 2, 4, 8):
+        h = torch.randn(batch, 9, hidden).to(torch.bfloat16)[:, -1:, :]
+        flat = F.linear(h.reshape(-1, hidden).contiguous(), w).view(batch, 1, rows)
+        assert torch.equal(F.linear(h, w), flat)
 
 
 def test_bf16_model_bitwise(offload_dir):
