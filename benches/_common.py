@@ -175,6 +175,36 @@ def idle_footprint(imports: str = "import torch, transformers, accelerate; "
     return int(r.stdout.strip().splitlines()[-1]) * 1024
 
 
+def idle_footprint_cgroup(imports: str = "import torch, transformers, accelerate; "
+                                         "from transformers import LlamaForCausalLM") -> int | None:
+    """The same idle interpreter as the cgroup accounts it (anon + page cache it pulled in),
+    after dropping the page cache; None where memlimit.sh cannot run. Reported for reference:
+    it counts reclaimable page cache of the imported sources, so the cap uses the RSS."""
+    drop_page_cache()
+    r = subprocess.run(["bash", str(MEMLIMIT), str(64 << 30), sys.executable, "-c", imports],
+                       capture_output=True, text=True, timeout=300)
+    m = _MEMLIMIT_RE.search(r.stderr)
+    return int(m.group(2)) if (m and r.returncode == 0) else None
+
+
+def device_reads(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(read requests completed, bytes read) so far on the block device holding ``path``
+    (/proc/diskstats; the whole disk when ``path`` is on a partition); None if unknown."""
+    try:
+        dev = os.stat(path).st_dev
+        major, minor = os.major(dev), os.minor(dev)
+        sys_dev = Path(f"/sys/dev/block/{major}:{minor}")
+        if (sys_dev / "partition").exists():
+            major, minor = map(int, (sys_dev.resolve().parent / "dev").read_text().split(":"))
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if int(f[0]) == major and int(f[1]) == minor:
+                return int(f[3]), int(f[5]) * 512
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 # -- disk bandwidth ------------------------------------------------------------------------------
 def disk_bandwidth(path: Path, chunk: int = CHUNK, max_bytes: int | None = None) -> dict:
     """Sequential read bandwidth of ``path`` with O_DIRECT (page cache bypassed) in ``chunk``
@@ -226,6 +256,7 @@ class ContenderRun:
     memlimit: dict | None = None
     log_tail: str = ""
     dropped_cache: bool = False
+    foreign_cpu: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -240,6 +271,7 @@ class ContenderRun:
         return {"name": self.name, "cmd": self.cmd, "returncode": self.returncode,
                 "seconds": self.seconds, "capped": self.capped, "cap_bytes": self.cap_bytes,
                 "dropped_cache": self.dropped_cache, "memlimit": self.memlimit,
+                "foreign_cpu": self.foreign_cpu,
                 "results": self.results, "log_tail": self.log_tail if not self.ok else ""}
 
 
@@ -258,6 +290,7 @@ def run_contender(name: str, argv: list[str], *, cap_bytes: int | None = None,
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     tag = prefix or f"[{name}]"
     lines: list[str] = []
+    busy0, kids0 = _busy_cpu_seconds(), _children_cpu_seconds()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, bufsize=1, cwd=str(REPO_ROOT))
@@ -277,6 +310,11 @@ def run_contender(name: str, argv: list[str], *, cap_bytes: int | None = None,
         proc.wait()
         raise
     seconds = time.perf_counter() - t0
+    foreign = None
+    if busy0 is not None:
+        busy = _busy_cpu_seconds() - busy0
+        own = _children_cpu_seconds() - kids0
+        foreign = max(0.0, busy - own) / max(seconds * (os.cpu_count() or 1), 1e-9)
     results, mem = [], None
     for line in lines:
         if line.startswith(RESULT_TAG):
@@ -287,7 +325,40 @@ def run_contender(name: str, argv: list[str], *, cap_bytes: int | None = None,
                    "failcnt": int(m.group(3))}
     tail = "\n".join(l for l in lines if not l.startswith(RESULT_TAG))[-4000:]
     return ContenderRun(name, cmd, rc, seconds, cap_bytes is not None, cap_bytes, results, mem,
-                        tail, dropped)
+                        tail, dropped, foreign)
+
+
+def wait_for_quiet(max_wait: float, *, threshold: float = 0.15, settle: float = 3.0) -> float:
+    """Wait up to ``max_wait`` s until other processes use under ``threshold`` of the CPUs for
+    ``settle`` s in a row (a shared machine); returns the seconds waited."""
+    if max_wait <= 0 or _busy_cpu_seconds() is None:
+        return 0.0
+    ncpu = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    quiet = 0.0
+    while time.perf_counter() - t0 < max_wait:
+        b0 = _busy_cpu_seconds()
+        time.sleep(1.0)
+        frac = (_busy_cpu_seconds() - b0) / ncpu
+        quiet = quiet + 1.0 if frac < threshold else 0.0
+        if quiet >= settle:
+            break
+    return time.perf_counter() - t0
+
+
+def _busy_cpu_seconds() -> float | None:
+    """Machine-wide non-idle CPU seconds so far (/proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
+def _children_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def emit_result(result: dict) -> None:
@@ -303,45 +374,58 @@ def peak_rss() -> int:
 
 # -- timing --------------------------------------------------------------------------------------
 def greedy_decode(model, prompts, n_tokens: int, *, warmup_tokens: int = 1,
-                  before_timed=None) -> dict:
+                  before_timed=None, last_logits_only: bool = True) -> dict:
     """Prefill ``prompts`` ([batch, len] int64), decode ``warmup_tokens`` untimed (the first
     token after prefill warms every path), then time ``n_tokens`` greedy decode steps (one
     forward each, batch tokens per step). Prefill and warm-up are reported, never timed in.
-    ``before_timed()`` is called just before the timed steps (e.g. to snapshot counters)."""
+    ``before_timed()`` is called just before the timed steps (e.g. to snapshot counters).
+    ``last_logits_only`` prefills with ``logits_to_keep=1`` as ``generate()`` does."""
+    import inspect
+
     import torch
 
     batch = int(prompts.shape[0])
     step_s: list[float] = []
+    # transformers >= 5.x names the KV cache ``cache`` (``past_key_values`` is deprecated)
+    key = "cache" if "cache" in inspect.signature(type(model).forward).parameters \
+        else "past_key_values"
+
+    def step(ids, cache):
+        out = model(input_ids=ids, use_cache=True, **({key: cache} if cache is not None else {}),
+                    **({"logits_to_keep": 1} if cache is None and last_logits_only else {}))
+        new = getattr(out, "cache", None)
+        if new is None:
+            new = out.past_key_values
+        return out.logits[:, -1].argmax(-1, keepdim=True), new
+
     with torch.no_grad():
         t0 = time.perf_counter()
-        out = model(input_ids=prompts, use_cache=True, logits_to_keep=1)
+        nxt, cache = step(prompts, None)
         prefill_s = time.perf_counter() - t0
-        cache = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [nxt]
         t0 = time.perf_counter()
         for _ in range(warmup_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt, cache = step(nxt, cache)
             tokens.append(nxt)
         warmup_s = time.perf_counter() - t0
         if before_timed is not None:
             before_timed()
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         for _ in range(n_tokens):
             t0 = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt, cache = step(nxt, cache)
             step_s.append(time.perf_counter() - t0)
             tokens.append(nxt)
+    major_faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults0
     total = sum(step_s)
     return {"batch": batch, "prompt_len": int(prompts.shape[1]), "tokens": n_tokens,
+            "major_faults": major_faults,
             "prefill_s": prefill_s, "warmup_s": warmup_s, "step_s": step_s,
             "decode_s": total, "tok_s": batch * n_tokens / total if total else 0.0,
             "s_per_step": total / n_tokens if n_tokens else 0.0,
+            "median_s_per_step": sorted(step_s)[len(step_s) // 2] if step_s else 0.0,
             "s_per_token": total / (batch * n_tokens) if n_tokens else 0.0,
-            "generated": torch.cat(tokens, dim=1)[:, :8].tolist()}
+            "generated": torch.cat(tokens, dim=1).tolist()}
 
 
 # -- output --------------------------------------------------------------------------------------

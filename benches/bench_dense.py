@@ -23,6 +23,7 @@ model, prefills, decodes one untimed warm-up token, times N greedy decode tokens
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -31,8 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    REPO_ROOT, cgroup_status, disk_bandwidth, emit_result, fmt_bytes, format_header, format_table,
-    greedy_decode, idle_footprint, run_contender, system_info, write_json)
+    cgroup_status, disk_bandwidth, emit_result, fmt_bytes, format_header, format_table,
+    device_reads, greedy_decode, idle_footprint, idle_footprint_cgroup, run_contender, system_info,
+    wait_for_quiet, write_json)
 
 SCRIPT = Path(__file__).resolve()
 
@@ -128,8 +130,11 @@ def contender_main(a: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         model.eval()
         base["load_s"] = time.perf_counter() - t0
-        res = greedy_decode(model, prompts, a.n_tokens, warmup_tokens=a.warmup)
-        emit_result({**base, **res})
+        for b in [int(x) for x in (a.batch_sizes or str(a.batch_size)).split(",")]:
+            ids = prompts_for(b, a.prompt_len, config["vocab_size"])
+            res = greedy_decode(model, ids, a.n_tokens, warmup_tokens=a.warmup,
+                                last_logits_only=a.prefill_logits == "last")
+            emit_result({**base, **res})
 
     elif a.contender == "accelerate":
         from transformers import AutoModelForCausalLM
@@ -146,7 +151,8 @@ def contender_main(a: argparse.Namespace) -> None:
             flush=True)
         if "disk" not in dm:
             print("WARNING: Accelerate placed nothing on disk at this budget", flush=True)
-        res = greedy_decode(model, prompts, a.n_tokens, warmup_tokens=a.warmup)
+        res = greedy_decode(model, prompts, a.n_tokens, warmup_tokens=a.warmup,
+                            last_logits_only=a.prefill_logits == "last")
         emit_result({**base, **res})
 
     elif a.contender == "offload":
@@ -156,12 +162,17 @@ def contender_main(a: argparse.Namespace) -> None:
                             max_tokens=a.max_tokens, prefetch=a.prefetch, progress=False)
         base["load_s"] = time.perf_counter() - t0
         snap = {}
+        data_file = Path(a.offload_dir)  # the device of the store; refined below if possible
+        for cand in Path(a.offload_dir).glob("*/units.bin"):
+            data_file = cand
 
         def before_timed():
             snap.update(_flat_stats(offload.stats(model)))
+            snap["_dev"] = device_reads(data_file)
 
         res = greedy_decode(model, prompts, a.n_tokens, warmup_tokens=a.warmup,
-                            before_timed=before_timed)
+                            before_timed=before_timed,
+                            last_logits_only=a.prefill_logits == "last")
         after = _flat_stats(offload.stats(model))
         timed = {k: after[k] - snap.get(k, 0) for k in
                  ("bytes_read", "io_seconds", "stall_seconds", "decode_tokens",
@@ -174,6 +185,11 @@ def contender_main(a: argparse.Namespace) -> None:
                             if timed["io_seconds"] > 0 else 1.0)
         timed["io_bps"] = (timed["bytes_read"] / timed["io_seconds"]
                            if timed["io_seconds"] > 0 else 0.0)
+        timed["read_bps"] = timed["bytes_read"] / res["decode_s"] if res["decode_s"] else 0.0
+        dev0, dev1 = snap.get("_dev"), device_reads(data_file)
+        if dev0 and dev1 and dev1[0] > dev0[0]:   # the whole device: other processes count too
+            timed["device_requests"] = dev1[0] - dev0[0]
+            timed["device_avg_request_bytes"] = (dev1[1] - dev0[1]) / (dev1[0] - dev0[0])
         emit_result({**base, **res, "stats": offload.stats(model), "timed": timed})
         offload.close(model)
     else:
@@ -235,9 +251,9 @@ def main(a: argparse.Namespace) -> int:
 
     disk = disk_bandwidth(manifest.data_path)
     idle = idle_footprint()
-    cap = budget + idle
+    cap = budget + idle + a.cap_slack
     capped, cg_reason = (False, "disabled by --no-cap") if a.no_cap else cgroup_status()
-    cap_label = fmt_bytes(cap) if capped else "uncapped"
+    idle_cg = idle_footprint_cgroup() if capped and not a.toy else None
 
     model_desc = (f"random bf16 Llama, hidden {dims['hidden_size']}, {dims['num_hidden_layers']} "
                   f"layers, intermediate {dims['intermediate_size']}, "
@@ -247,8 +263,12 @@ def main(a: argparse.Namespace) -> int:
     print(format_header(info, [
         ("model", model_desc),
         ("budget", f"{budget_arg} = {fmt_bytes(budget)}"),
-        ("memory cap", (f"{fmt_bytes(cap)} = budget + idle interpreter {fmt_bytes(idle)} "
-                        f"({cg_reason}); page cache dropped before each capped contender")
+        ("memory cap", (f"{fmt_bytes(cap)} = budget + idle interpreter RSS {fmt_bytes(idle)} "
+                        + (f"+ slack {fmt_bytes(a.cap_slack)} (--cap-slack: not the issue's cap) "
+                           if a.cap_slack else "") +
+                        f"({cg_reason}); page cache dropped before each capped contender"
+                        + (f"; the idle interpreter as its cgroup counts it (with the page "
+                           f"cache of its imports): {fmt_bytes(idle_cg)}" if idle_cg else ""))
          if capped else f"NONE - contenders run UNCAPPED: {cg_reason} (idle interpreter "
                         f"{fmt_bytes(idle)})"),
         ("disk bandwidth", f"{fmt_bytes(disk['bps'])}/s sequential "
@@ -256,20 +276,26 @@ def main(a: argparse.Namespace) -> int:
                            f"{disk['chunk'] >> 20} MiB reads of {fmt_bytes(disk['bytes'])} "
                            f"({Path(disk['path']).name})"),
         ("decode", f"prompt {a.prompt_len} tokens, {a.warmup} untimed warm-up token(s), then "
-                   f"{a.tokens} timed tokens ({a.accelerate_tokens} for Accelerate), greedy"),
+                   f"{a.tokens} timed tokens ({a.accelerate_tokens} for Accelerate), greedy; "
+                   + ("prefill keeps the last logits only (logits_to_keep=1, as generate() does)"
+                      if a.prefill_logits == "last" else "prefill computes ALL logits "
+                      "(--prefill-logits all: not what generate() does)")),
     ]), flush=True)
     print(f"\noffload plan at batch 1 (max_tokens {max_tokens[1]}):\n{plans[1].table()}\n",
           flush=True)
 
     common = ["--model-dir", str(model_dir), "--prompt-len", str(a.prompt_len),
+              "--prefill-logits", a.prefill_logits,
               "--warmup", str(a.warmup), "--budget-bytes", str(budget)]
     runs: dict[str, object] = {}
 
     def launch(key, contender, batch, tokens, capped_run, extra=()):
         argv = [str(SCRIPT), "--contender", contender, "--batch-size", str(batch),
                 "--n-tokens", str(tokens), *common, *extra]
-        print(f"running {key} ({'cap ' + fmt_bytes(cap) if capped_run else 'uncapped'}) ...",
-              file=sys.stderr, flush=True)
+        waited = wait_for_quiet(a.wait_quiet)
+        print(f"running {key} ({'cap ' + fmt_bytes(cap) if capped_run else 'uncapped'})"
+              + (f" after waiting {waited:.0f} s for a quiet machine" if waited >= 5 else "")
+              + " ...", file=sys.stderr, flush=True)
         r = run_contender(key, argv, cap_bytes=cap if capped_run else None,
                           drop_cache=capped_run, timeout=a.timeout, echo=not a.quiet)
         if not r.ok:
@@ -283,10 +309,15 @@ def main(a: argparse.Namespace) -> int:
     def want(key):
         return wanted is None or key in wanted
 
-    if want("resident"):
-        launch("resident", "resident", 1, a.tokens, False)
-    if want(f"resident-b{a.batch}"):
-        launch(f"resident-b{a.batch}", "resident", a.batch, a.tokens, False)
+    res_batches = [b for b, k in ((1, "resident"), (a.batch, f"resident-b{a.batch}")) if want(k)]
+    if res_batches:   # one process, one load, both batches
+        r = launch("resident", "resident", res_batches[0], a.tokens, False,
+                   ["--batch-sizes", ",".join(map(str, res_batches))])
+        del runs["resident"]
+        for b in res_batches:
+            key = "resident" if b == 1 else f"resident-b{b}"
+            runs[key] = dataclasses.replace(r, name=key,
+                                            results=[x for x in r.results if x["batch"] == b])
     if want("accelerate"):
         launch("accelerate", "accelerate", 1, a.accelerate_tokens, capped,
                ["--accelerate-offload-dir", str(work / "accelerate_offload")])
@@ -331,7 +362,7 @@ def main(a: argparse.Namespace) -> int:
         if x is None:
             why = "killed at the cap (OOM)" if r.killed else f"failed rc {r.returncode}"
             row.update(batch=None, tok_s=None, note=why)
-            table_rows.append([label, "?", "-", "-", "-", "-",
+            table_rows.append([label, "?", "-", "-", "-", "-", "-",
                                fmt_bytes(r.cap_bytes) if r.capped else "uncapped",
                                fmt_bytes(mem.get("max_usage")), "-", why])
             rows.append(row)
@@ -345,8 +376,11 @@ def main(a: argparse.Namespace) -> int:
         if key.startswith("offload"):
             t, st = x["timed"], x["stats"]
             note = (f"stall {t['stall_s_per_step']:.2f} s/step, overlap {t['overlap']:.2f}, "
-                    f"read {fmt_bytes(t['bytes_read_per_step'])}/step at "
-                    f"{fmt_bytes(t['io_bps'])}/s, peak {fmt_bytes(st['peak_bytes'])} of "
+                    f"read {fmt_bytes(t['bytes_read_per_step'])}/step = "
+                    f"{fmt_bytes(t['read_bps'])}/s"
+                    + (f" in {t['device_avg_request_bytes'] / 1024:.0f} KiB disk requests"
+                       if t.get("device_avg_request_bytes") else "")
+                    + f", peak {fmt_bytes(st['peak_bytes'])} of "
                     f"{fmt_bytes(st['budget_bytes'])}"
                     + ("" if st.get("direct_io") else ", BUFFERED I/O"))
             row["offload_timed"], row["offload_stats"] = t, st
@@ -356,12 +390,24 @@ def main(a: argparse.Namespace) -> int:
             row["device_map"] = dm
         else:
             note = f"load {x.get('load_s', 0):.1f} s"
+        ref = res("resident") if b == 1 else res(f"resident-b{a.batch}")
+        if ref is not None and not key.startswith("resident"):
+            n = min(len(ref["generated"][0]), len(x["generated"][0]))
+            same = [g[:n] for g in ref["generated"]] == [g[:n] for g in x["generated"]]
+            row["tokens_match_resident"] = same
+            note += f", {n} tokens {'==' if same else '!='} resident"
         if r.memlimit and r.memlimit.get("failcnt"):
-            note += f", cgroup hit its limit {r.memlimit['failcnt']}x (reclaim)"
+            note += f", cgroup at its limit {r.memlimit['failcnt']}x"
+        if x.get("major_faults"):
+            note += f", {x['major_faults'] / max(x['tokens'], 1):.0f} major faults/step"
+        if r.foreign_cpu is not None and r.foreign_cpu > 0.05:
+            note += f", OTHER PROCESSES used {r.foreign_cpu:.0%} of the CPUs"
+        row["foreign_cpu"] = r.foreign_cpu
         row["note"] = note
         rows.append(row)
         table_rows.append([
             label, str(b), f"{x['tok_s']:.3f}", f"{x['s_per_token']:.3f}",
+            f"{x['median_s_per_step']:.3f}",
             f"{row['vs_accelerate']:.2f}x" if row["vs_accelerate"] else "-",
             f"{row['of_floor']:.2f}", fmt_bytes(r.cap_bytes) if r.capped else "uncapped",
             fmt_bytes(mem.get("max_usage")) if mem else "-",
@@ -374,23 +420,30 @@ def main(a: argparse.Namespace) -> int:
         if b != 1 and not any(r.startswith(f"offload-b{b}") for r in runs):
             continue
         table_rows.append([
-            "I/O floor", str(b), f"{tok_s:.3f}", f"{1 / tok_s:.3f}",
+            "I/O floor", str(b), f"{tok_s:.3f}", f"{1 / tok_s:.3f}", f"{io_floor_s[b]:.3f}",
             f"{tok_s / acc_tok_s:.2f}x" if acc_tok_s else "-", "-", "-", "-", "-",
             f"{fmt_bytes(plans[b].streamed_bytes)}/forward / {fmt_bytes(disk['bps'])}/s"])
 
-    headers = ["contender", "batch", "tok/s", "s/token", "vs Accel", "of floor", "cap",
-               "cgroup peak", "RSS peak", "notes"]
-    print("\n" + format_table(headers, table_rows, right={1, 2, 3, 4, 5, 6, 7, 8}))
-    print("\n'of floor' = tok/s / (batch / max(resident s/step at that batch, I/O floor "
-          "s/forward)); 'cgroup peak' includes page cache.")
+    headers = ["contender", "batch", "tok/s", "s/token", "p50 s/step", "vs Accel", "of floor",
+               "cap", "cgroup peak", "RSS peak", "notes"]
+    print("\n" + format_table(headers, table_rows, right=set(range(1, 10))))
+    print("\ntok/s and s/token are over all timed steps (mean); p50 s/step is the median step "
+          "(robust to other processes); 'of floor' = tok/s / (batch / max(resident s/step at "
+          "that batch, I/O floor s/forward)); 'cgroup peak' includes page cache.")
 
     # -- the targets -------------------------------------------------------------------------
     targets = []
     o1, ob = res("offload-b1"), res(f"offload-b{a.batch}")
     r1 = res("resident")
 
+    killed = [k for k in ("accelerate", "offload-b1", f"offload-b{a.batch}")
+              if k in runs and runs[k].killed]
+
     def target(name, value, goal, ok, detail):
         status = "N/A" if value is None else ("PASS" if ok else "SHORT")
+        if value is None and any(k.startswith("offload") for k in killed):
+            status = "FAIL"
+            detail = f"{detail}: {', '.join(killed)} killed at the memory cap"
         targets.append({"target": name, "value": value, "goal": goal, "status": status,
                         "detail": detail})
 
@@ -420,7 +473,8 @@ def main(a: argparse.Namespace) -> int:
         "model": {"dir": str(model_dir), "dims": dims, **model_info,
                   "store": str(manifest.path), "store_weight_bytes": weight_bytes,
                   "pack_seconds": pack_s},
-        "budget": budget_arg, "budget_bytes": budget, "idle_bytes": idle, "cap_bytes": cap,
+        "budget": budget_arg, "budget_bytes": budget, "idle_bytes": idle,
+        "idle_cgroup_bytes": idle_cg, "cap_bytes": cap,
         "capped": capped, "cgroup": cg_reason, "disk": disk,
         "plans": {str(b): {**plans[b].to_json(), "table": plans[b].table()} for b in batches},
         "contenders": {k: r.to_json() for k, r in runs.items()},
@@ -454,14 +508,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default="bench_out/bench_dense.json",
                    help="where to write the JSON results (relative to the repo root)")
     p.add_argument("--no-cap", action="store_true", help="run every contender uncapped")
+    p.add_argument("--cap-slack", type=int, default=None,
+                   help="bytes added to every cap (default 0; toy 256 MB, since a few-MB budget "
+                        "next to a 350 MB interpreter makes the bare cap a coin toss)")
+    p.add_argument("--prefill-logits", choices=("last", "all"), default="last",
+                   help="prefill with logits_to_keep=1 like generate() (last, default) or "
+                        "compute every position's logits (all; diagnosis)")
     p.add_argument("--only", default=None,
                    help="comma-separated rows to run: resident, resident-b8, accelerate, "
                         "offload-b1, offload-b8")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per contender")
     p.add_argument("--quiet", action="store_true", help="do not echo contender output")
+    p.add_argument("--wait-quiet", type=float, default=None,
+                   help="before each contender wait up to this many seconds for other "
+                        "processes to leave the CPUs idle (default 60; toy 0)")
     # internal: one contender in a subprocess
     p.add_argument("--contender", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--batch-sizes", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n-tokens", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--budget-bytes", type=int, help=argparse.SUPPRESS)
@@ -475,6 +539,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.accelerate_tokens = 4
     if a.prompt_len is None:
         a.prompt_len = 8 if a.toy else 16
+    if a.cap_slack is None:
+        a.cap_slack = (256 << 20) if a.toy else 0
+    if a.wait_quiet is None:
+        a.wait_quiet = 0 if a.toy else 60
     if a.budget is None and a.toy:
         a.budget = "35%"
     return a
