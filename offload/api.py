@@ -213,7 +213,19 @@ def runtime_of(model) -> Runtime:
 
 
 def stats(model) -> dict:
-    """Bytes read per tier, I/O stall, overlap, peak compute-tier memory, tokens/s."""
+    """Where the bytes and milliseconds of a model made by ``run`` went.
+
+    Keys: ``budget_bytes``; ``peak_bytes`` (the compute tier's high-water mark: resident Units,
+    staging slots, KV cache, activations and scratch, by the runtime's accounting);
+    ``allocated_bytes`` (weights buffers actually allocated); ``resident_bytes``,
+    ``staging_bytes``, ``kv_bytes``; ``bytes_read`` per tier (``disk``, ``host_to_device``);
+    ``direct_io`` (False where the filesystem refused O_DIRECT); ``fetches``; ``io_seconds``
+    (wall time with a disk read in flight); ``stall_seconds`` (compute waiting for a Unit);
+    ``overlap`` (1 - stall / io: the share of I/O hidden behind compute); ``forwards``,
+    ``forward_seconds``, ``prefill_tokens``, ``decode_tokens``, ``decode_seconds``,
+    ``tokens_per_s`` (decode tokens over decode time, all sequences of a batch counted);
+    ``resyncs`` (pipeline restarts after a failed forward).
+    """
     return runtime_of(model).stats()
 
 

@@ -224,7 +224,7 @@ class Runtime:
         if self._closed:
             return dict(getattr(self, "_final_stats", {}))
         c, p = self.counters, self.pipeline.stats
-        io = self.disk.busy_seconds
+        io = self.disk.wall_seconds
         return {
             "budget_bytes": self.plan.budget_bytes,
             "peak_bytes": c.peak_bytes,

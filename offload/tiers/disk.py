@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,11 @@ class DiskTier:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads),
                                         thread_name_prefix="offload-disk")
         self.bytes_read = 0
-        self.busy_seconds = 0.0
+        self.busy_seconds = 0.0   # summed over threads
+        self.wall_seconds = 0.0   # wall time with at least one read in flight
+        self._lock = threading.Lock()
+        self._active = 0
+        self._since = 0.0
 
     def submit(self, unit: Unit, dest: np.ndarray, *, verify: bool = False) -> Ticket:
         """Start reading ``unit`` into ``dest`` (uint8, 4096-aligned, at least the aligned size).
@@ -67,6 +72,22 @@ class DiskTier:
 
     def _read(self, unit: Unit, dest: np.ndarray, verify: bool) -> float:
         t0 = time.perf_counter()
+        with self._lock:
+            if self._active == 0:
+                self._since = t0
+            self._active += 1
+        try:
+            self._read_into(unit, dest, verify)
+        finally:
+            t1 = time.perf_counter()
+            with self._lock:
+                self._active -= 1
+                self.busy_seconds += t1 - t0
+                if self._active == 0:
+                    self.wall_seconds += t1 - self._since
+        return t1 - t0
+
+    def _read_into(self, unit: Unit, dest: np.ndarray, verify: bool) -> None:
         length = align(unit.nbytes, BLOCK)
         if dest.nbytes < length or (self.direct and dest.ctypes.data % BLOCK):
             raise ValueError(f"buffer for {unit.key} is too small or misaligned")
@@ -79,12 +100,10 @@ class DiskTier:
             done += got
         if not self.direct:
             os.posix_fadvise(self._fd, unit.offset, length, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.bytes_read += length
         if verify and zlib.crc32(dest[:unit.nbytes]) != unit.checksum:
             raise self._corrupt(unit)
-        elapsed = time.perf_counter() - t0
-        self.bytes_read += length
-        self.busy_seconds += elapsed
-        return elapsed
 
     def read_rows(self, unit: Unit, offset: int, row_bytes: int, rows: list[int],
                   out: np.ndarray, scratch: np.ndarray) -> None:
@@ -99,7 +118,8 @@ class DiskTier:
             if got < start + row_bytes - base:
                 raise self._truncated(unit)
             out[i] = scratch[start - base:start - base + row_bytes]
-            self.bytes_read += length
+            with self._lock:
+                self.bytes_read += length
 
     def verify(self, unit: Unit, scratch: np.ndarray) -> None:
         """Check ``unit``'s CRC32 by reading it through ``scratch`` (aligned) piece by piece."""
