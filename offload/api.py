@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .adapters import adapter_for
-from .errors import HardwareError, OffloadError, StoreError
+from .errors import BudgetError, HardwareError, OffloadError, StoreError
 from .planner import Plan, load_or_measure, make_plan
 from .runtime import Runtime, scratch_bytes
 from .sizes import parse_size
@@ -127,7 +127,8 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
-def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_tokens) -> Plan:
+def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_tokens,
+               host_budget=None) -> Plan:
     manifest, adapter = prep.manifest, prep.adapter
     config = build_config(manifest.config)
     shape = adapter.shape(config)
@@ -142,8 +143,15 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
         groups.setdefault(u.group, []).append(u.key)
     order = adapter.execution_order(config, groups)
     profile = load_or_measure(manifest.data_path, prep.offload_dir, device, dtype, shape.hidden)
+    host_bytes = 0
+    if host_budget is not None:
+        if device.type == "cpu":
+            raise BudgetError("host_budget applies when the compute device is a GPU; on the CPU "
+                              "the budget already is host RAM: drop host_budget or raise budget")
+        host_bytes = parse_size(host_budget, total_bytes=manifest.weight_bytes,
+                                what="host_budget")
     return make_plan(list(manifest.units), order, budget_bytes, reserve, max_tokens, profile,
-                     prefetch=prefetch)
+                     prefetch=prefetch, host_budget_bytes=host_bytes)
 
 
 def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
@@ -163,8 +171,8 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
         budget: "512MB", "8GB", "1.5GiB", a byte count, or a percentage of the weights ("25%").
         device: the compute device; default the current CUDA device, else the CPU.
         offload_dir: where packed stores live (default ``$OFFLOAD_CACHE`` or ~/.cache/offload).
-        host_budget: pinned host RAM for Units on a GPU machine (reserved; the Host tier
-            placement is not used yet on this version, Units stream from disk).
+        host_budget: pinned host RAM on a GPU machine for Units that do not fit the device:
+            read from disk once, then moved over the host link each pass. GPU only.
         prefetch: Units fetched ahead of the one computing (default 1: double buffering).
         max_tokens: the most positions (batch x context) one forward may process and cache;
             the budget reserves their KV cache, activations and logits (default 256).
@@ -177,10 +185,8 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
         BudgetError, StoreError, ModelError, HardwareError: bad input, with the fix.
     """
     device = _resolve_device(device)
-    if host_budget is not None:
-        parse_size(host_budget, what="host_budget")
     prep = _prepare(model, None, offload_dir, progress)
-    the_plan = _make_plan(prep, budget, device, prefetch, max_tokens)
+    the_plan = _make_plan(prep, budget, device, prefetch, max_tokens, host_budget)
     skeleton = prep.source.module if prep.source.module is not None else \
         build_skeleton(prep.manifest, device)
     prep.adapter.check_model(skeleton)

@@ -71,6 +71,9 @@ class Runtime:
             else:                      # disk -> pinned bounce buffer -> copy stream -> slot
                 from .tiers.host import PinnedStaging
                 self.staging = PinnedStaging(self.disk, plan.slots, plan.slot_bytes, device)
+                self.staging.load_homed([u for u in manifest.units
+                                         if plan.home[u.key] == "host"])
+                self.counters.checksummed.update(self.staging.homed)
                 hooks = {"on_ready": self.staging.on_ready, "on_release": self.staging.on_release}
             self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit, **hooks)
             self._attach()
@@ -232,6 +235,7 @@ class Runtime:
             "resident_bytes": self.plan.resident_bytes,
             "staging_bytes": self.plan.slots * self.plan.slot_bytes,
             "kv_bytes": c.kv_bytes,
+            "host_bytes": self.staging.host_bytes if self.staging else 0,
             "bytes_read": {"disk": self.disk.bytes_read,
                            "host_to_device": self.staging.h2d_bytes if self.staging else 0},
             "direct_io": self.disk.direct,

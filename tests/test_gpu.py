@@ -35,3 +35,20 @@ def test_gpu_offload_is_bitwise_and_under_budget(family, offload_dir):
     s = offload.stats(off)
     assert s["bytes_read"]["host_to_device"] > 0
     offload.close(off)
+
+
+def test_gpu_host_tier_is_bitwise(offload_dir):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 3000, (2, 9))
+    with torch.no_grad():
+        ref = tiny_model("llama").cuda()(ids.cuda()).logits
+    wb = weight_bytes(model)
+    off = offload.run(model, budget=int(wb * 0.2), offload_dir=offload_dir, device="cuda",
+                      host_budget=int(wb * 0.5), max_tokens=64)
+    plan = off._offload_runtime.plan
+    assert any(t == "host" for _, t, _ in plan.homes)
+    with torch.no_grad():
+        assert torch.equal(off(ids.cuda()).logits, ref)
+    s = offload.stats(off)
+    assert s["host_bytes"] > 0 and s["bytes_read"]["host_to_device"] > 0
+    offload.close(off)

@@ -66,3 +66,24 @@ def test_minimum_is_exact():
     make_plan(us, order(us), minimum, 8 << 20, 256, PROFILE)
     with pytest.raises(BudgetError):
         make_plan(us, order(us), minimum - 1, 8 << 20, 256, PROFILE)
+
+
+def test_host_budget_homes_streamed_units_in_pinned_ram():
+    gpu = HardwareProfile("cuda:0", disk_read_bps=3e9, h2d_bps=25e9, compute_bps=1e12,
+                          dtype="bfloat16")
+    us = units()
+    plain = make_plan(us, order(us), 400 << 20, 8 << 20, 256, gpu)
+    hosted = make_plan(us, order(us), 400 << 20, 8 << 20, 256, gpu, host_budget_bytes=300 << 20)
+    host_keys = [k for k, t, _ in hosted.homes if t == "host"]
+    assert host_keys and sum(n for _, t, n in hosted.homes if t == "host") <= 300 << 20
+    assert set(host_keys) <= set(hosted.stream)           # still streamed, over the host link
+    assert hosted.io_s < plain.io_s and hosted.link_s == plain.link_s
+    assert "host" in hosted.table()
+
+
+def test_host_budget_on_cpu_is_refused(checkpoint, offload_dir):
+    import offload
+
+    path, _ = checkpoint
+    with pytest.raises(BudgetError, match="host_budget applies when the compute device is a GPU"):
+        offload.run(path, budget="50%", offload_dir=offload_dir, host_budget="1GB", device="cpu")

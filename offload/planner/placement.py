@@ -14,7 +14,7 @@ from collections import Counter
 from ..errors import BudgetError
 from ..sizes import format_bytes
 from ..units import Unit, align
-from .plan import DEVICE, DISK, Plan
+from .plan import DEVICE, DISK, HOST, Plan
 from .profile import HardwareProfile
 
 BLOCK = 4096
@@ -22,7 +22,8 @@ SMALL_FRACTION = 100    # Units under 1% of the largest stay resident: a read ea
 
 
 def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_bytes: int,
-              max_tokens: int, profile: HardwareProfile, *, prefetch: int | None = None) -> Plan:
+              max_tokens: int, profile: HardwareProfile, *, prefetch: int | None = None,
+              host_budget_bytes: int = 0) -> Plan:
     """Place ``units`` under ``budget_bytes``, minimising the predicted time per decode step.
 
     Args:
@@ -34,6 +35,8 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
         prefetch: Units fetched ahead of the one computing (slots = prefetch + 1). ``None``
             lets the planner choose 0-2 by predicted time; a number is honoured when it fits
             (fewer slots only when the budget cannot hold that many).
+        host_budget_bytes: pinned host RAM (GPU machines) for streamed Units: those are read
+            from disk once at start-up and cross only the host link per pass.
 
     Raises:
         BudgetError: no placement fits; the message states the minimum budget.
@@ -73,13 +76,14 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
     resident = set(resident)
     slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
     return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
-                 reserve_bytes, max_tokens, minimum, profile)
+                 reserve_bytes, max_tokens, minimum, profile, host_budget_bytes)
 
 
-def _cost(weight_bytes: int, streamed: int, slots: int, profile: HardwareProfile) -> dict:
+def _cost(weight_bytes: int, streamed: int, slots: int, profile: HardwareProfile,
+          from_disk: int | None = None) -> dict:
     """Seconds per decode step: compute, disk and host link overlap only with 2+ slots."""
     c = {"compute": weight_bytes / max(profile.compute_bps, 1.0),
-         "disk": streamed / max(profile.disk_read_bps, 1.0),
+         "disk": (streamed if from_disk is None else from_disk) / max(profile.disk_read_bps, 1.0),
          "host link": streamed / profile.h2d_bps if profile.h2d_bps else 0.0}
     c["predicted"] = max(c.values()) if slots > 1 else sum(c.values())
     return c
@@ -103,19 +107,27 @@ def _fill(forced, streamable, size, reads, slots, slot_bytes, room):
 
 
 def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens, minimum,
-          profile: HardwareProfile) -> Plan:
+          profile: HardwareProfile, host_budget: int = 0) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     stream = tuple(k for k in order if k not in resident)
     slots = min(slots, len(stream))
     streamed = sum(size[k] for k in stream)
     weight_bytes = sum(u.nbytes for u in units)
-    cost = _cost(weight_bytes, streamed, slots, profile)
+    reads = Counter(stream)
+    host, used = set(), 0
+    for k in sorted(reads, key=lambda k: (-reads[k] * size[k], stream.index(k))):
+        if used + size[k] <= host_budget:
+            host.add(k)
+            used += size[k]
+    from_disk = sum(size[k] for k in stream if k not in host)
+    cost = _cost(weight_bytes, streamed, slots, profile, from_disk)
     predicted = cost.pop("predicted")
     bottleneck = max(cost, key=cost.get)
     compute_s, io_s, link_s = cost["compute"], cost["disk"], cost["host link"]
     return Plan(
         budget_bytes=budget, device=profile.device,
-        homes=tuple((u.key, DEVICE if u.key in resident else DISK, size[u.key]) for u in units),
+        homes=tuple((u.key, DEVICE if u.key in resident else HOST if u.key in host else DISK,
+                     size[u.key]) for u in units),
         order=tuple(order), stream=stream, slots=slots, slot_bytes=slot_bytes,
         resident_bytes=sum(size[k] for k in resident), reserve_bytes=reserve,
         max_tokens=max_tokens, weight_bytes=weight_bytes, streamed_bytes=streamed,
