@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import BudgetError
+from .errors import BudgetError, StoreError
 from .hooks import Binding, StreamedBindHook, embedding_forward, linear_forward
 from .planner.plan import Plan
 from .prefetch.pipeline import Pipeline
@@ -61,6 +61,7 @@ class Runtime:
         self._forward_t0 = 0.0
         self._forward_shape = (0, 0)
         self._closed = False
+        self._failed: StoreError | None = None
         try:
             self.resident = self._load_resident()
             self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
@@ -87,16 +88,15 @@ class Runtime:
         keys = [u.key for u in self.manifest.units if home[u.key] == "device"]
         total = sum(align(self.units[k].nbytes, 4096) for k in keys)
         arena = self.device_tier.alloc(total) if total else None
-        staging = arena if self.device.type == "cpu" else None
+        host_arena = arena if self.device.type == "cpu" else None
         bounce = None
         views, off = {}, 0
         for k in keys:
             unit = self.units[k]
             n = align(unit.nbytes, 4096)
-            if staging is not None:
-                self.disk.read(unit, staging[off:off + n].numpy(), verify=True)
+            if host_arena is not None:
+                self.disk.read(unit, host_arena[off:off + n].numpy(), verify=True)
             else:  # GPU: through one pinned bounce buffer, once, at start-up
-                from .tiers.device import aligned_host
                 if bounce is None:
                     bounce = aligned_host(max(align(self.units[x].nbytes, 4096) for x in keys),
                                           pin=True)
@@ -160,7 +160,15 @@ class Runtime:
     # -- the hot path -----------------------------------------------------------------------
     def _acquire(self, key: str) -> dict[str, torch.nn.Parameter]:
         views = self.resident.get(key)
-        return views if views is not None else self.pipeline.acquire(key)
+        if views is not None:
+            return views
+        try:
+            return self.pipeline.acquire(key)
+        except StoreError as e:
+            # A Unit failed its checksum (or the file ended): every later forward must fail
+            # too, since only the first read of a Unit is verified.
+            self._failed = e
+            raise
 
     def _gather(self, key: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows of a non-resident embedding chunk, read from disk: ``[len(rows), H]``."""
@@ -179,6 +187,8 @@ class Runtime:
     def _begin(self, module, args, kwargs):
         if self._closed:
             raise RuntimeError("this offloaded model was closed; run offload.run() again")
+        if self._failed is not None:
+            raise self._failed
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")

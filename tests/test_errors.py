@@ -61,11 +61,16 @@ def test_store_checksum_mismatch_names_the_unit(checkpoint, offload_dir, unit):
         byte = f.read(1)
         f.seek(u.offset + 100)
         f.write(bytes([byte[0] ^ 0xFF]))
+    model = None
     with pytest.raises(StoreError, match=f"checksum mismatch in unit {unit}") as e:
         model = offload.run(path, budget="20%", offload_dir=offload_dir, max_tokens=16)
         with torch.no_grad():
             model(torch.tensor([[5, 6, 7]]))
     assert e.value.unit == unit
+    if model is not None:   # streamed: the model refuses every later forward too
+        with pytest.raises(StoreError, match="checksum mismatch"):
+            with torch.no_grad():
+                model(torch.tensor([[5, 6, 7]]))
 
 
 def test_unsupported_architecture_lists_the_supported(tmp_path):
