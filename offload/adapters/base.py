@@ -59,5 +59,9 @@ class Adapter(Protocol):
         ...
 
     def execution_order(self, config, groups: dict[str, list[str]]) -> list[str]:
-        """Unit keys in the order one forward pass consumes them (a tied group twice)."""
+        """Unit keys in the order one forward pass streams them (gathered groups left out)."""
+        ...
+
+    def check_model(self, model) -> None:
+        """Raise ModelError if ``model`` has a structure the hooks cannot serve."""
         ...

@@ -109,8 +109,8 @@ def measure_compute(device: torch.device, dtype: torch.dtype, hidden: int) -> fl
     """Weight bytes per second a batch-1 matmul streams through compute (decode speed)."""
     # A weight larger than the caches, as a decoder layer is: batch-1 decode streams it from RAM.
     rows = max(4 * hidden, (64 << 20) // (hidden * dtype.itemsize))
-    w = torch.randn(rows, hidden, device=device).to(dtype)
-    x = torch.randn(1, hidden, device=device).to(dtype)
+    w = torch.randn(rows, hidden, device=device, dtype=dtype)   # one 64 MB buffer, no fp32 copy
+    x = torch.randn(1, hidden, device=device, dtype=dtype)
     torch.nn.functional.linear(x, w)
     reps = 8
     if device.type == "cuda":
