@@ -51,7 +51,7 @@ def test_truncated_checkpoint(checkpoint, offload_dir):
     assert not any(offload_dir.iterdir())   # nothing written
 
 
-@pytest.mark.parametrize("unit", ["layer.4", "norm"])   # streamed, resident
+@pytest.mark.parametrize("unit", ["layer.4.up", "norm"])   # streamed, resident
 def test_store_checksum_mismatch_names_the_unit(checkpoint, offload_dir, unit):
     path, _ = checkpoint
     m = offload.pack(path, offload_dir=offload_dir, progress=False)

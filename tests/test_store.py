@@ -27,8 +27,8 @@ def test_units_are_aligned_and_checksummed(checkpoint, tmp_path):
         for t in u.tensors:
             assert t.offset % TENSOR_ALIGN == 0
     # every weight byte lands where the manifest says
-    layer = m.unit("layer.3")
-    q = layer.tensors[[t.name for t in layer.tensors].index("self_attn.q_proj.weight")]
+    layer = m.unit("layer.3.attn")
+    q = layer.tensors[[t.name for t in layer.tensors].index("q_proj.weight")]
     raw = data[layer.offset + q.offset: layer.offset + q.offset + q.nbytes]
     assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32).view(q.shape),
                        state["model.layers.3.self_attn.q_proj.weight"])

@@ -90,19 +90,22 @@ class Plan:
 
 
 def _span(keys: list[str]) -> str:
-    groups: dict[str, list[str]] = {}
+    """``layer.0.attn, layer.1.attn, norm`` -> ``layer.*.attn 0-1 (2), norm``."""
+    groups: dict[str, list[int]] = {}
     for k in keys:
-        g, _, i = k.partition(".")
-        groups.setdefault(g, []).append(i)
-    parts = []
-    for g, idx in groups.items():
-        nums = sorted(int(i) for i in idx if i.isdigit())
-        if not nums:
-            parts.append(g)
-        elif len(nums) == 1:
-            parts.append(f"{g}.{nums[0]}")
+        parts = k.split(".")
+        nums = [p for p in parts if p.isdigit()]
+        label = ".".join("*" if p.isdigit() else p for p in parts)
+        groups.setdefault(label, []).append(int(nums[0]) if nums else -1)
+    out = []
+    for label, idx in groups.items():
+        idx = sorted(i for i in idx if i >= 0)
+        if not idx:
+            out.append(label)
+        elif len(idx) == 1:
+            out.append(label.replace("*", str(idx[0])))
+        elif idx == list(range(idx[0], idx[-1] + 1)):
+            out.append(f"{label} {idx[0]}-{idx[-1]} ({len(idx)})")
         else:
-            parts.append(f"{g}.{nums[0]}-{nums[-1]} ({len(nums)})"
-                         if nums == list(range(nums[0], nums[-1] + 1))
-                         else f"{g} x{len(nums)}")
-    return ", ".join(parts)
+            out.append(f"{label} x{len(idx)}")
+    return ", ".join(out)

@@ -15,7 +15,7 @@ from ..errors import StoreError
 from ..units import Unit
 
 FORMAT_NAME = "offload-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: decoder layers split into attention and MLP-projection Units
 BLOCK = 4096          # Unit alignment in the file and in memory: the O_DIRECT granule.
 TENSOR_ALIGN = 256    # tensor alignment inside a Unit: SIMD kernels see the alignment they expect.
 DATA_FILE = "units.bin"
