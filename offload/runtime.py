@@ -54,7 +54,8 @@ class Runtime:
         self.units = {u.key: u for u in manifest.units}
         self.counters = Counters()
         self.device_tier = DeviceTier(device)
-        self.disk = DiskTier(manifest.data_path, threads=max(1, plan.slots))
+        # More than a few concurrent reads lose bandwidth on this class of disk (measured).
+        self.disk = DiskTier(manifest.data_path, threads=max(1, min(plan.slots, 4)))
         self._undo: list = []
         # Host scratch for row gathers and start-up checks; the plan's reserve counts it.
         self._scratch = aligned_host(scratch_bytes(self.shape, self.itemsize)).numpy()

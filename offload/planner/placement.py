@@ -18,6 +18,8 @@ from .plan import DEVICE, DISK, HOST, Plan
 from .profile import HardwareProfile
 
 BLOCK = 4096
+IN_FLIGHT_BYTES = 64 << 20   # default prefetch keeps about this much in flight
+MAX_AUTO_DEPTH = 3
 SMALL_FRACTION = 100    # Units under 1% of the largest stay resident: a read each costs more
 
 
@@ -32,9 +34,9 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
         budget_bytes: the compute tier's budget.
         reserve_bytes: KV cache and activations to keep free for ``max_tokens``.
         profile: measured bandwidths for the cost model.
-        prefetch: Units fetched ahead of the one computing (slots = prefetch + 1). ``None``
-            lets the planner choose 0-2 by predicted time; a number is honoured when it fits
-            (fewer slots only when the budget cannot hold that many).
+        prefetch: Units fetched ahead of the one computing (slots = prefetch + 1), honoured
+            when it fits (fewer slots only when the budget cannot hold that many). ``None``:
+            enough to keep about ``IN_FLIGHT_BYTES`` in flight, 1 to ``MAX_AUTO_DEPTH`` ahead.
         host_budget_bytes: pinned host RAM (GPU machines) for streamed Units: those are read
             from disk once at start-up and cross only the host link per pass.
 
@@ -44,7 +46,6 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     weight_bytes = sum(u.nbytes for u in units)
     reads = Counter(order)
-    depths = [int(prefetch) + 1] if prefetch is not None else [3, 2, 1]
     small = max(size.values()) // SMALL_FRACTION   # independent of the budget: so is the minimum
     best, minimum = None, None
     for slot_bytes in sorted({size[k] for k in reads} | {0}):
@@ -52,9 +53,9 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
         streamable = [k for k in reads if k not in forced]
         floor = sum(size[k] for k in forced) + reserve_bytes + (slot_bytes if streamable else 0)
         minimum = floor if minimum is None else min(minimum, floor)
-        wanted = sorted({max(0, min(d, len(streamable))) for d in depths}, reverse=True)
-        fallback = list(range(min(wanted) - 1, 0, -1)) if prefetch is not None else []
-        for slots in wanted + fallback:
+        ahead = int(prefetch) if prefetch is not None else _auto_depth(slot_bytes)
+        deepest = max(0, min(ahead + 1, len(streamable)))
+        for slots in range(deepest, 0 if streamable else -1, -1):
             option = _fill(forced, streamable, size, reads, slots, slot_bytes,
                            budget_bytes - reserve_bytes)
             if option is None:
@@ -63,8 +64,7 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
             key = (cost["predicted"], *option)
             if best is None or key < best:
                 best = key
-            if prefetch is not None:
-                break   # an explicit depth: take the deepest that fits
+            break   # the deepest that fits: shallower only when the budget forces it
     if best is None:
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the minimum working set of this model "
@@ -77,6 +77,15 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
     slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
     return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
                  reserve_bytes, max_tokens, minimum, profile, host_budget_bytes)
+
+
+def _auto_depth(slot_bytes: int) -> int:
+    """Units to fetch ahead by default. Measured on this project's CPU machine (TinyLlama, 23 MB
+    Units): 1 ahead read 1.83 GB/s, 3-4 ahead 2.1 GB/s, 6 ahead 1.5 GB/s (too many concurrent
+    reads). Large Units keep the disk busy with one read ahead."""
+    if slot_bytes <= 0:
+        return 1
+    return max(1, min(MAX_AUTO_DEPTH, -(-IN_FLIGHT_BYTES // slot_bytes)))
 
 
 def _cost(weight_bytes: int, streamed: int, slots: int, profile: HardwareProfile,
@@ -95,7 +104,12 @@ def _fill(forced, streamable, size, reads, slots, slot_bytes, room):
     if used > room:
         return None
     resident = set(forced)
-    for k in sorted(streamable, key=lambda k: (-reads[k] * size[k], streamable.index(k))):
+    # Among Units that save as much, spread the resident ones evenly over the pass (bit-reversed
+    # positions: 0, n/2, n/4, 3n/4, ...): a long run of resident compute would leave the disk
+    # idle once the slots are full, while scattered ones let each wait overlap a fetch.
+    spread = _bit_reversed_ranks(len(streamable))
+    for k in sorted(streamable, key=lambda k: (-reads[k] * size[k],
+                                               spread[streamable.index(k)])):
         if used + size[k] <= room:
             resident.add(k)
             used += size[k]
@@ -104,6 +118,17 @@ def _fill(forced, streamable, size, reads, slots, slot_bytes, room):
     streamed = sum(reads[k] * size[k] for k in reads if k not in resident)
     resident_bytes = sum(size[k] for k in resident)
     return (streamed, slots if streamed else 0, resident_bytes, slot_bytes, tuple(sorted(resident)))
+
+
+def _bit_reversed_ranks(n: int) -> list[int]:
+    """Rank of each position 0..n-1 in bit-reversed order (a low-discrepancy sequence)."""
+    bits = max(1, (n - 1).bit_length())
+    keys = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)]
+    order = sorted(range(n), key=keys.__getitem__)
+    ranks = [0] * n
+    for r, i in enumerate(order):
+        ranks[i] = r
+    return ranks
 
 
 def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens, minimum,
