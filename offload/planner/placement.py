@@ -3,8 +3,9 @@
 Every streamed byte is read once per forward pass, and reads overlap compute only when there
 are at least two staging slots. Staging slots are sized to the largest streamed Unit; Units
 larger than the chosen slot size must be resident. The search tries each distinct Unit size as
-the slot size and each depth, fills the rest of the budget greedily with the Units that save
-the most bytes per pass, and keeps the placement with the least predicted time per decode step
+the slot size with the deepest prefetch that fits (by default enough to keep ~64 MB in flight),
+fills the rest of the budget greedily with the Units that save the most bytes per pass (spread
+evenly over the pass), and keeps the placement with the least predicted time per decode step
 (ties: fewer bytes streamed, fewer slots), so the same inputs always give the same Plan.
 """
 from __future__ import annotations
