@@ -138,10 +138,7 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
     reserve = (shape.kv_bytes(max_tokens, dtype.itemsize)
                + shape.activation_bytes(1, max_tokens, max_tokens, dtype.itemsize, max_tokens)
                + scratch_bytes(shape, dtype.itemsize))
-    groups: dict[str, list[str]] = {}
-    for u in manifest.units:
-        groups.setdefault(u.group, []).append(u.key)
-    order = adapter.execution_order(config, groups)
+    order = adapter.execution_order(config, manifest.groups())
     profile = load_or_measure(manifest.data_path, prep.offload_dir, device, dtype, shape.hidden)
     host_bytes = 0
     if host_budget is not None:
@@ -173,7 +170,8 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
         offload_dir: where packed stores live (default ``$OFFLOAD_CACHE`` or ~/.cache/offload).
         host_budget: pinned host RAM on a GPU machine for Units that do not fit the device:
             read from disk once, then moved over the host link each pass. GPU only.
-        prefetch: Units fetched ahead of the one computing (default 1: double buffering).
+        prefetch: Units fetched ahead of the one computing (default: enough to keep about
+            64 MB in flight, 1 to 3 Units).
         max_tokens: the most positions (batch x context) one forward may process and cache;
             the budget reserves their KV cache, activations and logits (default 256).
 

@@ -15,11 +15,10 @@ from .sizes import format_bytes
 from .store.format import Manifest
 from .tiers.device import DeviceTier, aligned_host
 from .tiers.disk import DiskTier
-from .tiers.slots import Slot, SlotRing, tensor_views
+from .tiers.slots import FREE, Slot, SlotRing, tensor_views
 from .units import DTYPES, Unit, align
 
 log = logging.getLogger(__name__)
-
 
 
 def scratch_bytes(shape, itemsize: int) -> int:
@@ -118,7 +117,7 @@ class Runtime:
 
     def _attach(self) -> None:
         model, adapter = self.model, self.adapter
-        groups = self._groups()
+        groups = self.manifest.groups()
         for key, module in adapter.bind_points(model).items():
             unit = self.units[key]
             binding = Binding(module, [t.name for t in unit.tensors], self.device)
@@ -143,7 +142,7 @@ class Runtime:
                                         self.device, self.resident, self._gather)
                 for k in keys:   # gathered rows are checked by checksumming their Unit once
                     if k not in self.resident and k not in self.counters.checksummed:
-                        self.disk.verify(self.units[k], self._scratch)
+                        self.disk.verify(self.units[k], self._verify_buffer())
                         self.counters.checksummed.add(k)
             else:
                 fwd = linear_forward(chunks, self.shape.vocab, self._acquire, self._release)
@@ -152,11 +151,17 @@ class Runtime:
         self._undo.append(model.register_forward_pre_hook(self._begin, with_kwargs=True).remove)
         self._undo.append(model.register_forward_hook(self._end, always_call=True).remove)
 
-    def _groups(self) -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        for u in self.manifest.units:
-            groups.setdefault(u.group, []).append(u.key)
-        return groups
+    def _verify_buffer(self):
+        """The largest free host buffer for start-up checksums: a staging slot (or the GPU's
+        pinned bounce buffer) before the pipeline first fills it, else the small scratch. A
+        slot-sized buffer checks a Unit in a few reads instead of thousands (0.12 s vs 0.96 s
+        for TinyLlama's embedding)."""
+        if self.staging is not None and self.staging.bounce_np:
+            return self.staging.bounce_np[0]
+        if len(self.slots):
+            assert self.slots[0].state == FREE, "start-up checks run before the first fetch"
+            return self._slot_np[0]
+        return self._scratch
 
     # -- the hot path -----------------------------------------------------------------------
     def _acquire(self, key: str) -> dict[str, torch.nn.Parameter]:

@@ -43,6 +43,13 @@ class Manifest:
     def weight_bytes(self) -> int:
         return sum(u.nbytes for u in self.units)
 
+    def groups(self) -> dict[str, list[str]]:
+        """Group name -> unit keys, in store order."""
+        groups: dict[str, list[str]] = {}
+        for u in self.units:
+            groups.setdefault(u.group, []).append(u.key)
+        return groups
+
     def unit(self, key: str) -> Unit:
         for u in self.units:
             if u.key == key:

@@ -58,8 +58,3 @@ def aligned_host(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     view = arr[shift:shift + nbytes]
     view[::4096] = 0                                   # fault every page in now
     return torch.from_numpy(view)                      # holds arr (and so mm) alive
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    """The numpy view of a CPU uint8 tensor: the buffer the disk tier reads into."""
-    return t.numpy()
