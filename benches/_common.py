@@ -1,6 +1,6 @@
 """Shared machinery for the benches: the system header, memory-capped contender subprocesses,
-the interpreter's idle footprint, the O_DIRECT disk bandwidth, a greedy decode timer, a table
-printer and JSON output.
+the interpreter's idle footprint, the O_DIRECT disk bandwidth, I/O counters, random bf16
+checkpoints, a greedy decode timer, a table printer and JSON output.
 
 A memory-limited machine is simulated honestly: a capped contender runs in a fresh memory cgroup
 (``../shared/tools/memlimit.sh BYTES CMD...``, relative to the repository root) whose limit is
@@ -205,6 +205,20 @@ def device_reads(path: str | os.PathLike) -> tuple[int, int] | None:
     return None
 
 
+def proc_io() -> dict[str, int] | None:
+    """This process's I/O counters (/proc/self/io, every thread): ``read_bytes`` is what it had
+    the block layer fetch (page-cache misses, mmap faults and O_DIRECT alike), ``rchar`` what its
+    read calls returned; None where the file is unreadable."""
+    try:
+        out = {}
+        for line in Path("/proc/self/io").read_text().splitlines():
+            k, _, v = line.partition(":")
+            out[k.strip()] = int(v)
+        return out
+    except (OSError, ValueError):
+        return None
+
+
 # -- disk bandwidth ------------------------------------------------------------------------------
 def disk_bandwidth(path: Path, chunk: int = CHUNK, max_bytes: int | None = None) -> dict:
     """Sequential read bandwidth of ``path`` with O_DIRECT (page cache bypassed) in ``chunk``
@@ -239,6 +253,68 @@ def disk_bandwidth(path: Path, chunk: int = CHUNK, max_bytes: int | None = None)
         buf.close()
     return {"bytes": done, "seconds": elapsed, "bps": done / max(elapsed, 1e-9),
             "direct": direct, "chunk": chunk, "path": str(path)}
+
+
+# -- random checkpoints -------------------------------------------------------------------------
+def save_random_checkpoint(model_dir: Path, config, model_cls, want: dict, seed: int = 0) -> dict:
+    """A random-init bf16 checkpoint of ``model_cls(config)`` (config.json + model.safetensors)
+    at ``model_dir``, reused when its marker (``bench_model.json``) records the same ``want``.
+    Every tensor of the state dict is N(0, 0.02) (norm weights 1), drawn per tensor with a
+    seeded generator; the model itself is only ever built on the meta device. Written to a
+    ``.partial`` sibling and renamed, so an interrupted build is never reused."""
+    import torch
+    from safetensors.torch import save_file
+
+    marker = model_dir / "bench_model.json"
+    if marker.exists() and (model_dir / "model.safetensors").exists():
+        try:
+            info = json.loads(marker.read_text())
+            if info.get("want") == want:
+                return info
+        except ValueError:
+            pass
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        meta = model_cls(config)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in meta.state_dict().items():
+        if name.endswith("norm.weight"):
+            state[name] = torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            t = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            state[name] = t.mul_(0.02).to(torch.bfloat16)
+            del t
+    tmp = model_dir.with_name(model_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    config.save_pretrained(tmp)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    info = {"want": want, "weight_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+            "params": sum(t.numel() for t in state.values()),
+            "tensors": {k: list(t.shape) for k, t in state.items()},
+            "build_seconds": time.perf_counter() - t0}
+    (tmp / "bench_model.json").write_text(json.dumps(info, indent=1))
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    tmp.rename(model_dir)
+    return info
+
+
+def device_map_summary(model) -> dict:
+    """``{device: {"modules": n, "bytes": b}}`` of an Accelerate-dispatched model's
+    ``hf_device_map`` (bytes: the parameters each device holds)."""
+    dmap = getattr(model, "hf_device_map", None) or {}
+    keys = sorted(dmap, key=len, reverse=True)
+    out: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        dev = next((str(dmap[k]) for k in keys if k == "" or name == k
+                    or name.startswith(k + ".")), "cpu")
+        out.setdefault(dev, {"modules": 0, "bytes": 0})["bytes"] += p.numel() * p.element_size()
+    for dev in dmap.values():
+        out.setdefault(str(dev), {"modules": 0, "bytes": 0})["modules"] += 1
+    return out
 
 
 # -- contenders ----------------------------------------------------------------------------------
@@ -326,6 +402,24 @@ def run_contender(name: str, argv: list[str], *, cap_bytes: int | None = None,
     tail = "\n".join(l for l in lines if not l.startswith(RESULT_TAG))[-4000:]
     return ContenderRun(name, cmd, rc, seconds, cap_bytes is not None, cap_bytes, results, mem,
                         tail, dropped, foreign)
+
+
+def failure_reason(run: ContenderRun) -> str:
+    """One line saying why a contender produced no result: SIGKILLed (at the cap, as a rule), a
+    timeout, the last exception line of its output, or its return code. An exception wins
+    over a nonzero ``failcnt``: a cgroup hits its limit whenever the page cache fills it."""
+    lines = [l.strip() for l in run.log_tail.splitlines() if l.strip()]
+    if any("(timeout)" in l for l in lines[-3:]):
+        return "timed out"
+    if run.returncode in (-9, 137):
+        return "killed (SIGKILL)" + (" at the memory cap (OOM)" if run.capped else "")
+    err = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)\b:?")
+    for line in reversed(lines):
+        if err.match(line):
+            return f"rc {run.returncode}: {line[:160]}"
+    if run.killed:
+        return "killed at the memory cap (OOM)"
+    return f"rc {run.returncode}" + (": no result line" if run.returncode == 0 else "")
 
 
 def wait_for_quiet(max_wait: float, *, threshold: float = 0.15, settle: float = 3.0) -> float:

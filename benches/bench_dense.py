@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     cgroup_status, disk_bandwidth, emit_result, fmt_bytes, format_header, format_table,
-    device_reads, greedy_decode, idle_footprint, idle_footprint_cgroup, run_contender, system_info,
-    wait_for_quiet, write_json)
+    device_reads, greedy_decode, idle_footprint, idle_footprint_cgroup, run_contender,
+    save_random_checkpoint, system_info, wait_for_quiet, write_json)
 
 SCRIPT = Path(__file__).resolve()
 
@@ -54,51 +54,13 @@ TARGET_BATCH_SCALING = 6.0
 # -- the model -------------------------------------------------------------------------------
 def build_model(model_dir: Path, dims: dict, seed: int = 0) -> dict:
     """A random-init bf16 LlamaForCausalLM checkpoint (config.json + model.safetensors) at
-    ``model_dir``, reused when its marker matches. Weights are N(0, 0.02) (norms 1), drawn
-    per tensor with a seeded generator; the model itself is only ever built on meta."""
-    import torch
-    from safetensors.torch import save_file
+    ``model_dir``, reused when its marker matches (``_common.save_random_checkpoint``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    marker = model_dir / "bench_model.json"
-    want = {"dims": dims, "seed": seed, "dtype": "bfloat16", "version": 1}
-    if marker.exists() and (model_dir / "model.safetensors").exists():
-        try:
-            if json.loads(marker.read_text()).get("want") == want:
-                return json.loads(marker.read_text())
-        except ValueError:
-            pass
-    t0 = time.perf_counter()
     config = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False,
                          dtype="bfloat16")
-    with torch.device("meta"):
-        meta = LlamaForCausalLM(config)
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, p in meta.state_dict().items():
-        if name.endswith("norm.weight"):
-            state[name] = torch.ones(p.shape, dtype=torch.bfloat16)
-        else:
-            t = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            state[name] = t.mul_(0.02).to(torch.bfloat16)
-            del t
-    tmp = model_dir.with_name(model_dir.name + ".partial")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    config.save_pretrained(tmp)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    info = {"want": want, "weight_bytes": weight_bytes,
-            "params": sum(t.numel() for t in state.values()),
-            "build_seconds": time.perf_counter() - t0}
-    (tmp / "bench_model.json").write_text(json.dumps(info, indent=1))
-    if model_dir.exists():
-        import shutil
-        shutil.rmtree(model_dir)
-    tmp.rename(model_dir)
-    return info
+    want = {"dims": dims, "seed": seed, "dtype": "bfloat16", "version": 1}
+    return save_random_checkpoint(model_dir, config, LlamaForCausalLM, want, seed)
 
 
 def prompts_for(batch: int, length: int, vocab: int, seed: int = 1):

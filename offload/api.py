@@ -1,6 +1,7 @@
 """The public entry points: ``run``, ``plan``, ``pack``, ``stats``, ``close``."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 from .adapters import adapter_for
 from .errors import BudgetError, HardwareError, OffloadError, StoreError
 from .planner import Plan, load_or_measure, make_plan
+from .planner.experts import make_moe_plan
 from .runtime import Runtime, scratch_bytes
 from .sizes import parse_size
 from .store.format import Manifest, read_manifest
@@ -127,8 +129,33 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class ExpertOptions:
+    """How an MoE model's experts move (ignored for dense models); see ``run``."""
+
+    experts: str = "cache"
+    predict: bool = True
+    predict_depth: int = 1
+    predict_width: int | None = None
+    expert_cache: str = "lru"
+
+    def check(self, top_k: int, n_experts: int) -> None:
+        if self.experts not in ("cache", "stream"):
+            raise OffloadError(f"experts={self.experts!r}: use 'cache' (expert Units fetched as "
+                               "routed) or 'stream' (every expert streamed with its layer)")
+        if self.expert_cache not in ("lru", "lfu"):
+            raise OffloadError(f"expert_cache={self.expert_cache!r}: use 'lru' or 'lfu'")
+        if not isinstance(self.predict_depth, int) or self.predict_depth < 1:
+            raise OffloadError(f"predict_depth={self.predict_depth!r}: use an int >= 1 (or "
+                               "predict=False to turn prediction off)")
+        w = self.predict_width
+        if w is not None and (not isinstance(w, int) or not 1 <= w <= n_experts):
+            raise OffloadError(f"predict_width={w!r}: use an int from 1 to {n_experts} "
+                               f"(default: top-k = {top_k})")
+
+
 def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_tokens,
-               host_budget=None) -> Plan:
+               host_budget=None, experts: ExpertOptions = ExpertOptions()) -> Plan:
     manifest, adapter = prep.manifest, prep.adapter
     config = build_config(manifest.config)
     shape = adapter.shape(config)
@@ -138,7 +165,11 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
     reserve = (shape.kv_bytes(max_tokens, dtype.itemsize)
                + shape.activation_bytes(1, max_tokens, max_tokens, dtype.itemsize, max_tokens)
                + scratch_bytes(shape, dtype.itemsize))
-    order = adapter.execution_order(config, manifest.groups())
+    moe = adapter.moe_shape(config) if hasattr(adapter, "moe_shape") else None
+    if moe is not None:
+        experts.check(moe.top_k, moe.experts)
+    stream = moe is not None and experts.experts == "stream"
+    order = adapter.execution_order(config, manifest.groups(), stream_experts=stream)
     profile = load_or_measure(manifest.data_path, prep.offload_dir, device, dtype, shape.hidden)
     host_bytes = 0
     if host_budget is not None:
@@ -147,19 +178,39 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
                               "the budget already is host RAM: drop host_budget or raise budget")
         host_bytes = parse_size(host_budget, total_bytes=manifest.weight_bytes,
                                 what="host_budget")
-    return make_plan(list(manifest.units), order, budget_bytes, reserve, max_tokens, profile,
-                     prefetch=prefetch, host_budget_bytes=host_bytes)
+    units = list(manifest.units)
+    pinned = frozenset(adapter.always_resident(units))
+    if moe is None:
+        return make_plan(units, order, budget_bytes, reserve, max_tokens, profile,
+                         prefetch=prefetch, host_budget_bytes=host_bytes)
+    if stream:
+        units = [u for u in units if u.kind != "expert"] + adapter.stream_units(units)
+        plan = make_plan(units, order, budget_bytes, reserve, max_tokens, profile,
+                         prefetch=prefetch, host_budget_bytes=host_bytes, pinned=pinned)
+        return dataclasses.replace(plan, experts="stream")
+    from .experts_runtime import load_heat
+
+    return make_moe_plan(
+        units, order, budget_bytes, reserve, max_tokens, profile, top_k=moe.top_k,
+        moe_layers=len(moe.layers), experts_per_layer=moe.experts, pinned=pinned,
+        prefetch=prefetch, host_budget_bytes=host_bytes, policy=experts.expert_cache,
+        predict_depth=experts.predict_depth if experts.predict else 0,
+        predict_width=experts.predict_width or moe.top_k, heat=load_heat(manifest.path))
 
 
 def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
-         max_tokens=None) -> Plan:
+         max_tokens=None, experts="cache", predict=True, predict_depth=1, predict_width=None,
+         expert_cache="lru") -> Plan:
     """The Plan ``run`` would use, without running anything (packs the store if needed)."""
     prep = _prepare(model, None, offload_dir)
-    return _make_plan(prep, budget, _resolve_device(device), prefetch, max_tokens)
+    options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
+    return _make_plan(prep, budget, _resolve_device(device), prefetch, max_tokens,
+                      experts=options)
 
 
 def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
-        prefetch=None, max_tokens=None, progress=True) -> torch.nn.Module:
+        prefetch=None, max_tokens=None, progress=True, experts="cache", predict=True,
+        predict_depth=1, predict_width=None, expert_cache="lru") -> torch.nn.Module:
     """Run ``model`` within ``budget`` bytes of compute-tier memory.
 
     Args:
@@ -174,6 +225,14 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
             64 MB in flight, 1 to 3 Units).
         max_tokens: the most positions (batch x context) one forward may process and cache;
             the budget reserves their KV cache, activations and logits (default 256).
+        experts: MoE models only. ``"cache"`` (default): each expert is its own Unit, read
+            when the router picks it into a device expert cache sized by the plan;
+            ``"stream"``: every expert streams with its layer each pass (the baseline).
+        predict: MoE, ``experts="cache"``: prefetch the experts the next layers' routers pick
+            on the current hidden state (pre-gating), while this layer computes.
+        predict_depth: MoE layers ahead to predict (default 1).
+        predict_width: experts per token to prefetch for each predicted layer (default top-k).
+        expert_cache: ``"lru"`` (default) or ``"lfu"`` (frequency-aware) eviction.
 
     Returns:
         The model, ready to call and ``.generate()`` as before. A model object passed in is
@@ -184,7 +243,8 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
     """
     device = _resolve_device(device)
     prep = _prepare(model, None, offload_dir, progress)
-    the_plan = _make_plan(prep, budget, device, prefetch, max_tokens, host_budget)
+    options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
+    the_plan = _make_plan(prep, budget, device, prefetch, max_tokens, host_budget, options)
     skeleton = prep.source.module if prep.source.module is not None else \
         build_skeleton(prep.manifest, device)
     prep.adapter.check_model(skeleton)
@@ -229,6 +289,14 @@ def stats(model) -> dict:
     ``forward_seconds``, ``prefill_tokens``, ``decode_tokens``, ``decode_seconds``,
     ``tokens_per_s`` (decode tokens over decode time, all sequences of a batch counted);
     ``resyncs`` (pipeline restarts after a failed forward).
+
+    MoE models add ``experts``: ``mode``, and with the expert cache ``slots``, ``protected``,
+    ``policy``, ``resident`` (resident experts), ``accesses`` / ``hits`` / ``hit_rate`` (needed
+    non-resident experts found in the cache or already on their way), ``on_demand``
+    (unpredicted fetches), ``refetches``, ``prefetched`` (guesses read), ``bytes_read``,
+    ``bytes_per_token`` (expert bytes read per decoded token), ``wrong_guess_bytes`` (guesses
+    read that their layer did not use), ``precision`` / ``recall`` of the prediction (with
+    ``tp``, ``fp``, ``fn``), ``stall_seconds``.
     """
     return runtime_of(model).stats()
 

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     r.add_argument("--prefetch", type=int, help="Units fetched ahead (default 1)")
     r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    _expert_flags(r)
     r.set_defaults(func=_cmd_run)
 
     pl = sub.add_parser("plan", help="print the placement and predicted speed, run nothing")
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--device")
     pl.add_argument("--prefetch", type=int)
     pl.add_argument("--max-tokens", type=int, help="batch x context to reserve KV for")
+    _expert_flags(pl)
     pl.set_defaults(func=_cmd_plan)
 
     pk = sub.add_parser("pack", help="convert a checkpoint into a packed store, once")
@@ -78,6 +80,26 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--force", action="store_true", help="rebuild even if the store is valid")
     pk.set_defaults(func=_cmd_pack)
     return p
+
+
+def _expert_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MoE models (Mixtral, Qwen-MoE, OLMoE)")
+    g.add_argument("--experts", choices=("cache", "stream"), default="cache",
+                   help="cache: fetch the experts the router picks into a device expert cache "
+                        "(default); stream: stream every expert with its layer")
+    g.add_argument("--no-predict", action="store_true",
+                   help="do not prefetch the next layers' experts by pre-gating")
+    g.add_argument("--predict-depth", type=int, default=1, help="MoE layers ahead to predict")
+    g.add_argument("--predict-width", type=int, help="experts per token to prefetch (default "
+                                                     "top-k)")
+    g.add_argument("--expert-cache", choices=("lru", "lfu"), default="lru",
+                   help="expert cache eviction (lfu: frequency-aware)")
+
+
+def _expert_options(args) -> dict:
+    return dict(experts=args.experts, predict=not args.no_predict,
+                predict_depth=args.predict_depth, predict_width=args.predict_width,
+                expert_cache=args.expert_cache)
 
 
 def _cmd_pack(args) -> int:
@@ -95,7 +117,7 @@ def _cmd_plan(args) -> int:
 
     plan = api.plan(args.model or default_model_path(), args.budget, device=args.device,
                     offload_dir=args.offload_dir, prefetch=args.prefetch,
-                    max_tokens=args.max_tokens)
+                    max_tokens=args.max_tokens, **_expert_options(args))
     print(plan.table())
     return 0
 
@@ -116,7 +138,7 @@ def _cmd_run(args) -> int:
     max_tokens = n_batch * (n_prompt + args.max_new_tokens)
     t0 = time.perf_counter()
     model = api.run(model_path, args.budget, device=args.device, offload_dir=args.offload_dir,
-                    prefetch=args.prefetch, max_tokens=max_tokens)
+                    prefetch=args.prefetch, max_tokens=max_tokens, **_expert_options(args))
     setup_s = time.perf_counter() - t0
     device = api.runtime_of(model).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -196,6 +218,18 @@ def _summary(runtime, setup_s: float) -> str:
         ("set-up", f"{setup_s:.1f} s (plan: {plan.bottleneck}-bound, predicted "
                    f"{1 / max(plan.predicted_s, 1e-9):.2f} tok/s)"),
     ]
+    ex = s.get("experts")
+    if ex and ex.get("mode") == "cache":
+        guess = ("" if ex["precision"] is None else
+                 f"; prediction precision {ex['precision'] * 100:.0f}%, recall "
+                 f"{ex['recall'] * 100:.0f}%, {format_bytes(ex['wrong_guess_bytes'])} "
+                 "of wrong guesses")
+        rows.insert(3, ("experts", f"hit rate {(ex['hit_rate'] or 0) * 100:.0f}% of "
+                                   f"{ex['accesses']} fetches needed, {ex['on_demand']} "
+                                   f"on demand, {format_bytes(ex['bytes_per_token'] or 0)} "
+                                   f"per token{guess}"))
+    elif ex:
+        rows.insert(3, ("experts", "streamed with their layers (every expert, every pass)"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
 

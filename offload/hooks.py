@@ -96,15 +96,17 @@ def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire
     """A forward for a bias-free linear whose output rows live in chunks (the LM head)."""
 
     def forward(h: torch.Tensor) -> torch.Tensor:
-        if h.dtype == torch.bfloat16 and h.dim() > 2 and h.device.type == "cpu":
-            # generate() passes h[:, -1:, :], a strided 3-D view. For bf16 torch's CPU linear
-            # then copies the weight once per batch row (8 x 88 MB for a TinyLlama head chunk
-            # at batch 8): far over any budget. For bf16 the contiguous 2-D input gives the
-            # same bits (tests/test_exactness.py checks it). float32 copies nothing on the 3-D
-            # call and its bits differ from the 2-D one, so it keeps the call; float16 has the
-            # same copy but also different bits, so it keeps it too (a known limit on CPU).
-            lead = h.shape[:-1]
-            return forward(h.reshape(-1, h.shape[-1]).contiguous()).view(*lead, rows)
+        if h.dtype in (torch.bfloat16, torch.float16) and h.dim() > 2 and h.shape[0] > 1 \
+                and not h.is_contiguous() and h.device.type == "cpu":
+            # generate() passes h[:, -1:, :], a strided 3-D view. For half types torch's CPU
+            # linear then computes each batch row on its own, copying the weight once per row
+            # (8 x 88 MB for a TinyLlama head chunk at batch 8): far over any budget. Calling
+            # it per row on the row's [T, H] (2-D: a strided 3-D slice still copies) gives the
+            # same bits with no copy (a flattened [B*T, H] matmul does not: other kernels on
+            # AVX512-BF16 CPUs); tests/test_exactness.py checks both. float32 copies nothing
+            # and keeps the call.
+            return torch.cat([forward(h[b].reshape(-1, h.shape[-1])).view(1, *h.shape[1:-1], rows)
+                              for b in range(h.shape[0])])
         out = torch.empty(*h.shape[:-1], rows, dtype=h.dtype, device=h.device)   # [B, T, V]
         for key, (start, stop) in chunks:
             weight = acquire(key)["weight"]

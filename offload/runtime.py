@@ -15,6 +15,7 @@ from .sizes import format_bytes
 from .store.format import Manifest
 from .tiers.device import DeviceTier, aligned_host
 from .tiers.disk import DiskTier
+from .experts_runtime import check_members, member_units
 from .tiers.slots import FREE, Slot, SlotRing, tensor_views
 from .units import DTYPES, Unit, align
 
@@ -51,6 +52,8 @@ class Runtime:
         self.shape = adapter.shape(model.config)
         self.itemsize = DTYPES[manifest.dtype].itemsize
         self.units = {u.key: u for u in manifest.units}
+        if plan.experts == "stream":   # a layer's experts streamed as one Unit
+            self.units.update({u.key: u for u in adapter.stream_units(manifest.units)})
         self.counters = Counters()
         self.device_tier = DeviceTier(device)
         # More than a few concurrent reads lose bandwidth on this class of disk (measured).
@@ -62,6 +65,7 @@ class Runtime:
         self._forward_shape = (0, 0)
         self._closed = False
         self._failed: StoreError | None = None
+        self.experts = None
         try:
             self.resident = self._load_resident()
             self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
@@ -73,10 +77,13 @@ class Runtime:
                 from .tiers.host import PinnedStaging
                 self.staging = PinnedStaging(self.disk, plan.slots, plan.slot_bytes, device)
                 self.staging.load_homed([u for u in manifest.units
-                                         if plan.home[u.key] == "host"])
+                                         if plan.home.get(u.key) == "host"])
                 self.counters.checksummed.update(self.staging.homed)
                 hooks = {"on_ready": self.staging.on_ready, "on_release": self.staging.on_release}
             self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit, **hooks)
+            if hasattr(adapter, "moe_shape"):
+                from .experts_runtime import ExpertsRuntime
+                self.experts = ExpertsRuntime(self)
             self._attach()
         except BaseException:
             self.close()
@@ -84,8 +91,7 @@ class Runtime:
 
     # -- start-up -------------------------------------------------------------------------
     def _load_resident(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        home = self.plan.home
-        keys = [u.key for u in self.manifest.units if home[u.key] == "device"]
+        keys = [k for k, tier, _ in self.plan.homes if tier == "device"]
         total = sum(align(self.units[k].nbytes, 4096) for k in keys)
         arena = self.device_tier.alloc(total) if total else None
         host_arena = arena if self.device.type == "cpu" else None
@@ -94,23 +100,33 @@ class Runtime:
         for k in keys:
             unit = self.units[k]
             n = align(unit.nbytes, 4096)
+            whole = unit.checksum != 0 or unit.group != "experts"   # else: check each expert
             if host_arena is not None:
-                self.disk.read(unit, host_arena[off:off + n].numpy(), verify=True)
+                self.disk.read(unit, host_arena[off:off + n].numpy(), verify=whole)
+                if not whole:
+                    check_members(self, k, host_arena[off:off + n].numpy())
             else:  # GPU: through one pinned bounce buffer, once, at start-up
                 if bounce is None:
                     bounce = aligned_host(max(align(self.units[x].nbytes, 4096) for x in keys),
                                           pin=True)
-                self.disk.read(unit, bounce[:n].numpy(), verify=True)
+                self.disk.read(unit, bounce[:n].numpy(), verify=whole)
+                if not whole:
+                    check_members(self, k, bounce[:n].numpy())
                 arena[off:off + n].copy_(bounce[:n])
             self.counters.checksummed.add(k)
             views[k] = tensor_views(arena[off:off + n], unit)
             off += n
         return views
 
+    def first_read(self, key: str) -> bool:
+        """True the first time a Unit is read in this run: that read is checksummed."""
+        if key in self.counters.checksummed:
+            return False
+        self.counters.checksummed.add(key)
+        return True
+
     def _submit(self, unit: Unit, slot: Slot):
-        verify = unit.key not in self.counters.checksummed
-        if verify:
-            self.counters.checksummed.add(unit.key)   # the first read of each Unit is verified
+        verify = self.first_read(unit.key)
         if self.staging is not None:
             return self.staging.submit(unit, slot, verify=verify)
         return self.disk.submit(unit, self._slot_np[slot.index], verify=verify)
@@ -148,6 +164,13 @@ class Runtime:
                 fwd = linear_forward(chunks, self.shape.vocab, self._acquire, self._release)
             module.forward = fwd
             self._undo.append(lambda m=module: m.__dict__.pop("forward", None))
+        if self.experts is not None:
+            self.experts.attach(self._undo)
+            for key in self.plan.stream:   # layer-only streaming: check each expert once now
+                if self.units[key].group == "experts":
+                    for unit in member_units(self, key):
+                        self.disk.verify(unit, self._verify_buffer())
+                    self.counters.checksummed.add(key)
         self._undo.append(model.register_forward_pre_hook(self._begin, with_kwargs=True).remove)
         self._undo.append(model.register_forward_hook(self._end, always_call=True).remove)
 
@@ -219,6 +242,8 @@ class Runtime:
         if self.pipeline.active:
             self.pipeline.begin_pass()
         self._forward_shape = (batch, new)
+        if self.experts is not None:
+            self.experts.begin_forward(new == 1)
         self._forward_t0 = time.perf_counter()
 
     def _end(self, module, args, output):
@@ -227,6 +252,8 @@ class Runtime:
         c = self.counters
         c.forwards += 1
         c.forward_seconds += elapsed
+        if self.experts is not None:
+            self.experts.end_forward(new == 1)
         if new == 1:
             c.decode_tokens += batch
             c.decode_seconds += elapsed
@@ -244,7 +271,10 @@ class Runtime:
             return dict(getattr(self, "_final_stats", {}))
         c, p = self.counters, self.pipeline.stats
         io = self.disk.wall_seconds
-        return {
+        ex = self.experts.stats(c.decode_tokens) if self.experts is not None else None
+        stall = p.stall_seconds + ((ex or {}).get("stall_seconds") or 0.0)
+        io += (ex or {}).get("io_seconds") or 0.0
+        out = {
             "budget_bytes": self.plan.budget_bytes,
             "peak_bytes": c.peak_bytes,
             "allocated_bytes": self.device_tier.allocated_bytes,
@@ -252,13 +282,13 @@ class Runtime:
             "staging_bytes": self.plan.slots * self.plan.slot_bytes,
             "kv_bytes": c.kv_bytes,
             "host_bytes": self.staging.host_bytes if self.staging else 0,
-            "bytes_read": {"disk": self.disk.bytes_read,
+            "bytes_read": {"disk": self.disk.bytes_read + ((ex or {}).get("disk_bytes") or 0),
                            "host_to_device": self.staging.h2d_bytes if self.staging else 0},
             "direct_io": self.disk.direct,
             "fetches": p.fetches,
             "io_seconds": io,
-            "stall_seconds": p.stall_seconds,
-            "overlap": (max(0.0, 1.0 - p.stall_seconds / io) if io > 0 else 1.0),
+            "stall_seconds": stall,
+            "overlap": (max(0.0, 1.0 - stall / io) if io > 0 else 1.0),
             "forwards": c.forwards,
             "forward_seconds": c.forward_seconds,
             "prefill_tokens": c.prefill_tokens,
@@ -267,6 +297,9 @@ class Runtime:
             "tokens_per_s": c.decode_tokens / c.decode_seconds if c.decode_seconds else 0.0,
             "resyncs": p.resyncs,
         }
+        if ex is not None:
+            out["experts"] = ex
+        return out
 
     def close(self) -> None:
         """Detach every hook, restore the model's parameters, stop I/O, free buffers."""
@@ -277,6 +310,9 @@ class Runtime:
         self._closed = True
         if getattr(self, "pipeline", None) is not None:
             self.pipeline.drain()
+        if self.experts is not None:
+            self.experts.save_heat()
+            self.experts.close()
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()

@@ -54,6 +54,7 @@ class Unit:
         nbytes: bytes of tensor data (the read is rounded up to 4096).
         checksum: CRC32 of the ``nbytes`` data bytes.
         rows: for a row-chunk of a larger tensor, the ``[start, stop)`` rows it holds.
+        expert: for an ``expert`` Unit, the expert's number inside layer ``index``.
     """
 
     key: str
@@ -65,6 +66,7 @@ class Unit:
     checksum: int
     tensors: tuple[TensorSpec, ...]
     rows: tuple[int, int] | None = None
+    expert: int | None = None
 
     @property
     def layout(self) -> tuple:
@@ -74,14 +76,14 @@ class Unit:
     def to_json(self) -> dict:
         return {"key": self.key, "kind": self.kind, "group": self.group, "index": self.index,
                 "offset": self.offset, "nbytes": self.nbytes, "checksum": self.checksum,
-                "rows": list(self.rows) if self.rows else None,
+                "rows": list(self.rows) if self.rows else None, "expert": self.expert,
                 "tensors": [t.to_json() for t in self.tensors]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Unit":
         return cls(d["key"], d["kind"], d["group"], d["index"], d["offset"], d["nbytes"],
                    d["checksum"], tuple(TensorSpec.from_json(t) for t in d["tensors"]),
-                   tuple(d["rows"]) if d.get("rows") else None)
+                   tuple(d["rows"]) if d.get("rows") else None, d.get("expert"))
 
 
 def align(n: int, to: int) -> int:

@@ -10,18 +10,32 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ("llama", "mistral", "qwen2")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
+
+# Small MoE configs whose experts dominate the bytes: 8 experts, top-2.
+_MOE = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=256),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=256),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+                      intermediate_size=512, shared_expert_intermediate_size=256,
+                      decoder_sparse_step=1, mlp_only_layers=[2]),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+                      intermediate_size=512, mlp_only_layers=[1]),
+}
 
 
 def tiny_config(family: str, **overrides):
-    """A small config whose layers dominate its bytes, with a vocab split into 3 row-chunks."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A small config whose layers dominate its bytes, with a vocab split into 3 row-chunks
+    (MoE families: 8 experts top-2, 6 layers; Qwen's configs with one dense-MLP layer)."""
+    from transformers import AutoConfig
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
     kw = dict(vocab_size=3000, hidden_size=128, intermediate_size=512, num_hidden_layers=12,
               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
               max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family in _MOE:
+        kw.update(num_hidden_layers=6, **_MOE[family])
     kw.update(overrides)
-    return cls(**kw)
+    return AutoConfig.for_model(family, **kw)
 
 
 def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):

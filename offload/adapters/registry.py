@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from ..errors import ModelError
 from .dense import DenseAdapter
+from .moe import MoEAdapter
 
-_ADAPTERS = (DenseAdapter(),)
+_ADAPTERS = (DenseAdapter(), MoEAdapter())
 
 
 def supported_model_types() -> tuple[str, ...]:

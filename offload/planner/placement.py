@@ -26,7 +26,7 @@ SMALL_FRACTION = 100    # Units under 1% of the largest stay resident: a read ea
 
 def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_bytes: int,
               max_tokens: int, profile: HardwareProfile, *, prefetch: int | None = None,
-              host_budget_bytes: int = 0) -> Plan:
+              host_budget_bytes: int = 0, pinned: frozenset[str] = frozenset()) -> Plan:
     """Place ``units`` under ``budget_bytes``, minimising the predicted time per decode step.
 
     Args:
@@ -40,6 +40,8 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
             enough to keep about ``IN_FLIGHT_BYTES`` in flight, 1 to ``MAX_AUTO_DEPTH`` ahead.
         host_budget_bytes: pinned host RAM (GPU machines) for streamed Units: those are read
             from disk once at start-up and cross only the host link per pass.
+        pinned: keys that must be resident whatever they cost (an MoE router, read ahead of
+            its layer to predict the experts).
 
     Raises:
         BudgetError: no placement fits; the message states the minimum budget.
@@ -50,7 +52,7 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
     small = max(size.values()) // SMALL_FRACTION   # independent of the budget: so is the minimum
     best, minimum = None, None
     for slot_bytes in sorted({size[k] for k in reads} | {0}):
-        forced = {k for k in reads if size[k] > slot_bytes or size[k] <= small}
+        forced = {k for k in reads if size[k] > slot_bytes or size[k] <= small or k in pinned}
         streamable = [k for k in reads if k not in forced]
         floor = sum(size[k] for k in forced) + reserve_bytes + (slot_bytes if streamable else 0)
         minimum = floor if minimum is None else min(minimum, floor)

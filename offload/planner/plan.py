@@ -29,6 +29,17 @@ class Plan:
         compute_s / io_s / link_s: predicted seconds per decode step for each resource.
         predicted_s: predicted seconds per decode step.
         bottleneck: the resource that sets ``predicted_s``.
+        experts: how MoE experts move: ``cache`` (expert Units fetched as the router picks
+            them, into a device expert cache), ``stream`` (every expert of every layer streamed
+            each pass, as part of its layer), or ``""`` for a dense model.
+        expert_slots / expert_slot_bytes: the expert cache's slots and their size.
+        expert_protected: cache slots whose experts are protected from the other layers'
+            traffic, spread evenly over the MoE layers (each keeps its most recently or, with
+            ``lfu``, most used experts there); the other slots are shared.
+        expert_policy: ``lru`` or ``lfu``.
+        predict_depth / predict_width: predictive loading: layers ahead whose router is applied
+            to the current hidden state, and experts per token prefetched for each (0: off).
+        expert_bytes_per_step: expert bytes a decode step is predicted to read (batch 1).
     """
 
     budget_bytes: int
@@ -49,6 +60,14 @@ class Plan:
     link_s: float
     predicted_s: float
     bottleneck: str
+    experts: str = ""
+    expert_slots: int = 0
+    expert_slot_bytes: int = 0
+    expert_protected: int = 0
+    expert_policy: str = "lru"
+    predict_depth: int = 0
+    predict_width: int = 0
+    expert_bytes_per_step: int = 0
 
     @property
     def home(self) -> dict[str, str]:
@@ -56,8 +75,9 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        """What the compute tier holds at most: resident + slots + reserve."""
-        return self.resident_bytes + self.slots * self.slot_bytes + self.reserve_bytes
+        """What the compute tier holds at most: resident + slots + expert cache + reserve."""
+        return (self.resident_bytes + self.slots * self.slot_bytes
+                + self.expert_slots * self.expert_slot_bytes + self.reserve_bytes)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -71,6 +91,10 @@ class Plan:
                 nbytes = sum(n for _, t, n in self.homes if t == tier)
                 rows.append((tier, _span(keys), format_bytes(nbytes)))
         rows.append(("staging", f"{self.slots} slots", format_bytes(self.slots * self.slot_bytes)))
+        if self.expert_slots:
+            rows.append(("expert cache", f"{self.expert_slots} slots ({self.expert_protected} kept "
+                         f"by their layer, {self.expert_policy})",
+                         format_bytes(self.expert_slots * self.expert_slot_bytes)))
         rows.append(("KV+activations", f"{self.max_tokens} tokens", format_bytes(self.reserve_bytes)))
         width = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
@@ -86,6 +110,14 @@ class Plan:
             f"{self.bottleneck} (compute {self.compute_s * 1000:.1f} ms, disk "
             f"{self.io_s * 1000:.1f} ms, host link {self.link_s * 1000:.1f} ms)",
         ]
+        if self.experts == "cache":
+            lines.append(
+                f"experts: fetched as routed, ~{format_bytes(self.expert_bytes_per_step)} per "
+                "decode step; prediction " + (f"depth {self.predict_depth}, width "
+                                              f"{self.predict_width}" if self.predict_depth
+                                              else "off"))
+        elif self.experts == "stream":
+            lines.append("experts: streamed with their layer (every expert, every pass)")
         return "\n".join(lines)
 
 

@@ -25,13 +25,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TensorPart:
     """One tensor of a Unit to be packed: ``source`` names the checkpoint tensor, ``rows`` an
-    optional ``[start, stop)`` row slice of it."""
+    optional ``[start, stop)`` row slice of it, ``index`` an optional index along its first
+    dimension (one expert of a fused ``[experts, ...]`` tensor), and ``concat`` further
+    checkpoint tensors appended along dimension 0 (an expert's gate and up projections stored
+    apart become one ``gate_up`` tensor)."""
 
     name: str
     source: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     rows: tuple[int, int] | None = None
+    index: int | None = None
+    concat: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -51,6 +56,7 @@ class UnitSpec:
     index: int
     parts: tuple[TensorPart, ...]
     rows: tuple[int, int] | None = None
+    expert: int | None = None
 
     def layout(self) -> tuple[list[TensorSpec], int]:
         specs, off = [], 0
@@ -155,7 +161,7 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
             checksum = zlib.crc32(data[:nbytes])
             f.write(memoryview(data))
             units.append(Unit(spec.key, spec.kind, spec.group, spec.index, offset, nbytes,
-                              checksum, tuple(tensors), spec.rows))
+                              checksum, tuple(tensors), spec.rows, spec.expert))
             offset += len(data)
             bar.update(len(data))
         f.flush()
@@ -166,8 +172,12 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
 
 def _part_tensor(part: TensorPart, load) -> torch.Tensor:
     t = load(part.source)
+    if part.index is not None:
+        t = t[part.index]
     if part.rows is not None:
         t = t[part.rows[0]:part.rows[1]]
+    if part.concat:
+        t = torch.cat([t, *(load(name) for name in part.concat)], dim=0)
     if tuple(t.shape) != part.shape or t.dtype != part.dtype:
         raise StoreError(f"tensor {part.source} is {tuple(t.shape)} {t.dtype}, expected "
                          f"{part.shape} {part.dtype}: the checkpoint does not match its config")

@@ -118,18 +118,26 @@ def _hf_dir_source(path: Path) -> Source:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     handles: dict[Path, object] = {}
+    recent: dict[str, torch.Tensor] = {}   # the last two tensors: fused expert tensors are
+                                           # sliced once per expert, read them once
 
     def load(name: str) -> torch.Tensor:
         from safetensors import safe_open
 
+        if name in recent:
+            return recent[name]
         f = where[name]
         if f not in handles:
             handles[f] = safe_open(str(f), framework="pt")
         try:
-            return handles[f].get_tensor(name)
+            t = handles[f].get_tensor(name)
         except Exception as e:  # safetensors raises its own error types
             raise StoreError(f"cannot read tensor {name} from {f}: {e}; the checkpoint is "
                              "damaged, download it again", path=str(f)) from e
+        if len(recent) >= 2:
+            recent.pop(next(iter(recent)))
+        recent[name] = t
+        return t
 
     return Source(name=path.name, description=str(path.absolute()), config=config,
                   fingerprint=h.hexdigest(), shapes=lambda: shapes, load=load,

@@ -25,6 +25,10 @@ class Ticket:
     def done(self) -> bool:
         return self._future.done()
 
+    def cancel(self) -> bool:
+        """Drop a transfer that has not started; False if it is running or done."""
+        return self._future.cancel()
+
     def wait(self) -> float:
         """Block until the transfer is complete; return the seconds it spent in I/O.
 

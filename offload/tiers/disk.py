@@ -57,6 +57,7 @@ class DiskTier:
         self.wall_seconds = 0.0   # wall time with at least one read in flight
         self._lock = threading.Lock()
         self._active = 0
+        self._pending = 0         # submitted and not finished (queued or in flight)
         self._since = 0.0
 
     def submit(self, unit: Unit, dest: np.ndarray, *, verify: bool = False) -> Ticket:
@@ -64,7 +65,20 @@ class DiskTier:
 
         With ``verify`` the Unit's CRC32 is checked in the I/O thread once the bytes land.
         """
-        return Ticket(unit.key, unit.nbytes, self._pool.submit(self._read, unit, dest, verify))
+        with self._lock:
+            self._pending += 1
+        future = self._pool.submit(self._read, unit, dest, verify)
+        future.add_done_callback(self._finished)
+        return Ticket(unit.key, unit.nbytes, future)
+
+    def _finished(self, future) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        """Reads submitted and not yet finished (queued or in flight)."""
+        return self._pending
 
     def read(self, unit: Unit, dest: np.ndarray, *, verify: bool = True) -> float:
         """Read synchronously (start-up loads); returns the seconds it took."""

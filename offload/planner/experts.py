@@ -1,0 +1,132 @@
+"""Placement for Mixture-of-Experts models: the layer Units as for a dense model, plus a device
+expert cache sized from what the budget leaves, and the hottest experts resident.
+
+Value per byte decides the order. A byte of a non-expert Unit (attention, norms, head) is read
+every pass, so keeping it resident saves a byte per token; an expert is needed by a token with
+probability about top_k / experts, so a cached or resident expert byte saves a fraction of
+that. Hence: first the cache's working slots (the top_k experts the running layer needs),
+then the non-expert Units as the dense planner places them, then
+further expert slots. Of those, experts known to be hot (measured routing frequency above the
+uniform top_k / experts) become resident; the rest enlarge the cache, split evenly into a
+protected share per MoE layer (its recently used experts survive the other layers' traffic).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import BudgetError
+from ..sizes import format_bytes
+from ..units import Unit, align
+from .placement import BLOCK, make_plan
+from .plan import DEVICE, DISK, Plan
+from .profile import HardwareProfile
+
+
+def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_bytes: int,
+                  max_tokens: int, profile: HardwareProfile, *, top_k: int, moe_layers: int,
+                  experts_per_layer: int, pinned: frozenset[str] = frozenset(),
+                  prefetch: int | None = None, host_budget_bytes: int = 0,
+                  policy: str = "lru", predict_depth: int = 1, predict_width: int | None = None,
+                  heat: dict[str, float] | None = None) -> Plan:
+    """Place an MoE model whose experts are fetched as routed (``experts="cache"``).
+
+    Args:
+        units: every Unit of the store (experts have kind ``expert``).
+        order: the non-expert Units in the order a pass consumes them.
+        top_k: experts per token.
+        moe_layers / experts_per_layer: the model's MoE layers and experts in each.
+        predict_depth / predict_width: the predictor's reach (0 depth: off).
+        heat: expert key -> measured share of tokens that used it (a previous run's).
+
+    Raises:
+        BudgetError: the budget cannot hold one layer's non-expert working set plus top_k
+            experts; the message states the minimum.
+    """
+    experts = [u for u in units if u.kind == "expert"]
+    others = [u for u in units if u.kind != "expert"]
+    expert_bytes = max(align(u.nbytes, BLOCK) for u in experts)
+    width = predict_width or top_k
+    # The running layer's top_k experts need slots of their own; guesses get no reserved
+    # slots: they take unprotected room, or replace their own layer's least valuable expert.
+    # (Measured on the Mixtral-shaped bench model: two slots set aside for guesses cost more
+    # cache hits than the guesses won.)
+    working = staging = top_k
+    base, error = None, None
+    try:
+        base = make_plan(others, order, budget_bytes - staging * expert_bytes, reserve_bytes,
+                         max_tokens, profile, prefetch=prefetch,
+                         host_budget_bytes=host_budget_bytes, pinned=pinned)
+    except BudgetError as e:
+        error = e
+    if base is None:
+        minimum = error.minimum_bytes + top_k * expert_bytes
+        raise BudgetError(
+            f"budget {format_bytes(budget_bytes)} is below the minimum working set of this MoE "
+            f"model ({format_bytes(minimum)}: one layer's largest streamed Unit, the "
+            f"always-resident Units, {top_k} experts of {format_bytes(expert_bytes)} (top-k) and "
+            f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} "
+            f"tokens); raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
+            budget_bytes=budget_bytes, minimum_bytes=minimum) from error
+    left = budget_bytes - staging * expert_bytes - base.total_bytes
+    extra = max(0, min(left // expert_bytes, len(experts) - staging))
+    resident = _hot_experts(experts, heat, extra, top_k / experts_per_layer)
+    if extra + staging >= len(experts):       # every expert fits: no cache needed
+        resident, cached = [u.key for u in experts], 0
+    else:
+        cached = staging + extra - len(resident)
+    protected = max(0, cached - working)
+    return _finish(base, budget_bytes, units, experts, set(resident), cached, expert_bytes,
+                   protected, policy,
+                   predict_depth, width if predict_depth > 0 else 0, top_k, moe_layers,
+                   experts_per_layer, error_minimum=_minimum(others, order, reserve_bytes,
+                                                             max_tokens, profile, pinned)
+                   + top_k * expert_bytes, profile=profile)
+
+
+def _minimum(others, order, reserve, max_tokens, profile, pinned) -> int:
+    try:
+        make_plan(others, order, 0, reserve, max_tokens, profile, pinned=pinned)
+    except BudgetError as e:
+        return e.minimum_bytes
+    return reserve
+
+
+def _hot_experts(experts: list[Unit], heat: dict[str, float] | None, room: int,
+                 uniform: float) -> list[str]:
+    """Experts measured hotter than a uniform router would make them, hottest first."""
+    if not heat or room <= 0:
+        return []
+    hot = sorted((u for u in experts if heat.get(u.key, 0.0) > uniform),
+                 key=lambda u: (-heat[u.key], u.key))
+    return [u.key for u in hot[:room]]
+
+
+def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], cached: int, expert_bytes: int,
+            protected: int, policy: str, depth: int, width: int, top_k: int, moe_layers: int,
+            experts_per_layer: int, *, error_minimum: int, profile: HardwareProfile) -> Plan:
+    size = {u.key: align(u.nbytes, BLOCK) for u in units}
+    home = base.home
+    homes = tuple((u.key, home.get(u.key, DEVICE if u.key in resident else DISK), size[u.key])
+                  for u in units)
+    resident_per_layer = len(resident) / max(moe_layers, 1)
+    hit = min(1.0, (len(resident) + protected) / max(moe_layers, 1) / experts_per_layer)
+    per_step = int(moe_layers * top_k * (1 - hit) * expert_bytes)
+    weight_bytes = sum(u.nbytes for u in units)
+    active = (weight_bytes - sum(u.nbytes for u in experts)
+              + moe_layers * top_k * expert_bytes)
+    compute = active / max(profile.compute_bps, 1.0)
+    disk = (base.streamed_bytes + per_step) / max(profile.disk_read_bps, 1.0)
+    link = (base.streamed_bytes + per_step) / profile.h2d_bps if profile.h2d_bps else 0.0
+    # A layer waits for the experts it misses (guesses hide some of that, but cost reads of
+    # their own: not counted on either side).
+    predicted = max(compute, base.streamed_bytes / max(profile.disk_read_bps, 1.0)) \
+        + per_step / max(profile.disk_read_bps, 1.0)
+    costs = {"compute": compute, "disk": disk, "host link": link}
+    return dataclasses.replace(
+        base, budget_bytes=budget_bytes, homes=homes, weight_bytes=weight_bytes,
+        resident_bytes=base.resident_bytes + sum(size[k] for k in resident),
+        minimum_bytes=error_minimum, compute_s=compute, io_s=disk, link_s=link,
+        predicted_s=predicted, bottleneck=max(costs, key=costs.get), experts="cache",
+        expert_slots=cached, expert_slot_bytes=expert_bytes if cached else 0,
+        expert_protected=protected, expert_policy=policy, predict_depth=depth, predict_width=width,
+        expert_bytes_per_step=per_step)

@@ -1,0 +1,316 @@
+"""MoE experts as Units: exactness, bytes, the expert cache, prediction, bad input."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import offload
+from conftest import MOE_FAMILIES, tiny_model, weight_bytes
+from offload.errors import BudgetError, ModelError, OffloadError
+from offload.units import align
+
+
+def _prompts(batch: int, vocab: int = 3000, length: int = 9, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if batch > 1:   # left padding on one row
+        ids[1, :3] = 0
+        mask[1, :3] = 0
+    return ids, mask
+
+
+def _reference(model, ids, mask, new_tokens=6):
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                do_sample=False, pad_token_id=0)
+    return logits, tokens
+
+
+def _run(model, fraction, offload_dir, **kw):
+    budget = int(weight_bytes(model) * fraction)
+    kw.setdefault("max_tokens", 64)
+    return offload.run(model, budget=budget, offload_dir=offload_dir, **kw), budget
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_moe_families_bitwise_at_20_percent(family, batch, offload_dir):
+    model = tiny_model(family)
+    ids, mask = _prompts(batch)
+    ref_logits, ref_tokens = _reference(model, ids, mask)
+    off, budget = _run(model, 0.20, offload_dir)
+    plan = off._offload_runtime.plan
+    assert plan.experts == "cache" and plan.expert_slots >= 2
+    assert all(tier == "disk" for k, tier, _ in plan.homes if k.startswith("expert."))
+    assert off._offload_runtime.device_tier.allocated_bytes == (   # the plan is what is held
+        plan.resident_bytes + plan.slots * plan.slot_bytes
+        + plan.expert_slots * plan.expert_slot_bytes) and plan.total_bytes <= budget
+    logits, tokens = _reference(off, ids, mask)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    s = offload.stats(off)
+    assert s["peak_bytes"] <= budget
+    assert s["experts"]["bytes_read"] > 0 and s["experts"]["on_demand"] > 0
+    offload.close(off)
+
+
+@pytest.mark.parametrize("options", [dict(experts="stream"), dict(expert_cache="lfu"),
+                                     dict(predict=False), dict(predict_depth=2, predict_width=3)])
+def test_moe_options_stay_bitwise(options, offload_dir):
+    model = tiny_model("mixtral", seed=3)
+    ids, mask = _prompts(4)
+    ref_logits, ref_tokens = _reference(model, ids, mask)
+    off, budget = _run(model, 0.45, offload_dir, **options)
+    plan = off._offload_runtime.plan
+    if options.get("experts") == "stream":
+        assert any(k.startswith("experts.") for k in plan.stream)
+    logits, tokens = _reference(off, ids, mask)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert offload.stats(off)["peak_bytes"] <= budget
+    offload.close(off)
+
+
+def test_eager_experts_implementation_is_mirrored(offload_dir):
+    model = tiny_model("olmoe", seed=2)
+    model.config._experts_implementation = "eager"
+    ids, mask = _prompts(4)
+    ref_logits, ref_tokens = _reference(model, ids, mask)
+    off, _ = _run(model, 0.20, offload_dir)
+    logits, tokens = _reference(off, ids, mask)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    offload.close(off)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_per_expert_checkpoint_packs_exactly(family, tmp_path):
+    """save_pretrained writes one tensor per expert (Mixtral's w1/w2/w3, Qwen's gate/up/down
+    _proj): each expert Unit concatenates them into the fused layout."""
+    model = tiny_model(family, seed=4)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids, mask = _prompts(1)
+    ref_logits, _ = _reference(model, ids, mask, 1)
+    off = offload.run(tmp_path / "ckpt", budget="25%", offload_dir=tmp_path / "off",
+                      max_tokens=32)
+    with torch.no_grad():
+        assert torch.equal(off(input_ids=ids, attention_mask=mask).logits, ref_logits)
+    offload.close(off)
+
+
+def _capture_routing(model) -> tuple[dict, list]:
+    chosen: dict[int, set] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            def hook(module, args, out, i=i):
+                chosen.setdefault(i, set()).update(out[2].reshape(-1).tolist())
+            handles.append(layer.mlp.gate.register_forward_hook(hook))
+    return chosen, handles
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_expert_bytes_equal_the_selected_experts(batch, offload_dir):
+    """Prediction off, cache emptied: a decode step reads exactly the experts the routers
+    selected, each once per layer however many tokens of the batch chose it."""
+    model = tiny_model("mixtral", seed=5)
+    off, _ = _run(model, 0.6, offload_dir, predict=False)
+    rt = off._offload_runtime
+    ex = rt.experts
+    assert ex.cache is not None and len(ex.cache.slots) >= 8 and not ex.cache.resident
+    ids, _ = _prompts(batch)
+    with torch.no_grad():
+        out = off(input_ids=ids, use_cache=True)
+        step = out.logits[:, -1:].argmax(-1)
+        ex.cache.clear()
+        chosen, handles = _capture_routing(off)
+        before, disk_before = ex.cache.stats.bytes_read, ex.disk.bytes_read
+        off(input_ids=step, cache=out.past_key_values, use_cache=True)
+        ex.cache.drain()
+    for h in handles:
+        h.remove()
+    expert_bytes = align(rt.units["expert.0.0"].nbytes, 4096)
+    selected = sum(len(v) for v in chosen.values()) * expert_bytes
+    assert selected > 0
+    assert ex.cache.stats.bytes_read - before == selected
+    assert ex.disk.bytes_read - disk_before == selected        # what the disk tier really read
+    assert ex.cache.stats.refetches == 0
+    offload.close(off)
+
+
+def test_wrong_guesses_are_counted_in_bytes(offload_dir, monkeypatch):
+    model = tiny_model("qwen3_moe", seed=6)
+    off, _ = _run(model, 0.6, offload_dir, predict=True)
+    ex = off._offload_runtime.experts
+    cache = ex.cache
+    # A tiny random router is never confident, and its disk is rarely idle: read every guess.
+    ex.predictor.min_prob, cache.idle = 0.0, None
+    reads: list[tuple[int, int, bool]] = []   # (layer, expert, predicted)
+    real_fetch = cache._fetch
+
+    def fetch(key, **kw):
+        slot = real_fetch(key, **kw)
+        if slot is not None:
+            reads.append((*key, kw.get("evict_protected") is False))   # False: a guess
+        return slot
+
+    cancelled = set()   # wrong guesses dropped before their read started: never read
+    from offload.tiers.base import Ticket
+
+    real_cancel = Ticket.cancel
+
+    def cancel(ticket):
+        ok = real_cancel(ticket)
+        if ok:
+            _, layer, e = ticket.key.split(".")
+            cancelled.add((int(layer), int(e)))
+        return ok
+
+    monkeypatch.setattr(Ticket, "cancel", cancel)
+    cache._fetch = fetch
+    ids, _ = _prompts(1)
+    with torch.no_grad():
+        out = off(input_ids=ids, use_cache=True)
+        step = out.logits[:, -1:].argmax(-1)
+        cache.clear()
+        reads.clear()
+        chosen, handles = _capture_routing(off)
+        s0 = dict(vars(cache.stats))
+        off(input_ids=step, cache=out.past_key_values, use_cache=True)
+    for h in handles:
+        h.remove()
+    eb = align(off._offload_runtime.units["expert.0.0"].nbytes, 4096)
+    guessed = [(l, e) for l, e, p in reads if p and (l, e) not in cancelled]
+    wrong = [(l, e) for l, e in guessed if e not in chosen[l]]
+    s = cache.stats
+    assert guessed, "the predictor read something"
+    assert s.prefetched - s0["prefetched"] == len(guessed)
+    assert s.wrong_guess_bytes - s0["wrong_guess_bytes"] == len(wrong) * eb
+    assert s.bytes_read - s0["bytes_read"] == (len(guessed) + len(
+        [r for r in reads if not r[2]])) * eb
+    on_demand = {(l, e) for l, e, p in reads if not p}
+    assert on_demand == {(l, e) for l, es in chosen.items() for e in es} - set(guessed)
+    st = offload.stats(off)["experts"]
+    assert 0 <= st["precision"] <= 1 and 0 <= st["recall"] <= 1
+    offload.close(off)
+
+
+def test_cache_hits_and_stats(offload_dir):
+    model = tiny_model("mixtral", seed=7)
+    off, _ = _run(model, 0.6, offload_dir)
+    rt = off._offload_runtime
+    assert rt.plan.expert_protected >= 1
+    ids, _ = _prompts(1)
+    with torch.no_grad():
+        off.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    s = offload.stats(off)["experts"]
+    assert s["hits"] > 0 and 0 < s["hit_rate"] <= 1
+    assert s["accesses"] == s["hits"] + s["on_demand"]
+    assert s["bytes_per_token"] > 0 and s["precision"] is not None
+    assert "expert cache" in rt.plan.table() and "prediction depth 1" in rt.plan.table()
+    offload.close(off)
+
+
+def test_measured_heat_makes_hot_experts_resident(offload_dir):
+    model = tiny_model("mixtral", seed=8)
+    ids, _ = _prompts(1)
+    with torch.no_grad():
+        ref = model(ids).logits
+    off, budget = _run(model, 0.6, offload_dir)
+    store = off._offload_runtime.manifest.path
+    with torch.no_grad():
+        off.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    offload.close(off)        # saves the measured heat beside the store
+    assert (store / "expert_heat.json").is_file()
+    again = offload.run(store, budget=budget, max_tokens=64)
+    plan = again._offload_runtime.plan
+    resident = [k for k, t, _ in plan.homes if k.startswith("expert.") and t == "device"]
+    assert resident, "hot experts are kept resident on the next run"
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref)
+    assert offload.stats(again)["experts"]["resident_hits"] > 0
+    offload.close(again)
+
+
+def test_budget_below_attention_plus_top_k_is_refused(offload_dir):
+    model = tiny_model("mixtral", seed=9)
+    with pytest.raises(BudgetError) as e:
+        offload.run(model, budget="400KB", offload_dir=offload_dir, max_tokens=16)
+    err = e.value
+    assert "top-k" in str(err) and err.minimum_bytes > err.budget_bytes
+    off = offload.run(model, budget=err.minimum_bytes, offload_dir=offload_dir, max_tokens=16)
+    assert off._offload_runtime.plan.expert_slots == 2
+    with torch.no_grad():
+        off(torch.tensor([[5, 6, 7]]))
+    offload.close(off)
+
+
+def _offload_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("offload-disk") and t.is_alive()]
+
+
+def test_router_out_of_range_is_an_error_and_shuts_down_cleanly(offload_dir):
+    model = tiny_model("mixtral", seed=10)
+    ids, _ = _prompts(1)
+    with torch.no_grad():
+        ref = model(ids).logits
+    off, _ = _run(model, 0.3, offload_dir)
+    gate = off.model.layers[2].mlp.gate
+
+    def bad_router(module, args, out):
+        logits, scores, idx = out
+        return logits, scores, torch.full_like(idx, 8)
+
+    h = gate.register_forward_hook(bad_router)
+    with pytest.raises(ModelError, match="router of layer 2 selected expert 8"):
+        with torch.no_grad():
+            off.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    h.remove()
+    with torch.no_grad():          # the runtime is still usable afterwards
+        assert torch.equal(off(ids).logits, ref)
+    offload.close(off)
+    assert not _offload_threads()
+
+
+def test_generation_that_raises_leaves_no_threads(offload_dir, monkeypatch):
+    model = tiny_model("olmoe", seed=11)
+    before = set(_offload_threads())
+    off, _ = _run(model, 0.2, offload_dir)
+    import offload.adapters.experts_compute as compute
+
+    calls = {"n": 0}
+    real = compute.FORWARDS["grouped_mm"]
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise RuntimeError("simulated failure inside the experts")
+        return real(*a, **kw)
+
+    monkeypatch.setitem(compute.FORWARDS, "grouped_mm", flaky)
+    rt = off._offload_runtime
+    for i, module in rt.adapter.expert_points(off).items():   # forwards bind FORWARDS early
+        module.forward = rt.experts._forward(i, module)
+    with pytest.raises(RuntimeError, match="simulated"):
+        with torch.no_grad():
+            off.generate(_prompts(1)[0], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert all(e.pins == 0 for e in rt.experts.cache._entry.values())
+    offload.close(off)
+    assert set(_offload_threads()) <= before
+
+
+@pytest.mark.parametrize("bad", [dict(experts="sometimes"), dict(expert_cache="fifo"),
+                                 dict(predict_width=9), dict(predict_depth=0)])
+def test_bad_expert_options(bad, offload_dir):
+    model = tiny_model("mixtral", seed=12)
+    with pytest.raises(OffloadError):
+        offload.run(model, budget="50%", offload_dir=offload_dir, **bad)
+
+
+def test_unmirrored_experts_implementation_is_refused(offload_dir):
+    model = tiny_model("mixtral", seed=13)
+    model.config._experts_implementation = "batched_mm"
+    with pytest.raises(ModelError, match="grouped_mm"):
+        offload.run(model, budget="50%", offload_dir=offload_dir)
