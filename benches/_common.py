@@ -11,6 +11,7 @@ uncapped and every row says so.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -544,3 +545,65 @@ def write_json(path: Path, data: dict) -> Path:
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, path)
     return path
+
+
+# -- command line --------------------------------------------------------------------------------
+def bench_parser(doc: str, *, tokens: int, work_dir: str, json_path: str,
+                 rows: str) -> argparse.ArgumentParser:
+    """The flags every bench shares, and the internal ones a contender subprocess gets;
+    ``bench_defaults`` fills the toy-dependent defaults after parsing."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toy", action="store_true", help="a tiny model (CI smoke run)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help=f"decode tokens timed per run (default {tokens}; toy 4)")
+    p.add_argument("--accelerate-tokens", type=int, default=None,
+                   help="decode tokens timed for Accelerate, which is slow (default 4; toy 4)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 16; toy 8)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed decode tokens after prefill")
+    p.add_argument("--budget", default=None,
+                   help="offload/Accelerate budget: bytes, '550MB' or a percentage of the weights "
+                        "(default 25%%; toy 35%%)")
+    p.add_argument("--work-dir", default=work_dir,
+                   help="model, packed store and Accelerate offload folder (reused)")
+    p.add_argument("--json", default=json_path,
+                   help="where to write the JSON results (relative to the repo root)")
+    p.add_argument("--no-cap", action="store_true", help="run every contender uncapped")
+    p.add_argument("--cap-slack", type=int, default=None,
+                   help="bytes added to every cap (default 0; toy 256 MB, since a few-MB budget "
+                        "next to a 350 MB interpreter makes the bare cap a coin toss)")
+    p.add_argument("--prefill-logits", choices=("last", "all"), default="last",
+                   help="prefill with logits_to_keep=1 like generate() (last, default) or "
+                        "compute every position's logits (all; diagnosis)")
+    p.add_argument("--only", default=None, help=f"comma-separated rows to run: {rows}")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per contender")
+    p.add_argument("--quiet", action="store_true", help="do not echo contender output")
+    p.add_argument("--wait-quiet", type=float, default=None,
+                   help="before each contender wait up to this many seconds for other "
+                        "processes to leave the CPUs idle (default 60; toy 0)")
+    # internal: one contender in a subprocess
+    p.add_argument("--contender", help=argparse.SUPPRESS)
+    p.add_argument("--n-tokens", type=int, default=tokens, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--budget-bytes", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--offload-dir", help=argparse.SUPPRESS)
+    p.add_argument("--accelerate-offload-dir", help=argparse.SUPPRESS)
+    p.add_argument("--max-tokens", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def bench_defaults(a: argparse.Namespace, *, tokens: int) -> argparse.Namespace:
+    """Defaults that depend on ``--toy``."""
+    if a.tokens is None:
+        a.tokens = 4 if a.toy else tokens
+    if a.accelerate_tokens is None:
+        a.accelerate_tokens = 4
+    if a.prompt_len is None:
+        a.prompt_len = 8 if a.toy else 16
+    if a.cap_slack is None:
+        a.cap_slack = (256 << 20) if a.toy else 0
+    if a.wait_quiet is None:
+        a.wait_quiet = 0 if a.toy else 60
+    if a.budget is None:
+        a.budget = "35%" if a.toy else "25%"
+    return a

@@ -32,9 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    cgroup_status, disk_bandwidth, emit_result, fmt_bytes, format_header, format_table,
-    device_reads, greedy_decode, idle_footprint, idle_footprint_cgroup, run_contender,
-    save_random_checkpoint, system_info, wait_for_quiet, write_json)
+    bench_defaults, bench_parser, cgroup_status, device_reads, disk_bandwidth, emit_result,
+    fmt_bytes, format_header, format_table, greedy_decode, idle_footprint, idle_footprint_cgroup,
+    run_contender, save_random_checkpoint, system_info, wait_for_quiet, write_json)
 
 SCRIPT = Path(__file__).resolve()
 
@@ -451,63 +451,14 @@ def main(a: argparse.Namespace) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="a tiny model (CI smoke run)")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="decode tokens timed per run (default 8; toy 4)")
-    p.add_argument("--accelerate-tokens", type=int, default=None,
-                   help="decode tokens timed for Accelerate, which is slow (default 4; toy 4)")
+    p = bench_parser(__doc__, tokens=8, work_dir="/tmp/offload_bench",
+                     json_path="bench_out/bench_dense.json",
+                     rows="resident, resident-b8, accelerate, offload-b1, offload-b8")
     p.add_argument("--batch", type=int, default=8, help="the large batch (default 8)")
-    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 16; toy 8)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed decode tokens after prefill")
-    p.add_argument("--budget", default=None,
-                   help="offload/Accelerate budget: bytes, '550MB' or a percentage of the weights "
-                        "(default 25%%; toy 35%%)")
     p.add_argument("--prefetch", type=int, default=None, help="offload prefetch depth")
-    p.add_argument("--work-dir", default="/tmp/offload_bench",
-                   help="model, packed store and Accelerate offload folder (reused)")
-    p.add_argument("--json", default="bench_out/bench_dense.json",
-                   help="where to write the JSON results (relative to the repo root)")
-    p.add_argument("--no-cap", action="store_true", help="run every contender uncapped")
-    p.add_argument("--cap-slack", type=int, default=None,
-                   help="bytes added to every cap (default 0; toy 256 MB, since a few-MB budget "
-                        "next to a 350 MB interpreter makes the bare cap a coin toss)")
-    p.add_argument("--prefill-logits", choices=("last", "all"), default="last",
-                   help="prefill with logits_to_keep=1 like generate() (last, default) or "
-                        "compute every position's logits (all; diagnosis)")
-    p.add_argument("--only", default=None,
-                   help="comma-separated rows to run: resident, resident-b8, accelerate, "
-                        "offload-b1, offload-b8")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per contender")
-    p.add_argument("--quiet", action="store_true", help="do not echo contender output")
-    p.add_argument("--wait-quiet", type=float, default=None,
-                   help="before each contender wait up to this many seconds for other "
-                        "processes to leave the CPUs idle (default 60; toy 0)")
-    # internal: one contender in a subprocess
-    p.add_argument("--contender", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--batch-sizes", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--n-tokens", type=int, default=8, help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
-    p.add_argument("--budget-bytes", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--offload-dir", help=argparse.SUPPRESS)
-    p.add_argument("--accelerate-offload-dir", help=argparse.SUPPRESS)
-    p.add_argument("--max-tokens", type=int, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.tokens is None:
-        a.tokens = 4 if a.toy else 8
-    if a.accelerate_tokens is None:
-        a.accelerate_tokens = 4
-    if a.prompt_len is None:
-        a.prompt_len = 8 if a.toy else 16
-    if a.cap_slack is None:
-        a.cap_slack = (256 << 20) if a.toy else 0
-    if a.wait_quiet is None:
-        a.wait_quiet = 0 if a.toy else 60
-    if a.budget is None and a.toy:
-        a.budget = "35%"
-    return a
+    return bench_defaults(p.parse_args(argv), tokens=8)
 
 
 if __name__ == "__main__":

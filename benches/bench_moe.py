@@ -39,10 +39,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    cgroup_status, device_map_summary, device_reads, disk_bandwidth, emit_result,
-    failure_reason, fmt_bytes, format_header, format_table, greedy_decode, idle_footprint,
-    idle_footprint_cgroup, proc_io, run_contender, save_random_checkpoint, system_info,
-    wait_for_quiet, write_json)
+    bench_defaults, bench_parser, cgroup_status, device_map_summary, device_reads,
+    disk_bandwidth, emit_result, failure_reason, fmt_bytes, format_header, format_table,
+    greedy_decode, idle_footprint, idle_footprint_cgroup, proc_io, run_contender,
+    save_random_checkpoint, system_info, wait_for_quiet, write_json)
 
 SCRIPT = Path(__file__).resolve()
 
@@ -55,7 +55,20 @@ FULL = dict(hidden_size=1024, num_hidden_layers=8, num_local_experts=8, num_expe
 # its staging slots in a small budget.
 TOY = dict(hidden_size=128, num_hidden_layers=8, num_local_experts=8, num_experts_per_tok=2,
            intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
-IDLE_IMPORTS = "import torch, transformers, accelerate; from transformers import MixtralForCausalLM"
+# The interpreter every contender pays for before any weights: imports, and one tiny bf16
+# Mixtral forward (prefill + decode), so the kernels' code pages and the OpenMP threads are in
+# it too. Measured once with imports only, the cap left no room for those, and every capped
+# contender (Accelerate too) spent the run faulting its own code back in.
+IDLE_IMPORTS = (
+    "import torch, transformers, accelerate, offload\n"
+    "from transformers import MixtralConfig, MixtralForCausalLM\n"
+    "m = MixtralForCausalLM(MixtralConfig(hidden_size=64, num_hidden_layers=2, "
+    "num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, num_attention_heads=2, "
+    "num_key_value_heads=1, vocab_size=128)).to(torch.bfloat16).eval()\n"
+    "with torch.no_grad():\n"
+    "    o = m(torch.arange(16)[None], use_cache=True)\n"
+    "    m(torch.tensor([[1]]), cache=o.past_key_values, use_cache=True)\n"
+    "del m, o\n")
 
 TARGET_VS_ACCELERATE = 5.0
 TARGET_VS_LAYER = 2.0
@@ -293,6 +306,8 @@ def main(a: argparse.Namespace) -> int:
 
     plans, plan_errors = {}, {}
     if manifest is not None:
+        for old in stores.glob("*/expert_heat.json"):   # plans and rows start cold
+            old.unlink()
         for mode, kw in (("layer", {"experts": "stream"}),
                          ("experts", {"experts": "cache", "predict": True})):
             try:
@@ -387,6 +402,8 @@ def main(a: argparse.Namespace) -> int:
             launch(key, a.accelerate_tokens, capped,
                    ["--accelerate-offload-dir", str(work / "accelerate_offload")])
         else:
+            for old in stores.glob("*/expert_heat.json"):   # every row starts cold: no
+                old.unlink()                                 # hot experts from an earlier row
             extra = ["--offload-dir", str(stores), "--max-tokens", str(max_tokens)]
             for flag, v in (("--predict-depth", a.predict_depth),
                             ("--predict-width", a.predict_width)):
@@ -598,65 +615,17 @@ def _times(x) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="a tiny Mixtral (CI smoke run)")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="decode tokens timed per run (default 16; toy 4)")
-    p.add_argument("--accelerate-tokens", type=int, default=None,
-                   help="decode tokens timed for Accelerate, which is slow (default 4; toy 4)")
-    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 16; toy 8)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed decode tokens after prefill")
-    p.add_argument("--budget", default=None,
-                   help="offload/Accelerate budget: bytes, '320MB' or a percentage of the weights "
-                        "(default 25%%; toy 35%%)")
+    p = bench_parser(__doc__, tokens=16, work_dir="/tmp/offload_bench_moe",
+                     json_path="bench_out/bench_moe.json",
+                     rows="resident, accelerate, offload-layer, offload-experts, "
+                          "offload-predict, offload-lfu")
     p.add_argument("--predict-depth", type=int, default=None,
                    help="offload-predict: layers ahead the predictor guesses (runtime default)")
     p.add_argument("--predict-width", type=int, default=None,
                    help="offload-predict: experts guessed per layer (runtime default)")
     p.add_argument("--lfu", action="store_true",
                    help="add a row: the expert cache with LFU eviction (+ prediction)")
-    p.add_argument("--work-dir", default="/tmp/offload_bench_moe",
-                   help="model, packed store and Accelerate offload folder (reused)")
-    p.add_argument("--json", default="bench_out/bench_moe.json",
-                   help="where to write the JSON results (relative to the repo root)")
-    p.add_argument("--no-cap", action="store_true", help="run every contender uncapped")
-    p.add_argument("--cap-slack", type=int, default=None,
-                   help="bytes added to every cap (default 0; toy 256 MB, since a few-MB budget "
-                        "next to a 350 MB interpreter makes the bare cap a coin toss)")
-    p.add_argument("--prefill-logits", choices=("last", "all"), default="last",
-                   help="prefill with logits_to_keep=1 like generate() (last, default) or "
-                        "compute every position's logits (all; diagnosis)")
-    p.add_argument("--only", default=None,
-                   help="comma-separated rows to run: resident, accelerate, offload-layer, "
-                        "offload-experts, offload-predict, offload-lfu")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per contender")
-    p.add_argument("--quiet", action="store_true", help="do not echo contender output")
-    p.add_argument("--wait-quiet", type=float, default=None,
-                   help="before each contender wait up to this many seconds for other "
-                        "processes to leave the CPUs idle (default 60; toy 0)")
-    # internal: one contender in a subprocess
-    p.add_argument("--contender", help=argparse.SUPPRESS)
-    p.add_argument("--n-tokens", type=int, default=16, help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
-    p.add_argument("--budget-bytes", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--offload-dir", help=argparse.SUPPRESS)
-    p.add_argument("--accelerate-offload-dir", help=argparse.SUPPRESS)
-    p.add_argument("--max-tokens", type=int, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.tokens is None:
-        a.tokens = 4 if a.toy else 16
-    if a.accelerate_tokens is None:
-        a.accelerate_tokens = 4
-    if a.prompt_len is None:
-        a.prompt_len = 8 if a.toy else 16
-    if a.cap_slack is None:
-        a.cap_slack = (256 << 20) if a.toy else 0
-    if a.wait_quiet is None:
-        a.wait_quiet = 0 if a.toy else 60
-    if a.budget is None:
-        a.budget = "35%" if a.toy else "25%"
-    return a
+    return bench_defaults(p.parse_args(argv), tokens=16)
 
 
 if __name__ == "__main__":

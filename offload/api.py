@@ -134,7 +134,7 @@ class ExpertOptions:
     """How an MoE model's experts move (ignored for dense models); see ``run``."""
 
     experts: str = "cache"
-    predict: bool = True
+    predict: bool = False
     predict_depth: int = 1
     predict_width: int | None = None
     expert_cache: str = "lru"
@@ -199,7 +199,7 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
 
 
 def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
-         max_tokens=None, experts="cache", predict=True, predict_depth=1, predict_width=None,
+         max_tokens=None, experts="cache", predict=False, predict_depth=1, predict_width=None,
          expert_cache="lru") -> Plan:
     """The Plan ``run`` would use, without running anything (packs the store if needed)."""
     prep = _prepare(model, None, offload_dir)
@@ -209,7 +209,7 @@ def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
 
 
 def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
-        prefetch=None, max_tokens=None, progress=True, experts="cache", predict=True,
+        prefetch=None, max_tokens=None, progress=True, experts="cache", predict=False,
         predict_depth=1, predict_width=None, expert_cache="lru") -> torch.nn.Module:
     """Run ``model`` within ``budget`` bytes of compute-tier memory.
 
@@ -229,7 +229,10 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
             when the router picks it into a device expert cache sized by the plan;
             ``"stream"``: every expert streams with its layer each pass (the baseline).
         predict: MoE, ``experts="cache"``: prefetch the experts the next layers' routers pick
-            on the current hidden state (pre-gating), while this layer computes.
+            on the current hidden state (pre-gating), while this layer computes. Off by
+            default: on the random-weight Mixtral bench its guesses are 64% right and it
+            costs ~10% (benches/RESULTS.md); routers of trained models agree more from layer
+            to layer, so measure it on yours.
         predict_depth: MoE layers ahead to predict (default 1).
         predict_width: experts per token to prefetch for each predicted layer (default top-k).
         expert_cache: ``"lru"`` (default) or ``"lfu"`` (frequency-aware) eviction.

@@ -87,8 +87,8 @@ def _expert_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts", choices=("cache", "stream"), default="cache",
                    help="cache: fetch the experts the router picks into a device expert cache "
                         "(default); stream: stream every expert with its layer")
-    g.add_argument("--no-predict", action="store_true",
-                   help="do not prefetch the next layers' experts by pre-gating")
+    g.add_argument("--predict", action="store_true",
+                   help="prefetch the next layers' experts by pre-gating (off by default)")
     g.add_argument("--predict-depth", type=int, default=1, help="MoE layers ahead to predict")
     g.add_argument("--predict-width", type=int, help="experts per token to prefetch (default "
                                                      "top-k)")
@@ -97,7 +97,7 @@ def _expert_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _expert_options(args) -> dict:
-    return dict(experts=args.experts, predict=not args.no_predict,
+    return dict(experts=args.experts, predict=args.predict,
                 predict_depth=args.predict_depth, predict_width=args.predict_width,
                 expert_cache=args.expert_cache)
 

@@ -8,8 +8,8 @@ Two ways to move experts, as the Plan says:
   next layers' likely experts, and recomputes transformers' experts forward on those buffers
   bit for bit (``adapters/experts_compute.py``). A batch reads each expert once per layer and
   runs all its tokens together.
-* ``stream``: a layer's experts are one Unit in the pipeline's stream, and the module's own
-  forward runs on strided views of the slot (layer-only streaming, the baseline).
+* ``stream``: a layer's experts are one Unit in the pipeline's stream (layer-only streaming,
+  the baseline); the same replay computes the routed experts from the slot holding them all.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 
 from .adapters.experts_compute import FORWARDS
 from .errors import StoreError
-from .hooks import Binding, StreamedBindHook
+from .hooks import Binding
 from .prefetch.experts import ExpertCache, Predictor, check_indices
 from .tiers.disk import DiskTier
 from .tiers.slots import Slot
@@ -78,7 +78,8 @@ class ExpertsRuntime:
             v = slot.views(slot.unit)
             return v["gate_up"], v["down"]
 
-        self.cache = ExpertCache(units, resident, slots, submit, views, protected=plan.expert_protected,
+        self.cache = ExpertCache(units, resident, slots, submit, views,
+                                 protected=plan.expert_protected,
                                  layers=self.moe.layers,
                                  policy=plan.expert_policy, **hooks)
         # Guesses only use an idle disk thread: never queued ahead of a read a layer waits on.
@@ -95,23 +96,27 @@ class ExpertsRuntime:
         for i, module in rt.adapter.expert_points(rt.model).items():
             binding = Binding(module, ["gate_up_proj", "down_proj"], rt.device)
             undo.append(binding.restore)
-            if rt.plan.experts == "stream":
-                self._attach_stream(i, module, binding, undo)
-                continue
             binding.unbind()
-            module.forward = self._forward(i, module)
+            module.forward = (self._stream_forward(i, module) if rt.plan.experts == "stream"
+                              else self._forward(i, module))
             undo.append(lambda m=module: m.__dict__.pop("forward", None))
 
-    def _attach_stream(self, i: int, module, binding: Binding, undo: list) -> None:
-        rt, key, n = self.rt, f"experts.{i}", self.moe.experts
-        fused = rt.adapter.fused_views
-        if key in rt.resident:
-            binding.bind(fused(rt.resident[key], n))
-            return
-        binding.unbind()
-        hook = StreamedBindHook(key, binding, lambda k: fused(rt._acquire(k), n), rt._release)
-        undo.append(module.register_forward_pre_hook(hook.pre_forward).remove)
-        undo.append(module.register_forward_hook(hook.post_forward, always_call=True).remove)
+    def _stream_forward(self, layer: int, module):
+        """Layer-only streaming: all experts of the layer arrive as one Unit, every pass."""
+        rt, key, compute, experts = self.rt, f"experts.{layer}", FORWARDS[self.impl], \
+            self.moe.experts
+
+        def forward(hidden_states, top_k_index, top_k_weights):
+            needed = torch.unique(top_k_index).tolist()   # syncs: the host walks the experts
+            check_indices(layer, needed, experts)
+            views = rt._acquire(key)
+            try:
+                return compute(module, _AllExperts(views), needed, hidden_states, top_k_index,
+                               top_k_weights)
+            finally:
+                rt._release(key)
+
+        return forward
 
     def _forward(self, layer: int, module):
         cache, predictor, compute = self.cache, self.predictor, FORWARDS[self.impl]
@@ -154,7 +159,8 @@ class ExpertsRuntime:
         s = self.cache.stats
         guesses = s.tp + s.fp
         out.update(
-            slots=len(self.cache.slots), protected=self.rt.plan.expert_protected, policy=self.cache.policy,
+            slots=len(self.cache.slots), protected=self.rt.plan.expert_protected,
+            policy=self.cache.policy,
             resident=len(self.cache.resident), accesses=s.accesses, hits=s.hits,
             hit_rate=s.hits / s.accesses if s.accesses else None,
             resident_hits=s.resident_hits, on_demand=s.on_demand, refetches=s.refetches,
@@ -189,6 +195,19 @@ class ExpertsRuntime:
             self.cache.drain()
         if self.disk is not None:
             self.disk.close()
+
+
+class _AllExperts:
+    """An expert source over a layer's experts Unit: every expert is there."""
+
+    def __init__(self, views: dict):
+        self.views = views
+
+    def get(self, expert: int, first: bool = True):
+        return self.views[f"gate_up.{expert}"], self.views[f"down.{expert}"]
+
+    def done(self, expert: int) -> None:
+        pass
 
 
 def load_heat(store: Path, min_steps: int = 8) -> dict[str, float] | None:

@@ -13,7 +13,7 @@ from .planner.plan import Plan
 from .prefetch.pipeline import Pipeline
 from .sizes import format_bytes
 from .store.format import Manifest
-from .tiers.device import DeviceTier, aligned_host
+from .tiers.device import DeviceTier, aligned_host, release_free_heap
 from .tiers.disk import DiskTier
 from .experts_runtime import check_members, member_units
 from .tiers.slots import FREE, Slot, SlotRing, tensor_views
@@ -259,6 +259,7 @@ class Runtime:
             c.decode_seconds += elapsed
         else:
             c.prefill_tokens += batch * new
+            release_free_heap()   # the prefill's freed activations: back to the OS
         keys = output.keys() if hasattr(output, "keys") else ()
         cache = output["cache"] if "cache" in keys else (
             output["past_key_values"] if "past_key_values" in keys else None)

@@ -74,7 +74,7 @@ def test_plan_of_an_moe_checkpoint_shows_the_expert_cache(tmp_path):
     tiny_model("mixtral").save_pretrained(tmp_path / "moe")
     r = offload_cli("plan", tmp_path / "moe", "--budget", "40%", "--max-tokens", "32",
                     "--offload-dir", tmp_path,
-                    "--predict-depth", "2", "--expert-cache", "lfu")
+                    "--predict", "--predict-depth", "2", "--expert-cache", "lfu")
     assert r.returncode == 0, r.stderr[-3000:]
     for field in ("expert cache", "lfu", "expert.*.*", "prediction depth 2, width 2"):
         assert field in r.stdout

@@ -42,7 +42,7 @@ def test_moe_families_bitwise_at_20_percent(family, batch, offload_dir):
     model = tiny_model(family)
     ids, mask = _prompts(batch)
     ref_logits, ref_tokens = _reference(model, ids, mask)
-    off, budget = _run(model, 0.20, offload_dir)
+    off, budget = _run(model, 0.20, offload_dir, predict=True)
     plan = off._offload_runtime.plan
     assert plan.experts == "cache" and plan.expert_slots >= 2
     assert all(tier == "disk" for k, tier, _ in plan.homes if k.startswith("expert."))
@@ -59,7 +59,8 @@ def test_moe_families_bitwise_at_20_percent(family, batch, offload_dir):
 
 
 @pytest.mark.parametrize("options", [dict(experts="stream"), dict(expert_cache="lfu"),
-                                     dict(predict=False), dict(predict_depth=2, predict_width=3)])
+                                     dict(predict=True),
+                                     dict(predict=True, predict_depth=2, predict_width=3)])
 def test_moe_options_stay_bitwise(options, offload_dir):
     model = tiny_model("mixtral", seed=3)
     ids, mask = _prompts(4)
@@ -199,7 +200,7 @@ def test_wrong_guesses_are_counted_in_bytes(offload_dir, monkeypatch):
 
 def test_cache_hits_and_stats(offload_dir):
     model = tiny_model("mixtral", seed=7)
-    off, _ = _run(model, 0.6, offload_dir)
+    off, _ = _run(model, 0.6, offload_dir, predict=True)
     rt = off._offload_runtime
     assert rt.plan.expert_protected >= 1
     ids, _ = _prompts(1)

@@ -87,3 +87,57 @@ def test_host_budget_on_cpu_is_refused(checkpoint, offload_dir):
     path, _ = checkpoint
     with pytest.raises(BudgetError, match="host_budget applies when the compute device is a GPU"):
         offload.run(path, budget="50%", offload_dir=offload_dir, host_budget="1GB", device="cpu")
+
+
+def moe_units(n_layers=4, experts=8, expert=16 << 20, attn=4 << 20):
+    out = [Unit(f"embed.{i}", "static", "embed", i, 0, 8 << 20, 0, ()) for i in range(2)]
+    for i in range(n_layers):
+        out.append(Unit(f"layer.{i}.attn", "layer", "layer", i, 0, attn, 0, ()))
+        out.append(Unit(f"layer.{i}.router", "layer", "layer", i, 0, 16384, 0, ()))
+        out += [Unit(f"expert.{i}.{e}", "expert", "expert", i, 0, expert, 0, (), expert=e)
+                for e in range(experts)]
+    out.append(Unit("norm", "static", "norm", 0, 0, 8192, 0, ()))
+    out += [Unit(f"head.{i}", "static", "head", i, 0, 8 << 20, 0, ()) for i in range(2)]
+    return out
+
+
+def moe_plan(us, budget_mb, heat=None):
+    from offload.planner.experts import make_moe_plan
+
+    order = [u.key for u in us if u.group in ("layer", "norm", "head")]
+    return make_moe_plan(us, order, budget_mb << 20, 8 << 20, 64, PROFILE, top_k=2,
+                         moe_layers=4, experts_per_layer=8,
+                         pinned=frozenset(k for k in order if k.endswith(".router")), heat=heat)
+
+
+def test_moe_plan_spends_the_budget_on_layers_first_then_the_expert_cache():
+    us = moe_units()
+    plans = [moe_plan(us, mb) for mb in (80, 120, 200, 400, 700)]
+    slots = [p.expert_slots for p in plans[:-1]]
+    assert slots[0] == 2 and slots == sorted(slots)             # top-k, then more with budget
+    assert all(p.total_bytes <= p.budget_bytes for p in plans)
+    assert plans[2].streamed_bytes == 0                          # non-expert Units resident first
+    assert all(p.home[f"layer.{i}.router"] == "device" for p in plans for i in range(4))
+    assert plans[-1].expert_slots == 0 and plans[-1].home["expert.3.7"] == "device"   # all fit
+    with pytest.raises(BudgetError) as e:
+        moe_plan(us, 20)
+    assert "top-k" in str(e.value)
+    minimum = e.value.minimum_bytes
+    from offload.planner.experts import make_moe_plan   # the stated minimum is enough
+    order = [u.key for u in us if u.group in ("layer", "norm", "head")]
+    routers = frozenset(k for k in order if k.endswith(".router"))
+    ok = make_moe_plan(us, order, minimum, 8 << 20, 64, PROFILE, top_k=2, moe_layers=4,
+                       experts_per_layer=8, pinned=routers)
+    assert ok.expert_slots == 2 and ok.minimum_bytes == minimum
+    with pytest.raises(BudgetError):
+        make_moe_plan(us, order, minimum - 1, 8 << 20, 64, PROFILE, top_k=2, moe_layers=4,
+                      experts_per_layer=8, pinned=routers)
+
+
+def test_moe_plan_keeps_measured_hot_experts_resident():
+    us = moe_units()
+    heat = {"expert.0.3": 0.9, "expert.2.5": 0.6, "expert.1.1": 0.1}   # uniform is 2/8
+    p = moe_plan(us, 200, heat)
+    resident = {k for k, t, _ in p.homes if k.startswith("expert.") and t == "device"}
+    assert resident == {"expert.0.3", "expert.2.5"}
+    assert p.expert_slots == moe_plan(us, 200).expert_slots - 2

@@ -15,8 +15,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import ModelError
 from ..store.pack import TensorPart, UnitSpec
 from ..units import TensorSpec, Unit
@@ -147,9 +145,9 @@ class MoEAdapter(DenseAdapter):
     def stream_units(self, units) -> list[Unit]:
         """For layer-only streaming: each layer's experts as one Unit (``experts.<layer>``).
 
-        The store lays a layer's experts out back to back at one stride, so all of them are
-        one contiguous read, and the fused ``[experts, ...]`` parameters are strided views of
-        the slot (see ``stride_of``). Its checksum is 0: each expert is checked on its own.
+        The store lays a layer's experts out back to back, so all of them are one contiguous
+        read; their tensors are named ``gate_up.<e>`` and ``down.<e>``. Its checksum is 0:
+        each expert is checked on its own.
         """
         by_layer: dict[int, list[Unit]] = {}
         for u in units:
@@ -168,20 +166,6 @@ class MoEAdapter(DenseAdapter):
                             for u in members for t in u.tensors)
             out.append(Unit(f"experts.{i}", "expert", "experts", i, first.offset,
                             last.offset + last.nbytes - first.offset, 0, tensors))
-        return out
-
-    @staticmethod
-    def fused_views(views: dict, experts: int) -> dict[str, torch.Tensor]:
-        """The fused ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] as strided views
-        of a layer's experts Unit (``stream_units``)."""
-        out = {}
-        for name, fused in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
-            t0, t1 = views[f"{name}.0"], views.get(f"{name}.1")
-            stride = (t1.data_ptr() - t0.data_ptr()) // t0.element_size() if t1 is not None \
-                else t0.numel()
-            rows, cols = t0.shape
-            out[fused] = torch.nn.Parameter(
-                t0.as_strided((experts, rows, cols), (stride, cols, 1)), requires_grad=False)
         return out
 
     def always_resident(self, units) -> set[str]:

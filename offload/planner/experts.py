@@ -45,42 +45,36 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
     experts = [u for u in units if u.kind == "expert"]
     others = [u for u in units if u.kind != "expert"]
     expert_bytes = max(align(u.nbytes, BLOCK) for u in experts)
-    width = predict_width or top_k
     # The running layer's top_k experts need slots of their own; guesses get no reserved
     # slots: they take unprotected room, or replace their own layer's least valuable expert.
     # (Measured on the Mixtral-shaped bench model: two slots set aside for guesses cost more
     # cache hits than the guesses won.)
-    working = staging = top_k
-    base, error = None, None
+    working = top_k * expert_bytes
+    minimum = _minimum(others, order, reserve_bytes, max_tokens, profile, pinned) + working
     try:
-        base = make_plan(others, order, budget_bytes - staging * expert_bytes, reserve_bytes,
-                         max_tokens, profile, prefetch=prefetch,
-                         host_budget_bytes=host_budget_bytes, pinned=pinned)
+        base = make_plan(others, order, budget_bytes - working, reserve_bytes, max_tokens,
+                         profile, prefetch=prefetch, host_budget_bytes=host_budget_bytes,
+                         pinned=pinned)
     except BudgetError as e:
-        error = e
-    if base is None:
-        minimum = error.minimum_bytes + top_k * expert_bytes
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the minimum working set of this MoE "
             f"model ({format_bytes(minimum)}: one layer's largest streamed Unit, the "
             f"always-resident Units, {top_k} experts of {format_bytes(expert_bytes)} (top-k) and "
             f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} "
             f"tokens); raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
-            budget_bytes=budget_bytes, minimum_bytes=minimum) from error
-    left = budget_bytes - staging * expert_bytes - base.total_bytes
-    extra = max(0, min(left // expert_bytes, len(experts) - staging))
+            budget_bytes=budget_bytes, minimum_bytes=minimum) from e
+    left = budget_bytes - working - base.total_bytes
+    extra = max(0, min(left // expert_bytes, len(experts) - top_k))
     resident = _hot_experts(experts, heat, extra, top_k / experts_per_layer)
-    if extra + staging >= len(experts):       # every expert fits: no cache needed
+    if extra + top_k >= len(experts):       # every expert fits: no cache needed
         resident, cached = [u.key for u in experts], 0
     else:
-        cached = staging + extra - len(resident)
-    protected = max(0, cached - working)
+        cached = top_k + extra - len(resident)
     return _finish(base, budget_bytes, units, experts, set(resident), cached, expert_bytes,
-                   protected, policy,
-                   predict_depth, width if predict_depth > 0 else 0, top_k, moe_layers,
-                   experts_per_layer, error_minimum=_minimum(others, order, reserve_bytes,
-                                                             max_tokens, profile, pinned)
-                   + top_k * expert_bytes, profile=profile)
+                   protected=max(0, cached - top_k), policy=policy, depth=predict_depth,
+                   width=(predict_width or top_k) if predict_depth > 0 else 0, top_k=top_k,
+                   moe_layers=moe_layers, experts_per_layer=experts_per_layer,
+                   minimum=minimum, profile=profile)
 
 
 def _minimum(others, order, reserve, max_tokens, profile, pinned) -> int:
@@ -101,14 +95,14 @@ def _hot_experts(experts: list[Unit], heat: dict[str, float] | None, room: int,
     return [u.key for u in hot[:room]]
 
 
-def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], cached: int, expert_bytes: int,
-            protected: int, policy: str, depth: int, width: int, top_k: int, moe_layers: int,
-            experts_per_layer: int, *, error_minimum: int, profile: HardwareProfile) -> Plan:
+def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], cached: int,
+            expert_bytes: int, *, protected: int, policy: str, depth: int, width: int,
+            top_k: int, moe_layers: int, experts_per_layer: int, minimum: int,
+            profile: HardwareProfile) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     home = base.home
     homes = tuple((u.key, home.get(u.key, DEVICE if u.key in resident else DISK), size[u.key])
                   for u in units)
-    resident_per_layer = len(resident) / max(moe_layers, 1)
     hit = min(1.0, (len(resident) + protected) / max(moe_layers, 1) / experts_per_layer)
     per_step = int(moe_layers * top_k * (1 - hit) * expert_bytes)
     weight_bytes = sum(u.nbytes for u in units)
@@ -125,8 +119,8 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
     return dataclasses.replace(
         base, budget_bytes=budget_bytes, homes=homes, weight_bytes=weight_bytes,
         resident_bytes=base.resident_bytes + sum(size[k] for k in resident),
-        minimum_bytes=error_minimum, compute_s=compute, io_s=disk, link_s=link,
+        minimum_bytes=minimum, compute_s=compute, io_s=disk, link_s=link,
         predicted_s=predicted, bottleneck=max(costs, key=costs.get), experts="cache",
         expert_slots=cached, expert_slot_bytes=expert_bytes if cached else 0,
-        expert_protected=protected, expert_policy=policy, predict_depth=depth, predict_width=width,
-        expert_bytes_per_step=per_step)
+        expert_protected=protected, expert_policy=policy, predict_depth=depth,
+        predict_width=width, expert_bytes_per_step=per_step)

@@ -92,8 +92,8 @@ class Plan:
                 rows.append((tier, _span(keys), format_bytes(nbytes)))
         rows.append(("staging", f"{self.slots} slots", format_bytes(self.slots * self.slot_bytes)))
         if self.expert_slots:
-            rows.append(("expert cache", f"{self.expert_slots} slots ({self.expert_protected} kept "
-                         f"by their layer, {self.expert_policy})",
+            rows.append(("expert cache", f"{self.expert_slots} slots ({self.expert_protected} "
+                         f"kept by their layer, {self.expert_policy})",
                          format_bytes(self.expert_slots * self.expert_slot_bytes)))
         rows.append(("KV+activations", f"{self.max_tokens} tokens", format_bytes(self.reserve_bytes)))
         width = [max(len(r[i]) for r in rows) for i in range(3)]

@@ -173,7 +173,9 @@ class ExpertCache:
     # -- prediction -------------------------------------------------------------------------
     def prefetch(self, layer: int, experts: list[int], guessed: list[int] | None = None) -> None:
         """Start reading ``experts`` of ``layer`` (best guess first) into free or unprotected
-        slots; stops at the first that finds no room. ``guessed`` (default ``experts``) is the
+        slots while the disk has an idle thread; stops at the first that finds no room or a
+        busy disk (a guess never delays a read a layer waits on; queueing the rest for later
+        was measured: more wrong reads, no faster). ``guessed`` (default ``experts``) is the
         whole guess: cached experts in it are kept until ``layer`` runs, and it is scored."""
         self._predicted.setdefault(layer, set()).update(guessed if guessed is not None
                                                         else experts)
@@ -182,7 +184,7 @@ class ExpertCache:
             if key in self.resident or key in self._where:
                 continue
             if self.idle is not None and not self.idle():
-                return   # guesses only use an idle disk: never delay a read a layer waits on
+                return
             slot = self._fetch(key, evict_protected=False, guess_for=(layer, set(experts)))
             if slot is None:
                 return

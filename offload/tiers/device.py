@@ -6,6 +6,7 @@ Plan is checked against.
 """
 from __future__ import annotations
 
+import functools
 import mmap
 
 import numpy as np
@@ -50,11 +51,37 @@ def aligned_host(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     arr = np.frombuffer(mm, dtype=np.uint8)          # holds mm alive
     shift = (-arr.ctypes.data) % HUGE
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mm.madvise(mmap.MADV_HUGEPAGE, shift, length - shift)
-        except OSError:   # THP disabled: 4 KiB pages, still pre-faulted below
-            pass
+    # Huge pages for the whole 2 MiB pages of the buffer only: a partly used one at the tail
+    # would hold up to 2 MiB that no budget counts (THP "always" would make it one too).
+    whole = nbytes // HUGE * HUGE
+    try:
+        if hasattr(mmap, "MADV_HUGEPAGE") and whole:
+            mm.madvise(mmap.MADV_HUGEPAGE, shift, whole)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            mm.madvise(mmap.MADV_NOHUGEPAGE, shift + whole, length - shift - whole)
+    except OSError:   # THP disabled: 4 KiB pages, still pre-faulted below
+        pass
     view = arr[shift:shift + nbytes]
     view[::4096] = 0                                   # fault every page in now
     return torch.from_numpy(view)                      # holds arr (and so mm) alive
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A prefill's activations are freed when it ends, but glibc keeps the pages in its arenas:
+    measured on a Mixtral-shaped model, 19 MiB of RSS the decode steps never use again, inside
+    a memory cap that counts it."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
