@@ -170,7 +170,8 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
         experts.check(moe.top_k, moe.experts)
     stream = moe is not None and experts.experts == "stream"
     order = adapter.execution_order(config, manifest.groups(), stream_experts=stream)
-    profile = load_or_measure(manifest.data_path, prep.offload_dir, device, dtype, shape.hidden)
+    profile = load_or_measure(manifest.data_path, prep.offload_dir, device, dtype, shape.hidden,
+                              max_bytes=budget_bytes // 2)
     host_bytes = 0
     if host_budget is not None:
         if device.type == "cpu":

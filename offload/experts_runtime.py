@@ -164,7 +164,7 @@ class ExpertsRuntime:
             resident=len(self.cache.resident), accesses=s.accesses, hits=s.hits,
             hit_rate=s.hits / s.accesses if s.accesses else None,
             resident_hits=s.resident_hits, on_demand=s.on_demand, refetches=s.refetches,
-            prefetched=s.prefetched, bytes_read=s.bytes_read,
+            prefetched=s.prefetched, cancelled=s.cancelled, bytes_read=s.bytes_read,
             decode_bytes=self.decode_bytes,
             bytes_per_token=self.decode_bytes / decode_tokens if decode_tokens else None,
             wrong_guess_bytes=s.wrong_guess_bytes, tp=s.tp, fp=s.fp, fn=s.fn,

@@ -39,8 +39,9 @@ class HardwareProfile:
 
 
 def load_or_measure(data_file: Path, cache_dir: Path, device: torch.device, dtype: torch.dtype,
-                    hidden: int) -> HardwareProfile:
-    """The cached profile for this device and dtype, measuring it on first use."""
+                    hidden: int, max_bytes: int | None = None) -> HardwareProfile:
+    """The cached profile for this device and dtype, measuring it on first use with at most
+    ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too)."""
     from ..units import DTYPE_NAMES
 
     key = f"{device}|{DTYPE_NAMES[dtype]}|{os.stat(cache_dir).st_dev}"
@@ -53,7 +54,8 @@ def load_or_measure(data_file: Path, cache_dir: Path, device: torch.device, dtyp
     except (OSError, ValueError, TypeError):
         cached = {}
     profile = HardwareProfile(str(device), measure_disk(data_file), measure_h2d(device),
-                              measure_compute(device, dtype, hidden), DTYPE_NAMES[dtype])
+                              measure_compute(device, dtype, hidden, max_bytes),
+                              DTYPE_NAMES[dtype])
     profiles = cached.get("profiles", {}) if cached.get("version") == PROFILE_VERSION else {}
     profiles[key] = asdict(profile)
     tmp = path.with_name(f".profile.{os.getpid()}.tmp")
@@ -105,11 +107,14 @@ def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
     return 4 * nbytes / (time.perf_counter() - t0)
 
 
-def measure_compute(device: torch.device, dtype: torch.dtype, hidden: int) -> float:
-    """Weight bytes per second a batch-1 matmul streams through compute (decode speed)."""
+def measure_compute(device: torch.device, dtype: torch.dtype, hidden: int,
+                    max_bytes: int | None = None) -> float:
+    """Weight bytes per second a batch-1 matmul streams through compute (decode speed), with a
+    weight of at most ``max_bytes`` (default 64 MB)."""
     # A weight larger than the caches, as a decoder layer is: batch-1 decode streams it from RAM.
-    rows = max(4 * hidden, (64 << 20) // (hidden * dtype.itemsize))
-    w = torch.randn(rows, hidden, device=device, dtype=dtype)   # one 64 MB buffer, no fp32 copy
+    target = 64 << 20 if max_bytes is None else max(1 << 20, min(64 << 20, max_bytes))
+    rows = max(1, target // (hidden * dtype.itemsize))
+    w = torch.randn(rows, hidden, device=device, dtype=dtype)   # one buffer, no fp32 copy
     x = torch.randn(1, hidden, device=device, dtype=dtype)
     torch.nn.functional.linear(x, w)
     reps = 8

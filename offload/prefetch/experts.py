@@ -3,15 +3,16 @@
 A fixed set of slots (allocated once, inside the budget) holds experts read from disk.
 ``protected`` of them are spread over the MoE layers as a quota per layer: each layer keeps
 that many of its experts protected (the most recently used, or with the ``lfu`` policy the
-most used). The rest of the slots are shared: on-demand misses and
-predicted prefetches land there, and whatever was used stays until evicted. Eviction never
-touches an expert a running layer holds (pinned) or one whose read is still in flight;
-prefetches never evict protected experts, on-demand misses may (least valuable first).
+most used). The rest of the slots are shared: on-demand misses and guesses land there, and
+whatever was used stays until evicted. Eviction never touches an expert a running layer holds
+(pinned) or still needs, nor one whose read is in flight, nor (while a guess stands) one
+guessed for a coming layer; a guess never evicts another layer's protected experts, an
+on-demand miss may (least valuable first).
 
 The compute thread alone calls the cache; I/O threads only fill slot buffers. A layer's use of
-the cache is one *session*: ``begin`` pins the experts it needs and starts reading the missing
-ones at once (so their reads overlap each other and the compute), ``get`` waits for one,
-``done`` unpins it, ``end`` unpins whatever an exception left pinned.
+the cache is one *session*: ``begin`` names the experts it needs and starts reading the
+missing ones at once (so their reads overlap each other and the compute), ``get`` pins one and
+waits for it, ``done`` unpins it, ``end`` unpins whatever an exception left pinned.
 """
 from __future__ import annotations
 
