@@ -607,3 +607,22 @@ def bench_defaults(a: argparse.Namespace, *, tokens: int) -> argparse.Namespace:
     if a.budget is None:
         a.budget = "35%" if a.toy else "25%"
     return a
+
+
+def cap_and_disk_rows(cap: int, idle: int, slack: int, capped: bool, reason: str,
+                      idle_cgroup: int | None, disk: dict) -> list[tuple[str, str]]:
+    """The header rows every bench prints about its memory cap and the measured disk."""
+    if capped:
+        cap_text = (f"{fmt_bytes(cap)} = budget + idle interpreter RSS {fmt_bytes(idle)} "
+                    + (f"+ slack {fmt_bytes(slack)} (--cap-slack: not the issue's cap) "
+                       if slack else "")
+                    + f"({reason}); page cache dropped before each capped contender"
+                    + (f"; the idle interpreter as its cgroup counts it (with the page cache "
+                       f"of its imports): {fmt_bytes(idle_cgroup)}" if idle_cgroup else ""))
+    else:
+        cap_text = f"NONE - contenders run UNCAPPED: {reason} (idle interpreter {fmt_bytes(idle)})"
+    disk_text = (f"{fmt_bytes(disk['bps'])}/s sequential "
+                 f"{'O_DIRECT' if disk['direct'] else 'BUFFERED (O_DIRECT refused)'} "
+                 f"{disk['chunk'] >> 20} MiB reads of {fmt_bytes(disk['bytes'])} "
+                 f"({Path(disk['path']).name})")
+    return [("memory cap", cap_text), ("disk bandwidth", disk_text)]

@@ -32,9 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    bench_defaults, bench_parser, cgroup_status, device_reads, disk_bandwidth, emit_result,
-    fmt_bytes, format_header, format_table, greedy_decode, idle_footprint, idle_footprint_cgroup,
-    run_contender, save_random_checkpoint, system_info, wait_for_quiet, write_json)
+    bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_reads, disk_bandwidth,
+    emit_result, fmt_bytes, format_header, format_table, greedy_decode, idle_footprint,
+    idle_footprint_cgroup, run_contender, save_random_checkpoint, system_info, wait_for_quiet,
+    write_json)
 
 SCRIPT = Path(__file__).resolve()
 
@@ -225,18 +226,7 @@ def main(a: argparse.Namespace) -> int:
     print(format_header(info, [
         ("model", model_desc),
         ("budget", f"{budget_arg} = {fmt_bytes(budget)}"),
-        ("memory cap", (f"{fmt_bytes(cap)} = budget + idle interpreter RSS {fmt_bytes(idle)} "
-                        + (f"+ slack {fmt_bytes(a.cap_slack)} (--cap-slack: not the issue's cap) "
-                           if a.cap_slack else "") +
-                        f"({cg_reason}); page cache dropped before each capped contender"
-                        + (f"; the idle interpreter as its cgroup counts it (with the page "
-                           f"cache of its imports): {fmt_bytes(idle_cg)}" if idle_cg else ""))
-         if capped else f"NONE - contenders run UNCAPPED: {cg_reason} (idle interpreter "
-                        f"{fmt_bytes(idle)})"),
-        ("disk bandwidth", f"{fmt_bytes(disk['bps'])}/s sequential "
-                           f"{'O_DIRECT' if disk['direct'] else 'BUFFERED (O_DIRECT refused)'} "
-                           f"{disk['chunk'] >> 20} MiB reads of {fmt_bytes(disk['bytes'])} "
-                           f"({Path(disk['path']).name})"),
+        *cap_and_disk_rows(cap, idle, a.cap_slack, capped, cg_reason, idle_cg, disk),
         ("decode", f"prompt {a.prompt_len} tokens, {a.warmup} untimed warm-up token(s), then "
                    f"{a.tokens} timed tokens ({a.accelerate_tokens} for Accelerate), greedy; "
                    + ("prefill keeps the last logits only (logits_to_keep=1, as generate() does)"
