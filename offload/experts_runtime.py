@@ -81,7 +81,9 @@ class ExpertsRuntime:
         self.cache = ExpertCache(units, resident, slots, submit, views,
                                  protected=plan.expert_protected,
                                  layers=self.moe.layers,
-                                 policy=plan.expert_policy, **hooks)
+                                 policy=plan.expert_policy,
+                                 on_cancel=lambda u: rt.counters.checksummed.discard(u.key),
+                                 **hooks)
         # Guesses only use an idle disk thread: never queued ahead of a read a layer waits on.
         self.cache.idle = lambda: self.disk.pending < self.disk_threads
         if plan.predict_depth > 0:

@@ -12,10 +12,10 @@ from .hooks import Binding, StreamedBindHook, embedding_forward, linear_forward
 from .planner.plan import Plan
 from .prefetch.pipeline import Pipeline
 from .sizes import format_bytes
+from .experts_runtime import check_members, member_units
 from .store.format import Manifest
 from .tiers.device import DeviceTier, aligned_host, release_free_heap
 from .tiers.disk import DiskTier
-from .experts_runtime import check_members, member_units
 from .tiers.slots import FREE, Slot, SlotRing, tensor_views
 from .units import DTYPES, Unit, align
 

@@ -370,3 +370,45 @@ def test_rss_stays_under_budget_moe(tmp_path):
     assert s["experts"]["bytes_read"] > 0                 # it really fetched experts
     print(f"RSS growth {r['growth'] >> 10} KiB, budget {budget >> 10} KiB")
     assert r["growth"] <= budget, f"RSS grew {r['growth']} bytes, budget {budget}"
+
+
+def test_cache_cancels_a_queued_wrong_guess_and_rechecks_it_later():
+    """Unit test of the cache alone: a wrong guess still queued when its layer runs is dropped
+    (not read, not counted, its first-read checksum still due), pinned experts are never
+    evicted, and on-demand misses take room from unpinned ones."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from offload.prefetch.experts import ExpertCache
+    from offload.tiers.base import Ticket
+    from offload.tiers.slots import Slot
+    from offload.units import TensorSpec, Unit
+
+    gate = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    pool.submit(gate.wait)              # the disk is busy until the gate opens: reads queue
+    spec = (TensorSpec("gate_up", "float32", (2, 2), 0, 16),
+            TensorSpec("down", "float32", (2, 1), 256, 8))
+    units = {(0, e): Unit(f"expert.0.{e}", "expert", "expert", 0, 0, 264, 0, spec, expert=e)
+             for e in range(4)}
+    slots = [Slot(i, torch.zeros(4096, dtype=torch.uint8)) for i in range(3)]
+    cancelled = []
+    cache = ExpertCache(units, {}, slots, lambda u, s: Ticket(u.key, u.nbytes,
+                                                              pool.submit(lambda: 0.0)),
+                        lambda s: (s.buffer[:16].view(torch.float32), None),
+                        layers=(0,), on_cancel=cancelled.append)
+    cache.prefetch(0, [3])                      # a guess for layer 0, queued behind the gate
+    assert cache.stats.prefetched == 1
+    cache.begin(0, [0, 1])                      # layer 0 needs 0 and 1: the guess was wrong
+    assert cancelled == [units[(0, 3)]] and cache.stats.cancelled == 1
+    assert cache.stats.prefetched == 0 and cache.stats.wrong_guess_bytes == 0
+    assert cache.stats.bytes_read == 2 * 4096   # only the two on-demand reads
+    gate.set()
+    cache.get(0)                                # pinned while in use
+    third = cache._fetch((0, 2), evict_protected=True)          # takes the free slot
+    third.ticket.wait()
+    # 0 is pinned, 1 is still wanted by the running layer: only 2 may go
+    assert cache._victim(evict_protected=True) is third
+    cache.done(0)
+    cache.end()
+    pool.shutdown()

@@ -58,10 +58,19 @@ class Adapter(Protocol):
         """Static group -> (module, op) for row-chunked groups: op is ``embedding`` or ``linear``."""
         ...
 
-    def execution_order(self, config, groups: dict[str, list[str]]) -> list[str]:
-        """Unit keys in the order one forward pass streams them (gathered groups left out)."""
+    def execution_order(self, config, groups: dict[str, list[str]], *,
+                        stream_experts: bool = False) -> list[str]:
+        """Unit keys in the order one forward pass streams them (gathered groups left out;
+        MoE experts too, unless ``stream_experts``: then each layer's experts Unit)."""
+        ...
+
+    def always_resident(self, units) -> set[str]:
+        """Keys the planner must keep resident whatever they cost (an MoE router)."""
         ...
 
     def check_model(self, model) -> None:
         """Raise ModelError if ``model`` has a structure the hooks cannot serve."""
         ...
+
+# MoE adapters also provide ``moe_shape(config)``, ``expert_points(model)`` and
+# ``stream_units(units)`` (see ``adapters/moe.py``); the runtime checks for ``moe_shape``.

@@ -71,6 +71,8 @@ class ExpertCache:
         protected: slots whose experts are protected, spread evenly over ``layers``.
         layers: the MoE layers.
         policy: ``lru`` or ``lfu``.
+        on_ready / on_release: GPU stream events around a slot's use.
+        on_cancel: a guess's read was dropped before it started.
     """
 
     def __init__(self, units: dict[tuple[int, int], Unit],
@@ -79,12 +81,14 @@ class ExpertCache:
                  views: Callable[[Slot], tuple[torch.Tensor, torch.Tensor]], *,
                  protected: int = 0, layers: tuple[int, ...] = (), policy: str = "lru",
                  on_ready: Callable[[Slot], None] | None = None,
-                 on_release: Callable[[Slot], None] | None = None):
+                 on_release: Callable[[Slot], None] | None = None,
+                 on_cancel: Callable[[Unit], None] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"expert cache policy {policy!r}: use one of {POLICIES}")
         self.units, self.resident, self.slots = units, resident, slots
         self._submit, self._views = submit, views
         self._on_ready, self._on_release = on_ready, on_release   # GPU: stream events
+        self._on_cancel = on_cancel   # a read that never happened: its first read is still due
         self.decoding = False     # the runtime says whether this forward is a decode step
         self.idle: Callable[[], bool] | None = None   # whether the disk has room for a guess
         self.decode_use: dict[tuple[int, int], int] = {}   # decode steps that used an expert
@@ -208,6 +212,8 @@ class ExpertCache:
             if slot is None or not self._entry[slot.index].predicted:
                 continue
             if slot.state == FILLING and slot.ticket.cancel():
+                if self._on_cancel is not None:
+                    self._on_cancel(slot.unit)
                 s.bytes_read -= align(slot.unit.nbytes, 4096)
                 s.prefetched -= 1
                 s.cancelled += 1
