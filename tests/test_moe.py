@@ -75,6 +75,17 @@ def test_moe_options_stay_bitwise(options, offload_dir):
     offload.close(off)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_bf16_moe_bitwise(family, offload_dir):
+    model = tiny_model(family, seed=14, dtype=torch.bfloat16)
+    ids, mask = _prompts(4)
+    ref_logits, ref_tokens = _reference(model, ids, mask, 5)
+    off, _ = _run(model, 0.25, offload_dir, predict=True)
+    logits, tokens = _reference(off, ids, mask, 5)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    offload.close(off)
+
+
 def test_eager_experts_implementation_is_mirrored(offload_dir):
     model = tiny_model("olmoe", seed=2)
     model.config._experts_implementation = "eager"
