@@ -259,8 +259,11 @@ def test_budget_below_attention_plus_top_k_is_refused(offload_dir):
     offload.close(off)
 
 
-def _offload_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("offload-disk") and t.is_alive()]
+def _io_threads(rt) -> list[threading.Thread]:
+    """The I/O threads of one runtime (its layer and expert disk tiers); other runtimes left
+    open by other tests have their own."""
+    pools = [rt.disk._pool] + ([rt.experts.disk._pool] if rt.experts.disk else [])
+    return [t for pool in pools for t in pool._threads]
 
 
 def test_router_out_of_range_is_an_error_and_shuts_down_cleanly(offload_dir):
@@ -282,13 +285,14 @@ def test_router_out_of_range_is_an_error_and_shuts_down_cleanly(offload_dir):
     h.remove()
     with torch.no_grad():          # the runtime is still usable afterwards
         assert torch.equal(off(ids).logits, ref)
+    threads = _io_threads(off._offload_runtime)
+    assert threads and any(t.is_alive() for t in threads)
     offload.close(off)
-    assert not _offload_threads()
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_generation_that_raises_leaves_no_threads(offload_dir, monkeypatch):
     model = tiny_model("olmoe", seed=11)
-    before = set(_offload_threads())
     off, _ = _run(model, 0.2, offload_dir)
     import offload.adapters.experts_compute as compute
 
@@ -309,8 +313,10 @@ def test_generation_that_raises_leaves_no_threads(offload_dir, monkeypatch):
         with torch.no_grad():
             off.generate(_prompts(1)[0], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert all(e.pins == 0 for e in rt.experts.cache._entry.values())
+    threads = _io_threads(rt)
+    assert threads and any(t.is_alive() for t in threads)
     offload.close(off)
-    assert set(_offload_threads()) <= before
+    assert not any(t.is_alive() for t in threads)
 
 
 @pytest.mark.parametrize("bad", [dict(experts="sometimes"), dict(expert_cache="fifo"),
