@@ -47,15 +47,18 @@ class ExpertsRuntime:
         self.decode_forwards = 0
         self.decode_bytes = 0
         self._bytes0 = 0
-        plan = rt.plan
-        if plan.experts != "cache":
-            return
+        if rt.plan.experts == "cache":
+            self._build_cache(rt.plan)
+
+    def _build_cache(self, plan) -> None:
+        """The expert cache's slots (inside the budget), its disk tier and the predictor."""
+        rt = self.rt
         units = {(u.index, u.expert): u for u in rt.manifest.units if u.kind == "expert"}
         resident = {(u.index, u.expert): (rt.resident[k]["gate_up"], rt.resident[k]["down"])
                     for k, u in rt.units.items() if u.kind == "expert" and k in rt.resident}
         slots = [Slot(i, rt.device_tier.alloc(plan.expert_slot_bytes))
                  for i in range(plan.expert_slots)]
-        # On-demand reads of one layer go out together; guesses queue behind them.
+        # A layer's on-demand reads go out together; guesses only take an idle thread.
         self.disk_threads = max(1, min(4, self.moe.top_k))
         self.disk = DiskTier(rt.manifest.data_path, threads=self.disk_threads)
         hooks = {}

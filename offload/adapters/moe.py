@@ -73,36 +73,7 @@ class MoEAdapter(DenseAdapter):
 
     def unit_specs(self, config, shapes):
         n_layers = config.num_hidden_layers
-        parts: list[dict[str, list[TensorPart]]] = [{} for _ in range(n_layers)]
-        experts: list[dict[int, dict[str, tuple]]] = [{} for _ in range(n_layers)]
-        for name in sorted(shapes):
-            shape, dtype = shapes[name]
-            if not name.startswith("model.layers."):
-                if name not in ("model.embed_tokens.weight", "model.norm.weight",
-                                "lm_head.weight"):
-                    raise ModelError(f"checkpoint tensor {name} is not part of a "
-                                     f"{config.model_type} model this adapter knows; is the "
-                                     "config the right one?")
-                continue
-            i, rest = name[len("model.layers."):].split(".", 1)
-            if not i.isdigit() or int(i) >= n_layers:
-                raise ModelError(f"checkpoint tensor {name} names a layer the config lacks")
-            i = int(i)
-            rest = "mlp." + rest[len("block_sparse_moe."):] if rest.startswith(
-                "block_sparse_moe.") else rest
-            m = _FUSED.match(rest)
-            if m:
-                for e in range(shape[0]):
-                    experts[i].setdefault(e, {})[m.group(1)] = (name, shape[1:], dtype, e)
-                continue
-            m = _PER_EXPERT.match(rest)
-            if m:
-                experts[i].setdefault(int(m.group(1)), {})[_ROLE[m.group(2)]] = (
-                    name, shape, dtype, None)
-                continue
-            prefix, part, _ = _layer_part(rest, name)
-            local = rest[len(prefix):] if part != "router" else rest[len("mlp."):]
-            parts[i].setdefault(part, []).append(TensorPart(local, name, shape, dtype))
+        parts, experts = _sort_tensors(config, shapes)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight")
                    + (() if tied else ("lm_head.weight",)) if n not in shapes]
@@ -207,6 +178,41 @@ class MoEAdapter(DenseAdapter):
                 raise ModelError(f"layer {i}'s experts have a layout offload does not support "
                                  f"({flags}); supported: gated, concatenated, untransposed, "
                                  "no bias")
+
+
+def _sort_tensors(config, shapes) -> tuple[list[dict], list[dict]]:
+    """Per layer: the non-expert tensors by Unit part, and each expert's tensors by role
+    (``gate_up_proj``/``down_proj`` slices of fused tensors, or ``gate``/``up``/``down``)."""
+    n_layers = config.num_hidden_layers
+    parts: list[dict[str, list[TensorPart]]] = [{} for _ in range(n_layers)]
+    experts: list[dict[int, dict[str, tuple]]] = [{} for _ in range(n_layers)]
+    for name in sorted(shapes):
+        shape, dtype = shapes[name]
+        if not name.startswith("model.layers."):
+            if name not in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+                raise ModelError(f"checkpoint tensor {name} is not part of a {config.model_type}"
+                                 " model this adapter knows; is the config the right one?")
+            continue
+        i, rest = name[len("model.layers."):].split(".", 1)
+        if not i.isdigit() or int(i) >= n_layers:
+            raise ModelError(f"checkpoint tensor {name} names a layer the config lacks")
+        i = int(i)
+        if rest.startswith("block_sparse_moe."):   # Mixtral's original module name
+            rest = "mlp." + rest[len("block_sparse_moe."):]
+        m = _FUSED.match(rest)
+        if m:
+            for e in range(shape[0]):
+                experts[i].setdefault(e, {})[m.group(1)] = (name, shape[1:], dtype, e)
+            continue
+        m = _PER_EXPERT.match(rest)
+        if m:
+            experts[i].setdefault(int(m.group(1)), {})[_ROLE[m.group(2)]] = (
+                name, shape, dtype, None)
+            continue
+        prefix, part, _ = _layer_part(rest, name)
+        local = rest[len(prefix):] if part != "router" else rest[len("mlp."):]
+        parts[i].setdefault(part, []).append(TensorPart(local, name, shape, dtype))
+    return parts, experts
 
 
 def _is_moe(config, i: int) -> bool:
