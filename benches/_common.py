@@ -423,6 +423,22 @@ def failure_reason(run: ContenderRun) -> str:
     return f"rc {run.returncode}" + (": no result line" if run.returncode == 0 else "")
 
 
+def launch_contender(key: str, argv: list[str], *, cap_bytes: int | None, wait_quiet: float,
+                     timeout: float, quiet: bool) -> ContenderRun:
+    """Wait for a quiet machine, run one contender (capped when ``cap_bytes``, after dropping
+    the page cache), and say on stderr what runs and, if it failed, why."""
+    waited = wait_for_quiet(wait_quiet)
+    print(f"running {key} ({'cap ' + fmt_bytes(cap_bytes) if cap_bytes else 'uncapped'})"
+          + (f" after waiting {waited:.0f} s for a quiet machine" if waited >= 5 else "")
+          + " ...", file=sys.stderr, flush=True)
+    r = run_contender(key, argv, cap_bytes=cap_bytes, drop_cache=cap_bytes is not None,
+                      timeout=timeout, echo=not quiet)
+    if not r.ok:
+        print(f"  {key} FAILED ({failure_reason(r)}); last output:\n{r.log_tail[-1500:]}",
+              file=sys.stderr, flush=True)
+    return r
+
+
 def wait_for_quiet(max_wait: float, *, threshold: float = 0.15, settle: float = 3.0) -> float:
     """Wait up to ``max_wait`` s until other processes use under ``threshold`` of the CPUs for
     ``settle`` s in a row (a shared machine); returns the seconds waited."""

@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_reads, disk_bandwidth,
     emit_result, fmt_bytes, format_header, format_table, greedy_decode, idle_footprint,
-    idle_footprint_cgroup, run_contender, save_random_checkpoint, system_info, wait_for_quiet,
-    write_json)
+    idle_footprint_cgroup, launch_contender, save_random_checkpoint, system_info, write_json)
 
 SCRIPT = Path(__file__).resolve()
 
@@ -244,17 +243,9 @@ def main(a: argparse.Namespace) -> int:
     def launch(key, contender, batch, tokens, capped_run, extra=()):
         argv = [str(SCRIPT), "--contender", contender, "--batch-size", str(batch),
                 "--n-tokens", str(tokens), *common, *extra]
-        waited = wait_for_quiet(a.wait_quiet)
-        print(f"running {key} ({'cap ' + fmt_bytes(cap) if capped_run else 'uncapped'})"
-              + (f" after waiting {waited:.0f} s for a quiet machine" if waited >= 5 else "")
-              + " ...", file=sys.stderr, flush=True)
-        r = run_contender(key, argv, cap_bytes=cap if capped_run else None,
-                          drop_cache=capped_run, timeout=a.timeout, echo=not a.quiet)
-        if not r.ok:
-            print(f"  {key} FAILED (rc {r.returncode}); last output:\n{r.log_tail[-1500:]}",
-                  file=sys.stderr, flush=True)
-        runs[key] = r
-        return r
+        runs[key] = launch_contender(key, argv, cap_bytes=cap if capped_run else None,
+                                     wait_quiet=a.wait_quiet, timeout=a.timeout, quiet=a.quiet)
+        return runs[key]
 
     wanted = set(a.only.split(",")) if a.only else None
 

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_map_summary,
     device_reads, disk_bandwidth, emit_result, failure_reason, fmt_bytes, format_header,
-    format_table, greedy_decode, idle_footprint, idle_footprint_cgroup, proc_io, run_contender,
-    save_random_checkpoint, system_info, wait_for_quiet, write_json)
+    format_table, greedy_decode, idle_footprint, idle_footprint_cgroup, launch_contender,
+    proc_io, save_random_checkpoint, system_info, write_json)
 
 SCRIPT = Path(__file__).resolve()
 
@@ -362,17 +362,9 @@ def main(a: argparse.Namespace) -> int:
 
     def launch(key, tokens, capped_run, extra=()):
         argv = [str(SCRIPT), "--contender", key, "--n-tokens", str(tokens), *common, *extra]
-        waited = wait_for_quiet(a.wait_quiet)
-        print(f"running {key} ({'cap ' + fmt_bytes(cap) if capped_run else 'uncapped'})"
-              + (f" after waiting {waited:.0f} s for a quiet machine" if waited >= 5 else "")
-              + " ...", file=sys.stderr, flush=True)
-        r = run_contender(key, argv, cap_bytes=cap if capped_run else None,
-                          drop_cache=capped_run, timeout=a.timeout, echo=not a.quiet)
-        if not r.ok:
-            print(f"  {key} FAILED ({failure_reason(r)}); last output:\n{r.log_tail[-1500:]}",
-                  file=sys.stderr, flush=True)
-        runs[key] = r
-        return r
+        runs[key] = launch_contender(key, argv, cap_bytes=cap if capped_run else None,
+                                     wait_quiet=a.wait_quiet, timeout=a.timeout, quiet=a.quiet)
+        return runs[key]
 
     keys = ["resident", "accelerate", "offload-layer", "offload-experts", "offload-predict"]
     if a.lfu:

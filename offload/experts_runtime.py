@@ -233,11 +233,10 @@ def check_members(rt, key: str, buffer) -> None:
     import zlib
 
     base = rt.units[key].offset
-    for u in rt.manifest.units:
-        if u.kind == "expert" and f"experts.{u.index}" == key:
-            start = u.offset - base
-            if zlib.crc32(buffer[start:start + u.nbytes]) != u.checksum:
-                raise rt.disk._corrupt(u)
+    for u in member_units(rt, key):
+        start = u.offset - base
+        if zlib.crc32(buffer[start:start + u.nbytes]) != u.checksum:
+            raise rt.disk._corrupt(u)
 
 
 def member_units(rt, key: str) -> list:

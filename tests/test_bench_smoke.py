@@ -10,14 +10,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_toy_bench_runs_every_contender(tmp_path):
-    out = tmp_path / "bench_dense.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benches" / "bench_dense.py"), "--toy",
+def _toy_run(bench: str, tmp_path, timeout: int) -> dict:
+    """Run ``benches/<bench>.py --toy``; it must succeed and print its targets and floor."""
+    out = tmp_path / f"{bench}.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benches" / f"{bench}.py"), "--toy",
                         "--quiet", "--wait-quiet", "0", "--work-dir", str(tmp_path / "bench"),
-                        "--json", str(out)], capture_output=True, text=True, timeout=900)
+                        "--json", str(out)], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "targets" in r.stdout and "I/O floor" in r.stdout
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_toy_bench_runs_every_contender(tmp_path):
+    result = _toy_run("bench_dense", tmp_path, timeout=900)
     for name in ("resident", "accelerate", "offload-b1", "offload-b8"):
         assert result["contenders"][name]["returncode"] == 0, name
     offload_rows = [row for row in result["rows"] if row.get("contender", "").startswith("offload")]
@@ -25,13 +30,7 @@ def test_toy_bench_runs_every_contender(tmp_path):
 
 
 def test_toy_moe_bench_runs_every_contender(tmp_path):
-    out = tmp_path / "bench_moe.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benches" / "bench_moe.py"), "--toy",
-                        "--quiet", "--wait-quiet", "0", "--work-dir", str(tmp_path / "bench"),
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert "targets" in r.stdout and "I/O floor" in r.stdout
-    result = json.loads(out.read_text())
+    result = _toy_run("bench_moe", tmp_path, timeout=600)
     for name in ("resident", "accelerate", "offload-layer", "offload-experts", "offload-predict"):
         assert result["contenders"][name]["returncode"] == 0, name
     offload_rows = [row for row in result["rows"] if row["key"].startswith("offload")]
