@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_reads, disk_bandwidth,
-    emit_result, fmt_bytes, format_header, format_table, greedy_decode, idle_footprint,
+    bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_map_summary,
+    device_reads, disk_bandwidth, emit_result, fmt_bytes, format_header, format_table, greedy_decode, idle_footprint,
     idle_footprint_cgroup, launch_contender, save_random_checkpoint, system_info, write_json)
 
 SCRIPT = Path(__file__).resolve()
@@ -106,7 +106,7 @@ def contender_main(a: argparse.Namespace) -> None:
             max_memory={"cpu": int(a.budget_bytes)}, offload_folder=a.accelerate_offload_dir)
         model.eval()
         base["load_s"] = time.perf_counter() - t0
-        base["device_map"] = _device_map_summary(model)
+        base["device_map"] = device_map_summary(model)
         dm = base["device_map"]
         print("accelerate device map: " + ", ".join(
             f"{dev}: {d['modules']} modules {fmt_bytes(d['bytes'])}" for dev, d in dm.items()),
@@ -161,23 +161,6 @@ def contender_main(a: argparse.Namespace) -> None:
 def _flat_stats(st: dict) -> dict:
     out = dict(st)
     out["bytes_read"] = sum((st.get("bytes_read") or {}).values())
-    return out
-
-
-def _device_map_summary(model) -> dict:
-    dmap = getattr(model, "hf_device_map", None) or {}
-    sizes: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        sizes[name] = p.numel() * p.element_size()
-    out: dict[str, dict] = {}
-    keys = sorted(dmap, key=len, reverse=True)
-    for name, n in sizes.items():
-        dev = next((str(dmap[k]) for k in keys if k == "" or name == k
-                    or name.startswith(k + ".")), "cpu")
-        d = out.setdefault(dev, {"modules": 0, "bytes": 0})
-        d["bytes"] += n
-    for k, dev in dmap.items():
-        out.setdefault(str(dev), {"modules": 0, "bytes": 0})["modules"] += 1
     return out
 
 
