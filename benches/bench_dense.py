@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_map_summary,
-    device_reads, disk_bandwidth, emit_result, fmt_bytes, format_header, format_table, greedy_decode, idle_footprint,
-    idle_footprint_cgroup, launch_contender, save_random_checkpoint, system_info, write_json)
+    device_reads, disk_bandwidth, emit_result, fmt_bytes, format_header, format_table,
+    greedy_decode, idle_footprint, idle_footprint_cgroup, launch_contender,
+    save_random_checkpoint, system_info, write_json)
 
 SCRIPT = Path(__file__).resolve()
 
