@@ -43,26 +43,77 @@ class Prepared:
 
 
 def pack(model, out: str | os.PathLike | None = None, *, offload_dir=None,
-         progress: bool = True, force: bool = False) -> Manifest:
+         progress: bool = True, force: bool = False, sparse: str | None = None,
+         prune: float | None = None, method: str = "magnitude",
+         calibration: list[str] | None = None) -> Manifest:
     """Pack ``model`` (a model object, a checkpoint dir or a .gguf file) into a packed store.
 
-    A valid store of the same source at ``out`` is reused unless ``force``; a store of a
-    changed source, another format version, or a damaged one is rebuilt.
+    A valid store of the same source and options at ``out`` is reused unless ``force``; a
+    store of a changed source, other options, another format version, or a damaged one is
+    rebuilt.
+
+    Args:
+        sparse: ``"bitmap"``: store each tensor whose zeros make it pay as a bitmap of its
+            non-zero positions plus the packed values (lossless); it moves that way and is
+            decoded on the compute device. ``None``: dense.
+        prune: LOSSY, opt-in: zero this fraction of each decoder projection's weights per
+            output row before encoding (``sparse`` defaults to ``"bitmap"`` then).
+        method: ``"magnitude"`` (smallest ``|W|``) or ``"wanda"`` (smallest
+            ``|W| * ||X||``, with input norms measured by running ``calibration`` texts through
+            the dense model, offloaded).
 
     Returns:
         The store's manifest (``manifest.path`` is the store directory).
     """
-    return _prepare(model, out, offload_dir, progress, force).manifest
+    options = PackOptions.make(sparse, prune, method, calibration)
+    return _prepare(model, out, offload_dir, progress, force, options).manifest
 
 
-def _prepare(model, out, offload_dir, progress=True, force=False) -> Prepared:
+@dataclass(frozen=True)
+class PackOptions:
+    """How tensors are stored: ``sparse`` encoding and optional (lossy) pruning."""
+
+    sparse: str | None = None
+    prune: float | None = None
+    method: str = "magnitude"
+    calibration: tuple[str, ...] | None = None
+
+    @classmethod
+    def make(cls, sparse=None, prune=None, method="magnitude", calibration=None) -> "PackOptions":
+        from .planner.encoding import SPARSE_ENCODINGS
+        from .store.prune import check_prune
+
+        if prune is not None:
+            check_prune(prune, method)
+            sparse = sparse or "bitmap"
+        if sparse is not None and sparse not in SPARSE_ENCODINGS:
+            raise OffloadError(f"sparse={sparse!r}: use one of {', '.join(SPARSE_ENCODINGS)} "
+                               "(or leave it unset for dense)")
+        return cls(sparse, float(prune) if prune is not None else None, method,
+                   tuple(calibration) if calibration else None)
+
+    def describe(self) -> dict:
+        """What the manifest records (a store is reused only with the same options)."""
+        return {"sparse": self.sparse, "prune": self.prune,
+                "method": self.method if self.prune else None}
+
+    def suffix(self) -> str:
+        if self.sparse is None:
+            return ""
+        prune = f"-{self.method}{round(self.prune * 100)}" if self.prune else ""
+        return f".{self.sparse}{prune}"
+
+
+def _prepare(model, out, offload_dir, progress=True, force=False,
+             options: PackOptions = PackOptions()) -> Prepared:
     if isinstance(model, (str, os.PathLike)) and (Path(model) / "manifest.json").is_file() \
             and out is None:
         return _open_store(Path(model))
     source = open_source(model)
     adapter = adapter_for(source.config)
     base = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
-    store_dir = Path(out).expanduser() if out else base / f"{source.name}.offload"
+    store_dir = Path(out).expanduser() if out else \
+        base / f"{source.name}{options.suffix()}.offload"
     clean_partials(store_dir.parent, store_dir.name)
     manifest = None
     if not force and (store_dir / "manifest.json").exists():
@@ -73,16 +124,32 @@ def _prepare(model, out, offload_dir, progress=True, force=False) -> Prepared:
         if manifest is not None and manifest.source.get("fingerprint") != source.fingerprint:
             log.info("the source of %s changed; packing it again", store_dir)
             manifest = None
+        if manifest is not None and manifest.source.get("pack", PackOptions().describe()) \
+                != options.describe():
+            log.info("%s was packed with other options; packing it again", store_dir)
+            manifest = None
     if manifest is None:
         specs, tied = adapter.unit_specs(source.config, source.shapes())
         dtype = _store_dtype(specs)
         meta = {"model_type": source.config.model_type, "config": config_dict(source.config),
                 "dtype": dtype, "tied": tied,
-                "source": {"description": source.description, "fingerprint": source.fingerprint}}
+                "source": {"description": source.description, "fingerprint": source.fingerprint,
+                           "pack": options.describe()}}
         extras = (lambda tmp: _save_tokenizer(source, tmp)) if source.tokenizer_path else None
+        from .store.encode import make_encoder
+
+        encoder = make_encoder(options, adapter, lambda: _calibrate(model, base, options))
         manifest = write_store(store_dir, specs, source.load, meta, progress=progress,
-                               extras=extras)
+                               extras=extras, encoder=encoder)
     return Prepared(source, manifest, adapter, store_dir.parent if out else base)
+
+
+def _calibrate(model, base: Path, options: PackOptions) -> dict[str, torch.Tensor]:
+    """Wanda's input norms: the calibration texts run through the dense model, offloaded."""
+    from .store.calibrate import input_norms
+
+    dense = _prepare(model, None, base, progress=False)   # pack dense first, once
+    return input_norms(_open_store(dense.manifest.path), options.calibration)
 
 
 def _open_store(path: Path) -> Prepared:
@@ -117,6 +184,7 @@ def _save_tokenizer(source: Source, store_dir: Path) -> None:
 
 
 def _resolve_device(device) -> torch.device:
+    device = device or os.environ.get("OFFLOAD_DEVICE") or None
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -201,9 +269,9 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
 
 def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
          max_tokens=None, experts="cache", predict=False, predict_depth=1, predict_width=None,
-         expert_cache="lru") -> Plan:
+         expert_cache="lru", sparse=None) -> Plan:
     """The Plan ``run`` would use, without running anything (packs the store if needed)."""
-    prep = _prepare(model, None, offload_dir)
+    prep = _prepare(model, None, offload_dir, options=PackOptions.make(sparse))
     options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
     return _make_plan(prep, budget, _resolve_device(device), prefetch, max_tokens,
                       experts=options)
@@ -211,14 +279,16 @@ def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
 
 def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
         prefetch=None, max_tokens=None, progress=True, experts="cache", predict=False,
-        predict_depth=1, predict_width=None, expert_cache="lru") -> torch.nn.Module:
+        predict_depth=1, predict_width=None, expert_cache="lru",
+        sparse=None) -> torch.nn.Module:
     """Run ``model`` within ``budget`` bytes of compute-tier memory.
 
     Args:
         model: a transformers causal-LM object, a checkpoint directory (config.json +
             *.safetensors) or a .gguf file.
         budget: "512MB", "8GB", "1.5GiB", a byte count, or a percentage of the weights ("25%").
-        device: the compute device; default the current CUDA device, else the CPU.
+        device: the compute device; default `$OFFLOAD_DEVICE`, else the current CUDA device,
+            else the CPU.
         offload_dir: where packed stores live (default ``$OFFLOAD_CACHE`` or ~/.cache/offload).
         host_budget: pinned host RAM on a GPU machine for Units that do not fit the device:
             read from disk once, then moved over the host link each pass. GPU only.
@@ -237,6 +307,10 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
         predict_depth: MoE layers ahead to predict (default 1).
         predict_width: experts per token to prefetch for each predicted layer (default top-k).
         expert_cache: ``"lru"`` (default) or ``"lfu"`` (frequency-aware) eviction.
+        sparse: ``"bitmap"``: pack the weights whose zeros pay (an already-pruned model) as
+            bitmaps, moved compressed and decoded on the compute device; lossless. Pruning
+            is a separate, explicit step: ``offload.pack(..., prune=0.5)``. A packed store
+            passed as ``model`` is used as it was packed.
 
     Returns:
         The model, ready to call and ``.generate()`` as before. A model object passed in is
@@ -246,7 +320,7 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
         BudgetError, StoreError, ModelError, HardwareError: bad input, with the fix.
     """
     device = _resolve_device(device)
-    prep = _prepare(model, None, offload_dir, progress)
+    prep = _prepare(model, None, offload_dir, progress, options=PackOptions.make(sparse))
     options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
     the_plan = _make_plan(prep, budget, device, prefetch, max_tokens, host_budget, options)
     skeleton = prep.source.module if prep.source.module is not None else \
@@ -270,7 +344,12 @@ def build_skeleton(manifest: Manifest, device: torch.device) -> torch.nn.Module:
     config = build_config(manifest.config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[manifest.dtype])
-    return model.to(device) if device.type != "cpu" else model
+    if device.type != "cpu":   # buffers only: parameters stay on meta until bound
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device.type != "meta":
+                    module._buffers[name] = buf.to(device)
+    return model
 
 
 def runtime_of(model) -> Runtime:

@@ -78,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("model")
     pk.add_argument("out", type=Path)
     pk.add_argument("--force", action="store_true", help="rebuild even if the store is valid")
+    pk.add_argument("--offload-dir", type=Path, help="where wanda's dense calibration store goes")
+    sp = pk.add_argument_group("sparse transfer")
+    sp.add_argument("--sparse", choices=("bitmap",),
+                    help="store tensors whose zeros pay as a bitmap + packed non-zeros "
+                         "(lossless; moved compressed, decoded on the compute device)")
+    sp.add_argument("--prune", type=float, metavar="FRACTION",
+                    help="LOSSY: zero this fraction of each decoder projection's weights per "
+                         "row first (implies --sparse bitmap)")
+    sp.add_argument("--method", choices=("magnitude", "wanda"), default="magnitude",
+                    help="pruning score: |W| (magnitude) or |W|*||X|| (wanda, calibrated)")
+    sp.add_argument("--calibration", type=Path, metavar="FILE",
+                    help="wanda: calibration texts, one per line (default: built-in prose)")
     pk.set_defaults(func=_cmd_pack)
     return p
 
@@ -106,9 +118,28 @@ def _cmd_pack(args) -> int:
     from . import api
 
     t0 = time.perf_counter()
-    m = api.pack(args.model, args.out, force=args.force)
+    texts = None
+    if args.calibration is not None:
+        try:
+            texts = [t for t in args.calibration.read_text().splitlines() if t.strip()]
+        except OSError as e:
+            raise OffloadError(f"cannot read --calibration {args.calibration}: {e.strerror}")
+        if not texts:
+            raise OffloadError(f"--calibration {args.calibration} has no text")
+    if args.prune is not None:
+        print(f"offload: pruning {args.prune:.0%} of each decoder projection's weights "
+              f"({args.method}): LOSSY, the model's outputs will change", file=sys.stderr)
+    m = api.pack(args.model, args.out, force=args.force, sparse=args.sparse, prune=args.prune,
+                 method=args.method, calibration=texts, offload_dir=args.offload_dir)
     print(f"packed {len(m.units)} units, {format_bytes(m.data_bytes)}, into {m.path} "
           f"in {time.perf_counter() - t0:.1f} s")
+    encoded = [u for u in m.units if u.encoded]
+    if args.sparse or args.prune is not None:
+        dense = sum(u.nbytes for u in encoded)
+        stored = sum(u.stored_bytes for u in encoded)
+        print(f"bitmap-encoded: {len(encoded)} of {len(m.units)} units, "
+              f"{format_bytes(dense)} -> {format_bytes(stored)}"
+              + (f" ({stored / dense:.2f}x)" if dense else " (no tensor has zeros that pay)"))
     return 0
 
 

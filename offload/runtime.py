@@ -11,6 +11,7 @@ from .errors import BudgetError, StoreError
 from .hooks import Binding, StreamedBindHook, embedding_forward, linear_forward
 from .planner.plan import Plan
 from .prefetch.pipeline import Pipeline
+from .prefetch.sparse import HostDecoder, SparseStats, decode_unit, validate_unit
 from .sizes import format_bytes
 from .experts_runtime import check_members, member_units
 from .store.format import Manifest
@@ -67,19 +68,27 @@ class Runtime:
         self._failed: StoreError | None = None
         self.experts = None
         try:
-            self.resident = self._load_resident()
             self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
+            # One landing buffer per slot for encoded Units' stored bytes (plan.landing_bytes).
+            self.landings = [self.device_tier.alloc(plan.landing_bytes)
+                             for _ in range(plan.slots if plan.landing_bytes else 0)]
+            self.sparse = SparseStats()
+            self.decoder = None
             self.staging = None
             hooks = {}
             if device.type == "cpu":   # disk reads land straight in the slots
                 self._slot_np = [s.buffer.numpy() for s in self.slots.slots]
+                if self.landings:
+                    self.decoder = HostDecoder(self.disk, self.landings, self.sparse)
             else:                      # disk -> pinned bounce buffer -> copy stream -> slot
                 from .tiers.host import PinnedStaging
-                self.staging = PinnedStaging(self.disk, plan.slots, plan.slot_bytes, device)
+                self.staging = PinnedStaging(self.disk, plan.slots, plan.slot_bytes, device,
+                                             landings=self.landings, stats=self.sparse)
                 self.staging.load_homed([u for u in manifest.units
                                          if plan.home.get(u.key) == "host"])
                 self.counters.checksummed.update(self.staging.homed)
                 hooks = {"on_ready": self.staging.on_ready, "on_release": self.staging.on_release}
+            self.resident = self._load_resident()
             self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit, **hooks)
             if hasattr(adapter, "moe_shape"):
                 from .experts_runtime import ExpertsRuntime
@@ -99,24 +108,47 @@ class Runtime:
         views, off = {}, 0
         for k in keys:
             unit = self.units[k]
-            n = align(unit.nbytes, 4096)
+            n, stored = align(unit.nbytes, 4096), align(unit.stored_bytes, 4096)
             whole = unit.group != "experts"   # a layer's experts Unit: check each expert
-            if host_arena is not None:
+            if host_arena is not None and unit.encoded:
+                landing = self._landing(stored)
+                self.disk.read(unit, landing.numpy(), verify=True)
+                decode_unit(unit, landing, host_arena[off:off + n])
+            elif host_arena is not None:
                 self.disk.read(unit, host_arena[off:off + n].numpy(), verify=whole)
                 if not whole:
                     check_members(self, k, host_arena[off:off + n].numpy())
             else:  # GPU: through one pinned bounce buffer, once, at start-up
                 if bounce is None:
-                    bounce = aligned_host(max(align(self.units[x].nbytes, 4096) for x in keys),
-                                          pin=True)
-                self.disk.read(unit, bounce[:n].numpy(), verify=whole)
+                    bounce = aligned_host(
+                        max(align(self.units[x].stored_bytes, 4096) for x in keys), pin=True)
+                self.disk.read(unit, bounce[:stored].numpy(), verify=whole)
                 if not whole:
                     check_members(self, k, bounce[:n].numpy())
-                arena[off:off + n].copy_(bounce[:n])
+                if unit.encoded:
+                    validate_unit(unit, bounce)
+                    landing = self._landing(stored)
+                    landing[:stored].copy_(bounce[:stored])
+                    decode_unit(unit, landing, arena[off:off + n])
+                    torch.cuda.synchronize(self.device)   # syncs (start-up): bounce is reused
+                else:
+                    arena[off:off + n].copy_(bounce[:n])
             self.counters.checksummed.add(k)
             views[k] = tensor_views(arena[off:off + n], unit)
             off += n
         return views
+
+    def _landing(self, nbytes: int) -> torch.Tensor:
+        """A buffer on the compute device for decoding a resident Unit at start-up: a landing
+        buffer or a staging slot (free until the first fetch), else a transient one whose
+        bytes count in the peak."""
+        for buf in [*self.landings, *(s.buffer for s in self.slots.slots)]:
+            if buf.numel() >= nbytes:
+                return buf
+        c = self.counters
+        c.peak_bytes = max(c.peak_bytes, self.device_tier.allocated_bytes + nbytes)
+        return (aligned_host(nbytes) if self.device.type == "cpu" else
+                torch.empty(nbytes, dtype=torch.uint8, device=self.device))
 
     def first_read(self, key: str) -> bool:
         """True the first time a Unit is read in this run: that read is checksummed."""
@@ -129,6 +161,8 @@ class Runtime:
         verify = self.first_read(unit.key)
         if self.staging is not None:
             return self.staging.submit(unit, slot, verify=verify)
+        if unit.encoded:   # stored bytes into a landing buffer, decoded into the slot
+            return self.decoder.submit(unit, slot.buffer, verify=verify)
         return self.disk.submit(unit, self._slot_np[slot.index], verify=verify)
 
     def _attach(self) -> None:
@@ -298,6 +332,8 @@ class Runtime:
             "tokens_per_s": c.decode_tokens / c.decode_seconds if c.decode_seconds else 0.0,
             "resyncs": p.resyncs,
         }
+        if self.plan.stored_bytes != self.plan.weight_bytes:
+            out["sparse"] = self.sparse.as_dict()
         if ex is not None:
             out["experts"] = ex
         return out

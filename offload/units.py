@@ -17,7 +17,13 @@ KINDS = ("layer", "expert", "kv", "static")
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor inside a Unit: ``offset`` is relative to the Unit's first byte."""
+    """One tensor inside a Unit.
+
+    ``offset`` and ``nbytes`` place the decoded tensor in the Unit's memory (a slot or the
+    resident arena), relative to the Unit's first byte. In an encoded Unit, ``stored_offset``
+    and ``stored_nbytes`` place its bytes as read from the store, and a ``bitmap`` tensor holds
+    ``nnz`` non-zero values (``offload.kernels.bitmap`` gives the layout).
+    """
 
     name: str
     dtype: str
@@ -25,19 +31,39 @@ class TensorSpec:
     offset: int
     nbytes: int
     encoding: str = "dense"
+    stored_offset: int | None = None
+    stored_nbytes: int | None = None
+    nnz: int | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def numel(self) -> int:
+        return self.nbytes // self.torch_dtype.itemsize
+
+    @property
+    def source(self) -> tuple[int, int]:
+        """(offset, nbytes) of the tensor's bytes as stored."""
+        if self.stored_offset is None:
+            return self.offset, self.nbytes
+        return self.stored_offset, self.stored_nbytes
+
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "offset": self.offset, "nbytes": self.nbytes, "encoding": self.encoding}
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+             "offset": self.offset, "nbytes": self.nbytes, "encoding": self.encoding}
+        if self.stored_offset is not None:
+            d.update(stored_offset=self.stored_offset, stored_nbytes=self.stored_nbytes)
+        if self.nnz is not None:
+            d["nnz"] = self.nnz
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorSpec":
         return cls(d["name"], d["dtype"], tuple(d["shape"]), d["offset"], d["nbytes"],
-                   d.get("encoding", "dense"))
+                   d.get("encoding", "dense"), d.get("stored_offset"), d.get("stored_nbytes"),
+                   d.get("nnz"))
 
 
 @dataclass(frozen=True)
@@ -51,10 +77,12 @@ class Unit:
             (``embed``, ``head``, ``norm``) whose parts may be row-chunks of one tensor.
         index: the layer number, or the chunk number inside a static group.
         offset: byte offset of the Unit in the store's data file (a multiple of 4096).
-        nbytes: bytes of tensor data (the read is rounded up to 4096).
-        checksum: CRC32 of the ``nbytes`` data bytes.
+        nbytes: bytes of tensor data in memory (a slot holds this many).
+        checksum: CRC32 of the bytes as stored (``stored_bytes`` of them).
         rows: for a row-chunk of a larger tensor, the ``[start, stop)`` rows it holds.
         expert: for an ``expert`` Unit, the expert's number inside layer ``index``.
+        stored_nbytes: for an encoded Unit (some tensors ``bitmap``), the bytes stored and read
+            (decoded into ``nbytes`` on the compute device); ``None`` when stored as in memory.
     """
 
     key: str
@@ -67,6 +95,16 @@ class Unit:
     tensors: tuple[TensorSpec, ...]
     rows: tuple[int, int] | None = None
     expert: int | None = None
+    stored_nbytes: int | None = None
+
+    @property
+    def encoded(self) -> bool:
+        return self.stored_nbytes is not None
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the Unit in the store: what one read moves (before 4096 rounding)."""
+        return self.nbytes if self.stored_nbytes is None else self.stored_nbytes
 
     @property
     def layout(self) -> tuple:
@@ -77,13 +115,15 @@ class Unit:
         return {"key": self.key, "kind": self.kind, "group": self.group, "index": self.index,
                 "offset": self.offset, "nbytes": self.nbytes, "checksum": self.checksum,
                 "rows": list(self.rows) if self.rows else None, "expert": self.expert,
+                "stored_nbytes": self.stored_nbytes,
                 "tensors": [t.to_json() for t in self.tensors]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Unit":
         return cls(d["key"], d["kind"], d["group"], d["index"], d["offset"], d["nbytes"],
                    d["checksum"], tuple(TensorSpec.from_json(t) for t in d["tensors"]),
-                   tuple(d["rows"]) if d.get("rows") else None, d.get("expert"))
+                   tuple(d["rows"]) if d.get("rows") else None, d.get("expert"),
+                   d.get("stored_nbytes"))
 
 
 def align(n: int, to: int) -> int:

@@ -58,6 +58,13 @@ def weight_bytes(model) -> int:
     return total
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_asked(monkeypatch):
+    """Tests compare against CPU references: on a GPU machine offload's default device would be
+    the GPU. GPU tests (tests/test_gpu.py) name device="cuda" explicitly."""
+    monkeypatch.setenv("OFFLOAD_DEVICE", "cpu")
+
+
 @pytest.fixture
 def offload_dir(tmp_path) -> Path:
     d = tmp_path / "offload"

@@ -52,3 +52,75 @@ def test_gpu_host_tier_is_bitwise(offload_dir):
     s = offload.stats(off)
     assert s["host_bytes"] > 0 and s["bytes_read"]["host_to_device"] > 0
     offload.close(off)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_bitmap_decode_matches_the_reference(dtype):
+    from offload.kernels import bitmap
+
+    device = torch.device("cuda")
+    assert bitmap.cuda_kernel(device) is not None, "nvcc must build the kernel on a GPU machine"
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1,), (63,), (3, 65), (17, 2049), (1000, 4099)]:
+        for sparsity in (0.0, 0.5, 0.9, 1.0):
+            t = torch.randn(shape, generator=g).to(dtype)
+            t[torch.rand(shape, generator=g) < sparsity] = 0
+            enc, nnz = bitmap.encode(t)
+            out = torch.full((t.numel() * dtype.itemsize,), 0xA5, dtype=torch.uint8,
+                             device=device)
+            bitmap.decode(enc.to(device), out, t.numel(), nnz, dtype.itemsize)
+            assert torch.equal(out.cpu(), t.reshape(-1).view(torch.uint8)), (shape, sparsity)
+    assert bitmap.device_errors(device) == 0
+
+
+def test_cuda_bitmap_kernel_never_reads_past_a_corrupt_bitmap():
+    from offload.kernels import bitmap
+
+    device = torch.device("cuda")
+    t = torch.randn(5000).half()
+    t[::2] = 0
+    enc, nnz = bitmap.encode(t)
+    bad = enc.clone()
+    bad[:8] = 255   # the first tile claims 64 values: its group disagrees with its offsets
+    out = torch.zeros(t.numel() * 2, dtype=torch.uint8, device=device)
+    bitmap.decode(bad.to(device), out, t.numel(), nnz, 2)
+    torch.cuda.synchronize()
+    assert bitmap.device_errors(device) >= 1
+    with pytest.raises(bitmap.CorruptBitmap):
+        bitmap.validate(bad, t.numel(), nnz)   # what the runtime checks before the copy
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5])
+def test_gpu_pruned_bitmap_model_is_bitwise_and_under_budget(fraction, offload_dir):
+    from offload.adapters import adapter_for
+    from offload.store.prune import prune_model
+
+    model = tiny_model("llama")
+    prune_model(model, 0.5, adapter_for(model.config))
+    resident = tiny_model("llama")
+    prune_model(resident, 0.5, adapter_for(resident.config))
+    resident = resident.cuda()
+    ids = torch.randint(3, 3000, (4, 9))
+    with torch.no_grad():
+        ref = resident(ids.cuda()).logits
+        ref_tokens = resident.generate(ids.cuda(), max_new_tokens=6, do_sample=False,
+                                       pad_token_id=0)
+    del resident
+    torch.cuda.empty_cache()
+    budget = int(weight_bytes(model) * fraction)
+    off = offload.run(model, budget=budget, offload_dir=offload_dir, device="cuda",
+                      max_tokens=64, sparse="bitmap")
+    rt = off._offload_runtime
+    assert any(rt.units[k].encoded for k in rt.plan.stream) or fraction > 0.2
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        logits = off(ids.cuda()).logits
+        tokens = off.generate(ids.cuda(), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(logits, ref) and torch.equal(tokens, ref_tokens)
+    assert rt.device_tier.allocated_bytes + torch.cuda.max_memory_allocated() - base <= budget
+    s = offload.stats(off)
+    if fraction == 0.2:
+        assert s["sparse"]["units_decoded"] > 0
+        assert s["bytes_read"]["host_to_device"] < s["sparse"]["dense_bytes"] + 10 * 4096 * 60
+    offload.close(off)

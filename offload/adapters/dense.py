@@ -91,6 +91,20 @@ class DenseAdapter:
     def always_resident(self, units) -> set[str]:
         return set()
 
+    def encodable(self, spec: UnitSpec) -> bool:
+        """Units whose tensors may be stored encoded: all but the embedding, whose rows are
+        gathered straight from the store."""
+        return spec.group != "embed"
+
+    def prunable(self, spec: UnitSpec, part: TensorPart) -> bool:
+        """Weights pruning may zero: the decoder layers' projection matrices."""
+        return spec.kind == "layer" and len(part.shape) == 2
+
+    def prunable_modules(self, model) -> dict[str, torch.nn.Module]:
+        """The modules ``prunable`` weights belong to, by checkpoint name (without .weight)."""
+        return {f"model.layers.{i}.{name}": m for i, layer in enumerate(model.model.layers)
+                for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
     def execution_order(self, config, groups, *, stream_experts: bool = False):
         # The embedding is not streamed: its forward gathers only the rows of the batch's ids
         # (a few KB per token) from wherever the chunk lives. Only a tied head reads it whole.

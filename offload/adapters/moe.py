@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import ModelError
 from ..store.pack import TensorPart, UnitSpec
 from ..units import TensorSpec, Unit
@@ -138,6 +140,20 @@ class MoEAdapter(DenseAdapter):
             out.append(Unit(f"experts.{i}", "expert", "experts", i, first.offset,
                             last.offset + last.nbytes - first.offset, 0, tensors))
         return out
+
+    def encodable(self, spec) -> bool:
+        """Expert Units move through the expert cache, which reads them as stored: dense."""
+        return spec.group not in ("embed", "expert", "experts") and spec.kind != "expert"
+
+    def prunable(self, spec, part) -> bool:
+        """Attention projections only: routers and experts are not pruned."""
+        return spec.kind == "layer" and spec.key.endswith(".attn") and len(part.shape) == 2
+
+    def prunable_modules(self, model) -> dict:
+        return {f"model.layers.{i}.self_attn.{name}": m
+                for i, layer in enumerate(model.model.layers)
+                for name, m in layer.self_attn.named_modules()
+                if isinstance(m, torch.nn.Linear)}
 
     def always_resident(self, units) -> set[str]:
         """Routers: tiny, and read ahead of their layer to predict its experts."""

@@ -7,6 +7,11 @@ the slot size with the deepest prefetch that fits (by default enough to keep ~64
 fills the rest of the budget greedily with the Units that save the most bytes per pass (spread
 evenly over the pass), and keeps the placement with the least predicted time per decode step
 (ties: fewer bytes streamed, fewer slots), so the same inputs always give the same Plan.
+
+Encoded Units (``bitmap`` tensors) take their dense size in memory but move their stored size:
+each slot then has a landing buffer for the stored bytes, and keeping such a Unit resident
+saves fewer bytes per pass per byte of budget than keeping a dense one, so dense Units are
+preferred for residency.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
         BudgetError: no placement fits; the message states the minimum budget.
     """
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
+    stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
+    encoded = {u.key for u in units if u.encoded}
     weight_bytes = sum(u.nbytes for u in units)
     reads = Counter(order)
     small = max(size.values()) // SMALL_FRACTION   # independent of the budget: so is the minimum
@@ -54,13 +61,15 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
     for slot_bytes in sorted({size[k] for k in reads} | {0}):
         forced = {k for k in reads if size[k] > slot_bytes or size[k] <= small or k in pinned}
         streamable = [k for k in reads if k not in forced]
-        floor = sum(size[k] for k in forced) + reserve_bytes + (slot_bytes if streamable else 0)
+        landing = max((stored[k] for k in streamable if k in encoded), default=0)
+        floor = sum(size[k] for k in forced) + reserve_bytes + (
+            slot_bytes + landing if streamable else 0)
         minimum = floor if minimum is None else min(minimum, floor)
         ahead = int(prefetch) if prefetch is not None else _auto_depth(slot_bytes)
         deepest = max(0, min(ahead + 1, len(streamable)))
         for slots in range(deepest, 0 if streamable else -1, -1):
-            option = _fill(forced, streamable, size, reads, slots, slot_bytes,
-                           budget_bytes - reserve_bytes)
+            option = _fill(forced, streamable, size, stored, reads, slots,
+                           slot_bytes + landing, budget_bytes - reserve_bytes)
             if option is None:
                 continue
             cost = _cost(weight_bytes, option[0], option[1], profile)
@@ -101,8 +110,9 @@ def _cost(weight_bytes: int, streamed: int, slots: int, profile: HardwareProfile
     return c
 
 
-def _fill(forced, streamable, size, reads, slots, slot_bytes, room):
-    """Greedy: after forced Units and slots, keep the Units that save the most bytes per pass."""
+def _fill(forced, streamable, size, stored, reads, slots, slot_bytes, room):
+    """Greedy: after forced Units and slots (each ``slot_bytes`` with its landing buffer),
+    keep the Units that save the most bytes read per pass per byte of budget."""
     used = sum(size[k] for k in forced) + slots * slot_bytes
     if used > room:
         return None
@@ -111,14 +121,15 @@ def _fill(forced, streamable, size, reads, slots, slot_bytes, room):
     # positions: 0, n/2, n/4, 3n/4, ...): a long run of resident compute would leave the disk
     # idle once the slots are full, while scattered ones let each wait overlap a fetch.
     spread = _bit_reversed_ranks(len(streamable))
-    for k in sorted(streamable, key=lambda k: (-reads[k] * size[k],
+    for k in sorted(streamable, key=lambda k: (-reads[k] * stored[k] / size[k],
+                                               -reads[k] * size[k],
                                                spread[streamable.index(k)])):
         if used + size[k] <= room:
             resident.add(k)
             used += size[k]
     if slots == 0 and any(k not in resident for k in reads):
         return None
-    streamed = sum(reads[k] * size[k] for k in reads if k not in resident)
+    streamed = sum(reads[k] * stored[k] for k in reads if k not in resident)
     resident_bytes = sum(size[k] for k in resident)
     return (streamed, slots if streamed else 0, resident_bytes, slot_bytes, tuple(sorted(resident)))
 
@@ -137,17 +148,20 @@ def _bit_reversed_ranks(n: int) -> list[int]:
 def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens, minimum,
           profile: HardwareProfile, host_budget: int = 0) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
+    stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
+    encoded = {u.key for u in units if u.encoded}
     stream = tuple(k for k in order if k not in resident)
     slots = min(slots, len(stream))
-    streamed = sum(size[k] for k in stream)
+    streamed = sum(stored[k] for k in stream)
     weight_bytes = sum(u.nbytes for u in units)
     reads = Counter(stream)
     host, used = set(), 0
-    for k in sorted(reads, key=lambda k: (-reads[k] * size[k], stream.index(k))):
-        if used + size[k] <= host_budget:
+    for k in sorted(reads, key=lambda k: (-reads[k] * stored[k], stream.index(k))):
+        if used + stored[k] <= host_budget:   # the host tier keeps Units as stored
             host.add(k)
-            used += size[k]
-    from_disk = sum(size[k] for k in stream if k not in host)
+            used += stored[k]
+    from_disk = sum(stored[k] for k in stream if k not in host)
+    landing = max((stored[k] for k in stream if k in encoded), default=0) if slots else 0
     cost = _cost(weight_bytes, streamed, slots, profile, from_disk)
     predicted = cost.pop("predicted")
     bottleneck = max(cost, key=cost.get)
@@ -157,6 +171,8 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
         homes=tuple((u.key, DEVICE if u.key in resident else HOST if u.key in host else DISK,
                      size[u.key]) for u in units),
         order=tuple(order), stream=stream, slots=slots, slot_bytes=slot_bytes,
+        landing_bytes=landing, stored_bytes=sum(u.stored_bytes for u in units),
+        encoded_units=tuple((u.key, u.nbytes, u.stored_bytes) for u in units if u.encoded),
         resident_bytes=sum(size[k] for k in resident), reserve_bytes=reserve,
         max_tokens=max_tokens, weight_bytes=weight_bytes, streamed_bytes=streamed,
         minimum_bytes=minimum, compute_s=compute_s, io_s=io_s, link_s=link_s,

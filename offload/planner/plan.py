@@ -20,11 +20,14 @@ class Plan:
         stream: the non-resident keys of ``order``: what the pipeline fetches each pass.
         slots: staging slots in the ring (the prefetch depth is ``slots - 1``).
         slot_bytes: bytes of one slot (the largest streamed Unit, 4096-aligned).
+        landing_bytes: bytes of each slot's landing buffer for encoded Units' stored bytes
+            (the largest streamed encoded Unit as stored; 0 without encoded Units).
+        stored_bytes: the store's Units as stored (``weight_bytes`` when none is encoded).
         resident_bytes: bytes of Units kept on the compute device.
         reserve_bytes: KV cache and activations reserved for ``max_tokens`` cached tokens.
         max_tokens: batch x context the reserve is sized for.
         weight_bytes: all weights.
-        streamed_bytes: bytes fetched per forward pass.
+        streamed_bytes: bytes fetched per forward pass (as stored).
         minimum_bytes: the smallest budget any placement of this model fits.
         compute_s / io_s / link_s: predicted seconds per decode step for each resource.
         predicted_s: predicted seconds per decode step.
@@ -40,6 +43,7 @@ class Plan:
         predict_depth / predict_width: predictive loading: layers ahead whose router is applied
             to the current hidden state, and experts per token prefetched for each (0: off).
         expert_bytes_per_step: expert bytes a decode step is predicted to read (batch 1).
+        encoded_units: ``(key, dense bytes, stored bytes)`` of each encoded Unit.
     """
 
     budget_bytes: int
@@ -49,6 +53,8 @@ class Plan:
     stream: tuple[str, ...]
     slots: int
     slot_bytes: int
+    landing_bytes: int
+    stored_bytes: int
     resident_bytes: int
     reserve_bytes: int
     max_tokens: int
@@ -68,6 +74,7 @@ class Plan:
     predict_depth: int = 0
     predict_width: int = 0
     expert_bytes_per_step: int = 0
+    encoded_units: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def home(self) -> dict[str, str]:
@@ -76,7 +83,7 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         """What the compute tier holds at most: resident + slots + expert cache + reserve."""
-        return (self.resident_bytes + self.slots * self.slot_bytes
+        return (self.resident_bytes + self.slots * (self.slot_bytes + self.landing_bytes)
                 + self.expert_slots * self.expert_slot_bytes + self.reserve_bytes)
 
     def to_json(self) -> dict:
@@ -91,6 +98,9 @@ class Plan:
                 nbytes = sum(n for _, t, n in self.homes if t == tier)
                 rows.append((tier, _span(keys), format_bytes(nbytes)))
         rows.append(("staging", f"{self.slots} slots", format_bytes(self.slots * self.slot_bytes)))
+        if self.landing_bytes:
+            rows.append(("landing", f"{self.slots} buffers (encoded Units as stored)",
+                         format_bytes(self.slots * self.landing_bytes)))
         if self.expert_slots:
             rows.append(("expert cache", f"{self.expert_slots} slots ({self.expert_protected} "
                          f"kept by their layer, {self.expert_policy})",
@@ -105,11 +115,25 @@ class Plan:
             f" budget (minimum {format_bytes(self.minimum_bytes)}); device {self.device}",
             f"streamed per forward: {format_bytes(self.streamed_bytes)} of "
             f"{format_bytes(self.weight_bytes)} weights; prefetch depth {max(self.slots - 1, 0)}",
+            *([f"encoded store: {format_bytes(self.stored_bytes)} stored for "
+               f"{format_bytes(self.weight_bytes)} of weights "
+               f"({self.stored_bytes / max(self.weight_bytes, 1):.2f}x)"]
+              if self.stored_bytes != self.weight_bytes else []),
             f"predicted per decode step: {self.predicted_s * 1000:.1f} ms "
             f"({1 / max(self.predicted_s, 1e-9):.2f} tok/s at batch 1) — bottleneck: "
             f"{self.bottleneck} (compute {self.compute_s * 1000:.1f} ms, disk "
             f"{self.io_s * 1000:.1f} ms, host link {self.link_s * 1000:.1f} ms)",
         ]
+        if self.encoded_units:
+            lines += ["", "encoded Units (bytes in memory -> bytes moved):"]
+            groups: dict[str, list] = {}
+            for key, dense, stored in self.encoded_units:
+                label = ".".join("*" if p.isdigit() else p for p in key.split("."))
+                groups.setdefault(label, []).append((dense, stored))
+            for label, sizes in groups.items():
+                dense, stored = sum(d for d, _ in sizes), sum(s for _, s in sizes)
+                lines.append(f"  {label} x{len(sizes)}: {format_bytes(dense // len(sizes))} -> "
+                             f"{format_bytes(stored // len(sizes))} each ({stored / dense:.2f}x)")
         if self.experts == "cache":
             lines.append(
                 f"experts: fetched as routed, ~{format_bytes(self.expert_bytes_per_step)} per "

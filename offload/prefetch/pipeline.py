@@ -131,7 +131,7 @@ class Pipeline:
         slot.unit = unit
         slot.ticket = self._submit(unit, slot)
         self.stats.fetches += 1
-        self.stats.fetched_bytes += unit.nbytes
+        self.stats.fetched_bytes += unit.stored_bytes
 
     def _find(self, key: str) -> int:
         n = len(self.stream)

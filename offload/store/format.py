@@ -15,7 +15,8 @@ from ..errors import StoreError
 from ..units import Unit
 
 FORMAT_NAME = "offload-store"
-FORMAT_VERSION = 2   # 2: decoder layers split into attention and MLP-projection Units
+FORMAT_VERSION = 3   # 2: layers split into attention and MLP Units; 3: bitmap-encoded tensors
+READABLE_VERSIONS = (2, 3)   # a version-2 store is a version-3 store with no encoded tensor
 BLOCK = 4096          # Unit alignment in the file and in memory: the O_DIRECT granule.
 TENSOR_ALIGN = 256    # tensor alignment inside a Unit: SIMD kernels see the alignment they expect.
 DATA_FILE = "units.bin"
@@ -80,10 +81,10 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     except (OSError, ValueError) as e:
         raise StoreError(f"the manifest of store {path} is unreadable ({e}); delete the store "
                          "and pack again", path=str(path)) from e
-    if d.get("format") != FORMAT_NAME or d.get("version") != FORMAT_VERSION:
+    if d.get("format") != FORMAT_NAME or d.get("version") not in READABLE_VERSIONS:
         raise StoreError(
             f"store {path} has format {d.get('format')!r} version {d.get('version')!r}; this "
-            f"offload reads {FORMAT_NAME!r} version {FORMAT_VERSION}: pack the model again",
+            f"offload reads {FORMAT_NAME!r} versions {READABLE_VERSIONS}: pack the model again",
             path=str(path))
     try:
         units = tuple(Unit.from_json(u) for u in d["units"])

@@ -1,6 +1,7 @@
 """Write a packed store once: aligned Units, a CRC32 per Unit, atomically renamed into place."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -72,10 +73,15 @@ def store_bytes(specs: list[UnitSpec]) -> int:
     return sum(align(s.layout()[1], BLOCK) for s in specs)
 
 
+Encoder = Callable[[UnitSpec, TensorPart, torch.Tensor],
+                  tuple[torch.Tensor, "tuple[torch.Tensor, int] | None"]]
+
+
 def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
                 load: Callable[[str], torch.Tensor], meta: dict, *,
                 progress: bool = True,
-                extras: Callable[[Path], None] | None = None) -> Manifest:
+                extras: Callable[[Path], None] | None = None,
+                encoder: Encoder | None = None) -> Manifest:
     """Write ``specs`` as a packed store at ``out_dir``, replacing any store there.
 
     The store is written under a temporary name beside ``out_dir``, fsynced, and renamed into
@@ -89,6 +95,10 @@ def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
         progress: show a progress bar (tqdm) on stderr.
         extras: writes further files (a tokenizer) into the temporary directory, so they are
             committed by the same rename as the Units.
+        encoder: given a Unit's spec, a part and its tensor, returns the tensor to store (a
+            pruned one, say) and, where it should be stored encoded, ``(bitmap bytes, nnz)``
+            (``offload.kernels.bitmap``). A Unit with an encoded tensor stores every tensor at
+            ``stored_offset`` and is decoded into the dense layout when read.
 
     Raises:
         HardwareError: the parent directory is not writable or has too little free space.
@@ -104,9 +114,10 @@ def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
     tmp = parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        units = _write_units(tmp / DATA_FILE, specs, load, progress, out_dir.name)
+        units, written = _write_units(tmp / DATA_FILE, specs, load, progress, out_dir.name,
+                                      encoder)
         manifest = Manifest(out_dir, meta["model_type"], meta["config"], meta["dtype"],
-                            meta["source"], tuple(units), meta.get("tied", {}), total)
+                            meta["source"], tuple(units), meta.get("tied", {}), written)
         if extras is not None:
             extras(tmp)
         _write_file(tmp / MANIFEST_FILE, json.dumps(manifest.to_json(), indent=1).encode())
@@ -144,7 +155,8 @@ def _check_writable(parent: Path, total: int) -> None:
             "--offload-dir", path=str(parent), needed_bytes=total, free_bytes=free)
 
 
-def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: str) -> list[Unit]:
+def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: str,
+                 encoder: Encoder | None) -> tuple[list[Unit], int]:
     from tqdm.auto import tqdm
 
     units, offset = [], 0
@@ -153,21 +165,46 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
     with open(path, "wb") as f:
         for spec in specs:
             tensors, nbytes = spec.layout()
-            buf = torch.zeros(align(nbytes, BLOCK), dtype=torch.uint8)
-            for part, ts in zip(spec.parts, tensors):
+            datas = []
+            for part in spec.parts:
                 t = _part_tensor(part, load)
-                buf[ts.offset:ts.offset + ts.nbytes].copy_(t.reshape(-1).view(torch.uint8))
+                datas.append(encoder(spec, part, t) if encoder is not None else (t, None))
+            stored = None
+            if any(enc is not None for _, enc in datas):
+                tensors, stored = _stored_layout(tensors, datas)
+            end = nbytes if stored is None else stored
+            buf = torch.zeros(align(end, BLOCK), dtype=torch.uint8)
+            for (t, enc), ts in zip(datas, tensors):
+                at, n = ts.source
+                buf[at:at + n].copy_(enc[0] if enc is not None else t.reshape(-1).view(torch.uint8))
             data = buf.numpy()
-            checksum = zlib.crc32(data[:nbytes])
+            checksum = zlib.crc32(data[:end])
             f.write(memoryview(data))
             units.append(Unit(spec.key, spec.kind, spec.group, spec.index, offset, nbytes,
-                              checksum, tuple(tensors), spec.rows, spec.expert))
+                              checksum, tuple(tensors), spec.rows, spec.expert, stored))
             offset += len(data)
-            bar.update(len(data))
+            bar.update(align(nbytes, BLOCK))
         f.flush()
         os.fsync(f.fileno())
     bar.close()
-    return units
+    return units, offset
+
+
+def _stored_layout(tensors: list[TensorSpec], datas) -> tuple[list[TensorSpec], int]:
+    """Where each tensor of an encoded Unit is stored: encoded ones as their bitmap bytes,
+    the others as they are, each at ``TENSOR_ALIGN``."""
+    out, off = [], 0
+    for ts, (t, enc) in zip(tensors, datas):
+        off = align(off, TENSOR_ALIGN)
+        if enc is None:
+            out.append(dataclasses.replace(ts, stored_offset=off, stored_nbytes=ts.nbytes))
+            off += ts.nbytes
+        else:
+            blob, nnz = enc
+            out.append(dataclasses.replace(ts, encoding="bitmap", stored_offset=off,
+                                           stored_nbytes=blob.numel(), nnz=nnz))
+            off += blob.numel()
+    return out, off
 
 
 def _part_tensor(part: TensorPart, load) -> torch.Tensor:

@@ -102,7 +102,7 @@ class DiskTier:
         return t1 - t0
 
     def _read_into(self, unit: Unit, dest: np.ndarray, verify: bool) -> None:
-        length = align(unit.nbytes, BLOCK)
+        length = align(unit.stored_bytes, BLOCK)   # an encoded Unit moves as stored
         if dest.nbytes < length or (self.direct and dest.ctypes.data % BLOCK):
             raise ValueError(f"buffer for {unit.key} is too small or misaligned")
         done = 0
@@ -116,7 +116,7 @@ class DiskTier:
             os.posix_fadvise(self._fd, unit.offset, length, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += length
-        if verify and zlib.crc32(dest[:unit.nbytes]) != unit.checksum:
+        if verify and zlib.crc32(dest[:unit.stored_bytes]) != unit.checksum:
             raise self._corrupt(unit)
 
     def read_rows(self, unit: Unit, offset: int, row_bytes: int, rows: list[int],
@@ -137,11 +137,11 @@ class DiskTier:
 
     def verify(self, unit: Unit, scratch: np.ndarray) -> None:
         """Check ``unit``'s CRC32 by reading it through ``scratch`` (aligned) piece by piece."""
-        crc, done, step = 0, 0, scratch.nbytes // BLOCK * BLOCK
-        while done < unit.nbytes:
-            n = min(step, align(unit.nbytes - done, BLOCK))
+        crc, done, step, total = 0, 0, scratch.nbytes // BLOCK * BLOCK, unit.stored_bytes
+        while done < total:
+            n = min(step, align(total - done, BLOCK))
             got = os.preadv(self._fd, [scratch[:n]], unit.offset + done)
-            take = min(got, unit.nbytes - done)
+            take = min(got, total - done)
             if take <= 0:
                 raise self._truncated(unit)
             crc = zlib.crc32(scratch[:take], crc)

@@ -10,12 +10,17 @@ cross-stream point is explicit:
   (the copy stream waits on the slot's ``released`` event, recorded by the compute stream);
 * compute uses a slot only after its copy finished (the compute stream waits on ``ready``).
 
-Only imported when the compute device is a CUDA GPU; validated on a GPU machine.
+An encoded Unit crosses as stored: its bitmaps are validated on the host (bounce buffer),
+its stored bytes are copied into the slot's device landing buffer, and the decode kernel
+writes the dense layout into the slot, all on the copy stream before ``ready`` is recorded.
+
+Only imported when the compute device is a CUDA GPU.
 """
 from __future__ import annotations
 
 import torch
 
+from ..prefetch.sparse import decode_unit, validate_unit
 from ..units import Unit, align
 from .base import Ticket
 from .device import aligned_host
@@ -26,9 +31,12 @@ from .slots import Slot
 class PinnedStaging:
     """Moves Units from the disk tier into device slots through pinned bounce buffers."""
 
-    def __init__(self, disk: DiskTier, count: int, nbytes: int, device: torch.device):
+    def __init__(self, disk: DiskTier, count: int, nbytes: int, device: torch.device, *,
+                 landings: list[torch.Tensor] = (), stats=None):
         self.disk = disk
         self.device = device
+        self.landings = list(landings)   # device buffers, one per slot, for encoded Units
+        self.stats = stats
         self.bounce = [aligned_host(nbytes, pin=True) for _ in range(count)]
         self.bounce_np = [b.numpy() for b in self.bounce]
         self.stream = torch.cuda.Stream(device)
@@ -41,11 +49,11 @@ class PinnedStaging:
 
     def load_homed(self, units: list[Unit]) -> None:
         """Read the Units homed on the Host tier into one pinned slab, once (checksummed)."""
-        total = sum(align(u.nbytes, BLOCK) for u in units)
+        total = sum(align(u.stored_bytes, BLOCK) for u in units)
         slab = aligned_host(total, pin=True) if total else None
         off = 0
         for u in units:
-            n = align(u.nbytes, BLOCK)
+            n = align(u.stored_bytes, BLOCK)   # kept as stored: encoded Units stay compressed
             self.disk.read(u, slab[off:off + n].numpy(), verify=True)
             self.homed[u.key] = slab[off:off + n]
             off += n
@@ -57,7 +65,7 @@ class PinnedStaging:
         return Ticket(unit.key, unit.nbytes, future)
 
     def _move(self, unit: Unit, slot: Slot, i: int, verify: bool) -> float:
-        n = align(unit.nbytes, BLOCK)
+        n = align(unit.stored_bytes, BLOCK)
         source = self.homed.get(unit.key)
         seconds = 0.0
         if source is None:   # from disk, through bounce buffer i
@@ -65,10 +73,19 @@ class PinnedStaging:
                 self.bounce_done[i].synchronize()   # syncs (I/O thread): bounce buffer i is free
             seconds = self.disk.read(unit, self.bounce_np[i], verify=verify)
             source = self.bounce[i][:n]
+        if unit.encoded:
+            validate_unit(unit, source)   # before any byte of it reaches the GPU
         with torch.cuda.stream(self.stream):
             if self.released[i] is not None:
                 self.stream.wait_event(self.released[i])   # hazard: slot still read by compute
-            slot.buffer[:n].copy_(source, non_blocking=True)
+            if unit.encoded:
+                # Landing i is reused only by the next move into slot i: same stream, ordered.
+                self.landings[i][:n].copy_(source, non_blocking=True)
+                decode_unit(unit, self.landings[i], slot.buffer, stream=self.stream)
+                if self.stats is not None:
+                    self.stats.add(unit, 0.0)   # asynchronous: its time is in the copy stream
+            else:
+                slot.buffer[:n].copy_(source, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         if unit.key not in self.homed:

@@ -1,0 +1,1 @@
+"""Kernels: each has a pure-torch reference beside its compiled binding (``csrc/``)."""

@@ -1,0 +1,103 @@
+"""Lazy builds of the ``csrc/`` kernels into shared libraries with a plain C ABI.
+
+Why not ``torch.utils.cpp_extension``: it needs ninja and torch's headers (a build of 30 s or
+more per kernel), and builds CUDA code only with a CUDA build of torch. The kernels take raw
+pointers, so a C ABI loaded with ``ctypes`` needs neither: ``g++`` builds the CPU kernel in
+about a second, ``nvcc`` the CUDA one, with the same command CI uses for its compile check.
+
+Builds are cached under ``$OFFLOAD_CACHE/ext`` (default ``~/.cache/offload/ext``), keyed by a
+hash of the source, compiler and flags; each is written to a temporary name and renamed into
+place, so an interrupted build leaves nothing half-written. A missing compiler or a failed
+build is one warning, after which callers use the torch reference.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import uuid
+import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+
+
+class KernelBuildWarning(RuntimeWarning):
+    """A compiled kernel is unavailable; the pure-torch reference is used instead."""
+
+
+def build_dir() -> Path:
+    root = os.environ.get("OFFLOAD_CACHE") or os.path.join(Path.home(), ".cache", "offload")
+    return Path(root) / "ext"
+
+
+def cxx() -> str:
+    return os.environ.get("OFFLOAD_CXX") or os.environ.get("CXX") or "g++"
+
+
+def nvcc() -> str:
+    return os.environ.get("OFFLOAD_NVCC") or "nvcc"
+
+
+def nvcc_command(source: Path, out: Path, arch: str, *, compile_only: bool = False) -> list[str]:
+    """The nvcc command line for ``source`` (CI runs it with ``compile_only``)."""
+    mode = ["-c"] if compile_only else ["-shared", "-Xcompiler", "-fPIC"]
+    return [nvcc(), "-O3", "-std=c++17", f"-arch={arch}", *mode, "-o", str(out), str(source)]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_library(name: str = "bitmap_decode_cpu"):
+    """The CPU kernel library ``csrc/{name}.cpp``, built if needed; ``None`` (one warning)
+    when there is no compiler or the build fails."""
+    source = CSRC / f"{name}.cpp"
+    compiler = cxx()
+    return _load(source, lambda out: [compiler, *CPU_FLAGS, "-o", str(out), str(source)],
+                 key=(compiler, *CPU_FLAGS), what="C++ compiler", tool=compiler)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_library(arch: str, name: str = "bitmap_decode"):
+    """The CUDA kernel library ``csrc/{name}.cu`` for ``arch`` (``sm_90``), or ``None``."""
+    source = CSRC / f"{name}.cu"
+    return _load(source, lambda out: nvcc_command(source, out, arch),
+                 key=(nvcc(), arch), what="CUDA compiler", tool=nvcc())
+
+
+def _load(source: Path, command, *, key: tuple, what: str, tool: str):
+    if not source.is_file():
+        return _unavailable(f"the kernel source {source} is missing (offload installed without "
+                            "csrc/)")
+    if shutil.which(tool) is None:
+        return _unavailable(f"no {what} ({tool!r} is not on PATH); install one (or set "
+                            f"{'OFFLOAD_NVCC' if 'CUDA' in what else 'OFFLOAD_CXX'})")
+    digest = hashlib.sha256(source.read_bytes() + repr(key).encode()).hexdigest()[:16]
+    target = build_dir() / f"{source.stem}-{digest}.so"
+    if not target.is_file():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            log.info("building %s", target.name)
+            done = subprocess.run(command(tmp), capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                return _unavailable(f"building {source.name} failed:\n{done.stderr.strip()}")
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            return _unavailable(f"building {source.name} failed: {e}")
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as e:
+        return _unavailable(f"loading {target} failed: {e}")
+
+
+def _unavailable(reason: str):
+    warnings.warn(f"{reason}; using the pure-torch bitmap decoder (slower, same bits)",
+                  KernelBuildWarning, stacklevel=3)
+    return None

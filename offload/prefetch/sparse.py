@@ -1,0 +1,112 @@
+"""Moving encoded Units: the stored (compressed) bytes cross the slow links, and are decoded on
+the compute device into the Unit's dense layout, so the compute is unchanged.
+
+CPU: disk -> a landing buffer -> decode (C++ kernel) into the slot, in the I/O thread.
+GPU: disk -> pinned bounce buffer -> validate on the host -> copy to a device landing buffer
+-> decode (CUDA kernel) into the slot, on the copy stream (``tiers/host.py``).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import torch
+
+from ..errors import StoreError
+from ..kernels import bitmap
+from ..tiers.base import Ticket
+from ..tiers.disk import DiskTier
+from ..units import Unit
+
+
+class SparseStats:
+    """What decoding cost and saved (bytes are 4096-aligned reads and dense Unit bytes)."""
+
+    def __init__(self):
+        self.units = 0
+        self.stored_bytes = 0
+        self.dense_bytes = 0
+        self.decode_seconds = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, unit: Unit, seconds: float) -> None:
+        with self._lock:
+            self.units += 1
+            self.stored_bytes += unit.stored_bytes
+            self.dense_bytes += unit.nbytes
+            self.decode_seconds += seconds
+
+    def as_dict(self) -> dict:
+        return {"units_decoded": self.units, "stored_bytes": self.stored_bytes,
+                "dense_bytes": self.dense_bytes,
+                "ratio": self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0,
+                "decode_seconds": self.decode_seconds,
+                "decode_gbps": (self.dense_bytes / self.decode_seconds / 1e9
+                                if self.decode_seconds else 0.0)}
+
+
+def validate_unit(unit: Unit, stored: torch.Tensor) -> None:
+    """Check every bitmap of ``unit`` (its stored bytes, on the CPU) before it is decoded.
+
+    Raises:
+        StoreError: naming the Unit and tensor whose set bits disagree with its values.
+    """
+    for t in unit.tensors:
+        if t.encoding == "bitmap":
+            at, n = t.source
+            try:
+                bitmap.validate(stored[at:at + n], t.numel, t.nnz)
+            except bitmap.CorruptBitmap as e:
+                raise _corrupt(unit, t.name, e) from None
+
+
+def decode_unit(unit: Unit, stored: torch.Tensor, dest: torch.Tensor, *, threads: int = 1,
+                stream=None) -> None:
+    """Decode ``unit`` from its stored bytes into its dense layout in ``dest`` (same device).
+
+    On the CPU each bitmap is validated as it is decoded (``StoreError`` naming the Unit)."""
+    for t in unit.tensors:
+        at, n = t.source
+        src, out = stored[at:at + n], dest[t.offset:t.offset + t.nbytes]
+        if t.encoding != "bitmap":
+            out.copy_(src, non_blocking=True)
+            continue
+        try:
+            bitmap.decode(src, out, t.numel, t.nnz, t.torch_dtype.itemsize, threads=threads,
+                          stream=stream)
+        except bitmap.CorruptBitmap as e:
+            raise _corrupt(unit, t.name, e) from None
+
+
+def _corrupt(unit: Unit, tensor: str, e: Exception) -> StoreError:
+    return StoreError(f"unit {unit.key}, tensor {tensor}: {e}: the store is corrupt; delete it "
+                      "and pack again", unit=unit.key)
+
+
+class HostDecoder:
+    """CPU compute device: reads encoded Units into landing buffers and decodes them into
+    their slots, in the disk tier's I/O threads (one landing buffer per read in flight)."""
+
+    def __init__(self, disk: DiskTier, landings: list[torch.Tensor], stats: SparseStats):
+        self.disk = disk
+        self.stats = stats
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for buf in landings:
+            self._free.put(buf)
+
+    def submit(self, unit: Unit, dest: torch.Tensor, *, verify: bool) -> Ticket:
+        future = self.disk._pool.submit(self.read, unit, dest, verify)
+        return Ticket(unit.key, unit.stored_bytes, future)
+
+    def read(self, unit: Unit, dest: torch.Tensor, verify: bool) -> float:
+        """Read and decode ``unit`` into ``dest`` now (in the calling thread)."""
+        landing = self._free.get()   # never waits: one buffer per I/O thread
+        try:
+            seconds = self.disk.read(unit, landing.numpy(), verify=verify)
+            t0 = time.perf_counter()
+            decode_unit(unit, landing, dest)
+            self.stats.add(unit, time.perf_counter() - t0)
+        finally:
+            self._free.put(landing)
+        return seconds
