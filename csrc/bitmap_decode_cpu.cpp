@@ -59,12 +59,23 @@ void decode_groups_scalar(const uint64_t* masks, const int64_t* offsets, const T
 }
 
 #if defined(__x86_64__)
+// Non-temporal stores when the output is 64-byte aligned: a decoded Unit (tens of MB) is far
+// larger than the caches, and streaming stores skip reading each output line before writing
+// it (a third of the memory traffic of the decode).
+__attribute__((target("avx512f"))) inline void store(void* dst, __m512i v, bool stream) {
+  if (stream)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), v);
+  else
+    _mm512_storeu_si512(dst, v);
+}
+
 // AVX-512: a masked load of the next popcount(k) values, then an in-register expand to the
 // positions of k's set bits (VPEXPANDW needs VBMI2, VPEXPANDD AVX512F). Masked loads never
 // touch bytes past the values, so the encoded buffer needs no padding.
 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 void decode_groups_avx512_16(const uint64_t* masks, const int64_t* offsets, const uint16_t* values,
                              uint16_t* out, int64_t n, int64_t ntiles, int64_t g0, int64_t g1) {
+  const bool stream = reinterpret_cast<uintptr_t>(out) % 64 == 0;
   for (int64_t g = g0; g < g1; ++g) {
     const uint16_t* src = values + offsets[g];
     int64_t t1 = std::min(ntiles, (g + 1) * GROUP_TILES);
@@ -80,16 +91,18 @@ void decode_groups_avx512_16(const uint64_t* masks, const int64_t* offsets, cons
         int c = __builtin_popcount(k);
         __mmask32 load = c == 32 ? ~0u : ((1u << c) - 1);
         __m512i v = _mm512_maskz_loadu_epi16(load, src);
-        _mm512_storeu_si512(dst + 32 * h, _mm512_maskz_expand_epi16(k, v));
+        store(dst + 32 * h, _mm512_maskz_expand_epi16(k, v), stream);
         src += c;
       }
     }
   }
+  _mm_sfence();   // streaming stores are visible before the decode is reported done
 }
 
 __attribute__((target("avx512f")))
 void decode_groups_avx512_32(const uint64_t* masks, const int64_t* offsets, const uint32_t* values,
                              uint32_t* out, int64_t n, int64_t ntiles, int64_t g0, int64_t g1) {
+  const bool stream = reinterpret_cast<uintptr_t>(out) % 64 == 0;
   for (int64_t g = g0; g < g1; ++g) {
     const uint32_t* src = values + offsets[g];
     int64_t t1 = std::min(ntiles, (g + 1) * GROUP_TILES);
@@ -105,11 +118,12 @@ void decode_groups_avx512_32(const uint64_t* masks, const int64_t* offsets, cons
         int c = __builtin_popcount(k);
         __mmask16 load = (__mmask16)(c == 16 ? 0xFFFFu : ((1u << c) - 1));
         __m512i v = _mm512_maskz_loadu_epi32(load, src);
-        _mm512_storeu_si512(dst + 16 * q, _mm512_maskz_expand_epi32(k, v));
+        store(dst + 16 * q, _mm512_maskz_expand_epi32(k, v), stream);
         src += c;
       }
     }
   }
+  _mm_sfence();
 }
 
 bool has_avx512_16() {

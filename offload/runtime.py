@@ -162,7 +162,7 @@ class Runtime:
         if self.staging is not None:
             return self.staging.submit(unit, slot, verify=verify)
         if unit.encoded:   # stored bytes into a landing buffer, decoded into the slot
-            return self.decoder.submit(unit, slot.buffer, verify=verify)
+            return self.decoder.submit(unit, slot, verify=verify)
         return self.disk.submit(unit, self._slot_np[slot.index], verify=verify)
 
     def _attach(self) -> None:
@@ -353,6 +353,8 @@ class Runtime:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+        if getattr(self, "decoder", None) is not None:
+            self.decoder.close()
         self.disk.close()
         self.resident, self.slots, self.pipeline = {}, None, None
 

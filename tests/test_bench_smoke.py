@@ -36,3 +36,13 @@ def test_toy_moe_bench_runs_every_contender(tmp_path):
     offload_rows = [row for row in result["rows"] if row["key"].startswith("offload")]
     assert len(offload_rows) == 3
     assert all(row["tokens_match_resident"] is True for row in offload_rows), offload_rows
+
+
+def test_toy_sparse_bench_runs_every_contender(tmp_path):
+    result = _toy_run("bench_sparse", tmp_path, timeout=600)
+    for name in ("resident", "accelerate", "dense", "bitmap"):
+        assert result["contenders"][name]["returncode"] == 0, name
+    rows = {row["key"]: row for row in result["rows"]}
+    assert all(rows[k]["tokens_match_resident"] is True for k in ("accelerate", "dense", "bitmap"))
+    assert rows["bitmap"]["bytes_read_per_step"] < rows["dense"]["bytes_read_per_step"]
+    assert result["decode"]["stored_bps"] > 0

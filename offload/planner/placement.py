@@ -26,6 +26,7 @@ from .profile import HardwareProfile
 BLOCK = 4096
 IN_FLIGHT_BYTES = 64 << 20   # default prefetch keeps about this much in flight
 MAX_AUTO_DEPTH = 3
+MAX_AUTO_DEPTH_ENCODED = 5
 SMALL_FRACTION = 100    # Units under 1% of the largest stay resident: a read each costs more
 
 
@@ -65,7 +66,7 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
         floor = sum(size[k] for k in forced) + reserve_bytes + (
             slot_bytes + landing if streamable else 0)
         minimum = floor if minimum is None else min(minimum, floor)
-        ahead = int(prefetch) if prefetch is not None else _auto_depth(slot_bytes)
+        ahead = int(prefetch) if prefetch is not None else _auto_depth(slot_bytes, landing)
         deepest = max(0, min(ahead + 1, len(streamable)))
         for slots in range(deepest, 0 if streamable else -1, -1):
             option = _fill(forced, streamable, size, stored, reads, slots,
@@ -91,12 +92,18 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
                  reserve_bytes, max_tokens, minimum, profile, host_budget_bytes)
 
 
-def _auto_depth(slot_bytes: int) -> int:
+def _auto_depth(slot_bytes: int, landing_bytes: int = 0) -> int:
     """Units to fetch ahead by default. Measured on this project's CPU machine (TinyLlama, 23 MB
     Units): 1 ahead read 1.83 GB/s, 3-4 ahead 2.1 GB/s, 6 ahead 1.5 GB/s (too many concurrent
-    reads). Large Units keep the disk busy with one read ahead."""
+    reads). Large Units keep the disk busy with one read ahead.
+
+    Encoded Units keep the same bytes in flight as stored, and a decode after each read holds
+    its slot longer: up to ``MAX_AUTO_DEPTH_ENCODED`` ahead (measured, TinyLlama pruned to 50%,
+    13 MB stored per Unit: 3 ahead 1.89 tok/s, 4 1.92, 5 2.16, 7 2.06)."""
     if slot_bytes <= 0:
         return 1
+    if landing_bytes:
+        return max(1, min(MAX_AUTO_DEPTH_ENCODED, -(-IN_FLIGHT_BYTES // landing_bytes)))
     return max(1, min(MAX_AUTO_DEPTH, -(-IN_FLIGHT_BYTES // slot_bytes)))
 
 

@@ -7,9 +7,9 @@ GPU: disk -> pinned bounce buffer -> validate on the host -> copy to a device la
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -85,28 +85,53 @@ def _corrupt(unit: Unit, tensor: str, e: Exception) -> StoreError:
 
 
 class HostDecoder:
-    """CPU compute device: reads encoded Units into landing buffers and decodes them into
-    their slots, in the disk tier's I/O threads (one landing buffer per read in flight)."""
+    """CPU compute device: encoded Units are read by the disk tier's I/O threads into their
+    slot's landing buffer, then decoded into the slot by one decode thread.
+
+    Why a thread of its own: decoding in the I/O thread after its read kept that thread from
+    starting its next read, so fewer reads were in flight while Units decoded. Landing buffer
+    ``i`` belongs to slot ``i``: it is free again once slot ``i``'s previous decode finished,
+    which happened before that slot's Unit was consumed and the slot refilled.
+    """
 
     def __init__(self, disk: DiskTier, landings: list[torch.Tensor], stats: SparseStats):
         self.disk = disk
         self.stats = stats
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for buf in landings:
-            self._free.put(buf)
+        self.landings = landings
+        self._landing_np = [b.numpy() for b in landings]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-decode")
 
-    def submit(self, unit: Unit, dest: torch.Tensor, *, verify: bool) -> Ticket:
-        future = self.disk._pool.submit(self.read, unit, dest, verify)
-        return Ticket(unit.key, unit.stored_bytes, future)
+    def submit(self, unit: Unit, slot, *, verify: bool) -> Ticket:
+        done: Future = Future()
+        landing = self.landings[slot.index]
+        read = self.disk.submit(unit, self._landing_np[slot.index], verify=verify)._future
 
-    def read(self, unit: Unit, dest: torch.Tensor, verify: bool) -> float:
-        """Read and decode ``unit`` into ``dest`` now (in the calling thread)."""
-        landing = self._free.get()   # never waits: one buffer per I/O thread
+        def decode_after(f: Future) -> None:
+            if f.exception() is not None:
+                if done.set_running_or_notify_cancel():
+                    done.set_exception(f.exception())
+                return
+            try:
+                self._pool.submit(self._decode, unit, landing, slot.buffer, f.result(), done)
+            except RuntimeError as e:   # closed (or the interpreter exiting): never decoded
+                if done.set_running_or_notify_cancel():
+                    done.set_exception(e)
+
+        read.add_done_callback(decode_after)
+        return Ticket(unit.key, unit.stored_bytes, done)
+
+    def _decode(self, unit: Unit, landing: torch.Tensor, dest: torch.Tensor, read_s: float,
+                done: Future) -> None:
+        if not done.set_running_or_notify_cancel():
+            return
         try:
-            seconds = self.disk.read(unit, landing.numpy(), verify=verify)
             t0 = time.perf_counter()
             decode_unit(unit, landing, dest)
             self.stats.add(unit, time.perf_counter() - t0)
-        finally:
-            self._free.put(landing)
-        return seconds
+        except BaseException as e:   # reported by the pipeline's wait, on the compute thread
+            done.set_exception(e)
+            return
+        done.set_result(read_s)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
