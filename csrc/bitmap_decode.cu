@@ -10,26 +10,15 @@
 // the pinned buffer); the kernel still never reads past nnz values: a group whose offsets
 // disagree with its popcounts is written as zeros and raises *error.
 #include <cstdint>
+
+#include "bitmap_layout.h"
 #include <cuda_runtime.h>
 
 namespace {
 
-constexpr int64_t TILE = 64;
-constexpr int64_t GROUP_TILES = 32;
+using namespace offload_bitmap;
+
 constexpr unsigned FULL = 0xffffffffu;
-
-struct Layout {
-  int64_t ntiles, ngroups, values_off;
-};
-
-Layout layout(int64_t n) {
-  Layout l;
-  l.ntiles = (n + TILE - 1) / TILE;
-  l.ngroups = (l.ntiles + GROUP_TILES - 1) / GROUP_TILES;
-  int64_t head = 8 * l.ntiles + 8 * (l.ngroups + 1);
-  l.values_off = (head + 63) / 64 * 64;
-  return l;
-}
 
 template <typename T>
 struct alignas(2 * sizeof(T)) Pair {

@@ -10,6 +10,8 @@
 // offload_bitmap_validate checks every group's popcount against its offsets before any value
 // is read, so a corrupt bitmap is reported, never decoded out of bounds.
 #include <cstdint>
+
+#include "bitmap_layout.h"
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -20,21 +22,7 @@
 
 namespace {
 
-constexpr int64_t TILE = 64;
-constexpr int64_t GROUP_TILES = 32;
-
-struct Layout {
-  int64_t ntiles, ngroups, values_off;
-};
-
-Layout layout(int64_t n) {
-  Layout l;
-  l.ntiles = (n + TILE - 1) / TILE;
-  l.ngroups = (l.ntiles + GROUP_TILES - 1) / GROUP_TILES;
-  int64_t head = 8 * l.ntiles + 8 * (l.ngroups + 1);
-  l.values_off = (head + 63) / 64 * 64;
-  return l;
-}
+using namespace offload_bitmap;
 
 // Scalar tile: zero it, then scatter its values to the set bits (the last tile may be short).
 template <typename T>

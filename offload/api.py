@@ -141,6 +141,10 @@ def _prepare(model, out, offload_dir, progress=True, force=False,
         encoder = make_encoder(options, adapter, lambda: _calibrate(model, base, options))
         manifest = write_store(store_dir, specs, source.load, meta, progress=progress,
                                extras=extras, encoder=encoder)
+        if encoder is not None:   # build the CPU decoder now, not in the first (capped) run
+            from .kernels import bitmap
+
+            bitmap.prepare(torch.device("cpu"))
     return Prepared(source, manifest, adapter, store_dir.parent if out else base)
 
 

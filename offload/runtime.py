@@ -10,6 +10,7 @@ import torch
 from .errors import BudgetError, StoreError
 from .hooks import Binding, StreamedBindHook, embedding_forward, linear_forward
 from .planner.plan import Plan
+from .kernels import bitmap
 from .prefetch.pipeline import Pipeline
 from .prefetch.sparse import HostDecoder, SparseStats, decode_unit, validate_unit
 from .sizes import format_bytes
@@ -68,6 +69,8 @@ class Runtime:
         self._failed: StoreError | None = None
         self.experts = None
         try:
+            if any(u.encoded for u in manifest.units):
+                bitmap.prepare(device)   # any kernel build happens before the budget is taken
             self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
             # One landing buffer per slot for encoded Units' stored bytes (plan.landing_bytes).
             self.landings = [self.device_tier.alloc(plan.landing_bytes)

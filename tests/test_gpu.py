@@ -10,17 +10,23 @@ from conftest import FAMILIES, tiny_model, weight_bytes
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gpu_offload_is_bitwise_and_under_budget(family, offload_dir):
-    model = tiny_model(family)
-    ids = torch.randint(3, 3000, (4, 9))
-    resident = tiny_model(family).cuda()
+def _gpu_reference(resident, ids):
+    """Logits and 6 greedy tokens of ``resident`` run whole on the GPU (then freed)."""
+    resident = resident.cuda()
     with torch.no_grad():
         ref = resident(ids.cuda()).logits
         ref_tokens = resident.generate(ids.cuda(), max_new_tokens=6, do_sample=False,
                                        pad_token_id=0)
     del resident
     torch.cuda.empty_cache()
+    return ref, ref_tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_offload_is_bitwise_and_under_budget(family, offload_dir):
+    model = tiny_model(family)
+    ids = torch.randint(3, 3000, (4, 9))
+    ref, ref_tokens = _gpu_reference(tiny_model(family), ids)
     budget = int(weight_bytes(model) * 0.2)
     off = offload.run(model, budget=budget, offload_dir=offload_dir, device="cuda",
                       max_tokens=64)
@@ -99,14 +105,8 @@ def test_gpu_pruned_bitmap_model_is_bitwise_and_under_budget(fraction, offload_d
     prune_model(model, 0.5, adapter_for(model.config))
     resident = tiny_model("llama")
     prune_model(resident, 0.5, adapter_for(resident.config))
-    resident = resident.cuda()
     ids = torch.randint(3, 3000, (4, 9))
-    with torch.no_grad():
-        ref = resident(ids.cuda()).logits
-        ref_tokens = resident.generate(ids.cuda(), max_new_tokens=6, do_sample=False,
-                                       pad_token_id=0)
-    del resident
-    torch.cuda.empty_cache()
+    ref, ref_tokens = _gpu_reference(resident, ids)
     budget = int(weight_bytes(model) * fraction)
     off = offload.run(model, budget=budget, offload_dir=offload_dir, device="cuda",
                       max_tokens=64, sparse="bitmap")

@@ -77,7 +77,8 @@ def _load(source: Path, command, *, key: tuple, what: str, tool: str):
     if shutil.which(tool) is None:
         return _unavailable(f"no {what} ({tool!r} is not on PATH); install one (or set "
                             f"{'OFFLOAD_NVCC' if 'CUDA' in what else 'OFFLOAD_CXX'})")
-    digest = hashlib.sha256(source.read_bytes() + repr(key).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + repr(key).encode()).hexdigest()[:16]
     target = build_dir() / f"{source.stem}-{digest}.so"
     if not target.is_file():
         try:

@@ -129,6 +129,15 @@ def decode(enc: torch.Tensor, out: torch.Tensor, n: int, nnz: int, elem: int, *,
         raise RuntimeError(f"bitmap decode kernel launch failed (cudaError {err})")
 
 
+def prepare(device: torch.device) -> None:
+    """Build (or load) the decoder for ``device`` now: the runtime calls this before it
+    allocates its budget, so a first build (a compiler process of ~100 MB) never runs inside a
+    process already holding its whole budget."""
+    _build.cpu_library()
+    if device.type == "cuda":
+        cuda_kernel(device)
+
+
 def cuda_kernel(device: torch.device):
     major, minor = torch.cuda.get_device_capability(device)
     return _build.cuda_library(f"sm_{major}{minor}")
