@@ -7,7 +7,8 @@
 """
 from .api import close, pack, plan, run, stats
 from .errors import BudgetError, HardwareError, ModelError, OffloadError, StoreError
+from .integrations.accelerate import from_accelerate, infer_device_map
 
-__all__ = ["run", "plan", "pack", "stats", "close", "OffloadError", "BudgetError",
-           "StoreError", "ModelError", "HardwareError"]
+__all__ = ["run", "plan", "pack", "stats", "close", "from_accelerate", "infer_device_map",
+           "OffloadError", "BudgetError", "StoreError", "ModelError", "HardwareError"]
 __version__ = "0.1.0"

@@ -323,8 +323,18 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
     Raises:
         BudgetError, StoreError, ModelError, HardwareError: bad input, with the fix.
     """
-    device = _resolve_device(device)
     prep = _prepare(model, None, offload_dir, progress, options=PackOptions.make(sparse))
+    return run_prepared(prep, budget, device=device, host_budget=host_budget, prefetch=prefetch,
+                        max_tokens=max_tokens, experts=experts, predict=predict,
+                        predict_depth=predict_depth, predict_width=predict_width,
+                        expert_cache=expert_cache)
+
+
+def run_prepared(prep: Prepared, budget="25%", *, device=None, host_budget=None, prefetch=None,
+                 max_tokens=None, experts="cache", predict=False, predict_depth=1,
+                 predict_width=None, expert_cache="lru") -> torch.nn.Module:
+    """``run`` for a store already prepared (``_prepare``): plan, build, attach."""
+    device = _resolve_device(device)
     options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
     the_plan = _make_plan(prep, budget, device, prefetch, max_tokens, host_budget, options)
     skeleton = prep.source.module if prep.source.module is not None else \

@@ -46,3 +46,11 @@ def test_toy_sparse_bench_runs_every_contender(tmp_path):
     assert all(rows[k]["tokens_match_resident"] is True for k in ("accelerate", "dense", "bitmap"))
     assert rows["bitmap"]["bytes_read_per_step"] < rows["dense"]["bytes_read_per_step"]
     assert result["decode"]["stored_bps"] > 0
+
+
+def test_toy_accelerate_hook_bench_runs_both_contenders(tmp_path):
+    result = _toy_run("bench_accelerate_hook", tmp_path, timeout=600)
+    for name in ("accelerate", "hook"):
+        assert result["contenders"][name]["returncode"] == 0, name
+    rows = {row["key"]: row for row in result["rows"]}
+    assert rows["hook"]["tokens_match"] is True

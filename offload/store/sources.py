@@ -57,6 +57,8 @@ def open_source(model) -> Source:
         StoreError: a path that does not exist, or a directory without config.json or weights.
         ModelError: an object that is not a transformers model.
     """
+    if isinstance(model, Source):   # built by an integration (offload.integrations)
+        return model
     if isinstance(model, torch.nn.Module):
         return _module_source(model)
     if isinstance(model, (str, os.PathLike)):

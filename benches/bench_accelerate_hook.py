@@ -1,0 +1,161 @@
+"""Accelerate hook bench: one Accelerate loader, before and after the one-line change.
+
+    .venv/bin/python benches/bench_accelerate_hook.py          # the full bench (~5 minutes)
+    .venv/bin/python benches/bench_accelerate_hook.py --toy    # a tiny model, well under a minute
+
+Both contenders load the TinyLlama-shaped random bf16 model of ``bench_dense.py`` the same way:
+``AutoModelForCausalLM.from_pretrained(dir, device_map="auto", max_memory={"cpu": budget},
+offload_folder=...)`` with the budget at 25% of the weights. The second adds one line,
+``model = offload.from_accelerate(model, budget=budget)``. Each runs in its own process under
+the same memory cap (``../shared/tools/memlimit.sh``: budget plus the idle interpreter, page
+cache included and dropped before each). The first take-over packs offload's store beside
+Accelerate's offload folder (its time is reported as load time); later runs reuse it.
+
+Target (from the issue): >= 2x the tokens/s of the Accelerate-only run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_dense  # noqa: E402
+from _common import (  # noqa: E402
+    bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_map_summary,
+    disk_bandwidth, emit_result, fmt_bytes, format_header, format_table, greedy_decode,
+    idle_footprint, launch_contender, system_info, write_json)
+
+SCRIPT = Path(__file__).resolve()
+TARGET = 2.0
+
+
+def contender_main(a: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = json.loads((Path(a.model_dir) / "config.json").read_text())
+    prompts = bench_dense.prompts_for(1, a.prompt_len, config["vocab_size"])
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        a.model_dir, dtype=torch.bfloat16, device_map="auto",
+        max_memory={"cpu": int(a.budget_bytes)}, offload_folder=a.accelerate_offload_dir)
+    base = {"contender": a.contender, "batch": 1, "device_map": device_map_summary(model),
+            "accelerate_load_s": time.perf_counter() - t0}
+    if a.contender == "hook":
+        import offload
+
+        t1 = time.perf_counter()
+        model = offload.from_accelerate(model, budget=int(a.budget_bytes),   # the one line
+                                        max_tokens=a.max_tokens, progress=False)
+        base["takeover_s"] = time.perf_counter() - t1
+    model.eval()
+    res = greedy_decode(model, prompts, a.n_tokens, warmup_tokens=a.warmup)
+    extra = {}
+    if a.contender == "hook":
+        import offload
+
+        st = offload.stats(model)
+        extra = {"stats": st, "store": str(model._offload_runtime.manifest.path)}
+        offload.close(model)
+    emit_result({**base, **res, **extra})
+
+
+def main(a: argparse.Namespace) -> int:
+    from offload.sizes import parse_size
+
+    work = Path(a.work_dir).expanduser().absolute() / ("toy" if a.toy else "tinyllama")
+    dims = bench_dense.TOY if a.toy else bench_dense.FULL
+    info = system_info(work)
+    print("== offload Accelerate-hook bench ==", flush=True)
+    model_dir = work / "model"
+    bench_dense.build_model(model_dir, dims)
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    budget = parse_size(a.budget, total_bytes=weights)
+    max_tokens = bench_dense.max_tokens_for(1, a.prompt_len, a.tokens, a.warmup)
+    disk = disk_bandwidth(next(model_dir.glob("*.safetensors")))
+    idle = idle_footprint()
+    cap = budget + idle + a.cap_slack
+    capped, cg_reason = (False, "disabled by --no-cap") if a.no_cap else cgroup_status()
+    print(format_header(info, [
+        ("model", f"{'TOY ' if a.toy else 'TinyLlama-1.1B-shaped '}random bf16 Llama: "
+                  f"{fmt_bytes(weights)} of safetensors"),
+        ("budget", f"{a.budget} = {fmt_bytes(budget)} (Accelerate's max_memory and offload's "
+                   "budget)"),
+        *cap_and_disk_rows(cap, idle, a.cap_slack, capped, cg_reason, None, disk),
+        ("decode", f"prompt {a.prompt_len}, {a.warmup} warm-up, {a.tokens} timed tokens, greedy"),
+    ]), flush=True)
+    runs = {}
+    for key in ("accelerate", "hook"):
+        if a.only and key not in a.only.split(","):
+            continue
+        folder = work / f"accelerate_offload_{key}"
+        argv = [str(SCRIPT), "--contender", key, "--n-tokens", str(a.tokens),
+                "--model-dir", str(model_dir), "--prompt-len", str(a.prompt_len),
+                "--warmup", str(a.warmup), "--budget-bytes", str(budget),
+                "--max-tokens", str(max_tokens), "--accelerate-offload-dir", str(folder)]
+        runs[key] = launch_contender(key, argv, cap_bytes=cap if capped else None,
+                                     wait_quiet=a.wait_quiet, timeout=a.timeout, quiet=a.quiet)
+
+    def res(key):
+        r = runs.get(key)
+        return r.results[0] if r is not None and r.ok else None
+
+    acc, hk = res("accelerate"), res("hook")
+    rows, json_rows = [], []
+    for key, label in (("accelerate", "Accelerate (device_map='auto' + offload_folder)"),
+                       ("hook", "same + offload.from_accelerate(model)")):
+        if key not in runs:
+            continue
+        x, r = res(key), runs[key]
+        if x is None:
+            rows.append([label, "?", "-", "-", f"failed rc {r.returncode}"])
+            continue
+        dm = x["device_map"]
+        note = "map " + ", ".join(f"{d} {fmt_bytes(v['bytes'])}" for d, v in dm.items())
+        row = {"key": key, "tok_s": x["tok_s"], "capped": r.capped}
+        if key == "hook":
+            st = x["stats"]
+            note += (f"; take-over {x['takeover_s']:.1f} s (packs the store the first time), "
+                     f"peak {fmt_bytes(st['peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}, "
+                     f"stall {st['stall_seconds'] / max(st['decode_tokens'], 1):.2f} s/token")
+        if acc is not None and key == "hook":
+            n = min(len(acc["generated"][0]), len(x["generated"][0]))
+            row["tokens_match"] = acc["generated"][0][:n] == x["generated"][0][:n]
+            note += f", {n} tokens {'==' if row['tokens_match'] else '!='} Accelerate's"
+        json_rows.append(row)
+        rows.append([label, f"{x['tok_s']:.3f}",
+                     f"{x['tok_s'] / acc['tok_s']:.2f}x" if acc else "-",
+                     fmt_bytes(r.cap_bytes) if r.capped else "uncapped", note])
+    print("\n" + format_table(["contender", "tok/s", "vs before", "cap", "notes"], rows,
+                              right={1, 2}))
+    v = hk["tok_s"] / acc["tok_s"] if hk and acc else None
+    status = "N/A" if v is None else ("PASS" if v >= TARGET else "SHORT")
+    print("\ntargets" + ("" if capped else " (UNCAPPED run: not a memory-limited measurement)"))
+    print(f"  {status:<5}  one-line change >= {TARGET}x Accelerate tok/s    measured "
+          f"{'-' if v is None else f'{v:.2f}x'}")
+    print(f"  (I/O floor for reference: {fmt_bytes(disk['bps'])}/s disk)")
+    out = {"bench": "accelerate_hook", "toy": a.toy, "args": vars(a), "system": info,
+           "budget_bytes": budget, "cap_bytes": cap, "capped": capped, "disk": disk,
+           "contenders": {k: r.to_json() for k, r in runs.items()}, "rows": json_rows,
+           "targets": [{"target": f">= {TARGET}x", "value": v, "status": status}]}
+    print(f"\nJSON: {write_json(Path(a.json), out)}")
+    return 0 if all(r.ok for r in runs.values()) else 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = bench_parser(__doc__, tokens=8, work_dir="/tmp/offload_bench",
+                     json_path="bench_out/bench_accelerate_hook.json", rows="accelerate, hook")
+    return bench_defaults(p.parse_args(argv), tokens=8)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.contender:
+        contender_main(args)
+    else:
+        sys.exit(main(args))
