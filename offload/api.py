@@ -276,6 +276,15 @@ def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
          expert_cache="lru", sparse=None) -> Plan:
     """The Plan ``run`` would use, without running anything (packs the store if needed)."""
     prep = _prepare(model, None, offload_dir, options=PackOptions.make(sparse))
+    return plan_prepared(prep, budget, device=device, prefetch=prefetch, max_tokens=max_tokens,
+                         experts=experts, predict=predict, predict_depth=predict_depth,
+                         predict_width=predict_width, expert_cache=expert_cache)
+
+
+def plan_prepared(prep: Prepared, budget, *, device=None, prefetch=None, max_tokens=None,
+                  experts="cache", predict=False, predict_depth=1, predict_width=None,
+                  expert_cache="lru") -> Plan:
+    """``plan`` for a store already prepared (``_prepare``)."""
     options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
     return _make_plan(prep, budget, _resolve_device(device), prefetch, max_tokens,
                       experts=options)

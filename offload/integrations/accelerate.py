@@ -53,6 +53,7 @@ def from_accelerate(model: torch.nn.Module, budget=None, *, offload_dir=None,
     source, placed, weights = _accelerate_source(model)
     if budget is None:
         budget = _bytes_on_execution_device(model, placed)
+    run_kwargs.setdefault("device", _hook_device(model))
     if offload_dir is None:
         folder = _offload_folder(model)
         offload_dir = os.path.join(folder, "offload-store") if folder else None
@@ -87,15 +88,13 @@ def dispatch_model(model: torch.nn.Module, device_map: dict, main_device=None, s
     fp = _fingerprint(model, weights)
     source = Source(name=f"{model.config.model_type}-accelerate-{fp[:12]}",
                     description=f"Accelerate-mapped {type(model).__name__}",
-                    config=model.config, fingerprint=fp,
-                    shapes=lambda: {k: (tuple(t.shape), t.dtype) for k, t in
-                                    ((k, _meta_like(model, k)) for k in weights)},
+                    config=model.config, fingerprint=fp, shapes=lambda: _shapes(model),
                     load=lambda name: weights[name](), module=model)
     store_dir = os.path.join(folder, "offload-store") if folder else None
     return _run(source, model, budget, store_dir, run_kwargs, weights)
 
 
-def infer_device_map(model, budget, **plan_kwargs) -> dict[str, str | int]:
+def infer_device_map(model, budget, *, offload_dir=None, **plan_kwargs) -> dict[str, str | int]:
     """offload's Plan for ``model`` at ``budget`` in Accelerate's ``device_map`` format.
 
     Each module that holds weights maps to the compute device (``"cpu"`` or a GPU index) when
@@ -105,11 +104,11 @@ def infer_device_map(model, budget, **plan_kwargs) -> dict[str, str | int]:
     """
     from .. import api
 
-    plan = api.plan(model, budget, **plan_kwargs)
-    device = plan.device if plan.device == "cpu" else torch.device(plan.device).index or 0
+    prep = api._prepare(model, None, offload_dir)
+    plan = api.plan_prepared(prep, budget, **plan_kwargs)
+    device = "cpu" if plan.device == "cpu" else (torch.device(plan.device).index or 0)
     tier = {"device": device, "host": "cpu", "disk": "disk"}
     home = plan.home
-    prep = api._prepare(model, None, plan_kwargs.get("offload_dir"))
     skeleton = prep.source.module if prep.source.module is not None else \
         api.build_skeleton(prep.manifest, torch.device("cpu"))
     names = {id(m): n for n, m in skeleton.named_modules()}
@@ -119,14 +118,13 @@ def infer_device_map(model, budget, **plan_kwargs) -> dict[str, str | int]:
         if key in home:
             _merge(out, names[id(module)], tier[home[key]])
     for group, (module, _) in prep.adapter.row_points(skeleton).items():
-        keys = groups.get(prep.manifest.tied.get(group, group), [])
-        for k in keys:
+        for k in groups.get(prep.manifest.tied.get(group, group), []):
             _merge(out, names[id(module)], tier[home[k]])
     if hasattr(prep.adapter, "expert_points"):
         for i, module in prep.adapter.expert_points(skeleton).items():
-            keys = [u.key for u in prep.manifest.units if u.kind == "expert" and u.index == i]
-            for k in keys:
-                _merge(out, names[id(module)], tier[home.get(k, "disk")])
+            for u in prep.manifest.units:
+                if u.kind == "expert" and u.index == i:
+                    _merge(out, names[id(module)], tier[home.get(u.key, "disk")])
     return out
 
 
@@ -163,9 +161,7 @@ def _accelerate_source(model) -> tuple[Source, dict[str, str], dict]:
     fp = _fingerprint(model, weights, loaders)
     source = Source(name=f"{model.config.model_type}-accelerate-{fp[:12]}",
                     description=f"Accelerate-dispatched {type(model).__name__}",
-                    config=model.config, fingerprint=fp,
-                    shapes=lambda: {k: (tuple(t.shape), t.dtype) for k, t in
-                                    model.state_dict(keep_vars=True).items()},
+                    config=model.config, fingerprint=fp, shapes=lambda: _shapes(model),
                     load=lambda name: weights[name](), module=model)
     return source, placed, weights
 
@@ -219,6 +215,16 @@ def _fingerprint(model, weights: dict, loaders: dict | None = None) -> str:
             st = os.stat(f)
             h.update(f"{f}{st.st_size}{st.st_mtime_ns}".encode())
     return h.hexdigest()
+
+
+def _hook_device(model) -> torch.device:
+    """Where Accelerate ran the model: its hooks' execution device."""
+    for _, module in model.named_modules():
+        for hook in _hooks(module):
+            device = getattr(hook, "execution_device", None)
+            if device is not None:
+                return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return torch.device("cpu")
 
 
 def _offload_folder(model) -> str | None:
@@ -337,14 +343,15 @@ def _execution_device(device_map: dict, main_device) -> torch.device:
 
 
 def _map_bytes(model, device_map: dict, device: torch.device) -> int:
-    want = "cpu" if device.type == "cpu" else None
-    total = 0
-    for pname, t in model.state_dict(keep_vars=True).items():
-        _, where = _entry_for(device_map, pname)
-        on = want if want is not None else where not in ("cpu", "disk", "meta")
-        if where == on or on is True:
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of the weights ``device_map`` puts on the execution device ``device``."""
+    def on_device(where) -> bool:
+        if device.type == "cpu":
+            return where == "cpu"
+        return where not in ("cpu", "disk", "meta")
+
+    return sum(t.numel() * t.element_size()
+               for name, t in model.state_dict(keep_vars=True).items()
+               if on_device(_entry_for(device_map, name)[1]))
 
 
 def _weights_from_map(model, device_map, folder, offload_index, state_dict) -> dict:
@@ -373,5 +380,5 @@ def _weights_from_map(model, device_map, folder, offload_index, state_dict) -> d
     return weights
 
 
-def _meta_like(model, name: str) -> torch.Tensor:
-    return model.state_dict(keep_vars=True)[name]
+def _shapes(model) -> dict:
+    return {k: (tuple(t.shape), t.dtype) for k, t in model.state_dict(keep_vars=True).items()}
