@@ -642,3 +642,13 @@ def cap_and_disk_rows(cap: int, idle: int, slack: int, capped: bool, reason: str
                  f"{disk['chunk'] >> 20} MiB reads of {fmt_bytes(disk['bytes'])} "
                  f"({Path(disk['path']).name})")
     return [("memory cap", cap_text), ("disk bandwidth", disk_text)]
+
+
+def bench_entry(parse_args, contender_main, main) -> None:
+    """Every bench's ``__main__``: one contender in a subprocess (``--contender``), or the
+    parent that launches them and prints the table."""
+    args = parse_args()
+    if args.contender:
+        contender_main(args)
+    else:
+        sys.exit(main(args))

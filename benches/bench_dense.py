@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_map_summary,
+    bench_entry, bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_map_summary,
     device_reads, disk_bandwidth, emit_result, fmt_bytes, format_header, format_table,
     greedy_decode, idle_footprint, idle_footprint_cgroup, launch_contender,
     save_random_checkpoint, system_info, write_json)
@@ -427,8 +427,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    if args.contender:
-        contender_main(args)
-    else:
-        sys.exit(main(args))
+    bench_entry(parse_args, contender_main, main)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_dense  # noqa: E402
 from _common import (  # noqa: E402
-    bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, disk_bandwidth,
+    bench_entry, bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, disk_bandwidth,
     emit_result, fmt_bytes, format_header, format_table, greedy_decode, idle_footprint,
     launch_contender, system_info, write_json)
 
@@ -271,8 +271,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    if args.contender:
-        contender_main(args)
-    else:
-        sys.exit(main(args))
+    bench_entry(parse_args, contender_main, main)
