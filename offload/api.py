@@ -94,8 +94,14 @@ class PackOptions:
 
     def describe(self) -> dict:
         """What the manifest records (a store is reused only with the same options)."""
-        return {"sparse": self.sparse, "prune": self.prune,
-                "method": self.method if self.prune else None}
+        d = {"sparse": self.sparse, "prune": self.prune,
+             "method": self.method if self.prune else None}
+        if self.prune and self.method == "wanda":   # other calibration, other pruning
+            import hashlib
+
+            d["calibration"] = hashlib.sha256(
+                "\n".join(self.calibration or ("default",)).encode()).hexdigest()[:16]
+        return d
 
     def suffix(self) -> str:
         if self.sparse is None:

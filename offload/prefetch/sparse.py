@@ -1,7 +1,8 @@
 """Moving encoded Units: the stored (compressed) bytes cross the slow links, and are decoded on
 the compute device into the Unit's dense layout, so the compute is unchanged.
 
-CPU: disk -> a landing buffer -> decode (C++ kernel) into the slot, in the I/O thread.
+CPU: disk -> the slot's landing buffer (an I/O thread) -> decode (C++ kernel) into the slot
+(the decode thread).
 GPU: disk -> pinned bounce buffer -> validate on the host -> copy to a device landing buffer
 -> decode (CUDA kernel) into the slot, on the copy stream (``tiers/host.py``).
 """
