@@ -1,0 +1,103 @@
+"""The paged KV cache (offload/prefetch/kv.py): DynamicCache's results, with old blocks on disk."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from offload.prefetch.kv import PagedKVCache
+
+
+def _generate(model, ids, mask, cache=None, new=30):
+    kw = {"cache": cache} if cache is not None else {}
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                              **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("layers", [3, 4])   # odd and even: both prefetch orders
+def test_paged_cache_is_bitwise_dynamic_cache(family, batch, layers, tmp_path):
+    model = tiny_model(family, num_hidden_layers=layers)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 3000, (batch, 40), generator=g)   # longer than one block
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[1, :3], mask[1, :3] = 0, 0
+    ref = _generate(model, ids, mask)
+    cache = PagedKVCache(model.config, max_context=100, batch=batch, block_tokens=8,
+                         device_blocks=1, spill_dir=tmp_path)
+    out = _generate(model, ids, mask, cache)
+    assert cache.block_tokens == 32   # raised so a block row is 4096-byte aligned (f32, D=32)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))   # across 2 boundaries
+    assert cache.stats.spilled_blocks == layers and cache.stats.bytes_read > 0
+    assert list(tmp_path.iterdir()) == [], "the scratch file is unlinked"
+    cache.close()
+
+
+def test_kv_far_larger_than_the_device_part_runs_in_bounded_memory(tmp_path):
+    """8k positions x batch 4: the KV (403 MB) is ~4x what the cache holds in memory; a fresh
+    process's peak RSS grows by the cache's device bytes and the attention's activations, not
+    by the KV."""
+    script = textwrap.dedent(f"""
+        import json, resource, sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import tiny_model
+        from offload.prefetch.kv import PagedKVCache
+        torch.set_num_threads(2)
+        model = tiny_model("llama", num_key_value_heads=4)
+        cfg, B, T = model.config, 4, 8192
+        ids = torch.randint(3, 3000, (B, T + 1), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():   # warm-up: kernels and allocator, outside the measurement
+            model(ids[:, :64], use_cache=False)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        cache = PagedKVCache(cfg, max_context=T + 1, batch=B, block_tokens=256,
+                             device_blocks=2, spill_dir={str(tmp_path)!r})
+        with torch.no_grad():
+            for s in range(0, T, 64):   # chunked prefill: activations stay small
+                out = model(ids[:, s:s + 64], cache=cache, use_cache=True, logits_to_keep=1)
+            last = model(ids[:, T:], cache=cache, use_cache=True).logits
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        kv = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * (T + 1) * 32 * 4
+        print(json.dumps(dict(kv=kv, device=cache.device_bytes, grew=peak - base,
+                              spilled=cache.stats.spilled_blocks, length=cache.get_seq_length(),
+                              finite=bool(torch.isfinite(last).all()))))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["length"] == 8193 and res["finite"] and res["spilled"] > 0
+    assert res["kv"] > 3 * res["device"]
+    # the cache's device part + activations (a 64-position chunk attending 8k positions:
+    # scores, mask, softmax ~70 MB); about half the KV itself
+    assert res["grew"] < res["device"] + 96 * 2**20 < 0.6 * res["kv"], res
+
+
+def test_past_its_max_context_is_refused():
+    model = tiny_model("llama", num_hidden_layers=2)
+    cache = PagedKVCache(model.config, max_context=32, batch=1)
+    with pytest.raises(ValueError, match="needs 40 positions but the PagedKVCache holds 256"):
+        with torch.no_grad():
+            model(torch.randint(3, 3000, (1, 40)), cache=cache, use_cache=True)
+    cache.close()
+
+
+def test_a_closed_cache_says_so():
+    model = tiny_model("llama", num_hidden_layers=2)
+    cache = PagedKVCache(model.config, max_context=64, batch=1)
+    with torch.no_grad():
+        model(torch.randint(3, 3000, (1, 5)), cache=cache, use_cache=True)
+    cache.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        with torch.no_grad():
+            model(torch.randint(3, 3000, (1, 1)), cache=cache, use_cache=True)
