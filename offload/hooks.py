@@ -92,10 +92,18 @@ def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dt
 
 
 def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire: Callable,
-                   release: Callable) -> Callable:
-    """A forward for a bias-free linear whose output rows live in chunks (the LM head)."""
+                   release: Callable, *, fold: bool = True) -> Callable:
+    """A forward for a bias-free linear whose output rows live in chunks (the LM head).
+
+    ``fold``: the model's own weight required grad. torch's CPU linear then folds a strided
+    3-D input (generate's ``h[:, -1:, :]``) into a contiguous 2-D matrix before its matmul, and
+    otherwise runs another kernel with other rounding: the streamed head's weight views never
+    require grad, so the fold is done here to give the model's own bits."""
 
     def forward(h: torch.Tensor) -> torch.Tensor:
+        if fold and h.dim() > 2 and not h.is_contiguous() and \
+                h.dtype not in (torch.bfloat16, torch.float16):
+            return forward(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], rows)
         if h.dtype in (torch.bfloat16, torch.float16) and h.dim() > 2 and h.shape[0] > 1 \
                 and not h.is_contiguous() and h.device.type == "cpu":
             # generate() passes h[:, -1:, :], a strided 3-D view. For half types torch's CPU

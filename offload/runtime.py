@@ -68,6 +68,7 @@ class Runtime:
         self._closed = False
         self._failed: StoreError | None = None
         self.experts = None
+        self._paged_kv = None
         try:
             if any(u.encoded for u in manifest.units):
                 bitmap.prepare(device)   # any kernel build happens before the budget is taken
@@ -187,6 +188,9 @@ class Runtime:
         for group, (module, op) in adapter.row_points(model).items():
             keys = groups[tied.get(group, group)]
             chunks = [(k, self.units[k].rows) for k in keys]
+            # torch's linear takes another kernel for a strided input when the weight requires
+            # grad (even under no_grad): the head mirrors what the model's own weight did.
+            fold = bool(getattr(getattr(module, "weight", None), "requires_grad", False))
             binding = Binding(module, ["weight"], self.device)
             binding.unbind()
             self._undo.append(binding.restore)
@@ -198,7 +202,8 @@ class Runtime:
                         self.disk.verify(self.units[k], self._verify_buffer())
                         self.counters.checksummed.add(k)
             else:
-                fwd = linear_forward(chunks, self.shape.vocab, self._acquire, self._release)
+                fwd = linear_forward(chunks, self.shape.vocab, self._acquire, self._release,
+                                     fold=fold)
             module.forward = fwd
             self._undo.append(lambda m=module: m.__dict__.pop("forward", None))
         if self.experts is not None:
@@ -264,8 +269,11 @@ class Runtime:
             cache, "get_seq_length") else 0
         keep = kwargs.get("logits_to_keep", 0)
         rows = batch * (keep if isinstance(keep, int) and 0 < keep < new else new)
-        need = (self.shape.kv_bytes(batch * (past + new), self.itemsize)
-                + self.shape.activation_bytes(batch, new, past + new, self.itemsize, rows)
+        # A paged KV cache holds its device part, whatever the context; others hold it all.
+        kv = getattr(cache, "device_bytes", None)
+        if kv is None:
+            kv = self.shape.kv_bytes(batch * (past + new), self.itemsize)
+        need = (kv + self.shape.activation_bytes(batch, new, past + new, self.itemsize, rows)
                 + self._scratch.nbytes)
         if need > self.plan.reserve_bytes:
             raise BudgetError(
@@ -301,6 +309,8 @@ class Runtime:
         cache = output["cache"] if "cache" in keys else (
             output["past_key_values"] if "past_key_values" in keys else None)
         c.kv_bytes = max(c.kv_bytes, _cache_bytes(cache))
+        if getattr(cache, "device_bytes", None) is not None:
+            self._paged_kv = cache   # reported by stats()
 
     # -- reporting and shutdown -----------------------------------------------------------
     def stats(self) -> dict:
@@ -337,6 +347,8 @@ class Runtime:
         }
         if self.plan.stored_bytes != self.plan.weight_bytes:
             out["sparse"] = self.sparse.as_dict()
+        if self._paged_kv is not None:
+            out["kv"] = self._paged_kv.report()
         if ex is not None:
             out["experts"] = ex
         return out
@@ -363,6 +375,8 @@ class Runtime:
 
 
 def _cache_bytes(cache) -> int:
+    if getattr(cache, "device_bytes", None) is not None:   # a PagedKVCache
+        return cache.device_bytes
     total = 0
     for layer in getattr(cache, "layers", None) or []:
         for name in ("keys", "values"):

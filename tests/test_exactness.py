@@ -144,3 +144,23 @@ def test_bf16_model_bitwise(offload_dir):
     logits, tokens = _reference(off, ids, mask, 5)
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
     offload.close(off)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_generate_step_logits_bitwise(requires_grad, offload_dir):
+    """generate() keeps the last position's logits only (a strided ``h[:, -1:, :]`` into the
+    head): torch computes that with another kernel when the weight requires grad, and the
+    offloaded head must follow the model it replaced either way."""
+    model = tiny_model("llama").requires_grad_(requires_grad)
+    ids, mask = _prompts(4, model.config.vocab_size)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+    off = offload.run(model, budget=int(weight_bytes(model) * 0.2), offload_dir=offload_dir,
+                      max_tokens=64)
+    with torch.no_grad():
+        out = off.generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    offload.close(off)

@@ -101,3 +101,28 @@ def test_a_closed_cache_says_so():
     with pytest.raises(RuntimeError, match="closed"):
         with torch.no_grad():
             model(torch.randint(3, 3000, (1, 1)), cache=cache, use_cache=True)
+
+
+def test_offloaded_model_with_a_paged_cache_is_bitwise_and_counts_it(offload_dir, tmp_path):
+    """Weights streamed by offload, KV paged to disk: the runtime's budget check counts the
+    cache's device part (not the whole KV), and stats() reports the KV per tier."""
+    import offload
+    from conftest import weight_bytes
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = torch.randint(3, 3000, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    ref = _generate(model, ids, mask, new=40)
+    off = offload.run(tiny_model("llama", num_hidden_layers=4), offload_dir=offload_dir,
+                      budget=int(weight_bytes(model) * 0.5), max_tokens=64)
+    cache = PagedKVCache(model.config, max_context=80, batch=2, block_tokens=32,
+                         device_blocks=1, spill_dir=tmp_path)
+    out = _generate(off, ids, mask, cache, new=40)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    s = offload.stats(off)
+    assert s["kv"]["positions"] == 79 and s["kv"]["disk_bytes"] > 0
+    assert s["kv_bytes"] == cache.device_bytes   # what the reserve check counted
+    assert s["peak_bytes"] <= s["budget_bytes"]
+    offload.close(off)
+    cache.close()

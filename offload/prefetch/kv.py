@@ -136,6 +136,14 @@ class PagedKVCache(Cache):
         self.stats.stall_seconds += time.perf_counter() - t0
         return True
 
+    def report(self) -> dict:
+        """KV bytes per tier, the disk traffic and the time compute waited for it."""
+        return {"device_bytes": self.device_bytes,
+                "disk_bytes": self._spill.slots * 2 * self.block_bytes,
+                "positions": self.get_seq_length(), "spilled_blocks": self.stats.spilled_blocks,
+                "bytes_written": self.stats.bytes_written, "bytes_read": self.stats.bytes_read,
+                "stall_seconds": self.stats.stall_seconds}
+
     def check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this PagedKVCache was closed (its model was released); make a "
