@@ -232,17 +232,87 @@ class ExpertOptions:
                                f"(default: top-k = {top_k})")
 
 
+@dataclass(frozen=True)
+class KVOptions:
+    """Where the KV cache lives; see ``run``."""
+
+    kv: str = "auto"
+    max_context: int | None = None
+    batch: int = 1
+    block_tokens: int = 256
+    device_blocks: int = 4
+    prefill_chunk: int = 256
+
+    def check(self) -> None:
+        if self.kv not in ("auto", "paged", "dynamic"):
+            raise OffloadError(f"kv={self.kv!r}: use 'auto', 'paged' (recent blocks in the "
+                               "budget, older ones on disk) or 'dynamic' (all in the budget)")
+        for name in ("max_context", "batch", "block_tokens", "device_blocks", "prefill_chunk"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise OffloadError(f"{name}={v!r}: use a positive int")
+        if self.kv == "paged" and self.max_context is None:
+            raise OffloadError("kv='paged' needs max_context= (the longest sequence, in "
+                               "positions): it sizes the cache's buffers and its disk part")
+
+
 def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_tokens,
-               host_budget=None, experts: ExpertOptions = ExpertOptions()) -> Plan:
-    manifest, adapter = prep.manifest, prep.adapter
+               host_budget=None, experts: ExpertOptions = ExpertOptions(),
+               kv: KVOptions = KVOptions()) -> Plan:
+    kv.check()
+    manifest = prep.manifest
     config = build_config(manifest.config)
-    shape = adapter.shape(config)
+    shape = prep.adapter.shape(config)
     dtype = DTYPES[manifest.dtype]
     budget_bytes = parse_size(budget, total_bytes=manifest.weight_bytes)
+    if max_tokens is None and kv.max_context is not None:
+        max_tokens = kv.batch * kv.max_context
     max_tokens = int(max_tokens or DEFAULT_MAX_TOKENS)
     reserve = (shape.kv_bytes(max_tokens, dtype.itemsize)
                + shape.activation_bytes(1, max_tokens, max_tokens, dtype.itemsize, max_tokens)
                + scratch_bytes(shape, dtype.itemsize))
+    paged = kv.kv == "paged" or (kv.kv == "auto" and kv.max_context is not None
+                                 and reserve > budget_bytes // 2)
+    if not paged:
+        return _place(prep, budget_bytes, device, prefetch, max_tokens, reserve, host_budget,
+                      experts)
+    from .prefetch.kv import kv_geometry
+
+    g = kv_geometry(config, kv.max_context, kv.batch, dtype, kv.block_tokens, kv.device_blocks)
+    chunk = min(kv.prefill_chunk, kv.max_context)
+    reserve = (g["device_bytes"] + scratch_bytes(shape, dtype.itemsize)
+               + shape.activation_bytes(kv.batch, chunk, kv.max_context, dtype.itemsize,
+                                        kv.batch * chunk))
+    _check_kv_disk(prep.offload_dir, g["total_bytes"], kv)
+    plan = _place(prep, budget_bytes, device, prefetch, kv.batch * kv.max_context, reserve,
+                  host_budget, experts)
+    return dataclasses.replace(
+        plan, kv="paged", max_context=kv.max_context, kv_batch=kv.batch,
+        kv_block_tokens=g["block_tokens"], kv_device_blocks=kv.device_blocks,
+        kv_device_bytes=g["device_bytes"], kv_disk_bytes=g["total_bytes"], prefill_chunk=chunk)
+
+
+def _check_kv_disk(offload_dir: Path, total: int, kv: KVOptions) -> None:
+    import shutil
+
+    Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(offload_dir).free
+    if free < total + (64 << 20):
+        from .sizes import format_bytes
+
+        raise HardwareError(
+            f"max_context={kv.max_context} at batch {kv.batch} needs {format_bytes(total)} of KV "
+            f"cache, which cannot be served even from disk: {offload_dir} has "
+            f"{format_bytes(free)} free; lower max_context or choose another offload_dir",
+            needed_bytes=total, free_bytes=free)
+
+
+def _place(prep: Prepared, budget_bytes: int, device, prefetch, max_tokens: int, reserve: int,
+           host_budget, experts: ExpertOptions) -> Plan:
+    manifest, adapter = prep.manifest, prep.adapter
+    config = build_config(manifest.config)
+    shape = adapter.shape(config)
+    dtype = DTYPES[manifest.dtype]
     moe = adapter.moe_shape(config) if hasattr(adapter, "moe_shape") else None
     if moe is not None:
         experts.check(moe.top_k, moe.experts)
@@ -279,27 +349,33 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
 
 def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
          max_tokens=None, experts="cache", predict=False, predict_depth=1, predict_width=None,
-         expert_cache="lru", sparse=None) -> Plan:
+         expert_cache="lru", sparse=None, kv="auto", max_context=None, batch=1,
+         prefill_chunk=256, kv_block=256, kv_device_blocks=4) -> Plan:
     """The Plan ``run`` would use, without running anything (packs the store if needed)."""
     prep = _prepare(model, None, offload_dir, options=PackOptions.make(sparse))
     return plan_prepared(prep, budget, device=device, prefetch=prefetch, max_tokens=max_tokens,
                          experts=experts, predict=predict, predict_depth=predict_depth,
-                         predict_width=predict_width, expert_cache=expert_cache)
+                         predict_width=predict_width, expert_cache=expert_cache, kv=kv,
+                         max_context=max_context, batch=batch, prefill_chunk=prefill_chunk,
+                         kv_block=kv_block, kv_device_blocks=kv_device_blocks)
 
 
 def plan_prepared(prep: Prepared, budget, *, device=None, prefetch=None, max_tokens=None,
                   experts="cache", predict=False, predict_depth=1, predict_width=None,
-                  expert_cache="lru") -> Plan:
+                  expert_cache="lru", kv="auto", max_context=None, batch=1,
+                  prefill_chunk=256, kv_block=256, kv_device_blocks=4) -> Plan:
     """``plan`` for a store already prepared (``_prepare``)."""
     options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
     return _make_plan(prep, budget, _resolve_device(device), prefetch, max_tokens,
-                      experts=options)
+                      experts=options, kv=KVOptions(kv, max_context, batch, kv_block,
+                                                    kv_device_blocks, prefill_chunk))
 
 
 def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
         prefetch=None, max_tokens=None, progress=True, experts="cache", predict=False,
         predict_depth=1, predict_width=None, expert_cache="lru",
-        sparse=None) -> torch.nn.Module:
+        sparse=None, kv="auto", max_context=None, batch=1,
+        prefill_chunk=256, kv_block=256, kv_device_blocks=4) -> torch.nn.Module:
     """Run ``model`` within ``budget`` bytes of compute-tier memory.
 
     Args:
@@ -326,6 +402,19 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
         predict_depth: MoE layers ahead to predict (default 1).
         predict_width: experts per token to prefetch for each predicted layer (default top-k).
         expert_cache: ``"lru"`` (default) or ``"lfu"`` (frequency-aware) eviction.
+        kv: where the KV cache lives. ``"dynamic"``: transformers' DynamicCache, all of it in
+            the budget (``max_tokens`` positions reserved). ``"paged"``: blocks of positions,
+            the newest ``device_blocks`` per layer in the budget and older ones spilled to a
+            scratch file in ``offload_dir``, read back a layer ahead (``generate`` gets it
+            automatically); needs ``max_context``. ``"auto"`` (default): paged when
+            ``max_context`` is given and a dynamic cache for it would take over half the
+            budget. Lossless either way.
+        max_context: the longest sequence (prompt + new tokens) to serve, in positions.
+        batch: sequences per forward the paged cache is sized for.
+        prefill_chunk: with a paged cache, the prompt positions per forward the reserve's
+            activations are sized for (a longer prompt is fed in chunks of this size).
+        kv_block / kv_device_blocks: positions per KV block, and full blocks per layer kept
+            in the budget (the newest), for a paged cache.
         sparse: ``"bitmap"``: pack the weights whose zeros pay (an already-pruned model) as
             bitmaps, moved compressed and decoded on the compute device; lossless. Pruning
             is a separate, explicit step: ``offload.pack(..., prune=0.5)``. A packed store
@@ -342,16 +431,22 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
     return run_prepared(prep, budget, device=device, host_budget=host_budget, prefetch=prefetch,
                         max_tokens=max_tokens, experts=experts, predict=predict,
                         predict_depth=predict_depth, predict_width=predict_width,
-                        expert_cache=expert_cache)
+                        expert_cache=expert_cache, kv=kv, max_context=max_context, batch=batch,
+                        prefill_chunk=prefill_chunk, kv_block=kv_block,
+                        kv_device_blocks=kv_device_blocks)
 
 
 def run_prepared(prep: Prepared, budget="25%", *, device=None, host_budget=None, prefetch=None,
                  max_tokens=None, experts="cache", predict=False, predict_depth=1,
-                 predict_width=None, expert_cache="lru") -> torch.nn.Module:
+                 predict_width=None, expert_cache="lru", kv="auto", max_context=None,
+                 batch=1, prefill_chunk=256, kv_block=256,
+                 kv_device_blocks=4) -> torch.nn.Module:
     """``run`` for a store already prepared (``_prepare``): plan, build, attach."""
     device = _resolve_device(device)
     options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
-    the_plan = _make_plan(prep, budget, device, prefetch, max_tokens, host_budget, options)
+    the_plan = _make_plan(prep, budget, device, prefetch, max_tokens, host_budget, options,
+                          KVOptions(kv, max_context, batch, kv_block, kv_device_blocks,
+                                    prefill_chunk))
     skeleton = prep.source.module if prep.source.module is not None else \
         build_skeleton(prep.manifest, device)
     prep.adapter.check_model(skeleton)

@@ -69,6 +69,7 @@ class Runtime:
         self._failed: StoreError | None = None
         self.experts = None
         self._paged_kv = None
+        self._owned_kv = None   # the PagedKVCache kv="paged" hands to generate()
         try:
             if any(u.encoded for u in manifest.units):
                 bitmap.prepare(device)   # any kernel build happens before the budget is taken
@@ -264,7 +265,14 @@ class Runtime:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         batch, new = int(ids.shape[0]), int(ids.shape[1])
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        key = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(key)
+        swapped = False
+        if self.plan.kv == "paged":
+            paged = self._paged_cache(cache, batch, kwargs.get("use_cache"))
+            if paged is not cache:
+                kwargs[key] = cache = paged
+                swapped = True
         past = int(cache.get_seq_length()) if cache is not None and hasattr(
             cache, "get_seq_length") else 0
         keep = kwargs.get("logits_to_keep", 0)
@@ -276,12 +284,14 @@ class Runtime:
         need = (kv + self.shape.activation_bytes(batch, new, past + new, self.itemsize, rows)
                 + self._scratch.nbytes)
         if need > self.plan.reserve_bytes:
+            fix = (f"feed the prompt in chunks of at most {self.plan.prefill_chunk} positions"
+                   if self.plan.kv == "paged" and new > self.plan.prefill_chunk else
+                   f"pass max_tokens >= {batch * (past + new)} (the budget must hold it too)")
             raise BudgetError(
                 f"this forward (batch {batch}, {past + new} positions) needs "
                 f"{format_bytes(need)} for KV cache and activations, but the plan reserved "
                 f"{format_bytes(self.plan.reserve_bytes)} for max_tokens={self.plan.max_tokens};"
-                f" pass max_tokens >= {batch * (past + new)} (the budget must hold it too)",
-                budget_bytes=self.plan.budget_bytes)
+                f" {fix}", budget_bytes=self.plan.budget_bytes)
         c = self.counters
         c.peak_bytes = max(c.peak_bytes, self.device_tier.allocated_bytes + need)
         if self.pipeline.active:
@@ -290,6 +300,34 @@ class Runtime:
         if self.experts is not None:
             self.experts.begin_forward(new == 1)
         self._forward_t0 = time.perf_counter()
+        return (args, kwargs) if swapped else None
+
+    def _paged_cache(self, cache, batch: int, use_cache):
+        """With ``kv="paged"``: the runtime's PagedKVCache in place of an empty (or no) cache,
+        so ``generate`` pages its KV without being told; a cache already holding positions,
+        or ``use_cache=False``, is left alone."""
+        from .prefetch.kv import PagedKVCache
+
+        if isinstance(cache, PagedKVCache) or use_cache is False:
+            return cache
+        if cache is not None and (not hasattr(cache, "get_seq_length")
+                                  or cache.get_seq_length() > 0):
+            return cache
+        if batch > self.plan.kv_batch:
+            raise BudgetError(f"a batch of {batch} sequences, but the paged KV cache was "
+                              f"planned for {self.plan.kv_batch}: pass batch={batch} to run()",
+                              budget_bytes=self.plan.budget_bytes)
+        owned = self._owned_kv
+        if owned is None or owned.shape[0] != batch:
+            if owned is not None:
+                owned.close()
+            self._owned_kv = owned = PagedKVCache(
+                self.model.config, max_context=self.plan.max_context, batch=batch,
+                dtype=DTYPES[self.manifest.dtype], block_tokens=self.plan.kv_block_tokens,
+                device_blocks=self.plan.kv_device_blocks, spill_dir=self.manifest.path.parent)
+        else:
+            owned.reset()
+        return owned
 
     def _end(self, module, args, output):
         elapsed = time.perf_counter() - self._forward_t0
@@ -370,6 +408,8 @@ class Runtime:
         self._undo.clear()
         if getattr(self, "decoder", None) is not None:
             self.decoder.close()
+        if getattr(self, "_owned_kv", None) is not None:
+            self._owned_kv.close()   # a cache kept past close() says so when used
         self.disk.close()
         self.resident, self.slots, self.pipeline = {}, None, None
 

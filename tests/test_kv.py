@@ -86,7 +86,7 @@ def test_kv_far_larger_than_the_device_part_runs_in_bounded_memory(tmp_path):
 def test_past_its_max_context_is_refused():
     model = tiny_model("llama", num_hidden_layers=2)
     cache = PagedKVCache(model.config, max_context=32, batch=1)
-    with pytest.raises(ValueError, match="needs 40 positions but the PagedKVCache holds 256"):
+    with pytest.raises(ValueError, match="needs 40 positions but the PagedKVCache holds 32"):
         with torch.no_grad():
             model(torch.randint(3, 3000, (1, 40)), cache=cache, use_cache=True)
     cache.close()
@@ -126,3 +126,87 @@ def test_offloaded_model_with_a_paged_cache_is_bitwise_and_counts_it(offload_dir
     assert s["peak_bytes"] <= s["budget_bytes"]
     offload.close(off)
     cache.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_run_with_paged_kv_hands_generate_a_paged_cache(family, offload_dir):
+    import offload
+
+    model = tiny_model(family, num_hidden_layers=4)
+    ids = torch.randint(3, 3000, (2, 40), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ref = _generate(model, ids, mask, new=90)
+    off = offload.run(tiny_model(family, num_hidden_layers=4), offload_dir=offload_dir,
+                      budget="40MB", kv="paged", max_context=130, batch=2, kv_block=32,
+                      kv_device_blocks=1)
+    plan = off._offload_runtime.plan
+    assert plan.kv == "paged" and "KV spill file" in plan.table()
+    out = _generate(off, ids, mask, new=90)
+    assert type(out.past_key_values) is PagedKVCache
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    kv = offload.stats(off)["kv"]
+    assert kv["positions"] == 129 and kv["spilled_blocks"] > 0 and kv["disk_bytes"] > 0
+    again = _generate(off, ids, mask, new=90)   # the cache is reset, not grown
+    assert torch.equal(again.sequences, ref.sequences)
+    cache = out.past_key_values
+    offload.close(off)
+    with pytest.raises(RuntimeError, match=r"closed \(its model was released\)"):
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+
+
+def test_a_context_that_even_the_disk_cannot_hold_is_refused(offload_dir):
+    import offload
+    from offload.errors import HardwareError
+
+    with pytest.raises(HardwareError, match=r"max_context=1000000000 at batch 4 needs .* of KV "
+                                            r"cache, which cannot be served even from disk: .* "
+                                            r"free"):
+        offload.plan(tiny_model("llama"), "50%", offload_dir=offload_dir, kv="paged",
+                     max_context=10**9, batch=4)
+
+
+def test_kv_alone_over_the_budget_runs_under_it_measured(tmp_path):
+    """8k positions x batch 4 through offload.run: the KV (403 MB) is 1.9x the budget (200 MiB);
+    the run completes with offload's accounted peak under the budget, and the process's peak
+    RSS (a fresh process, after a warm-up) grows by less than the budget."""
+    script = textwrap.dedent(f"""
+        import json, resource, sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import tiny_model
+        import offload
+        torch.set_num_threads(2)
+        B, T, budget = 4, 8192, 200 * 2**20
+        ids = torch.randint(3, 3000, (B, T + 1), generator=torch.Generator().manual_seed(0))
+        warm = tiny_model("llama", num_key_value_heads=4)
+        with torch.no_grad():
+            warm(ids[:, :64], use_cache=False)
+        model = tiny_model("llama", num_key_value_heads=4)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        off = offload.run(model, budget=budget, offload_dir={str(tmp_path)!r}, kv="paged",
+                          max_context=T + 1, batch=B, prefill_chunk=64, progress=False)
+        with torch.no_grad():
+            for s in range(0, T, 64):
+                off(ids[:, s:s + 64], use_cache=True, logits_to_keep=1,
+                    **({{"cache": cache}} if s else {{}}))
+                cache = off._offload_runtime._owned_kv
+            last = off(ids[:, T:], cache=cache, use_cache=True).logits
+        st = offload.stats(off)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        cfg = model.config
+        kv = 2 * cfg.num_hidden_layers * B * 4 * (T + 1) * 32 * 4
+        print(json.dumps(dict(kv=kv, budget=budget, grew=peak - base, peak=st["peak_bytes"],
+                              positions=st["kv"]["positions"], disk=st["kv"]["disk_bytes"],
+                              finite=bool(torch.isfinite(last).all()))))
+        offload.close(off)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["positions"] == 8193 and res["finite"] and res["disk"] > 0
+    print(res)
+    assert res["kv"] > 1.9 * res["budget"]
+    assert res["peak"] <= res["budget"], res          # offload's accounting
+    assert res["grew"] <= res["budget"], res          # measured by the OS

@@ -44,6 +44,11 @@ class Plan:
             to the current hidden state, and experts per token prefetched for each (0: off).
         expert_bytes_per_step: expert bytes a decode step is predicted to read (batch 1).
         encoded_units: ``(key, dense bytes, stored bytes)`` of each encoded Unit.
+        kv: ``dynamic`` (the KV cache in the reserve) or ``paged`` (``kv_device_bytes`` of it
+            in the reserve: the newest ``kv_device_blocks`` blocks of ``kv_block_tokens`` per
+            layer and two gather buffers; the whole ``kv_disk_bytes`` at ``max_context`` x
+            ``kv_batch`` can spill to disk). ``prefill_chunk``: the prompt positions per
+            forward the reserve's activations are sized for.
     """
 
     budget_bytes: int
@@ -75,6 +80,14 @@ class Plan:
     predict_width: int = 0
     expert_bytes_per_step: int = 0
     encoded_units: tuple[tuple[str, int, int], ...] = ()
+    kv: str = "dynamic"
+    max_context: int = 0
+    kv_batch: int = 0
+    kv_block_tokens: int = 0
+    kv_device_blocks: int = 0
+    kv_device_bytes: int = 0
+    kv_disk_bytes: int = 0
+    prefill_chunk: int = 0
 
     @property
     def home(self) -> dict[str, str]:
@@ -105,7 +118,15 @@ class Plan:
             rows.append(("expert cache", f"{self.expert_slots} slots ({self.expert_protected} "
                          f"kept by their layer, {self.expert_policy})",
                          format_bytes(self.expert_slots * self.expert_slot_bytes)))
-        rows.append(("KV+activations", f"{self.max_tokens} tokens", format_bytes(self.reserve_bytes)))
+        if self.kv == "paged":
+            rows.append(("KV+activations", f"paged: {self.kv_batch} x {self.max_context} "
+                         f"positions, prefill chunks of {self.prefill_chunk}",
+                         format_bytes(self.reserve_bytes)))
+            rows.append(("KV spill file", f"at most (the whole KV at {self.kv_batch} x "
+                         f"{self.max_context} positions)", format_bytes(self.kv_disk_bytes)))
+        else:
+            rows.append(("KV+activations", f"{self.max_tokens} tokens",
+                         format_bytes(self.reserve_bytes)))
         width = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in width))

@@ -32,6 +32,26 @@ from ..tiers.device import aligned_host
 BLOCK = 4096
 
 
+def kv_geometry(config, max_context: int, batch: int, dtype, block_tokens: int = 256,
+                device_blocks: int = 4) -> dict:
+    """The sizes a ``PagedKVCache`` of these parameters takes: ``device_bytes`` on the
+    compute device, ``total_bytes`` of the whole KV at ``max_context`` (the rest on disk)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+    row = head_dim * torch.empty(0, dtype=dtype).element_size()
+    quantum = BLOCK // math.gcd(BLOCK, row)       # positions per 4096-byte-aligned row
+    bt = -(-max(block_tokens, 1) // quantum) * quantum
+    context = -(-max_context // bt) * bt
+    block_bytes = batch * heads * bt * row
+    layers = config.num_hidden_layers
+    pool = 2 * layers * (device_blocks + 1)
+    return {"heads": heads, "head_dim": head_dim, "block_tokens": bt, "max_context": context,
+            "block_bytes": block_bytes, "pool_blocks": pool,
+            "device_bytes": 4 * batch * heads * context * row + pool * block_bytes,
+            "total_bytes": 2 * layers * batch * heads * context * row}
+
+
 class KVStats:
     def __init__(self):
         self.spilled_blocks = 0
@@ -58,31 +78,25 @@ class PagedKVCache(Cache):
 
     def __init__(self, config, *, max_context: int, batch: int = 1, dtype=torch.float32,
                  block_tokens: int = 256, device_blocks: int = 4, spill_dir=None):
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or \
-            config.hidden_size // config.num_attention_heads
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        row = head_dim * itemsize
-        quantum = BLOCK // math.gcd(BLOCK, row)       # positions per 4096-byte-aligned row
-        bt = -(-max(block_tokens, 1) // quantum) * quantum
         if max_context < 1 or batch < 1 or device_blocks < 1:
             raise ValueError("max_context, batch and device_blocks must be at least 1")
+        g = kv_geometry(config, max_context, batch, dtype, block_tokens, device_blocks)
+        bt, heads, head_dim = g["block_tokens"], g["heads"], g["head_dim"]
         self.shape = (batch, heads, bt, head_dim)
         self.block_tokens, self.device_blocks, self.dtype = bt, device_blocks, dtype
-        self.max_context = -(-max_context // bt) * bt
-        self.block_bytes = batch * heads * bt * row            # keys (values the same)
+        self.max_context = max_context            # the limit; buffers are whole blocks
+        self._positions = g["max_context"]
+        self.block_bytes = g["block_bytes"]                    # keys (values the same)
         self.stats = KVStats()
         self._closed = False
-        self._gather = [(self._host(self.max_context), self._host(self.max_context))
+        self._gather = [(self._host(self._positions), self._host(self._positions))
                         for _ in range(2)]
-        n_layers = config.num_hidden_layers
-        self._pool = [self._host(bt) for _ in range(2 * n_layers * (device_blocks + 1))]
-        self.device_bytes = (4 * batch * heads * self.max_context * row
-                             + len(self._pool) * self.block_bytes)
+        self._pool = [self._host(bt) for _ in range(g["pool_blocks"])]
+        self.device_bytes = g["device_bytes"]
         self._spill = _SpillFile(spill_dir, 2 * self.block_bytes)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-kv")
         self._pending: dict[int, Future] = {}
-        super().__init__(layers=[PagedLayer(self, i) for i in range(n_layers)])
+        super().__init__(layers=[PagedLayer(self, i) for i in range(config.num_hidden_layers)])
 
     def _host(self, positions: int) -> torch.Tensor:
         b, h, _, d = self.shape
@@ -157,6 +171,18 @@ class PagedKVCache(Cache):
         self._reader.shutdown(wait=True)
         self._spill.close()
         self._gather, self._pool = [], []
+
+    def reset(self) -> None:
+        """Forget every position (a new generation); the buffers and file are reused."""
+        self.check_open()
+        self.wait_all()
+        for layer in self.layers:
+            layer.reset()
+        self._spill.slots = 0
+
+    def wait_all(self) -> None:
+        for i in list(self._pending):
+            self.wait(i)
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("PagedKVCache does not crop (assisted decoding); use "
