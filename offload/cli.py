@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     r.add_argument("--prefetch", type=int, help="Units fetched ahead (default 1)")
     r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    _kv_flags(r)
     _expert_flags(r)
     r.set_defaults(func=_cmd_run)
 
@@ -71,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--device")
     pl.add_argument("--prefetch", type=int)
     pl.add_argument("--max-tokens", type=int, help="batch x context to reserve KV for")
+    pl.add_argument("--batch", type=int, default=1, help="sequences per forward (paged KV)")
+    _kv_flags(pl)
     _expert_flags(pl)
     pl.set_defaults(func=_cmd_plan)
 
@@ -92,6 +95,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="wanda: calibration texts, one per line (default: built-in prose)")
     pk.set_defaults(func=_cmd_pack)
     return p
+
+
+def _kv_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--max-context", type=int, metavar="N",
+                   help="the longest sequence to serve (prompt + new tokens); with --kv auto a "
+                        "context whose KV would take over half the budget is paged to disk")
+    g.add_argument("--kv", choices=("auto", "paged", "dynamic"), default="auto",
+                   help="paged: newest KV blocks in the budget, older ones on disk; dynamic: "
+                        "all of it in the budget (default auto)")
 
 
 def _expert_flags(p: argparse.ArgumentParser) -> None:
@@ -148,7 +161,8 @@ def _cmd_plan(args) -> int:
 
     plan = api.plan(args.model or default_model_path(), args.budget, device=args.device,
                     offload_dir=args.offload_dir, prefetch=args.prefetch,
-                    max_tokens=args.max_tokens, **_expert_options(args))
+                    max_tokens=args.max_tokens, kv=args.kv, max_context=args.max_context,
+                    batch=args.batch, **_expert_options(args))
     print(plan.table())
     return 0
 
@@ -167,9 +181,15 @@ def _cmd_run(args) -> int:
     batch = _encode(tok, prompts, chat=not args.no_chat)
     n_batch, n_prompt = batch["input_ids"].shape
     max_tokens = n_batch * (n_prompt + args.max_new_tokens)
+    if args.max_context is not None and args.max_context < n_prompt + args.max_new_tokens:
+        raise OffloadError(f"--max-context {args.max_context} is shorter than the prompt "
+                           f"({n_prompt} tokens) plus --max-new-tokens {args.max_new_tokens}")
+    if args.max_context is not None:
+        max_tokens = None   # sized from --max-context and the batch
     t0 = time.perf_counter()
     model = api.run(model_path, args.budget, device=args.device, offload_dir=args.offload_dir,
-                    prefetch=args.prefetch, max_tokens=max_tokens, **_expert_options(args))
+                    prefetch=args.prefetch, max_tokens=max_tokens, kv=args.kv,
+                    max_context=args.max_context, batch=n_batch, **_expert_options(args))
     setup_s = time.perf_counter() - t0
     device = api.runtime_of(model).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -249,6 +269,12 @@ def _summary(runtime, setup_s: float) -> str:
         ("set-up", f"{setup_s:.1f} s (plan: {plan.bottleneck}-bound, predicted "
                    f"{1 / max(plan.predicted_s, 1e-9):.2f} tok/s)"),
     ]
+    kv = s.get("kv")
+    if kv:
+        rows.insert(3, ("KV cache", f"paged: {format_bytes(kv['device_bytes'])} in memory, "
+                                    f"{format_bytes(kv['disk_bytes'])} spilled to disk, "
+                                    f"{format_bytes(kv['bytes_read'])} read back, stall "
+                                    f"{kv['stall_seconds']:.2f} s"))
     ex = s.get("experts")
     if ex and ex.get("mode") == "cache":
         guess = ("" if ex["precision"] is None else
