@@ -276,6 +276,9 @@ def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_token
     if not paged:
         return _place(prep, budget_bytes, device, prefetch, max_tokens, reserve, host_budget,
                       experts)
+    if device.type != "cpu":
+        raise HardwareError("kv='paged' runs on a CPU compute device for now (its GPU path is "
+                            "not built): use kv='dynamic' on the GPU, or device='cpu'")
     from .prefetch.kv import kv_geometry
 
     g = kv_geometry(config, kv.max_context, kv.batch, dtype, kv.block_tokens, kv.device_blocks)

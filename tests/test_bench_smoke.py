@@ -54,3 +54,15 @@ def test_toy_accelerate_hook_bench_runs_both_contenders(tmp_path):
         assert result["contenders"][name]["returncode"] == 0, name
     rows = {row["key"]: row for row in result["rows"]}
     assert rows["hook"]["tokens_match"] is True
+
+
+def test_toy_kv_bench_runs(tmp_path):
+    out = tmp_path / "kv.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benches" / "bench_kv.py"), "--toy",
+                        "--work-dir", str(tmp_path / "w"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    result = json.loads(out.read_text())
+    assert [row["context"] for row in result["speed"]] == [128, 256, 512]
+    assert all("tok_s" in row["paged"] for row in result["speed"]), result["speed"]
+    assert [b["fraction"] for b in result["quality"]["budgets"]] == [0.5, 0.2]

@@ -26,17 +26,25 @@ def _generate(model, ids, mask, cache=None, new=30):
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("layers", [3, 4])   # odd and even: both prefetch orders
 def test_paged_cache_is_bitwise_dynamic_cache(family, batch, layers, tmp_path):
-    model = tiny_model(family, num_hidden_layers=layers)
+    _paged_vs_dynamic(tiny_model(family, num_hidden_layers=layers), batch, layers, tmp_path)
+
+
+def test_paged_cache_bf16_is_bitwise_dynamic_cache(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=3, dtype=torch.bfloat16)
+    _paged_vs_dynamic(model, 2, 3, tmp_path, block=64, new=100)
+
+
+def _paged_vs_dynamic(model, batch, layers, tmp_path, block=32, new=30):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 3000, (batch, 40), generator=g)   # longer than one block
     mask = torch.ones_like(ids)
     if batch > 1:
         ids[1, :3], mask[1, :3] = 0, 0
-    ref = _generate(model, ids, mask)
-    cache = PagedKVCache(model.config, max_context=100, batch=batch, block_tokens=8,
-                         device_blocks=1, spill_dir=tmp_path)
-    out = _generate(model, ids, mask, cache)
-    assert cache.block_tokens == 32   # raised so a block row is 4096-byte aligned (f32, D=32)
+    ref = _generate(model, ids, mask, new=new)
+    cache = PagedKVCache(model.config, max_context=200, batch=batch, block_tokens=8,
+                         device_blocks=1, spill_dir=tmp_path, dtype=model.dtype)
+    out = _generate(model, ids, mask, cache, new=new)
+    assert cache.block_tokens == block   # raised so a block row is 4096-byte aligned
     assert torch.equal(out.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))   # across 2 boundaries
     assert cache.stats.spilled_blocks == layers and cache.stats.bytes_read > 0
@@ -129,15 +137,18 @@ def test_offloaded_model_with_a_paged_cache_is_bitwise_and_counts_it(offload_dir
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
-def test_run_with_paged_kv_hands_generate_a_paged_cache(family, offload_dir):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_run_with_paged_kv_hands_generate_a_paged_cache(family, batch, offload_dir):
     import offload
 
     model = tiny_model(family, num_hidden_layers=4)
-    ids = torch.randint(3, 3000, (2, 40), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(3, 3000, (batch, 40), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[1, :3], mask[1, :3] = 0, 0
     ref = _generate(model, ids, mask, new=90)
     off = offload.run(tiny_model(family, num_hidden_layers=4), offload_dir=offload_dir,
-                      budget="40MB", kv="paged", max_context=130, batch=2, kv_block=32,
+                      budget="40MB", kv="paged", max_context=130, batch=batch, kv_block=32,
                       kv_device_blocks=1)
     plan = off._offload_runtime.plan
     assert plan.kv == "paged" and "KV spill file" in plan.table()
@@ -210,3 +221,33 @@ def test_kv_alone_over_the_budget_runs_under_it_measured(tmp_path):
     assert res["kv"] > 1.9 * res["budget"]
     assert res["peak"] <= res["budget"], res          # offload's accounting
     assert res["grew"] <= res["budget"], res          # measured by the OS
+
+
+def test_heavy_hitter_cache_is_exact_until_it_evicts_then_keeps_its_size():
+    from transformers import DynamicCache
+
+    from offload.prefetch.kv_evict import HeavyHitterCache
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(3, 3000, (1, 50), generator=torch.Generator().manual_seed(6))
+
+    def step_by_step(cache):
+        with torch.no_grad():
+            return torch.cat([model(ids[:, i:i + 1], cache=cache, use_cache=True).logits
+                              for i in range(ids.shape[1])], 1)
+
+    model.set_attn_implementation("eager")
+    ref = step_by_step(DynamicCache(config=model.config))
+    model.set_attn_implementation("sdpa")
+    with HeavyHitterCache(model, keep=64) as cache:   # never full: nothing evicted
+        assert model.config._attn_implementation == "eager"
+        assert torch.equal(step_by_step(cache), ref)
+        assert cache.evicted == 0
+    assert model.config._attn_implementation == "sdpa", "restored on exit"
+    with HeavyHitterCache(model, keep=16, recent=8) as cache:
+        lossy = step_by_step(cache)
+        assert cache.get_seq_length() == 50
+        assert all(layer.keys.shape[-2] == 16 for layer in cache.layers)
+        assert cache.evicted == 2 * (50 - 16)
+    assert torch.equal(lossy[:, :16], ref[:, :16])   # the same until the first eviction
+    assert not torch.equal(lossy, ref)               # lossy after it: opt-in, measured

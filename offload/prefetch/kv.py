@@ -111,8 +111,7 @@ class PagedKVCache(Cache):
         self._pool.extend(kv)
 
     def spill(self, kv) -> int:
-        slot = self._spill.write(kv[0].numpy().reshape(-1).view(np.uint8),
-                                 kv[1].numpy().reshape(-1).view(np.uint8))
+        slot = self._spill.write(_bytes(kv[0]), _bytes(kv[1]))
         self.stats.spilled_blocks += 1
         self.stats.bytes_written += 2 * self.block_bytes
         self.give_block(kv)
@@ -127,7 +126,7 @@ class PagedKVCache(Cache):
                 continue
             dests = [gk[i, k, j * bt:(j + 1) * bt] for i in range(b) for k in range(h)] + \
                     [gv[i, k, j * bt:(j + 1) * bt] for i in range(b) for k in range(h)]
-            self._spill.read(slot, [t.numpy().reshape(-1).view(np.uint8) for t in dests])
+            self._spill.read(slot, [_bytes(t) for t in dests])
             self.stats.bytes_read += 2 * self.block_bytes
 
     def prefetch(self, layer_idx: int, parity: int) -> None:
@@ -270,6 +269,11 @@ class PagedLayer(CacheLayerMixin):
             if w == "device":
                 self.cache.give_block(kv)
         self.blocks, self.length = [], 0
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous tensor as a numpy view (numpy has no bfloat16)."""
+    return t.view(torch.uint8).numpy().reshape(-1)
 
 
 class _SpillFile:
