@@ -1,6 +1,7 @@
 """The Runtime: owns the tiers, buffers, pipeline and hooks that run one offloaded model."""
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ class Runtime:
         self.experts = None
         self._paged_kv = None
         self._owned_kv = None   # the PagedKVCache kv="paged" hands to generate()
+        # transformers >= 5.2x names the forward's cache argument ``cache``
+        self._cache_kw = "cache" if "cache" in inspect.signature(
+            type(model).forward).parameters else "past_key_values"
         try:
             if any(u.encoded for u in manifest.units):
                 bitmap.prepare(device)   # any kernel build happens before the budget is taken
@@ -265,7 +269,8 @@ class Runtime:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         batch, new = int(ids.shape[0]), int(ids.shape[1])
-        key = "cache" if "cache" in kwargs else "past_key_values"
+        key = "cache" if "cache" in kwargs else "past_key_values" if \
+            "past_key_values" in kwargs else self._cache_kw
         cache = kwargs.get(key)
         swapped = False
         if self.plan.kv == "paged":
