@@ -652,3 +652,22 @@ def bench_entry(parse_args, contender_main, main) -> None:
         contender_main(args)
     else:
         sys.exit(main(args))
+
+
+def load_with_accelerate(model_dir, budget_bytes: int, offload_folder):
+    """The Accelerate contender's load, the same in every bench: bf16, ``device_map="auto"``
+    with ``max_memory={"cpu": budget}`` and an offload folder. Prints where Accelerate put
+    the weights; returns the model (eval mode) and that device-map summary."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, device_map="auto",
+        max_memory={"cpu": int(budget_bytes)}, offload_folder=offload_folder)
+    dm = device_map_summary(model)
+    print("accelerate device map: " + ", ".join(
+        f"{dev}: {d['modules']} modules {fmt_bytes(d['bytes'])}" for dev, d in dm.items()),
+        flush=True)
+    if "disk" not in dm:
+        print("WARNING: Accelerate placed nothing on disk at this budget", flush=True)
+    return model.eval(), dm

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_dense  # noqa: E402
 from _common import (  # noqa: E402
-    bench_entry, bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_map_summary,
+    bench_entry, bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status,
+    load_with_accelerate,
     disk_bandwidth, emit_result, fmt_bytes, format_header, format_table, greedy_decode,
     idle_footprint, launch_contender, system_info, write_json)
 
@@ -35,16 +36,13 @@ TARGET = 2.0
 
 def contender_main(a: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = json.loads((Path(a.model_dir) / "config.json").read_text())
     prompts = bench_dense.prompts_for(1, a.prompt_len, config["vocab_size"])
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        a.model_dir, dtype=torch.bfloat16, device_map="auto",
-        max_memory={"cpu": int(a.budget_bytes)}, offload_folder=a.accelerate_offload_dir)
-    base = {"contender": a.contender, "batch": 1, "device_map": device_map_summary(model),
+    model, dm = load_with_accelerate(a.model_dir, a.budget_bytes, a.accelerate_offload_dir)
+    base = {"contender": a.contender, "batch": 1, "device_map": dm,
             "accelerate_load_s": time.perf_counter() - t0}
     if a.contender == "hook":
         import offload
@@ -53,7 +51,6 @@ def contender_main(a: argparse.Namespace) -> None:
         model = offload.from_accelerate(model, budget=int(a.budget_bytes),   # the one line
                                         max_tokens=a.max_tokens, progress=False)
         base["takeover_s"] = time.perf_counter() - t1
-    model.eval()
     res = greedy_decode(model, prompts, a.n_tokens, warmup_tokens=a.warmup)
     extra = {}
     if a.contender == "hook":

@@ -208,7 +208,7 @@ def main(a) -> int:
     quality = part_quality(a)
     qrows = [["full cache", "100%", f"{quality['full_ppl']:.3f}", "-"]]
     for b in quality["budgets"]:
-        qrows.append([f"HeavyHitterCache (LOSSY)", f"{b['fraction']:.0%} ({b['keep']} positions)",
+        qrows.append(["HeavyHitterCache (LOSSY)", f"{b['fraction']:.0%} ({b['keep']} positions)",
                       f"{b['ppl']:.3f}", f"{b['delta_ppl']:+.3f} "
                       f"({b['ppl'] / quality['full_ppl'] - 1:+.1%})"])
     print(f"\nperplexity on {quality['text']} ({'toy random model' if a.toy else 'SmolLM2-135M'}):")

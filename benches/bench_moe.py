@@ -39,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    bench_entry, bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, device_map_summary,
+    bench_entry, bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status,
+    load_with_accelerate,
     device_reads, disk_bandwidth, emit_result, failure_reason, fmt_bytes, format_header,
     format_table, greedy_decode, idle_footprint, idle_footprint_cgroup, launch_contender,
     proc_io, save_random_checkpoint, system_info, write_json)
@@ -153,19 +154,9 @@ def contender_main(a: argparse.Namespace) -> None:
         emit_result({**base, **res})
 
     elif a.contender == "accelerate":
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.bfloat16, device_map="auto",
-            max_memory={"cpu": int(a.budget_bytes)}, offload_folder=a.accelerate_offload_dir)
-        model.eval()
+        model, dm = load_with_accelerate(model_dir, a.budget_bytes, a.accelerate_offload_dir)
         base["load_s"] = time.perf_counter() - t0
-        base["device_map"] = dm = device_map_summary(model)
-        print("accelerate device map: " + ", ".join(
-            f"{dev}: {d['modules']} modules {fmt_bytes(d['bytes'])}" for dev, d in dm.items()),
-            flush=True)
-        if "disk" not in dm:
-            print("WARNING: Accelerate placed nothing on disk at this budget", flush=True)
+        base["device_map"] = dm
         # what it reads: its offload folder's files where it wrote any, else the checkpoint
         folder = Path(a.accelerate_offload_dir)
         probe = next(folder.glob("*"), None) if folder.is_dir() else None

@@ -22,14 +22,9 @@ def _gpu_reference(resident, ids):
     return ref, ref_tokens
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gpu_offload_is_bitwise_and_under_budget(family, offload_dir):
-    model = tiny_model(family)
-    ids = torch.randint(3, 3000, (4, 9))
-    ref, ref_tokens = _gpu_reference(tiny_model(family), ids)
-    budget = int(weight_bytes(model) * 0.2)
-    off = offload.run(model, budget=budget, offload_dir=offload_dir, device="cuda",
-                      max_tokens=64)
+def _check_bitwise_under_budget(off, ids, ref, ref_tokens, budget: int) -> None:
+    """Logits and 6 greedy tokens equal the GPU reference; the runtime's buffers plus the
+    forward's peak CUDA allocations stay under ``budget``."""
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     with torch.no_grad():
@@ -38,6 +33,17 @@ def test_gpu_offload_is_bitwise_and_under_budget(family, offload_dir):
     assert torch.equal(logits, ref) and torch.equal(tokens, ref_tokens)
     runtime_bytes = off._offload_runtime.device_tier.allocated_bytes
     assert runtime_bytes + torch.cuda.max_memory_allocated() - base <= budget
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_offload_is_bitwise_and_under_budget(family, offload_dir):
+    model = tiny_model(family)
+    ids = torch.randint(3, 3000, (4, 9))
+    ref, ref_tokens = _gpu_reference(tiny_model(family), ids)
+    budget = int(weight_bytes(model) * 0.2)
+    off = offload.run(model, budget=budget, offload_dir=offload_dir, device="cuda",
+                      max_tokens=64)
+    _check_bitwise_under_budget(off, ids, ref, ref_tokens, budget)
     s = offload.stats(off)
     assert s["bytes_read"]["host_to_device"] > 0
     offload.close(off)
@@ -112,13 +118,7 @@ def test_gpu_pruned_bitmap_model_is_bitwise_and_under_budget(fraction, offload_d
                       max_tokens=64, sparse="bitmap")
     rt = off._offload_runtime
     assert any(rt.units[k].encoded for k in rt.plan.stream) or fraction > 0.2
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        logits = off(ids.cuda()).logits
-        tokens = off.generate(ids.cuda(), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(logits, ref) and torch.equal(tokens, ref_tokens)
-    assert rt.device_tier.allocated_bytes + torch.cuda.max_memory_allocated() - base <= budget
+    _check_bitwise_under_budget(off, ids, ref, ref_tokens, budget)
     s = offload.stats(off)
     if fraction == 0.2:
         assert s["sparse"]["units_decoded"] > 0

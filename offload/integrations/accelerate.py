@@ -85,11 +85,7 @@ def dispatch_model(model: torch.nn.Module, device_map: dict, main_device=None, s
     if budget is None:
         budget = _map_bytes(model, device_map, _execution_device(device_map, main_device))
     run_kwargs.setdefault("device", _execution_device(device_map, main_device))
-    fp = _fingerprint(model, weights)
-    source = Source(name=f"{model.config.model_type}-accelerate-{fp[:12]}",
-                    description=f"Accelerate-mapped {type(model).__name__}",
-                    config=model.config, fingerprint=fp, shapes=lambda: _shapes(model),
-                    load=lambda name: weights[name](), module=model)
+    source = _source(model, weights, _fingerprint(model, weights), "Accelerate-mapped")
     store_dir = os.path.join(folder, "offload-store") if folder else None
     return _run(source, model, budget, store_dir, run_kwargs, weights)
 
@@ -158,12 +154,17 @@ def _accelerate_source(model) -> tuple[Source, dict[str, str], dict]:
                              "offload_folder")
         weights[name] = (lambda ld=loader, name=name: _load_offloaded(ld, name))
         placed[name] = "folder"
-    fp = _fingerprint(model, weights, loaders)
-    source = Source(name=f"{model.config.model_type}-accelerate-{fp[:12]}",
-                    description=f"Accelerate-dispatched {type(model).__name__}",
-                    config=model.config, fingerprint=fp, shapes=lambda: _shapes(model),
-                    load=lambda name: weights[name](), module=model)
+    source = _source(model, weights, _fingerprint(model, weights, loaders),
+                     "Accelerate-dispatched")
     return source, placed, weights
+
+
+def _source(model, weights: dict, fp: str, how: str) -> Source:
+    """A Source reading each weight through ``weights[name]()``."""
+    return Source(name=f"{model.config.model_type}-accelerate-{fp[:12]}",
+                  description=f"{how} {type(model).__name__}", config=model.config,
+                  fingerprint=fp, shapes=lambda: _shapes(model),
+                  load=lambda name: weights[name](), module=model)
 
 
 def _hooks(module):

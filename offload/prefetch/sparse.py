@@ -62,8 +62,7 @@ def validate_unit(unit: Unit, stored: torch.Tensor) -> None:
                 raise _corrupt(unit, t.name, e) from None
 
 
-def decode_unit(unit: Unit, stored: torch.Tensor, dest: torch.Tensor, *, threads: int = 1,
-                stream=None) -> None:
+def decode_unit(unit: Unit, stored: torch.Tensor, dest: torch.Tensor, *, stream=None) -> None:
     """Decode ``unit`` from its stored bytes into its dense layout in ``dest`` (same device).
 
     On the CPU each bitmap is validated as it is decoded (``StoreError`` naming the Unit)."""
@@ -74,8 +73,7 @@ def decode_unit(unit: Unit, stored: torch.Tensor, dest: torch.Tensor, *, threads
             out.copy_(src, non_blocking=True)
             continue
         try:
-            bitmap.decode(src, out, t.numel, t.nnz, t.torch_dtype.itemsize, threads=threads,
-                          stream=stream)
+            bitmap.decode(src, out, t.numel, t.nnz, t.torch_dtype.itemsize, stream=stream)
         except bitmap.CorruptBitmap as e:
             raise _corrupt(unit, t.name, e) from None
 
