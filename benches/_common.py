@@ -84,10 +84,25 @@ def _rotational(dev: str) -> str:
     return "?"
 
 
+def _commit() -> str:
+    """The commit the bench runs on (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "offload", "csrc", "benches"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) if head else "unknown"
+
+
 def system_info(work_dir: Path) -> dict:
     import torch
 
     info: dict = {
+        "commit": _commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
@@ -95,7 +110,14 @@ def system_info(work_dir: Path) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    try:
+        from offload.kernels import cpu
+
+        info["kernel_isa"], info["kernel_isas"] = cpu.selected(), list(cpu.supported())
+    except Exception as e:   # no compiler, or a bad $OFFLOAD_CPU_ISA: say so in the header
+        info["kernel_isa"], info["kernel_isas"] = f"unavailable ({e})", []
     for mod in ("transformers", "accelerate", "safetensors"):
         try:
             info[mod] = __import__(mod).__version__
@@ -122,8 +144,12 @@ def format_header(info: dict, extra: list[tuple[str, str]] = ()) -> str:
         ("machine", f"{info['cpu']} x{info['cpu_count']} (torch threads {info['torch_threads']}),"
                     f" RAM {fmt_bytes(info.get('ram_bytes'))}, swap "
                     f"{fmt_bytes(info.get('swap_bytes', 0))}, CUDA {info['cuda']}"),
+        ("commit", info.get("commit", "unknown")),
         ("software", f"python {info['python']}, torch {info['torch']}, transformers "
                      f"{info.get('transformers')}, accelerate {info.get('accelerate')}"),
+        ("cpu paths", f"offload kernels {info.get('kernel_isa')} (this CPU runs "
+                      f"{', '.join(info.get('kernel_isas') or ['none'])}; $OFFLOAD_CPU_ISA), "
+                      f"torch {info.get('torch_cpu_capability')}"),
         ("disk", f"{d['device']} ({d['fstype']}, {d['kind']}) for {d['work_dir']}, "
                  f"{fmt_bytes(d['free_bytes'])} free"),
         *extra,

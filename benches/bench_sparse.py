@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,12 +68,14 @@ def build_pruned(work: Path, dims: dict) -> Path:
 
 
 def decode_rate(manifest) -> dict:
-    """Single-thread C++ decode of the largest encoded Unit: stored and dense GB/s (median of 7
-    decodes of one Unit, as the runtime's decode thread runs it)."""
+    """Single-thread C++ decode of the largest encoded Unit on every CPU path this machine runs
+    (AVX-512, AVX2, scalar): stored and dense GB/s, median of 7 decodes of one Unit, as the
+    runtime's decode thread runs it. ``isa`` is the path the runtime selects
+    (``$OFFLOAD_CPU_ISA``, else the best)."""
     import numpy as np
     import torch
 
-    from offload.kernels import bitmap
+    from offload.kernels import cpu
     from offload.prefetch.sparse import decode_unit
     from offload.tiers.device import aligned_host
     from offload.tiers.disk import DiskTier
@@ -83,18 +86,23 @@ def decode_rate(manifest) -> dict:
     disk.read(unit, stored.numpy(), verify=True)
     disk.close()
     dense = torch.empty(unit.nbytes, dtype=torch.uint8)
-    decode_unit(unit, stored, dense)
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
+    selected = cpu.selected()
+    paths = {}
+    for isa in cpu.supported():
+        os.environ[cpu.ENV] = isa   # this process only: the runtime reads it per decode
         decode_unit(unit, stored, dense)
-        times.append(time.perf_counter() - t0)
-    s = float(np.median(times))
-    vector = bool(bitmap._build.cpu_library() is not None and
-                  bitmap._build.cpu_library().offload_bitmap_vector_isa(2))
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            decode_unit(unit, stored, dense)
+            times.append(time.perf_counter() - t0)
+        s = float(np.median(times))
+        paths[isa] = {"seconds": s, "stored_bps": unit.stored_bytes / s,
+                      "dense_bps": unit.nbytes / s}
+    os.environ[cpu.ENV] = selected or "auto"
+    top = paths.get(selected, {"seconds": float("nan"), "stored_bps": 0.0, "dense_bps": 0.0})
     return {"unit": unit.key, "stored_bytes": unit.stored_bytes, "dense_bytes": unit.nbytes,
-            "seconds": s, "stored_bps": unit.stored_bytes / s, "dense_bps": unit.nbytes / s,
-            "avx512": vector}
+            **top, "isa": selected or "torch reference", "paths": paths}
 
 
 def contender_main(a: argparse.Namespace) -> None:
@@ -232,10 +240,13 @@ def main(a: argparse.Namespace) -> int:
                      f"{fmt_bytes(disk['bps'])}/s"])
     print(format_table(["contender", "tok/s", "vs Accel", "vs dense", "cap", "notes"], rows,
                        right={1, 2, 3}))
-    print(f"\nCPU decode (C++, 1 thread, {'AVX-512' if rate['avx512'] else 'scalar'}) of "
+    print(f"\nCPU decode (C++, 1 thread, {rate['isa']}) of "
           f"{rate['unit']}: {fmt_bytes(rate['stored_bps'])}/s of stored bytes in, "
           f"{fmt_bytes(rate['dense_bps'])}/s dense out; disk {fmt_bytes(disk['bps'])}/s: "
           f"decode is {rate['stored_bps'] / disk['bps']:.1f}x the disk")
+    print("  every path here: " + "; ".join(
+        f"{isa} {fmt_bytes(p['stored_bps'])}/s in, {fmt_bytes(p['dense_bps'])}/s out"
+        for isa, p in rate["paths"].items()))
 
     targets = []
     v = bm["tok_s"] / dn["tok_s"] if bm and dn else None

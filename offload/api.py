@@ -14,11 +14,12 @@ from .errors import BudgetError, HardwareError, OffloadError, StoreError
 from .planner import Plan, load_or_measure, make_plan
 from .planner.experts import make_moe_plan
 from .runtime import Runtime, scratch_bytes
-from .sizes import parse_size
+from .sizes import format_bytes, parse_size
 from .store.format import Manifest, read_manifest
 from .store.pack import clean_partials, write_store
 from .store.sources import Source, build_config, config_dict, open_source
-from .units import DTYPE_NAMES, DTYPES
+from .tiers.device import release_free_heap
+from .units import DTYPE_NAMES, DTYPES, align
 
 log = logging.getLogger(__name__)
 
@@ -332,22 +333,57 @@ def _place(prep: Prepared, budget_bytes: int, device, prefetch, max_tokens: int,
                                 what="host_budget")
     units = list(manifest.units)
     pinned = frozenset(adapter.always_resident(units))
-    if moe is None:
-        return make_plan(units, order, budget_bytes, reserve, max_tokens, profile,
-                         prefetch=prefetch, host_budget_bytes=host_bytes)
-    if stream:
-        units = [u for u in units if u.kind != "expert"] + adapter.stream_units(units)
-        plan = make_plan(units, order, budget_bytes, reserve, max_tokens, profile,
-                         prefetch=prefetch, host_budget_bytes=host_bytes, pinned=pinned)
-        return dataclasses.replace(plan, experts="stream")
-    from .experts_runtime import load_heat
 
-    return make_moe_plan(
-        units, order, budget_bytes, reserve, max_tokens, profile, top_k=moe.top_k,
-        moe_layers=len(moe.layers), experts_per_layer=moe.experts, pinned=pinned,
-        prefetch=prefetch, host_budget_bytes=host_bytes, policy=experts.expert_cache,
-        predict_depth=experts.predict_depth if experts.predict else 0,
-        predict_width=experts.predict_width or moe.top_k, heat=load_heat(manifest.path))
+    def place(pins: frozenset[str]) -> Plan:
+        if moe is None:
+            return make_plan(units, order, budget_bytes, reserve, max_tokens, profile,
+                             prefetch=prefetch, host_budget_bytes=host_bytes, pinned=pins)
+        if stream:
+            plan = make_plan([u for u in units if u.kind != "expert"]
+                             + adapter.stream_units(units), order, budget_bytes, reserve,
+                             max_tokens, profile, prefetch=prefetch,
+                             host_budget_bytes=host_bytes, pinned=pinned | pins)
+            return dataclasses.replace(plan, experts="stream")
+        from .experts_runtime import load_heat
+
+        return make_moe_plan(
+            units, order, budget_bytes, reserve, max_tokens, profile, top_k=moe.top_k,
+            moe_layers=len(moe.layers), experts_per_layer=moe.experts, pinned=pinned | pins,
+            prefetch=prefetch, host_budget_bytes=host_bytes, policy=experts.expert_cache,
+            predict_depth=experts.predict_depth if experts.predict else 0,
+            predict_width=experts.predict_width or moe.top_k, heat=load_heat(manifest.path))
+
+    return _place_head(manifest, shape, dtype, device, place)
+
+
+def _place_head(manifest: Manifest, shape, dtype, device: torch.device, place) -> Plan:
+    """``place(pins)``, with the LM head kept whole and resident where a streamed one would not
+    be bitwise on this machine at a decode batch size (``kernels.head.chunking_mismatches``
+    at 8 rows or fewer) and the budget holds it. A streamed head records the row counts at
+    which its chunks round otherwise in the Plan (``head_inexact_rows``)."""
+    from .kernels import head
+
+    keys = manifest.groups()[manifest.tied.get("head", "head")]
+    units = [manifest.unit(k) for k in keys]
+    inexact = ()
+    if len(keys) > 1 and device.type == "cpu":
+        inexact = head.chunking_mismatches(shape.vocab, shape.hidden, dtype,
+                                           tuple(u.rows for u in units))
+        release_free_heap()   # the probe's outputs: back to the OS before the budget is taken
+    decode = [m for m in inexact if m <= head.DECODE_ROWS]
+    plan = None
+    if decode:
+        try:
+            plan = place(frozenset(keys))
+        except BudgetError:
+            log.warning("the LM head streams in %d chunks, and on this machine a chunk's logits "
+                        "differ in the last bits from the whole matrix's at batch %s: a budget "
+                        "%s larger keeps it resident, bitwise", len(keys),
+                        ", ".join(map(str, decode)),
+                        format_bytes(sum(align(u.nbytes, 4096) for u in units)))
+    plan = plan or place(frozenset())
+    streamed = any(k in plan.stream for k in keys)
+    return dataclasses.replace(plan, head_inexact_rows=inexact if streamed else ())
 
 
 def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,

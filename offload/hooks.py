@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .kernels import head
+
 
 def submodule_param(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     """``("self_attn.q_proj.weight")`` -> (the q_proj module, ``"weight"``)."""
@@ -92,34 +94,36 @@ def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dt
 
 
 def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire: Callable,
-                   release: Callable, *, fold: bool = True) -> Callable:
+                   release: Callable, *, fold: bool = True, half_path: str | None = "auto",
+                   whole: torch.Tensor | None = None) -> Callable:
     """A forward for a bias-free linear whose output rows live in chunks (the LM head).
 
     ``fold``: the model's own weight required grad. torch's CPU linear then folds a strided
     3-D input (generate's ``h[:, -1:, :]``) into a contiguous 2-D matrix before its matmul, and
     otherwise runs another kernel with other rounding: the streamed head's weight views never
-    require grad, so the fold is done here to give the model's own bits."""
+    require grad, so the fold is done here to give the model's own bits.
+    ``half_path``: how a strided half-precision input is computed without torch's per-row
+    weight copies (``kernels/head.py``); ``"auto"``: ``head.choose`` on this CPU.
+    ``whole``: the whole ``[rows, H]`` weight, when every chunk is resident and contiguous:
+    one matmul of the model's own shape, so its bits are the model's whatever the BLAS does
+    with a smaller problem (``kernels.head.chunking_mismatches``)."""
 
     def forward(h: torch.Tensor) -> torch.Tensor:
-        if fold and h.dim() > 2 and not h.is_contiguous() and \
-                h.dtype not in (torch.bfloat16, torch.float16):
+        if fold and h.dim() > 2 and not h.is_contiguous():
             return forward(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], rows)
-        if h.dtype in (torch.bfloat16, torch.float16) and h.dim() > 2 and h.shape[0] > 1 \
-                and not h.is_contiguous() and h.device.type == "cpu":
-            # generate() passes h[:, -1:, :], a strided 3-D view. For half types torch's CPU
-            # linear then computes each batch row on its own, copying the weight once per row
-            # (8 x 88 MB for a TinyLlama head chunk at batch 8): far over any budget. Calling
-            # it per row on the row's [T, H] (2-D: a strided 3-D slice still copies) gives the
-            # same bits with no copy (a flattened [B*T, H] matmul does not: other kernels on
-            # AVX512-BF16 CPUs); tests/test_exactness.py checks both. float32 copies nothing
-            # and keeps the call.
-            return torch.cat([forward(h[b].reshape(-1, h.shape[-1])).view(1, *h.shape[1:-1], rows)
-                              for b in range(h.shape[0])])
+        strided_half = head.needs_choice(h)
+        path = head.choose(h.dtype, h.shape[-1], rows) if strided_half and half_path == "auto" \
+            else half_path
+        if whole is not None:
+            return head.linear(h, whole, path, rows) if strided_half else F.linear(h, whole)
         out = torch.empty(*h.shape[:-1], rows, dtype=h.dtype, device=h.device)   # [B, T, V]
         for key, (start, stop) in chunks:
             weight = acquire(key)["weight"]
             try:
-                out[..., start:stop] = F.linear(h, weight)
+                if strided_half:
+                    head.linear(h, weight, path, rows, out=out[..., start:stop])
+                else:
+                    out[..., start:stop] = F.linear(h, weight)
             finally:
                 release(key)
         return out

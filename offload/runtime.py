@@ -11,7 +11,7 @@ import torch
 from .errors import BudgetError, StoreError
 from .hooks import Binding, StreamedBindHook, embedding_forward, linear_forward
 from .planner.plan import Plan
-from .kernels import bitmap
+from .kernels import bitmap, head
 from .prefetch.pipeline import Pipeline
 from .prefetch.sparse import HostDecoder, SparseStats, decode_unit, validate_unit
 from .sizes import format_bytes
@@ -66,6 +66,7 @@ class Runtime:
         self._scratch = aligned_host(scratch_bytes(self.shape, self.itemsize)).numpy()
         self._forward_t0 = 0.0
         self._forward_shape = (0, 0)
+        self._head_rows = 0
         self._closed = False
         self._failed: StoreError | None = None
         self.experts = None
@@ -77,6 +78,9 @@ class Runtime:
         try:
             if any(u.encoded for u in manifest.units):
                 bitmap.prepare(device)   # any kernel build happens before the budget is taken
+            # Checked on this CPU before the budget is taken too (a probe of a few MB).
+            self.half_path = head.choose(DTYPES[manifest.dtype], self.shape.hidden,
+                                         self.shape.vocab) if device.type == "cpu" else None
             self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
             # One landing buffer per slot for encoded Units' stored bytes (plan.landing_bytes).
             self.landings = [self.device_tier.alloc(plan.landing_bytes)
@@ -208,7 +212,9 @@ class Runtime:
                         self.counters.checksummed.add(k)
             else:
                 fwd = linear_forward(chunks, self.shape.vocab, self._acquire, self._release,
-                                     fold=fold)
+                                     fold=fold, half_path=self.half_path,
+                                     whole=self._whole_weight(chunks))
+                self._head_rows = max(stop - start for _, (start, stop) in chunks)
             module.forward = fwd
             self._undo.append(lambda m=module: m.__dict__.pop("forward", None))
         if self.experts is not None:
@@ -220,6 +226,18 @@ class Runtime:
                     self.counters.checksummed.add(key)
         self._undo.append(model.register_forward_pre_hook(self._begin, with_kwargs=True).remove)
         self._undo.append(model.register_forward_hook(self._end, always_call=True).remove)
+
+    def _whole_weight(self, chunks: list[tuple[str, tuple[int, int]]]) -> torch.Tensor | None:
+        """A row-chunked weight as one ``[rows, H]`` view, when every chunk is resident and the
+        arena holds them back to back (store order, 4 KiB-aligned multiples of 1024 rows)."""
+        if not all(k in self.resident for k, _ in chunks):
+            return None
+        first = self.resident[chunks[0][0]]["weight"]
+        row_bytes = first.shape[1] * first.element_size()
+        if any(self.resident[k]["weight"].data_ptr() != first.data_ptr() + start * row_bytes
+               for k, (start, _) in chunks):
+            return None
+        return first.as_strided((chunks[-1][1][1], first.shape[1]), (first.shape[1], 1))
 
     def _verify_buffer(self):
         """The largest free host buffer for start-up checksums: a staging slot (or the GPU's
@@ -286,8 +304,10 @@ class Runtime:
         kv = getattr(cache, "device_bytes", None)
         if kv is None:
             kv = self.shape.kv_bytes(batch * (past + new), self.itemsize)
+        head_copy = head.extra_bytes(self.half_path, batch, self.shape.hidden, self.itemsize,
+                                     self.shape.vocab, self._head_rows)
         need = (kv + self.shape.activation_bytes(batch, new, past + new, self.itemsize, rows)
-                + self._scratch.nbytes)
+                + self._scratch.nbytes + head_copy)
         if need > self.plan.reserve_bytes:
             fix = (f"feed the prompt in chunks of at most {self.plan.prefill_chunk} positions"
                    if self.plan.kv == "paged" and new > self.plan.prefill_chunk else

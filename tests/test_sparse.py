@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import warnings
 import zlib
 
@@ -13,8 +14,8 @@ import torch
 import offload
 from conftest import tiny_model, weight_bytes
 from offload.adapters import adapter_for
-from offload.errors import OffloadError, StoreError
-from offload.kernels import _build, bitmap
+from offload.errors import HardwareError, OffloadError, StoreError
+from offload.kernels import _build, bitmap, cpu
 from offload.store.prune import prune_model, prune_rows
 
 SHAPES = [(1,), (63,), (3, 65), (17, 2049), (130, 257)]   # none a multiple of the tile
@@ -32,9 +33,12 @@ def _sparse_tensor(shape, dtype, sparsity, seed=0):
 
 
 def _decoders(enc, n, nnz, elem):
+    """The reference, then the C++ kernel on every path this CPU runs (AVX-512, AVX2, scalar),
+    and threaded on the selected one."""
     yield "torch", lambda out: bitmap.decode_reference(enc, out, n, nnz, elem)
-    yield "c++", lambda out: bitmap.decode_cpu(enc, out, n, nnz, elem)
-    yield "c++ scalar", lambda out: bitmap.decode_cpu(enc, out, n, nnz, elem, vector=False)
+    assert cpu.supported(), "the C++ kernel must build here (g++ is on every CI machine)"
+    for isa in cpu.supported():
+        yield f"c++ {isa}", lambda out, isa=isa: bitmap.decode_cpu(enc, out, n, nnz, elem, isa=isa)
     yield "c++ 3 threads", lambda out: bitmap.decode_cpu(enc, out, n, nnz, elem, threads=3)
 
 
@@ -52,6 +56,61 @@ def test_round_trip_is_bit_exact(dtype, sparsity):
             out = torch.full((n * elem,), 0xA5, dtype=torch.uint8)   # poisoned
             decode(out)
             assert torch.equal(out, expect), (name, shape)
+
+
+GUARDED = """
+import ctypes, mmap, sys, torch
+from offload.kernels import bitmap, cpu
+libc = ctypes.CDLL(None)
+keep = []
+def guarded(nbytes):   # nbytes of memory whose last byte is followed by an unmapped page
+    total = -(-nbytes // 4096) * 4096 + 4096
+    m = mmap.mmap(-1, total)
+    keep.append(m)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(ctypes.c_void_p(addr + total - 4096), 4096, 0) == 0
+    whole = torch.frombuffer(m, dtype=torch.uint8)
+    return whole[total - 4096 - nbytes:total - 4096]
+for dtype in (torch.float32, torch.bfloat16):
+    for sparsity in (0.0, 0.3, 0.9):
+        for n in (4096, 64 * 97 + 5):
+            g = torch.Generator().manual_seed(n)
+            t = torch.randn(n, generator=g).to(dtype)
+            t[torch.rand(n, generator=g) < sparsity] = 0
+            enc, nnz = bitmap.encode(t)
+            src, out = guarded(enc.numel()), guarded(n * dtype.itemsize)
+            src.copy_(enc)
+            for isa in cpu.supported():
+                out.fill_(0xA5)
+                bitmap.decode_cpu(src, out, n, nnz, dtype.itemsize, isa=isa)
+                assert torch.equal(out, t.view(torch.uint8)), (isa, dtype, sparsity, n)
+print("ok", *cpu.supported())
+"""
+
+
+def test_decoders_never_touch_bytes_past_their_buffers():
+    """Every path of the C++ kernel, with the encoded bytes and the output each ending right
+    before an unmapped page (a stray load or store would crash the subprocess)."""
+    r = subprocess.run([sys.executable, "-c", GUARDED], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split()[0] == "ok" and "scalar" in r.stdout.split()
+
+
+def test_cpu_level_comes_from_the_environment(monkeypatch):
+    assert cpu.supported()[0] == "scalar" and cpu.best() == cpu.supported()[-1]
+    for isa in cpu.supported():
+        monkeypatch.setenv("OFFLOAD_CPU_ISA", isa)
+        assert cpu.selected() == isa and cpu.level() == cpu.LEVELS.index(isa)
+    monkeypatch.setenv("OFFLOAD_CPU_ISA", "auto")
+    assert cpu.selected() == cpu.best()
+    monkeypatch.setenv("OFFLOAD_CPU_ISA", "sse9")
+    with pytest.raises(HardwareError, match="OFFLOAD_CPU_ISA='sse9' is not a CPU kernel level"):
+        cpu.selected()
+    monkeypatch.setattr(cpu, "best", lambda: "avx2")   # a CPU without AVX-512
+    monkeypatch.setenv("OFFLOAD_CPU_ISA", "avx512")
+    with pytest.raises(HardwareError, match="its best is avx2"):
+        cpu.selected()
 
 
 def test_fifty_percent_bf16_moves_at_most_057_of_dense():

@@ -15,8 +15,9 @@ Layout of one encoded tensor of ``n`` elements (``elem`` = 2 or 4 bytes), little
 bytes: encode -> decode is bit-exact for float32, float16 and bfloat16. The per-group offsets
 (0.4% of a bf16 tensor) let the CPU's threads and the GPU's warps start anywhere.
 
-``decode`` uses the compiled kernel of the buffer's device (``csrc/bitmap_decode_cpu.cpp``,
-``csrc/bitmap_decode.cu``) and falls back to ``decode_reference`` (pure torch) when it cannot be
+``decode`` uses the compiled kernel of the buffer's device (``csrc/bitmap_decode_cpu.cpp``, on
+the CPU path ``kernels.cpu.selected()``: AVX-512, AVX2 or scalar; ``csrc/bitmap_decode.cu``)
+and falls back to ``decode_reference`` (pure torch) when it cannot be
 built. Every decode validates the bitmap against its offsets first: a corrupt one raises
 ``CorruptBitmap`` and nothing is read out of bounds.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _build
+from . import _build, cpu
 
 TILE = 64
 GROUP_TILES = 32
@@ -113,7 +114,7 @@ def decode(enc: torch.Tensor, out: torch.Tensor, n: int, nnz: int, elem: int, *,
         if lib is None:
             return decode_reference(enc, out, n, nnz, elem)
         bad = lib.offload_bitmap_decode(_ptr(enc), _ptr(out), ctypes.c_int64(n),
-                                        ctypes.c_int64(nnz), elem, threads, 1)
+                                        ctypes.c_int64(nnz), elem, threads, cpu.level())
         if bad:
             raise _corrupt(enc, n, nnz)
         return
@@ -132,8 +133,9 @@ def decode(enc: torch.Tensor, out: torch.Tensor, n: int, nnz: int, elem: int, *,
 def prepare(device: torch.device) -> None:
     """Build (or load) the decoder for ``device`` now: the runtime calls this before it
     allocates its budget, so a first build (a compiler process of ~100 MB) never runs inside a
-    process already holding its whole budget."""
+    process already holding its whole budget. A bad ``$OFFLOAD_CPU_ISA`` is reported here."""
     _build.cpu_library()
+    cpu.selected()
     if device.type == "cuda":
         cuda_kernel(device)
 
@@ -144,13 +146,16 @@ def cuda_kernel(device: torch.device):
 
 
 def decode_cpu(enc: torch.Tensor, out: torch.Tensor, n: int, nnz: int, elem: int, *,
-               threads: int = 1, vector: bool = True) -> None:
-    """The compiled CPU kernel alone (tests and benches compare its paths to the reference)."""
+               threads: int = 1, isa: str | None = None) -> None:
+    """The compiled CPU kernel alone, on the path ``isa`` (one of ``cpu.supported()``; default
+    ``cpu.selected()``): tests and benches compare each path with the reference."""
     lib = _build.cpu_library()
     if lib is None:
         raise RuntimeError("the C++ bitmap kernel is not available here")
+    if isa is not None and isa not in cpu.supported():
+        raise ValueError(f"isa={isa!r}: this CPU runs {cpu.supported()}")
     bad = lib.offload_bitmap_decode(_ptr(enc), _ptr(out), ctypes.c_int64(n), ctypes.c_int64(nnz),
-                                    elem, threads, int(vector))
+                                    elem, threads, cpu.level(isa))
     if bad:
         raise _corrupt(enc, n, nnz)
 

@@ -49,6 +49,9 @@ class Plan:
             layer and two gather buffers; the whole ``kv_disk_bytes`` at ``max_context`` x
             ``kv_batch`` can spill to disk). ``prefill_chunk``: the prompt positions per
             forward the reserve's activations are sized for.
+        head_inexact_rows: input row counts (batch x positions) at which the streamed LM
+            head's chunks give other bits than the whole matrix on this machine (empty when
+            the head is resident, or its chunks are exact here).
     """
 
     budget_bytes: int
@@ -88,6 +91,7 @@ class Plan:
     kv_device_bytes: int = 0
     kv_disk_bytes: int = 0
     prefill_chunk: int = 0
+    head_inexact_rows: tuple[int, ...] = ()
 
     @property
     def home(self) -> dict[str, str]:
@@ -155,6 +159,11 @@ class Plan:
                 dense, stored = sum(d for d, _ in sizes), sum(s for _, s in sizes)
                 lines.append(f"  {label} x{len(sizes)}: {format_bytes(dense // len(sizes))} -> "
                              f"{format_bytes(stored // len(sizes))} each ({stored / dense:.2f}x)")
+        if self.head_inexact_rows:
+            lines.append("LM head: streamed in chunks, which this machine's matmul rounds "
+                         "otherwise than the whole matrix at "
+                         f"{', '.join(map(str, self.head_inexact_rows))} rows (logits not bitwise "
+                         "there; a budget that keeps the head resident is)")
         if self.experts == "cache":
             lines.append(
                 f"experts: fetched as routed, ~{format_bytes(self.expert_bytes_per_step)} per "
