@@ -76,12 +76,12 @@ def decode_rate(manifest) -> dict:
     import torch
 
     from offload.kernels import cpu
-    from offload.prefetch.sparse import decode_unit
+    from offload.kernels.decode import decode_unit
     from offload.tiers.device import aligned_host
     from offload.tiers.disk import DiskTier
 
     unit = max((u for u in manifest.units if u.encoded), key=lambda u: u.nbytes)
-    disk = DiskTier(manifest.data_path, threads=1)
+    disk = DiskTier(manifest.data_path)
     stored = aligned_host(-(-unit.stored_bytes // 4096) * 4096)
     disk.read(unit, stored.numpy(), verify=True)
     disk.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,19 +12,21 @@ import torch
 
 from .adapters import adapter_for
 from .errors import BudgetError, HardwareError, OffloadError, StoreError
-from .planner import Plan, load_or_measure, make_plan
-from .planner.experts import make_moe_plan
-from .runtime import Runtime, scratch_bytes
-from .sizes import format_bytes, parse_size
+from .hardware import load_or_measure
+from .planner import ExpertOptions, KVOptions, Plan, PlanOptions, plan_for
+from .runtime import Runtime
+from .sizes import parse_size
+from .store.encode import SPARSE_ENCODINGS, make_encoder
 from .store.format import Manifest, read_manifest
+from .store.heat import load_heat
 from .store.pack import clean_partials, write_store
+from .store.prune import check_prune
 from .store.sources import Source, build_config, config_dict, open_source
 from .tiers.device import release_free_heap
-from .units import DTYPE_NAMES, DTYPES, align
+from .units import DTYPE_NAMES, DTYPES
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 256
 _ATTR = "_offload_runtime"
 
 
@@ -35,12 +38,22 @@ def default_offload_dir() -> Path:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A source resolved to a valid packed store and its adapter."""
+    """A source resolved to a valid packed store, its adapter, and the config and shape the
+    store was packed with (built once)."""
 
     source: Source
     manifest: Manifest
     adapter: object
     offload_dir: Path
+    config: object
+    shape: object
+
+    @classmethod
+    def of(cls, source: Source, manifest: Manifest, offload_dir: Path,
+           config=None) -> "Prepared":
+        config = config if config is not None else build_config(manifest.config)
+        adapter = adapter_for(config)
+        return cls(source, manifest, adapter, offload_dir, config, adapter.shape(config))
 
 
 def pack(model, out: str | os.PathLike | None = None, *, offload_dir=None,
@@ -67,7 +80,8 @@ def pack(model, out: str | os.PathLike | None = None, *, offload_dir=None,
         The store's manifest (``manifest.path`` is the store directory).
     """
     options = PackOptions.make(sparse, prune, method, calibration)
-    return _prepare(model, out, offload_dir, progress, force, options).manifest
+    return prepare(model, out, offload_dir=offload_dir, progress=progress, force=force,
+                   options=options).manifest
 
 
 @dataclass(frozen=True)
@@ -81,9 +95,6 @@ class PackOptions:
 
     @classmethod
     def make(cls, sparse=None, prune=None, method="magnitude", calibration=None) -> "PackOptions":
-        from .planner.encoding import SPARSE_ENCODINGS
-        from .store.prune import check_prune
-
         if prune is not None:
             check_prune(prune, method)
             sparse = sparse or "bitmap"
@@ -111,8 +122,11 @@ class PackOptions:
         return f".{self.sparse}{prune}"
 
 
-def _prepare(model, out, offload_dir, progress=True, force=False,
-             options: PackOptions = PackOptions()) -> Prepared:
+def prepare(model, out=None, *, offload_dir=None, progress: bool = True, force: bool = False,
+            options: PackOptions = PackOptions()) -> Prepared:
+    """Resolve ``model`` (a model object, a checkpoint dir, a .gguf file, a packed store, or a
+    ``Source`` an integration built) to a valid packed store, packing it if needed: a valid
+    store of the same source and options is reused unless ``force``."""
     if isinstance(model, (str, os.PathLike)) and (Path(model) / "manifest.json").is_file() \
             and out is None:
         return _open_store(Path(model))
@@ -143,8 +157,6 @@ def _prepare(model, out, offload_dir, progress=True, force=False,
                 "source": {"description": source.description, "fingerprint": source.fingerprint,
                            "pack": options.describe()}}
         extras = (lambda tmp: _save_tokenizer(source, tmp)) if source.tokenizer_path else None
-        from .store.encode import make_encoder
-
         encoder = make_encoder(options, adapter, lambda: _calibrate(model, base, options))
         manifest = write_store(store_dir, specs, source.load, meta, progress=progress,
                                extras=extras, encoder=encoder)
@@ -152,15 +164,34 @@ def _prepare(model, out, offload_dir, progress=True, force=False,
             from .kernels import bitmap
 
             bitmap.prepare(torch.device("cpu"))
-    return Prepared(source, manifest, adapter, store_dir.parent if out else base)
+    return Prepared.of(source, manifest, store_dir.parent if out else base)
 
 
 def _calibrate(model, base: Path, options: PackOptions) -> dict[str, torch.Tensor]:
     """Wanda's input norms: the calibration texts run through the dense model, offloaded."""
-    from .store.calibrate import input_norms
-
-    dense = _prepare(model, None, base, progress=False)   # pack dense first, once
+    dense = prepare(model, offload_dir=base, progress=False)   # pack dense first, once
     return input_norms(_open_store(dense.manifest.path), options.calibration)
+
+
+def input_norms(prepared: Prepared, texts=None, *, budget="25%", max_tokens: int = 512
+                ) -> dict[str, torch.Tensor]:
+    """Run ``texts`` (default: built-in prose) through the dense store of ``prepared``
+    (offloaded, within ``budget``, else its minimum working set) and return each prunable
+    module's input norms (``calibrate.record_input_norms``)."""
+    from .calibrate import record_input_norms, token_batches
+
+    try:
+        model = run(prepared.manifest.path, budget=budget, max_tokens=max_tokens,
+                    progress=False, device="cpu")
+    except BudgetError as e:   # a small model: its minimum working set, then
+        log.info("calibrating at the minimum budget: %s", e)
+        model = run(prepared.manifest.path, budget=e.minimum_bytes, max_tokens=max_tokens,
+                    progress=False, device="cpu")
+    try:
+        return record_input_norms(model, prepared.adapter,
+                                  token_batches(prepared, texts, max_tokens))
+    finally:
+        close(model)
 
 
 def _open_store(path: Path) -> Prepared:
@@ -170,7 +201,7 @@ def _open_store(path: Path) -> Prepared:
     source = Source(name=path.name, description=str(path), config=config,
                     fingerprint=manifest.source.get("fingerprint", ""), shapes=dict,
                     load=lambda name: None)
-    return Prepared(source, manifest, adapter_for(config), path.parent)
+    return Prepared.of(source, manifest, path.parent, config)
 
 
 def _store_dtype(specs) -> str:
@@ -194,7 +225,13 @@ def _save_tokenizer(source: Source, store_dir: Path) -> None:
         log.info("no tokenizer saved with the store: %s", e)
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """The compute device: ``device``, else ``$OFFLOAD_DEVICE``, else the current CUDA device,
+    else the CPU.
+
+    Raises:
+        HardwareError: a CUDA device on a machine without one, or another device type.
+    """
     device = device or os.environ.get("OFFLOAD_DEVICE") or None
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
@@ -208,222 +245,107 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
-@dataclass(frozen=True)
-class ExpertOptions:
-    """How an MoE model's experts move (ignored for dense models); see ``run``."""
-
-    experts: str = "cache"
-    predict: bool = False
-    predict_depth: int = 1
-    predict_width: int | None = None
-    expert_cache: str = "lru"
-
-    def check(self, top_k: int, n_experts: int) -> None:
-        if self.experts not in ("cache", "stream"):
-            raise OffloadError(f"experts={self.experts!r}: use 'cache' (expert Units fetched as "
-                               "routed) or 'stream' (every expert streamed with its layer)")
-        if self.expert_cache not in ("lru", "lfu"):
-            raise OffloadError(f"expert_cache={self.expert_cache!r}: use 'lru' or 'lfu'")
-        if not isinstance(self.predict_depth, int) or self.predict_depth < 1:
-            raise OffloadError(f"predict_depth={self.predict_depth!r}: use an int >= 1 (or "
-                               "predict=False to turn prediction off)")
-        w = self.predict_width
-        if w is not None and (not isinstance(w, int) or not 1 <= w <= n_experts):
-            raise OffloadError(f"predict_width={w!r}: use an int from 1 to {n_experts} "
-                               f"(default: top-k = {top_k})")
+# run()/plan() keyword -> (part of the request, field): the user's flat names for the planner's
+# ExpertOptions and KVOptions.
+_NAMES = {"experts": ("experts", "experts"), "predict": ("experts", "predict"),
+          "predict_depth": ("experts", "predict_depth"),
+          "predict_width": ("experts", "predict_width"),
+          "expert_cache": ("experts", "expert_cache"), "kv": ("kv", "kv"),
+          "max_context": ("kv", "max_context"), "batch": ("kv", "batch"),
+          "prefill_chunk": ("kv", "prefill_chunk"), "kv_block": ("kv", "block_tokens"),
+          "kv_device_blocks": ("kv", "device_blocks")}
 
 
 @dataclass(frozen=True)
-class KVOptions:
-    """Where the KV cache lives; see ``run``."""
+class Request:
+    """What ``run`` and ``plan`` are asked besides the model and the budget (each option is
+    documented in ``run``); ``options`` turns it into the planner's ``PlanOptions``."""
 
-    kv: str = "auto"
-    max_context: int | None = None
-    batch: int = 1
-    block_tokens: int = 256
-    device_blocks: int = 4
-    prefill_chunk: int = 256
+    device: str | None = None
+    host_budget: int | str | None = None
+    prefetch: int | None = None
+    max_tokens: int | None = None
+    experts: ExpertOptions = dataclasses.field(default_factory=ExpertOptions)
+    kv: KVOptions = dataclasses.field(default_factory=KVOptions)
 
-    def check(self) -> None:
-        if self.kv not in ("auto", "paged", "dynamic"):
-            raise OffloadError(f"kv={self.kv!r}: use 'auto', 'paged' (recent blocks in the "
-                               "budget, older ones on disk) or 'dynamic' (all in the budget)")
-        for name in ("max_context", "batch", "block_tokens", "device_blocks", "prefill_chunk"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise OffloadError(f"{name}={v!r}: use a positive int")
-        if self.kv == "paged" and self.max_context is None:
-            raise OffloadError("kv='paged' needs max_context= (the longest sequence, in "
-                               "positions): it sizes the cache's buffers and its disk part")
+    @classmethod
+    def of(cls, kwargs: dict) -> "Request":
+        """From ``run``/``plan`` keyword arguments; an unknown one is named with the known."""
+        plain = {"device", "host_budget", "prefetch", "max_tokens"}
+        unknown = sorted(set(kwargs) - plain - set(_NAMES))
+        if unknown:
+            raise OffloadError(f"unknown option {unknown[0]}=: the options are "
+                               f"{', '.join(sorted(plain | set(_NAMES)))}")
+        parts: dict[str, dict] = {"experts": {}, "kv": {}}
+        for name, value in kwargs.items():
+            if name in _NAMES:
+                part, field = _NAMES[name]
+                parts[part][field] = value
+        return cls(**{k: v for k, v in kwargs.items() if k in plain},
+                   experts=ExpertOptions(**parts["experts"]), kv=KVOptions(**parts["kv"]))
+
+    def options(self, budget, prep: "Prepared", device: torch.device) -> PlanOptions:
+        """Parse the budgets (sizes, percentages of the weights), measure the free space a
+        paged KV cache could spill to, and collect the rest."""
+        weights = prep.manifest.weight_bytes
+        host = 0
+        if self.host_budget is not None:
+            if device.type == "cpu":
+                raise BudgetError("host_budget applies when the compute device is a GPU; on the "
+                                  "CPU the budget already is host RAM: drop host_budget or "
+                                  "raise budget")
+            host = parse_size(self.host_budget, total_bytes=weights, what="host_budget")
+        spill_free = None
+        if self.kv.kv != "dynamic" and self.kv.max_context is not None:
+            Path(prep.offload_dir).mkdir(parents=True, exist_ok=True)
+            spill_free = shutil.disk_usage(prep.offload_dir).free
+        return PlanOptions(
+            budget_bytes=parse_size(budget, total_bytes=weights), device=str(device),
+            max_tokens=self.max_tokens, prefetch=self.prefetch, host_budget_bytes=host,
+            spill_dir=str(prep.offload_dir), spill_free_bytes=spill_free,
+            experts=self.experts, kv=self.kv)
 
 
-def _make_plan(prep: Prepared, budget, device: torch.device, prefetch, max_tokens,
-               host_budget=None, experts: ExpertOptions = ExpertOptions(),
-               kv: KVOptions = KVOptions()) -> Plan:
-    kv.check()
+def make_plan(prep: "Prepared", budget, request: Request = Request()) -> Plan:
+    """The Plan for ``prep`` under ``budget``: the hardware profile measured (or read from the
+    offload dir's cache) within the budget, then ``planner.plan_for``."""
+    device = resolve_device(request.device)
+    options = request.options(budget, prep, device)
+    options.kv.check()
     manifest = prep.manifest
-    config = build_config(manifest.config)
-    shape = prep.adapter.shape(config)
-    dtype = DTYPES[manifest.dtype]
-    budget_bytes = parse_size(budget, total_bytes=manifest.weight_bytes)
-    if max_tokens is None and kv.max_context is not None:
-        max_tokens = kv.batch * kv.max_context
-    max_tokens = int(max_tokens or DEFAULT_MAX_TOKENS)
-    reserve = (shape.kv_bytes(max_tokens, dtype.itemsize)
-               + shape.activation_bytes(1, max_tokens, max_tokens, dtype.itemsize, max_tokens)
-               + scratch_bytes(shape, dtype.itemsize))
-    paged = kv.kv == "paged" or (kv.kv == "auto" and kv.max_context is not None
-                                 and reserve > budget_bytes // 2)
-    if not paged:
-        return _place(prep, budget_bytes, device, prefetch, max_tokens, reserve, host_budget,
-                      experts)
-    if device.type != "cpu":
-        raise HardwareError("kv='paged' runs on a CPU compute device for now (its GPU path is "
-                            "not built): use kv='dynamic' on the GPU, or device='cpu'")
-    from .prefetch.kv import kv_geometry
-
-    g = kv_geometry(config, kv.max_context, kv.batch, dtype, kv.block_tokens, kv.device_blocks)
-    chunk = min(kv.prefill_chunk, kv.max_context)
-    reserve = (g["device_bytes"] + scratch_bytes(shape, dtype.itemsize)
-               + shape.activation_bytes(kv.batch, chunk, kv.max_context, dtype.itemsize,
-                                        kv.batch * chunk))
-    _check_kv_disk(prep.offload_dir, g["total_bytes"], kv)
-    plan = _place(prep, budget_bytes, device, prefetch, kv.batch * kv.max_context, reserve,
-                  host_budget, experts)
-    return dataclasses.replace(
-        plan, kv="paged", max_context=kv.max_context, kv_batch=kv.batch,
-        kv_block_tokens=g["block_tokens"], kv_device_blocks=kv.device_blocks,
-        kv_device_bytes=g["device_bytes"], kv_disk_bytes=g["total_bytes"], prefill_chunk=chunk)
+    profile = load_or_measure(manifest.data_path, prep.offload_dir, device,
+                              DTYPES[manifest.dtype], prep.shape.hidden,
+                              max_bytes=options.budget_bytes // 2)
+    plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
+                    heat=load_heat(manifest.path))
+    release_free_heap()   # the planner's probes: back to the OS before the budget is taken
+    return plan
 
 
-def _check_kv_disk(offload_dir: Path, total: int, kv: KVOptions) -> None:
-    import shutil
-
-    Path(offload_dir).mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(offload_dir).free
-    if free < total + (64 << 20):
-        from .sizes import format_bytes
-
-        raise HardwareError(
-            f"max_context={kv.max_context} at batch {kv.batch} needs {format_bytes(total)} of KV "
-            f"cache, which cannot be served even from disk: {offload_dir} has "
-            f"{format_bytes(free)} free; lower max_context or choose another offload_dir",
-            needed_bytes=total, free_bytes=free)
+def plan(model, budget, *, offload_dir=None, sparse=None, **request) -> Plan:
+    """The Plan ``run`` would use, without running anything (packs the store if needed).
+    Takes ``run``'s options."""
+    prep = prepare(model, offload_dir=offload_dir, options=PackOptions.make(sparse))
+    return make_plan(prep, budget, Request.of(request))
 
 
-def _place(prep: Prepared, budget_bytes: int, device, prefetch, max_tokens: int, reserve: int,
-           host_budget, experts: ExpertOptions) -> Plan:
-    manifest, adapter = prep.manifest, prep.adapter
-    config = build_config(manifest.config)
-    shape = adapter.shape(config)
-    dtype = DTYPES[manifest.dtype]
-    moe = adapter.moe_shape(config) if hasattr(adapter, "moe_shape") else None
-    if moe is not None:
-        experts.check(moe.top_k, moe.experts)
-    stream = moe is not None and experts.experts == "stream"
-    order = adapter.execution_order(config, manifest.groups(), stream_experts=stream)
-    profile = load_or_measure(manifest.data_path, prep.offload_dir, device, dtype, shape.hidden,
-                              max_bytes=budget_bytes // 2)
-    host_bytes = 0
-    if host_budget is not None:
-        if device.type == "cpu":
-            raise BudgetError("host_budget applies when the compute device is a GPU; on the CPU "
-                              "the budget already is host RAM: drop host_budget or raise budget")
-        host_bytes = parse_size(host_budget, total_bytes=manifest.weight_bytes,
-                                what="host_budget")
-    units = list(manifest.units)
-    pinned = frozenset(adapter.always_resident(units))
-
-    def place(pins: frozenset[str]) -> Plan:
-        if moe is None:
-            return make_plan(units, order, budget_bytes, reserve, max_tokens, profile,
-                             prefetch=prefetch, host_budget_bytes=host_bytes, pinned=pins)
-        if stream:
-            plan = make_plan([u for u in units if u.kind != "expert"]
-                             + adapter.stream_units(units), order, budget_bytes, reserve,
-                             max_tokens, profile, prefetch=prefetch,
-                             host_budget_bytes=host_bytes, pinned=pinned | pins)
-            return dataclasses.replace(plan, experts="stream")
-        from .experts_runtime import load_heat
-
-        return make_moe_plan(
-            units, order, budget_bytes, reserve, max_tokens, profile, top_k=moe.top_k,
-            moe_layers=len(moe.layers), experts_per_layer=moe.experts, pinned=pinned | pins,
-            prefetch=prefetch, host_budget_bytes=host_bytes, policy=experts.expert_cache,
-            predict_depth=experts.predict_depth if experts.predict else 0,
-            predict_width=experts.predict_width or moe.top_k, heat=load_heat(manifest.path))
-
-    return _place_head(manifest, shape, dtype, device, place)
-
-
-def _place_head(manifest: Manifest, shape, dtype, device: torch.device, place) -> Plan:
-    """``place(pins)``, with the LM head kept whole and resident where a streamed one would not
-    be bitwise on this machine at a decode batch size (``kernels.head.chunking_mismatches``
-    at 8 rows or fewer) and the budget holds it. A streamed head records the row counts at
-    which its chunks round otherwise in the Plan (``head_inexact_rows``)."""
-    from .kernels import head
-
-    keys = manifest.groups()[manifest.tied.get("head", "head")]
-    units = [manifest.unit(k) for k in keys]
-    inexact = ()
-    if len(keys) > 1 and device.type == "cpu":
-        inexact = head.chunking_mismatches(shape.vocab, shape.hidden, dtype,
-                                           tuple(u.rows for u in units))
-        release_free_heap()   # the probe's outputs: back to the OS before the budget is taken
-    decode = [m for m in inexact if m <= head.DECODE_ROWS]
-    plan = None
-    if decode:
-        try:
-            plan = place(frozenset(keys))
-        except BudgetError:
-            log.warning("the LM head streams in %d chunks, and on this machine a chunk's logits "
-                        "differ in the last bits from the whole matrix's at batch %s: a budget "
-                        "%s larger keeps it resident, bitwise", len(keys),
-                        ", ".join(map(str, decode)),
-                        format_bytes(sum(align(u.nbytes, 4096) for u in units)))
-    plan = plan or place(frozenset())
-    streamed = any(k in plan.stream for k in keys)
-    return dataclasses.replace(plan, head_inexact_rows=inexact if streamed else ())
-
-
-def plan(model, budget, *, device=None, offload_dir=None, prefetch=None,
-         max_tokens=None, experts="cache", predict=False, predict_depth=1, predict_width=None,
-         expert_cache="lru", sparse=None, kv="auto", max_context=None, batch=1,
-         prefill_chunk=256, kv_block=256, kv_device_blocks=4) -> Plan:
-    """The Plan ``run`` would use, without running anything (packs the store if needed)."""
-    prep = _prepare(model, None, offload_dir, options=PackOptions.make(sparse))
-    return plan_prepared(prep, budget, device=device, prefetch=prefetch, max_tokens=max_tokens,
-                         experts=experts, predict=predict, predict_depth=predict_depth,
-                         predict_width=predict_width, expert_cache=expert_cache, kv=kv,
-                         max_context=max_context, batch=batch, prefill_chunk=prefill_chunk,
-                         kv_block=kv_block, kv_device_blocks=kv_device_blocks)
-
-
-def plan_prepared(prep: Prepared, budget, *, device=None, prefetch=None, max_tokens=None,
-                  experts="cache", predict=False, predict_depth=1, predict_width=None,
-                  expert_cache="lru", kv="auto", max_context=None, batch=1,
-                  prefill_chunk=256, kv_block=256, kv_device_blocks=4) -> Plan:
-    """``plan`` for a store already prepared (``_prepare``)."""
-    options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
-    return _make_plan(prep, budget, _resolve_device(device), prefetch, max_tokens,
-                      experts=options, kv=KVOptions(kv, max_context, batch, kv_block,
-                                                    kv_device_blocks, prefill_chunk))
-
-
-def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
-        prefetch=None, max_tokens=None, progress=True, experts="cache", predict=False,
-        predict_depth=1, predict_width=None, expert_cache="lru",
-        sparse=None, kv="auto", max_context=None, batch=1,
-        prefill_chunk=256, kv_block=256, kv_device_blocks=4) -> torch.nn.Module:
+def run(model, budget="25%", *, offload_dir=None, progress=True, sparse=None,
+        **request) -> torch.nn.Module:
     """Run ``model`` within ``budget`` bytes of compute-tier memory.
+
+    The docstring is long on purpose: it is the reference of every option.
 
     Args:
         model: a transformers causal-LM object, a checkpoint directory (config.json +
             *.safetensors) or a .gguf file.
         budget: "512MB", "8GB", "1.5GiB", a byte count, or a percentage of the weights ("25%").
+        offload_dir: where packed stores live (default ``$OFFLOAD_CACHE`` or ~/.cache/offload).
+        sparse: ``"bitmap"``: pack the weights whose zeros pay (an already-pruned model) as
+            bitmaps, moved compressed and decoded on the compute device; lossless. Pruning
+            is a separate, explicit step: ``offload.pack(..., prune=0.5)``. A packed store
+            passed as ``model`` is used as it was packed.
         device: the compute device; default `$OFFLOAD_DEVICE`, else the current CUDA device,
             else the CPU.
-        offload_dir: where packed stores live (default ``$OFFLOAD_CACHE`` or ~/.cache/offload).
         host_budget: pinned host RAM on a GPU machine for Units that do not fit the device:
             read from disk once, then moved over the host link each pass. GPU only.
         prefetch: Units fetched ahead of the one computing (default: enough to keep about
@@ -443,7 +365,7 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
         expert_cache: ``"lru"`` (default) or ``"lfu"`` (frequency-aware) eviction.
         kv: where the KV cache lives. ``"dynamic"``: transformers' DynamicCache, all of it in
             the budget (``max_tokens`` positions reserved). ``"paged"``: blocks of positions,
-            the newest ``device_blocks`` per layer in the budget and older ones spilled to a
+            the newest ``kv_device_blocks`` per layer in the budget and older ones spilled to a
             scratch file in ``offload_dir``, read back a layer ahead (``generate`` gets it
             automatically); needs ``max_context``. ``"auto"`` (default): paged when
             ``max_context`` is given and a dynamic cache for it would take over half the
@@ -454,10 +376,6 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
             activations are sized for (a longer prompt is fed in chunks of this size).
         kv_block / kv_device_blocks: positions per KV block, and full blocks per layer kept
             in the budget (the newest), for a paged cache.
-        sparse: ``"bitmap"``: pack the weights whose zeros pay (an already-pruned model) as
-            bitmaps, moved compressed and decoded on the compute device; lossless. Pruning
-            is a separate, explicit step: ``offload.pack(..., prune=0.5)``. A packed store
-            passed as ``model`` is used as it was packed.
 
     Returns:
         The model, ready to call and ``.generate()`` as before. A model object passed in is
@@ -466,33 +384,23 @@ def run(model, budget="25%", *, device=None, offload_dir=None, host_budget=None,
     Raises:
         BudgetError, StoreError, ModelError, HardwareError: bad input, with the fix.
     """
-    prep = _prepare(model, None, offload_dir, progress, options=PackOptions.make(sparse))
-    return run_prepared(prep, budget, device=device, host_budget=host_budget, prefetch=prefetch,
-                        max_tokens=max_tokens, experts=experts, predict=predict,
-                        predict_depth=predict_depth, predict_width=predict_width,
-                        expert_cache=expert_cache, kv=kv, max_context=max_context, batch=batch,
-                        prefill_chunk=prefill_chunk, kv_block=kv_block,
-                        kv_device_blocks=kv_device_blocks)
+    prep = prepare(model, offload_dir=offload_dir, progress=progress,
+                   options=PackOptions.make(sparse))
+    return run_prepared(prep, budget, Request.of(request))
 
 
-def run_prepared(prep: Prepared, budget="25%", *, device=None, host_budget=None, prefetch=None,
-                 max_tokens=None, experts="cache", predict=False, predict_depth=1,
-                 predict_width=None, expert_cache="lru", kv="auto", max_context=None,
-                 batch=1, prefill_chunk=256, kv_block=256,
-                 kv_device_blocks=4) -> torch.nn.Module:
-    """``run`` for a store already prepared (``_prepare``): plan, build, attach."""
-    device = _resolve_device(device)
-    options = ExpertOptions(experts, predict, predict_depth, predict_width, expert_cache)
-    the_plan = _make_plan(prep, budget, device, prefetch, max_tokens, host_budget, options,
-                          KVOptions(kv, max_context, batch, kv_block, kv_device_blocks,
-                                    prefill_chunk))
+def run_prepared(prep: "Prepared", budget="25%", request: Request = Request()
+                 ) -> torch.nn.Module:
+    """``run`` for a store already prepared (``prepare``): plan, build, attach."""
+    the_plan = make_plan(prep, budget, request)
+    device = resolve_device(request.device)
     skeleton = prep.source.module if prep.source.module is not None else \
         build_skeleton(prep.manifest, device)
     prep.adapter.check_model(skeleton)
     old = getattr(skeleton, _ATTR, None)
     if old is not None:
         old.close()
-    runtime = Runtime(skeleton, prep.manifest, the_plan, prep.adapter, device)
+    runtime = Runtime(skeleton, prep.manifest, the_plan, prep.adapter, device, prep.shape)
     setattr(skeleton, _ATTR, runtime)
     skeleton.eval()
     return skeleton

@@ -2,9 +2,10 @@
 
 Decoder layers and norms whose Unit is streamed get a forward pre-hook that waits for the Unit
 and binds its tensors as the module's parameters, and a forward hook (always called, also when
-forward raises) that unbinds them and releases the slot. Row-chunked modules (embedding, head)
-get an instance-level forward that walks their chunks. ``detach`` restores every parameter and
-forward; user classes are never patched.
+forward raises) that unbinds them and releases the slot (``attach_unit``). Row-chunked modules
+(embedding, head) and MoE experts get an instance-level forward (``replace_forward``); the model
+gets a hook pair around each forward (``wrap_model``). Each returns its undo steps, and
+``detach`` runs them: every parameter and forward restored; user classes are never patched.
 """
 from __future__ import annotations
 
@@ -54,6 +55,51 @@ class Binding:
     def restore(self) -> None:
         for (m, a), p in zip(self.targets, self.originals):
             m._parameters[a] = p
+
+
+def attach_unit(module: torch.nn.Module, names: list[str], device: torch.device, *,
+                resident: dict | None = None, key: str | None = None,
+                acquire: Callable | None = None, release: Callable | None = None
+                ) -> list[Callable[[], None]]:
+    """Give ``module`` one Unit's tensors as its parameters ``names``: a resident Unit's views
+    once, or a streamed Unit's per forward (``acquire(key)`` before, ``release(key)`` after,
+    also when the forward raises). Returns the undo steps, to be run in reverse."""
+    binding = Binding(module, names, device)
+    undo: list[Callable[[], None]] = [binding.restore]
+    if resident is not None:
+        binding.bind(resident)
+        return undo
+    binding.unbind()
+    hook = StreamedBindHook(key, binding, acquire, release)
+    undo.append(module.register_forward_pre_hook(hook.pre_forward).remove)
+    undo.append(module.register_forward_hook(hook.post_forward, always_call=True).remove)
+    return undo
+
+
+def replace_forward(module: torch.nn.Module, forward: Callable, names: list[str],
+                    device: torch.device) -> list[Callable[[], None]]:
+    """Run ``forward`` in place of ``module``'s own (an instance attribute: the class is left
+    alone), with its parameters ``names`` replaced by placeholders. Returns the undo steps."""
+    binding = Binding(module, names, device)
+    binding.unbind()
+    module.forward = forward
+    return [binding.restore, lambda: module.__dict__.pop("forward", None)]
+
+
+def wrap_model(model: torch.nn.Module, begin: Callable, end: Callable
+               ) -> list[Callable[[], None]]:
+    """``begin(module, args, kwargs)`` before every forward of ``model`` and ``end(module,
+    args, output)`` after it (also when it raises). Returns the undo steps."""
+    return [model.register_forward_pre_hook(begin, with_kwargs=True).remove,
+            model.register_forward_hook(end, always_call=True).remove]
+
+
+def detach(undo: list[Callable[[], None]]) -> None:
+    """Run the undo steps of ``attach_unit`` / ``replace_forward`` / ``wrap_model``, last
+    first: every hook removed, every parameter and forward restored."""
+    for step in reversed(undo):
+        step()
+    undo.clear()
 
 
 class StreamedBindHook:

@@ -13,6 +13,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 KINDS = ("layer", "expert", "kv", "static")
+TENSOR_ALIGN = 256    # tensor alignment inside a Unit: SIMD kernels see the alignment they expect.
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,51 @@ class Unit:
                    d["checksum"], tuple(TensorSpec.from_json(t) for t in d["tensors"]),
                    tuple(d["rows"]) if d.get("rows") else None, d.get("expert"),
                    d.get("stored_nbytes"))
+
+
+@dataclass(frozen=True)
+class TensorPart:
+    """One tensor of a Unit to be packed: ``source`` names the checkpoint tensor, ``rows`` an
+    optional ``[start, stop)`` row slice of it, ``index`` an optional index along its first
+    dimension (one expert of a fused ``[experts, ...]`` tensor), and ``concat`` further
+    checkpoint tensors appended along dimension 0 (an expert's gate and up projections stored
+    apart become one ``gate_up`` tensor)."""
+
+    name: str
+    source: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rows: tuple[int, int] | None = None
+    index: int | None = None
+    concat: tuple[str, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """A Unit before it is written: where its tensors come from."""
+
+    key: str
+    kind: str
+    group: str
+    index: int
+    parts: tuple[TensorPart, ...]
+    rows: tuple[int, int] | None = None
+    expert: int | None = None
+
+    def layout(self) -> tuple[list[TensorSpec], int]:
+        specs, off = [], 0
+        for p in self.parts:
+            off = align(off, TENSOR_ALIGN)
+            specs.append(TensorSpec(p.name, DTYPE_NAMES[p.dtype], p.shape, off, p.nbytes))
+            off += p.nbytes
+        return specs, off
 
 
 def align(n: int, to: int) -> int:

@@ -147,7 +147,8 @@ print(path, g_head, head.extra_bytes(path, 8, 2048, dtype.itemsize, 21504, 21504
 def test_half_head_runs_without_a_weight_copy(dtype):
     """Measured in a fresh process (peak RSS reset first): the head's strided batch-8 call on
     the path chosen for this CPU grows the peak by no more than the runtime counts for it
-    (plus the logits and 1 MB), far less than one weight, and gives torch's bits."""
+    (plus the logits and 2 MB of allocator slack), far less than one weight, and gives torch's
+    bits."""
     import subprocess
     import sys
 
@@ -158,7 +159,7 @@ def test_half_head_runs_without_a_weight_copy(dtype):
     weight, logits = 21504 * 2048 * 2, 2 * 8 * 21504 * 2
     assert path in ("per_row", "sub_rows"), f"no copy-free exact path on this CPU ({path})"
     assert int(same) == 1
-    assert int(growth) <= int(counted) + logits + (1 << 20), (path, growth, counted)
+    assert int(growth) <= int(counted) + logits + (2 << 20), (path, growth, counted)
     assert int(growth) < weight // 4
 
 

@@ -151,7 +151,7 @@ def test_run_with_paged_kv_hands_generate_a_paged_cache(family, batch, offload_d
                       budget="40MB", kv="paged", max_context=130, batch=batch, kv_block=32,
                       kv_device_blocks=1)
     plan = off._offload_runtime.plan
-    assert plan.kv == "paged" and "KV spill file" in plan.table()
+    assert plan.kv.mode == "paged" and "KV spill file" in plan.table()
     out = _generate(off, ids, mask, new=90)
     assert type(out.past_key_values) is PagedKVCache
     assert torch.equal(out.sequences, ref.sequences)

@@ -44,11 +44,11 @@ def test_moe_families_bitwise_at_20_percent(family, batch, offload_dir):
     ref_logits, ref_tokens = _reference(model, ids, mask)
     off, budget = _run(model, 0.20, offload_dir, predict=True)
     plan = off._offload_runtime.plan
-    assert plan.experts == "cache" and plan.expert_slots >= 2
+    assert plan.experts.mode == "cache" and plan.experts.slots >= 2
     assert all(tier == "disk" for k, tier, _ in plan.homes if k.startswith("expert."))
     assert off._offload_runtime.device_tier.allocated_bytes == (   # the plan is what is held
         plan.resident_bytes + plan.slots * plan.slot_bytes
-        + plan.expert_slots * plan.expert_slot_bytes) and plan.total_bytes <= budget
+        + plan.experts.slots * plan.experts.slot_bytes) and plan.total_bytes <= budget
     logits, tokens = _reference(off, ids, mask)
     assert torch.equal(logits, ref_logits)
     assert torch.equal(tokens, ref_tokens)
@@ -213,7 +213,7 @@ def test_cache_hits_and_stats(offload_dir):
     model = tiny_model("mixtral", seed=7)
     off, _ = _run(model, 0.6, offload_dir, predict=True)
     rt = off._offload_runtime
-    assert rt.plan.expert_protected >= 1
+    assert rt.plan.experts.protected >= 1
     ids, _ = _prompts(1)
     with torch.no_grad():
         off.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -253,17 +253,16 @@ def test_budget_below_attention_plus_top_k_is_refused(offload_dir):
     err = e.value
     assert "top-k" in str(err) and err.minimum_bytes > err.budget_bytes
     off = offload.run(model, budget=err.minimum_bytes, offload_dir=offload_dir, max_tokens=16)
-    assert off._offload_runtime.plan.expert_slots == 2
+    assert off._offload_runtime.plan.experts.slots == 2
     with torch.no_grad():
         off(torch.tensor([[5, 6, 7]]))
     offload.close(off)
 
 
 def _io_threads(rt) -> list[threading.Thread]:
-    """The I/O threads of one runtime (its layer and expert disk tiers); other runtimes left
-    open by other tests have their own."""
-    pools = [rt.disk._pool] + ([rt.experts.disk._pool] if rt.experts.disk else [])
-    return [t for pool in pools for t in pool._threads]
+    """The I/O threads of one runtime (its transport's); other runtimes left open by other
+    tests have their own."""
+    return rt.transport.threads
 
 
 def test_router_out_of_range_is_an_error_and_shuts_down_cleanly(offload_dir):

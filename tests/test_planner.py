@@ -113,12 +113,12 @@ def moe_plan(us, budget_mb, heat=None):
 def test_moe_plan_spends_the_budget_on_layers_first_then_the_expert_cache():
     us = moe_units()
     plans = [moe_plan(us, mb) for mb in (80, 120, 200, 400, 700)]
-    slots = [p.expert_slots for p in plans[:-1]]
+    slots = [p.experts.slots for p in plans[:-1]]
     assert slots[0] == 2 and slots == sorted(slots)             # top-k, then more with budget
     assert all(p.total_bytes <= p.budget_bytes for p in plans)
     assert plans[2].streamed_bytes == 0                          # non-expert Units resident first
     assert all(p.home[f"layer.{i}.router"] == "device" for p in plans for i in range(4))
-    assert plans[-1].expert_slots == 0 and plans[-1].home["expert.3.7"] == "device"   # all fit
+    assert plans[-1].experts.slots == 0 and plans[-1].home["expert.3.7"] == "device"   # all fit
     with pytest.raises(BudgetError) as e:
         moe_plan(us, 20)
     assert "top-k" in str(e.value)
@@ -128,7 +128,7 @@ def test_moe_plan_spends_the_budget_on_layers_first_then_the_expert_cache():
     routers = frozenset(k for k in order if k.endswith(".router"))
     ok = make_moe_plan(us, order, minimum, 8 << 20, 64, PROFILE, top_k=2, moe_layers=4,
                        experts_per_layer=8, pinned=routers)
-    assert ok.expert_slots == 2 and ok.minimum_bytes == minimum
+    assert ok.experts.slots == 2 and ok.minimum_bytes == minimum
     with pytest.raises(BudgetError):
         make_moe_plan(us, order, minimum - 1, 8 << 20, 64, PROFILE, top_k=2, moe_layers=4,
                       experts_per_layer=8, pinned=routers)
@@ -140,4 +140,4 @@ def test_moe_plan_keeps_measured_hot_experts_resident():
     p = moe_plan(us, 200, heat)
     resident = {k for k, t, _ in p.homes if k.startswith("expert.") and t == "device"}
     assert resident == {"expert.0.3", "expert.2.5"}
-    assert p.expert_slots == moe_plan(us, 200).expert_slots - 2
+    assert p.experts.slots == moe_plan(us, 200).experts.slots - 2

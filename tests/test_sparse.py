@@ -264,14 +264,13 @@ def test_pack_prune_equals_pruning_the_model(checkpoint, tmp_path):
 
 
 def test_wanda_prunes_by_calibrated_input_norms(checkpoint, tmp_path):
-    from offload.api import _open_store, _prepare
-    from offload.store.calibrate import input_norms
+    from offload.api import _open_store, input_norms, prepare
 
     path, model = checkpoint
     base = tmp_path / "cache"
     offload.pack(path, tmp_path / "wanda", prune=0.5, method="wanda", offload_dir=base,
                  progress=False)
-    norms = input_norms(_open_store(_prepare(path, None, base).manifest.path))
+    norms = input_norms(_open_store(prepare(path, offload_dir=base).manifest.path))
     assert len(norms) == 7 * model.config.num_hidden_layers
     magnitude = tiny_model("llama")
     prune_model(magnitude, 0.5, adapter_for(model.config))

@@ -10,9 +10,11 @@ import torch
 
 import offload
 from offload.errors import StoreError
-from offload.store.format import BLOCK, TENSOR_ALIGN, read_manifest
+from offload.store.format import BLOCK, read_manifest
 from offload.tiers.device import aligned_host
 from offload.tiers.disk import DiskTier
+from offload.tiers.transport import Transport
+from offload.units import TENSOR_ALIGN
 
 
 def test_units_are_aligned_and_checksummed(checkpoint, tmp_path):
@@ -44,19 +46,20 @@ def test_disk_reads_at_odd_sizes_and_thread_counts(tmp_path):
     f = tmp_path / "units.bin"
     f.write_bytes(blob)
     for threads in (1, 3):
-        tier = DiskTier(f, threads=threads)
+        tier, transport = DiskTier(f), Transport(threads)
         try:
             for off, n in [(0, 1), (0, 4095), (BLOCK, 4096), (2 * BLOCK, 4097),
                            (BLOCK, (8 << 20) + 1), (0, 5 * BLOCK * 1024)]:
                 u = Unit("u", "layer", "layer", 0, off, n, zlib.crc32(blob[off:off + n]), ())
                 buf = aligned_host(n + 2 * BLOCK)
                 buf.fill_(7)
-                tier.submit(u, buf.numpy(), verify=True).wait()
+                transport.read(tier, u, buf.numpy(), verify=True, consumer="test").wait()
                 got = buf.numpy()
                 assert bytes(got[:n]) == blob[off:off + n]
                 aligned_n = (n + BLOCK - 1) // BLOCK * BLOCK
                 assert (got[aligned_n:] == 7).all()
         finally:
+            transport.close()
             tier.close()
 
 

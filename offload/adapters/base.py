@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from ..store.pack import UnitSpec
+from ..units import UnitSpec
 
 
 @dataclass(frozen=True)
@@ -72,5 +72,12 @@ class Adapter(Protocol):
         """Raise ModelError if ``model`` has a structure the hooks cannot serve."""
         ...
 
-# MoE adapters also provide ``moe_shape(config)``, ``expert_points(model)`` and
-# ``stream_units(units)`` (see ``adapters/moe.py``); the runtime checks for ``moe_shape``.
+    def members(self, units, unit) -> list:
+        """Units read inside ``unit`` and each checked by its own checksum (a layer's experts
+        Unit in layer-only streaming); empty for an ordinary Unit."""
+        ...
+
+# MoE adapters also provide ``moe_shape(config)``, ``expert_points(model)``,
+# ``stream_units(units)`` and the names of an MoE model's pieces: ``expert_params``,
+# ``expert_weights``, ``stream_expert_weights``, ``router_weight``, ``experts_unit`` (see
+# ``adapters/moe.py``); the runtime checks for ``moe_shape``.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ModelError
-from ..store.pack import TensorPart, UnitSpec
+from ..units import TensorPart, UnitSpec
 from .base import Shape
 
 # Row-chunks of the embedding and head hold a multiple of this many rows: chunked matmuls then
@@ -90,6 +90,10 @@ class DenseAdapter:
 
     def always_resident(self, units) -> set[str]:
         return set()
+
+    def members(self, units, unit) -> list:
+        """Units read as part of ``unit`` and checked on their own: none in a dense model."""
+        return []
 
     def encodable(self, spec: UnitSpec) -> bool:
         """Units whose tensors may be stored encoded: all but the embedding, whose rows are

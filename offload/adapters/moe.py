@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelError
-from ..store.pack import TensorPart, UnitSpec
-from ..units import TensorSpec, Unit
+from ..units import TensorPart, TensorSpec, Unit, UnitSpec
 from .base import Shape
 from .dense import DenseAdapter
 
@@ -112,7 +111,7 @@ class MoEAdapter(DenseAdapter):
             last = pos + 1 == len(groups["layer"]) or \
                 int(groups["layer"][pos + 1].split(".")[1]) != i
             if last and i in moe:
-                order.append(f"experts.{i}")
+                order.append(self.experts_unit(i))
         return order + groups["norm"] + head
 
     def stream_units(self, units) -> list[Unit]:
@@ -137,7 +136,7 @@ class MoEAdapter(DenseAdapter):
             tensors = tuple(TensorSpec(f"{t.name}.{u.expert}", t.dtype, t.shape,
                                        u.offset - first.offset + t.offset, t.nbytes)
                             for u in members for t in u.tensors)
-            out.append(Unit(f"experts.{i}", "expert", "experts", i, first.offset,
+            out.append(Unit(self.experts_unit(i), "expert", "experts", i, first.offset,
                             last.offset + last.nbytes - first.offset, 0, tensors))
         return out
 
@@ -172,6 +171,37 @@ class MoEAdapter(DenseAdapter):
                 points.pop(f"layer.{i}.router", None)
         points["norm"] = model.model.norm
         return points
+
+    # -- the names of an MoE model's pieces, for the runtime (which knows none of them) ------
+    expert_params = ("gate_up_proj", "down_proj")   # an experts module's fused parameters
+
+    @staticmethod
+    def expert_weights(views: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up, down)`` of one expert Unit's tensors."""
+        return views["gate_up"], views["down"]
+
+    @staticmethod
+    def stream_expert_weights(views: dict, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up, down)`` of ``expert`` inside a layer's experts Unit (``stream_units``)."""
+        return views[f"gate_up.{expert}"], views[f"down.{expert}"]
+
+    @staticmethod
+    def router_weight(resident: dict, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s router weight ``[experts, H]``, from the resident Units' views."""
+        return resident[f"layer.{layer}.router"]["gate.weight"]
+
+    @staticmethod
+    def experts_unit(layer: int) -> str:
+        """The key of layer ``layer``'s experts Unit in layer-only streaming."""
+        return f"experts.{layer}"
+
+    def members(self, units, unit: Unit) -> list[Unit]:
+        """The expert Units inside a layer's experts Unit (each checked by its own CRC32);
+        empty for any other Unit."""
+        if unit.group != "experts":
+            return []
+        return [u for u in units if u.kind == "expert" and u.index == unit.index
+                and u.expert is not None]
 
     def expert_points(self, model) -> dict[int, object]:
         """MoE layer number -> its experts module (the fused ``*Experts``)."""

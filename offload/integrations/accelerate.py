@@ -100,8 +100,8 @@ def infer_device_map(model, budget, *, offload_dir=None, **plan_kwargs) -> dict[
     """
     from .. import api
 
-    prep = api._prepare(model, None, offload_dir)
-    plan = api.plan_prepared(prep, budget, **plan_kwargs)
+    prep = api.prepare(model, offload_dir=offload_dir)
+    plan = api.make_plan(prep, budget, api.Request.of(plan_kwargs))
     device = "cpu" if plan.device == "cpu" else (torch.device(plan.device).index or 0)
     tier = {"device": device, "host": "cpu", "disk": "disk"}
     home = plan.home
@@ -274,7 +274,9 @@ def _run(source: Source, model, budget, offload_dir, run_kwargs, weights: dict, 
 
     # Packed first, with Accelerate's hooks still on: a weight missing from its folder fails
     # here and leaves the user's model as it was.
-    prep = api._prepare(source, None, offload_dir, run_kwargs.pop("progress", True))
+    progress = run_kwargs.pop("progress", True)
+    request = api.Request.of(run_kwargs)   # a bad option: refused before anything moves
+    prep = api.prepare(source, offload_dir=offload_dir, progress=progress)
     if before is not None:
         before()
     # Accelerate's copies of the weights go before offload allocates its budget: the store
@@ -284,7 +286,7 @@ def _run(source: Source, model, budget, offload_dir, run_kwargs, weights: dict, 
         for name, p in list(module._parameters.items()):
             if p is not None and not p.is_meta:
                 module._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
-    return api.run_prepared(prep, budget, **run_kwargs)
+    return api.run_prepared(prep, budget, request)
 
 
 # -- a device_map before Accelerate sees it -----------------------------------------------------

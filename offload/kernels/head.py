@@ -77,11 +77,12 @@ def linear(h: torch.Tensor, weight: torch.Tensor, path: str, vocab: int,
 def extra_bytes(path: str | None, batch: int, hidden: int, itemsize: int, vocab: int,
                 chunk_rows: int) -> int:
     """What ``path`` may allocate beyond its output for a strided input of ``batch`` rows
-    (``None``: a model whose head needs no choice)."""
+    (``None``: a model whose head needs no choice): torch's copy of the weight block for
+    every batch row, twice (oneDNN may reorder the broadcast copy into one of its own)."""
     if path is None or batch <= 1 or path == "per_row":
         return 0
     rows = sub_rows(hidden, itemsize, vocab) if path == "sub_rows" else chunk_rows
-    return batch * min(rows, chunk_rows) * hidden * itemsize
+    return 2 * batch * min(rows, chunk_rows) * hidden * itemsize
 
 
 @functools.lru_cache(maxsize=None)

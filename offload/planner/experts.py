@@ -17,8 +17,8 @@ import dataclasses
 from ..errors import BudgetError
 from ..sizes import format_bytes
 from ..units import Unit, align
-from .placement import BLOCK, make_plan
-from .plan import DEVICE, DISK, Plan
+from .placement import BLOCK, HeadCheck, make_plan
+from .plan import DEVICE, DISK, ExpertPlan, KVPlan, Plan
 from .profile import HardwareProfile
 
 
@@ -27,7 +27,8 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
                   experts_per_layer: int, pinned: frozenset[str] = frozenset(),
                   prefetch: int | None = None, host_budget_bytes: int = 0,
                   policy: str = "lru", predict_depth: int = 1, predict_width: int | None = None,
-                  heat: dict[str, float] | None = None) -> Plan:
+                  heat: dict[str, float] | None = None, kv: KVPlan = KVPlan(),
+                  head: HeadCheck = HeadCheck()) -> Plan:
     """Place an MoE model whose experts are fetched as routed (``experts="cache"``).
 
     Args:
@@ -37,6 +38,7 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
         moe_layers / experts_per_layer: the model's MoE layers and experts in each.
         predict_depth / predict_width: the predictor's reach (0 depth: off).
         heat: expert key -> measured share of tokens that used it (a previous run's).
+        kv / head: as for ``make_plan``.
 
     Raises:
         BudgetError: the budget cannot hold one layer's non-expert working set plus top_k
@@ -54,7 +56,7 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
     try:
         base = make_plan(others, order, budget_bytes - working, reserve_bytes, max_tokens,
                          profile, prefetch=prefetch, host_budget_bytes=host_budget_bytes,
-                         pinned=pinned)
+                         pinned=pinned, kv=kv, head=head)
     except BudgetError as e:
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the minimum working set of this MoE "
@@ -120,7 +122,7 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
         base, budget_bytes=budget_bytes, homes=homes, weight_bytes=weight_bytes,
         resident_bytes=base.resident_bytes + sum(size[k] for k in resident),
         minimum_bytes=minimum, compute_s=compute, io_s=disk, link_s=link,
-        predicted_s=predicted, bottleneck=max(costs, key=costs.get), experts="cache",
-        expert_slots=cached, expert_slot_bytes=expert_bytes if cached else 0,
-        expert_protected=protected, expert_policy=policy, predict_depth=depth,
-        predict_width=width, expert_bytes_per_step=per_step)
+        predicted_s=predicted, bottleneck=max(costs, key=costs.get),
+        experts=ExpertPlan("cache", slots=cached, slot_bytes=expert_bytes if cached else 0,
+                           protected=protected, policy=policy, predict_depth=depth,
+                           predict_width=width, bytes_per_step=per_step))

@@ -16,11 +16,12 @@ preferred for residency.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from ..errors import BudgetError
 from ..sizes import format_bytes
 from ..units import Unit, align
-from .plan import DEVICE, DISK, HOST, Plan
+from .plan import DEVICE, DISK, HOST, ExpertPlan, KVPlan, Plan
 from .profile import HardwareProfile
 
 BLOCK = 4096
@@ -30,9 +31,20 @@ MAX_AUTO_DEPTH_ENCODED = 5
 SMALL_FRACTION = 100    # Units under 1% of the largest stay resident: a read each costs more
 
 
+@dataclass(frozen=True)
+class HeadCheck:
+    """The LM head's Units, and the input row counts at which its chunks, multiplied one at a
+    time, round otherwise than the whole matrix on this machine (``kernels.head``)."""
+
+    keys: frozenset[str] = frozenset()
+    inexact_rows: tuple[int, ...] = ()
+
+
 def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_bytes: int,
               max_tokens: int, profile: HardwareProfile, *, prefetch: int | None = None,
-              host_budget_bytes: int = 0, pinned: frozenset[str] = frozenset()) -> Plan:
+              host_budget_bytes: int = 0, pinned: frozenset[str] = frozenset(),
+              kv: KVPlan = KVPlan(), experts: ExpertPlan | None = None,
+              head: HeadCheck = HeadCheck()) -> Plan:
     """Place ``units`` under ``budget_bytes``, minimising the predicted time per decode step.
 
     Args:
@@ -48,6 +60,8 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
             from disk once at start-up and cross only the host link per pass.
         pinned: keys that must be resident whatever they cost (an MoE router, read ahead of
             its layer to predict the experts).
+        kv / experts: the KV and expert parts the Plan carries (the reserve holds the KV).
+        head: the head's Units; the Plan records ``head.inexact_rows`` if any of them streams.
 
     Raises:
         BudgetError: no placement fits; the message states the minimum budget.
@@ -89,7 +103,8 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
     resident = set(resident)
     slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
     return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
-                 reserve_bytes, max_tokens, minimum, profile, host_budget_bytes)
+                 reserve_bytes, max_tokens, minimum, profile, host_budget_bytes,
+                 kv=kv, experts=experts, head=head)
 
 
 def _auto_depth(slot_bytes: int, landing_bytes: int = 0) -> int:
@@ -153,7 +168,7 @@ def _bit_reversed_ranks(n: int) -> list[int]:
 
 
 def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens, minimum,
-          profile: HardwareProfile, host_budget: int = 0) -> Plan:
+          profile: HardwareProfile, host_budget: int = 0, *, kv: KVPlan, experts, head) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
     encoded = {u.key for u in units if u.encoded}
@@ -183,4 +198,5 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
         resident_bytes=sum(size[k] for k in resident), reserve_bytes=reserve,
         max_tokens=max_tokens, weight_bytes=weight_bytes, streamed_bytes=streamed,
         minimum_bytes=minimum, compute_s=compute_s, io_s=io_s, link_s=link_s,
-        predicted_s=predicted, bottleneck=bottleneck)
+        predicted_s=predicted, bottleneck=bottleneck, experts=experts, kv=kv,
+        head_inexact_rows=head.inexact_rows if any(k in stream for k in head.keys) else ())

@@ -1,11 +1,67 @@
 """The Plan: pure, printable, serialisable data saying where every Unit lives and why."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..sizes import format_bytes
 
 DEVICE, HOST, DISK = "device", "host", "disk"
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """How an MoE model's experts move.
+
+    Attributes:
+        mode: ``cache`` (expert Units fetched as the router picks them, into a device expert
+            cache) or ``stream`` (every expert of every layer streamed each pass, as part of
+            its layer).
+        slots / slot_bytes: the expert cache's slots and their size.
+        protected: cache slots whose experts are protected from the other layers' traffic,
+            spread evenly over the MoE layers (each keeps its most recently or, with ``lfu``,
+            most used experts there); the other slots are shared.
+        policy: ``lru`` or ``lfu``.
+        predict_depth / predict_width: predictive loading: layers ahead whose router is
+            applied to the current hidden state, and experts per token prefetched for each
+            (0: off).
+        bytes_per_step: expert bytes a decode step is predicted to read (batch 1).
+    """
+
+    mode: str = "cache"
+    slots: int = 0
+    slot_bytes: int = 0
+    protected: int = 0
+    policy: str = "lru"
+    predict_depth: int = 0
+    predict_width: int = 0
+    bytes_per_step: int = 0
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """Where the KV cache lives.
+
+    Attributes:
+        mode: ``dynamic`` (transformers' cache, all of it in the reserve) or ``paged``
+            (``device_bytes`` of it in the reserve: the newest ``device_blocks`` blocks of
+            ``block_tokens`` per layer and two gather buffers; the whole ``disk_bytes`` at
+            ``max_context`` x ``batch`` can spill to disk).
+        prefill_chunk: the prompt positions per forward the reserve's activations are sized
+            for (paged).
+    """
+
+    mode: str = "dynamic"
+    max_context: int = 0
+    batch: int = 0
+    block_tokens: int = 0
+    device_blocks: int = 0
+    device_bytes: int = 0
+    disk_bytes: int = 0
+    prefill_chunk: int = 0
+
+    @property
+    def paged(self) -> bool:
+        return self.mode == "paged"
 
 
 @dataclass(frozen=True)
@@ -32,23 +88,10 @@ class Plan:
         compute_s / io_s / link_s: predicted seconds per decode step for each resource.
         predicted_s: predicted seconds per decode step.
         bottleneck: the resource that sets ``predicted_s``.
-        experts: how MoE experts move: ``cache`` (expert Units fetched as the router picks
-            them, into a device expert cache), ``stream`` (every expert of every layer streamed
-            each pass, as part of its layer), or ``""`` for a dense model.
-        expert_slots / expert_slot_bytes: the expert cache's slots and their size.
-        expert_protected: cache slots whose experts are protected from the other layers'
-            traffic, spread evenly over the MoE layers (each keeps its most recently or, with
-            ``lfu``, most used experts there); the other slots are shared.
-        expert_policy: ``lru`` or ``lfu``.
-        predict_depth / predict_width: predictive loading: layers ahead whose router is applied
-            to the current hidden state, and experts per token prefetched for each (0: off).
-        expert_bytes_per_step: expert bytes a decode step is predicted to read (batch 1).
         encoded_units: ``(key, dense bytes, stored bytes)`` of each encoded Unit.
-        kv: ``dynamic`` (the KV cache in the reserve) or ``paged`` (``kv_device_bytes`` of it
-            in the reserve: the newest ``kv_device_blocks`` blocks of ``kv_block_tokens`` per
-            layer and two gather buffers; the whole ``kv_disk_bytes`` at ``max_context`` x
-            ``kv_batch`` can spill to disk). ``prefill_chunk``: the prompt positions per
-            forward the reserve's activations are sized for.
+        experts: the expert part of an MoE model's plan (``ExpertPlan``), ``None`` for a
+            dense model.
+        kv: where the KV cache lives (``KVPlan``).
         head_inexact_rows: input row counts (batch x positions) at which the streamed LM
             head's chunks give other bits than the whole matrix on this machine (empty when
             the head is resident, or its chunks are exact here).
@@ -74,23 +117,9 @@ class Plan:
     link_s: float
     predicted_s: float
     bottleneck: str
-    experts: str = ""
-    expert_slots: int = 0
-    expert_slot_bytes: int = 0
-    expert_protected: int = 0
-    expert_policy: str = "lru"
-    predict_depth: int = 0
-    predict_width: int = 0
-    expert_bytes_per_step: int = 0
     encoded_units: tuple[tuple[str, int, int], ...] = ()
-    kv: str = "dynamic"
-    max_context: int = 0
-    kv_batch: int = 0
-    kv_block_tokens: int = 0
-    kv_device_blocks: int = 0
-    kv_device_bytes: int = 0
-    kv_disk_bytes: int = 0
-    prefill_chunk: int = 0
+    experts: ExpertPlan | None = None
+    kv: KVPlan = field(default_factory=KVPlan)
     head_inexact_rows: tuple[int, ...] = ()
 
     @property
@@ -100,14 +129,23 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         """What the compute tier holds at most: resident + slots + expert cache + reserve."""
+        cache = self.experts.slots * self.experts.slot_bytes if self.experts else 0
         return (self.resident_bytes + self.slots * (self.slot_bytes + self.landing_bytes)
-                + self.expert_slots * self.expert_slot_bytes + self.reserve_bytes)
+                + cache + self.reserve_bytes)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
         """The placement table and the prediction, for people."""
+        rows = self._rows()
+        width = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in width))
+        return "\n".join(lines + ["", *self._summary(), *self._notes()])
+
+    def _rows(self) -> list[tuple[str, str, str]]:
+        """(tier, what, bytes) for each tier, the staging and the reserve."""
         rows = [("tier", "units", "bytes")]
         for tier in (DEVICE, HOST, DISK):
             keys = [k for k, t, _ in self.homes if t == tier]
@@ -118,24 +156,23 @@ class Plan:
         if self.landing_bytes:
             rows.append(("landing", f"{self.slots} buffers (encoded Units as stored)",
                          format_bytes(self.slots * self.landing_bytes)))
-        if self.expert_slots:
-            rows.append(("expert cache", f"{self.expert_slots} slots ({self.expert_protected} "
-                         f"kept by their layer, {self.expert_policy})",
-                         format_bytes(self.expert_slots * self.expert_slot_bytes)))
-        if self.kv == "paged":
-            rows.append(("KV+activations", f"paged: {self.kv_batch} x {self.max_context} "
-                         f"positions, prefill chunks of {self.prefill_chunk}",
+        ex, kv = self.experts, self.kv
+        if ex is not None and ex.slots:
+            rows.append(("expert cache", f"{ex.slots} slots ({ex.protected} kept by their "
+                         f"layer, {ex.policy})", format_bytes(ex.slots * ex.slot_bytes)))
+        if kv.paged:
+            rows.append(("KV+activations", f"paged: {kv.batch} x {kv.max_context} "
+                         f"positions, prefill chunks of {kv.prefill_chunk}",
                          format_bytes(self.reserve_bytes)))
-            rows.append(("KV spill file", f"at most (the whole KV at {self.kv_batch} x "
-                         f"{self.max_context} positions)", format_bytes(self.kv_disk_bytes)))
+            rows.append(("KV spill file", f"at most (the whole KV at {kv.batch} x "
+                         f"{kv.max_context} positions)", format_bytes(kv.disk_bytes)))
         else:
             rows.append(("KV+activations", f"{self.max_tokens} tokens",
                          format_bytes(self.reserve_bytes)))
-        width = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in width))
-        lines += [
-            "",
+        return rows
+
+    def _summary(self) -> list[str]:
+        return [
             f"compute tier: {format_bytes(self.total_bytes)} of {format_bytes(self.budget_bytes)}"
             f" budget (minimum {format_bytes(self.minimum_bytes)}); device {self.device}",
             f"streamed per forward: {format_bytes(self.streamed_bytes)} of "
@@ -149,6 +186,9 @@ class Plan:
             f"{self.bottleneck} (compute {self.compute_s * 1000:.1f} ms, disk "
             f"{self.io_s * 1000:.1f} ms, host link {self.link_s * 1000:.1f} ms)",
         ]
+
+    def _notes(self) -> list[str]:
+        lines = []
         if self.encoded_units:
             lines += ["", "encoded Units (bytes in memory -> bytes moved):"]
             groups: dict[str, list] = {}
@@ -164,15 +204,15 @@ class Plan:
                          "otherwise than the whole matrix at "
                          f"{', '.join(map(str, self.head_inexact_rows))} rows (logits not bitwise "
                          "there; a budget that keeps the head resident is)")
-        if self.experts == "cache":
+        ex = self.experts
+        if ex is not None and ex.mode == "cache":
             lines.append(
-                f"experts: fetched as routed, ~{format_bytes(self.expert_bytes_per_step)} per "
-                "decode step; prediction " + (f"depth {self.predict_depth}, width "
-                                              f"{self.predict_width}" if self.predict_depth
-                                              else "off"))
-        elif self.experts == "stream":
+                f"experts: fetched as routed, ~{format_bytes(ex.bytes_per_step)} per decode "
+                "step; prediction " + (f"depth {ex.predict_depth}, width {ex.predict_width}"
+                                       if ex.predict_depth else "off"))
+        elif ex is not None:
             lines.append("experts: streamed with their layer (every expert, every pass)")
-        return "\n".join(lines)
+        return lines
 
 
 def _span(keys: list[str]) -> str:

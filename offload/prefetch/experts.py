@@ -16,7 +16,6 @@ waits for it, ``done`` unpins it, ``end`` unpins whatever an exception left pinn
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,7 +45,6 @@ class ExpertStats:
     tp: int = 0              # predicted and used
     fp: int = 0              # predicted, not used
     fn: int = 0              # used, not predicted
-    stall_seconds: float = 0.0
 
 
 @dataclass
@@ -67,10 +65,15 @@ class ExpertCache:
         resident: ``(layer, expert) -> (gate_up, down)`` of experts the plan keeps resident.
         slots: the cache's slots (one expert each).
         submit: starts reading a Unit into a slot and returns its Ticket.
+        submit_guess: the same for the predictor's guesses (default ``submit``): the runtime
+            queues them behind every other read.
         views: the ``(gate_up, down)`` tensors of a Unit in a slot.
         protected: slots whose experts are protected, spread evenly over ``layers``.
         layers: the MoE layers.
         policy: ``lru`` or ``lfu``.
+        wait: blocks on a Ticket, recording the stall (the transport's ``wait``).
+        idle: whether a read submitted now would start at once (the transport's ``idle``):
+            guesses are read only then.
         on_ready / on_release: GPU stream events around a slot's use.
         on_cancel: a guess's read was dropped before it started.
     """
@@ -80,17 +83,21 @@ class ExpertCache:
                  slots: list[Slot], submit: Callable[[Unit, Slot], Ticket],
                  views: Callable[[Slot], tuple[torch.Tensor, torch.Tensor]], *,
                  protected: int = 0, layers: tuple[int, ...] = (), policy: str = "lru",
+                 submit_guess: Callable[[Unit, Slot], Ticket] | None = None,
+                 wait: Callable[[Ticket], float] = Ticket.wait,
+                 idle: Callable[[], bool] | None = None,
                  on_ready: Callable[[Slot], None] | None = None,
                  on_release: Callable[[Slot], None] | None = None,
                  on_cancel: Callable[[Unit], None] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"expert cache policy {policy!r}: use one of {POLICIES}")
         self.units, self.resident, self.slots = units, resident, slots
-        self._submit, self._views = submit, views
+        self._submit, self._views, self._wait = submit, views, wait
+        self._submit_guess = submit_guess or submit
         self._on_ready, self._on_release = on_ready, on_release   # GPU: stream events
         self._on_cancel = on_cancel   # a read that never happened: its first read is still due
         self.decoding = False     # the runtime says whether this forward is a decode step
-        self.idle: Callable[[], bool] | None = None   # whether the disk has room for a guess
+        self.idle = idle
         self.decode_use: dict[tuple[int, int], int] = {}   # decode steps that used an expert
         self.policy = policy
         n = max(len(layers), 1)
@@ -225,14 +232,11 @@ class ExpertCache:
     # -- slots ------------------------------------------------------------------------------
     def _ready(self, slot: Slot) -> None:
         if slot.state == FILLING:
-            t0 = time.perf_counter()
             try:
-                slot.ticket.wait()
+                self._wait(slot.ticket)
             except BaseException:
                 self._forget(slot)
                 raise
-            finally:
-                self.stats.stall_seconds += time.perf_counter() - t0
             slot.move(FILLING, READY)
             slot.ticket = None
 
@@ -258,7 +262,7 @@ class ExpertCache:
         unit = self.units[key]
         slot.move(FREE, FILLING)
         slot.unit = unit
-        slot.ticket = self._submit(unit, slot)
+        slot.ticket = (self._submit_guess if guess_for is not None else self._submit)(unit, slot)
         self._where[key] = slot
         self._entry[slot.index] = _Entry(key, unit, last_use=self._tick)
         self.stats.bytes_read += align(unit.nbytes, 4096)

@@ -17,39 +17,18 @@ CPU compute device only for now.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..planner.kv import kv_geometry
+from ..tiers.base import Ticket
 from ..tiers.device import aligned_host
-
-BLOCK = 4096
-
-
-def kv_geometry(config, max_context: int, batch: int, dtype, block_tokens: int = 256,
-                device_blocks: int = 4) -> dict:
-    """The sizes a ``PagedKVCache`` of these parameters takes: ``device_bytes`` on the
-    compute device, ``total_bytes`` of the whole KV at ``max_context`` (the rest on disk)."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or \
-        config.hidden_size // config.num_attention_heads
-    row = head_dim * torch.empty(0, dtype=dtype).element_size()
-    quantum = BLOCK // math.gcd(BLOCK, row)       # positions per 4096-byte-aligned row
-    bt = -(-max(block_tokens, 1) // quantum) * quantum
-    context = -(-max_context // bt) * bt
-    block_bytes = batch * heads * bt * row
-    layers = config.num_hidden_layers
-    pool = 2 * layers * (device_blocks + 1)
-    return {"heads": heads, "head_dim": head_dim, "block_tokens": bt, "max_context": context,
-            "block_bytes": block_bytes, "pool_blocks": pool,
-            "device_bytes": 4 * batch * heads * context * row + pool * block_bytes,
-            "total_bytes": 2 * layers * batch * heads * context * row}
+from ..tiers.transport import Transport
 
 
 class KVStats:
@@ -71,13 +50,16 @@ class PagedKVCache(Cache):
         block_tokens: positions per block (raised so a block row is a multiple of 4096 bytes).
         device_blocks: full blocks per layer kept on the compute device (the newest ones).
         spill_dir: where the scratch file goes (it is unlinked at once: nothing is left behind).
+        transport: the runtime's Transport, which reads spilled blocks back (its ``kv``
+            consumer); a cache made on its own gets one reader thread of its own.
 
     Raises:
         ValueError: a bad size, or ``update`` past ``max_context`` or with another batch.
     """
 
     def __init__(self, config, *, max_context: int, batch: int = 1, dtype=torch.float32,
-                 block_tokens: int = 256, device_blocks: int = 4, spill_dir=None):
+                 block_tokens: int = 256, device_blocks: int = 4, spill_dir=None,
+                 transport: Transport | None = None):
         if max_context < 1 or batch < 1 or device_blocks < 1:
             raise ValueError("max_context, batch and device_blocks must be at least 1")
         g = kv_geometry(config, max_context, batch, dtype, block_tokens, device_blocks)
@@ -94,8 +76,9 @@ class PagedKVCache(Cache):
         self._pool = [self._host(bt) for _ in range(g["pool_blocks"])]
         self.device_bytes = g["device_bytes"]
         self._spill = _SpillFile(spill_dir, 2 * self.block_bytes)
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-kv")
-        self._pending: dict[int, Future] = {}
+        self._owns_transport = transport is None
+        self._transport = transport if transport is not None else Transport(1)
+        self._pending: dict[int, Ticket] = {}
         super().__init__(layers=[PagedLayer(self, i) for i in range(config.num_hidden_layers)])
 
     def _host(self, positions: int) -> torch.Tensor:
@@ -117,8 +100,10 @@ class PagedKVCache(Cache):
         self.give_block(kv)
         return slot
 
-    def read_blocks(self, layer: "PagedLayer", parity: int) -> None:
-        """Read ``layer``'s spilled blocks into gather buffer ``parity`` (reader thread)."""
+    def read_blocks(self, layer: "PagedLayer", parity: int) -> float:
+        """Read ``layer``'s spilled blocks into gather buffer ``parity`` (an I/O thread, or the
+        compute thread when nothing was prefetched); returns the seconds it took."""
+        t0 = time.perf_counter()
         gk, gv = self._gather[parity]
         b, h, bt, _ = self.shape
         for j, (where, slot) in enumerate(layer.blocks):
@@ -128,6 +113,7 @@ class PagedKVCache(Cache):
                     [gv[i, k, j * bt:(j + 1) * bt] for i in range(b) for k in range(h)]
             self._spill.read(slot, [_bytes(t) for t in dests])
             self.stats.bytes_read += 2 * self.block_bytes
+        return time.perf_counter() - t0
 
     def prefetch(self, layer_idx: int, parity: int) -> None:
         """Start reading ``layer_idx``'s spilled blocks into gather buffer ``parity``. After
@@ -136,17 +122,22 @@ class PagedKVCache(Cache):
         if layer_idx == len(self.layers) and layer_idx % 2 == 0:
             layer_idx, parity = 0, 0
         if layer_idx < len(self.layers) and self.layers[layer_idx].has_spilled():
-            self._pending[layer_idx] = self._reader.submit(
-                self.read_blocks, self.layers[layer_idx], parity)
+            layer = self.layers[layer_idx]
+            nbytes = 2 * self.block_bytes * sum(w == "disk" for w, _ in layer.blocks)
+            self._pending[layer_idx] = self._transport.submit(
+                self.read_blocks, layer, parity, key=f"kv.{layer_idx}", nbytes=nbytes,
+                consumer="kv")
 
     def wait(self, layer_idx: int) -> bool:
         """Wait for ``layer_idx``'s prefetch; False if none was started."""
-        f = self._pending.pop(layer_idx, None)
-        if f is None:
+        ticket = self._pending.pop(layer_idx, None)
+        if ticket is None:
             return False
-        t0 = time.perf_counter()
-        f.result()
-        self.stats.stall_seconds += time.perf_counter() - t0
+        before = self._transport.stall["kv"]
+        try:
+            self._transport.wait(ticket, "kv")
+        finally:
+            self.stats.stall_seconds += self._transport.stall["kv"] - before
         return True
 
     def report(self) -> dict:
@@ -167,7 +158,14 @@ class PagedKVCache(Cache):
         if self._closed:
             return
         self._closed = True
-        self._reader.shutdown(wait=True)
+        for ticket in self._pending.values():   # never free buffers a read still writes
+            try:
+                ticket.wait()
+            except Exception:   # the error was or will never be reported: closing
+                pass
+        self._pending.clear()
+        if self._owns_transport:
+            self._transport.close()
         self._spill.close()
         self._gather, self._pool = [], []
 

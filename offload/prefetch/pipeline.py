@@ -10,7 +10,6 @@ The per-Unit loop reads like FlexGen's: submit next, wait for this one, compute,
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,11 +24,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PipelineStats:
-    """Counters of one pipeline; seconds are wall-clock."""
+    """Counters of one pipeline (its stall is the transport's ``layers`` stall)."""
 
     fetches: int = 0
     fetched_bytes: int = 0
-    stall_seconds: float = 0.0
     io_seconds: float = 0.0
     resyncs: int = 0
 
@@ -42,10 +40,13 @@ class Pipeline:
         units: key -> Unit.
         slots: the ring of staging slots.
         submit: starts moving a Unit into a slot and returns its Ticket.
+        wait: blocks on a Ticket, recording the stall (the transport's ``wait``); returns
+            the transfer's I/O seconds.
     """
 
     def __init__(self, stream: tuple[str, ...], units: dict[str, Unit], slots: SlotRing,
-                 submit: Callable[[Unit, Slot], Ticket], *,
+                 submit: Callable[[Unit, Slot], Ticket],
+                 wait: Callable[[Ticket], float] = Ticket.wait, *,
                  on_ready: Callable[[Slot], None] | None = None,
                  on_release: Callable[[Slot], None] | None = None):
         self.stream = stream
@@ -54,6 +55,7 @@ class Pipeline:
         self.units = units
         self.slots = slots
         self._submit = submit
+        self._wait = wait
         self.stats = PipelineStats()
         self._next = 0      # stream position the next acquire must match
         self._primed = False
@@ -77,11 +79,7 @@ class Pipeline:
             pos = self._find(key)
             self.resync(pos)
         slot = self.slots[pos % len(self.slots)]
-        t0 = time.perf_counter()
-        try:
-            self.stats.io_seconds += slot.ticket.wait()
-        finally:
-            self.stats.stall_seconds += time.perf_counter() - t0
+        self.stats.io_seconds += self._wait(slot.ticket)
         slot.move(FILLING, READY)
         if self._on_ready is not None:
             self._on_ready(slot)  # GPU: the compute stream waits for the slot's copy event

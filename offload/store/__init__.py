@@ -1,5 +1,5 @@
 """The packed store: aligned, checksummed per-Unit records plus manifest.json."""
 from .format import FORMAT_VERSION, Manifest, read_manifest
-from .pack import UnitSpec, write_store
+from .pack import write_store
 
-__all__ = ["FORMAT_VERSION", "Manifest", "read_manifest", "UnitSpec", "write_store"]
+__all__ = ["FORMAT_VERSION", "Manifest", "read_manifest", "write_store"]

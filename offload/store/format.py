@@ -18,7 +18,6 @@ FORMAT_NAME = "offload-store"
 FORMAT_VERSION = 3   # 2: layers split into attention and MLP Units; 3: bitmap-encoded tensors
 READABLE_VERSIONS = (2, 3)   # a version-2 store is a version-3 store with no encoded tensor
 BLOCK = 4096          # Unit alignment in the file and in memory: the O_DIRECT granule.
-TENSOR_ALIGN = 256    # tensor alignment inside a Unit: SIMD kernels see the alignment they expect.
 DATA_FILE = "units.bin"
 MANIFEST_FILE = "manifest.json"
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import uuid
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,55 +16,10 @@ import torch
 
 from ..errors import HardwareError, StoreError
 from ..sizes import format_bytes
-from ..units import DTYPE_NAMES, TensorSpec, Unit, align
-from .format import BLOCK, DATA_FILE, MANIFEST_FILE, TENSOR_ALIGN, Manifest
+from ..units import TENSOR_ALIGN, TensorPart, TensorSpec, Unit, UnitSpec, align
+from .format import BLOCK, DATA_FILE, MANIFEST_FILE, Manifest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TensorPart:
-    """One tensor of a Unit to be packed: ``source`` names the checkpoint tensor, ``rows`` an
-    optional ``[start, stop)`` row slice of it, ``index`` an optional index along its first
-    dimension (one expert of a fused ``[experts, ...]`` tensor), and ``concat`` further
-    checkpoint tensors appended along dimension 0 (an expert's gate and up projections stored
-    apart become one ``gate_up`` tensor)."""
-
-    name: str
-    source: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    rows: tuple[int, int] | None = None
-    index: int | None = None
-    concat: tuple[str, ...] = ()
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
-
-
-@dataclass(frozen=True)
-class UnitSpec:
-    """A Unit before it is written: where its tensors come from."""
-
-    key: str
-    kind: str
-    group: str
-    index: int
-    parts: tuple[TensorPart, ...]
-    rows: tuple[int, int] | None = None
-    expert: int | None = None
-
-    def layout(self) -> tuple[list[TensorSpec], int]:
-        specs, off = [], 0
-        for p in self.parts:
-            off = align(off, TENSOR_ALIGN)
-            specs.append(TensorSpec(p.name, DTYPE_NAMES[p.dtype], p.shape, off, p.nbytes))
-            off += p.nbytes
-        return specs, off
 
 
 def store_bytes(specs: list[UnitSpec]) -> int:

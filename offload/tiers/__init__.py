@@ -3,5 +3,6 @@ from .base import Ticket
 from .device import DeviceTier
 from .disk import DiskTier
 from .slots import Slot, SlotRing
+from .transport import Transport
 
-__all__ = ["Ticket", "DeviceTier", "DiskTier", "Slot", "SlotRing"]
+__all__ = ["Ticket", "DeviceTier", "DiskTier", "Slot", "SlotRing", "Transport"]

@@ -3,6 +3,10 @@
 Reads bypass the page cache, so a budget is honest: the kernel does not quietly keep the model
 in RAM for us. Where the filesystem refuses O_DIRECT (tmpfs, some overlays) the tier falls back
 to buffered reads followed by ``POSIX_FADV_DONTNEED``, and says so in ``direct``.
+
+Reads here are synchronous and thread-safe; what runs them in the background is the runtime's
+one Transport (``offload/runtime/transport.py``), so every read of the file is counted in one
+place.
 """
 from __future__ import annotations
 
@@ -12,13 +16,11 @@ import os
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..errors import StoreError
 from ..units import Unit, align
-from .base import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +29,14 @@ CHUNK_BYTES = 8 << 20   # one preadv per 8 MiB keeps a read in flight without hu
 
 
 class DiskTier:
-    """Reads Units of one data file into aligned host buffers from a thread pool.
+    """Reads Units of one data file into aligned host buffers, from any thread.
 
     Args:
         path: the store's data file.
-        threads: reads in flight at once (one Unit per thread).
         direct: try O_DIRECT (default); ``False`` forces buffered reads.
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int = 2, direct: bool = True):
+    def __init__(self, path: str | os.PathLike, *, direct: bool = True):
         self.path = os.fspath(path)
         self.direct = False
         self._fd = -1
@@ -50,41 +51,16 @@ class DiskTier:
                             "POSIX_FADV_DONTNEED (the page cache may briefly hold pages)", path)
         if self._fd < 0:
             self._fd = os.open(self.path, os.O_RDONLY)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads),
-                                        thread_name_prefix="offload-disk")
         self.bytes_read = 0
         self.busy_seconds = 0.0   # summed over threads
         self.wall_seconds = 0.0   # wall time with at least one read in flight
         self._lock = threading.Lock()
         self._active = 0
-        self._pending = 0         # submitted and not finished (queued or in flight)
         self._since = 0.0
 
-    def submit(self, unit: Unit, dest: np.ndarray, *, verify: bool = False) -> Ticket:
-        """Start reading ``unit`` into ``dest`` (uint8, 4096-aligned, at least the aligned size).
-
-        With ``verify`` the Unit's CRC32 is checked in the I/O thread once the bytes land.
-        """
-        with self._lock:
-            self._pending += 1
-        future = self._pool.submit(self._read, unit, dest, verify)
-        future.add_done_callback(self._finished)
-        return Ticket(unit.key, unit.nbytes, future)
-
-    def _finished(self, future) -> None:
-        with self._lock:
-            self._pending -= 1
-
-    @property
-    def pending(self) -> int:
-        """Reads submitted and not yet finished (queued or in flight)."""
-        return self._pending
-
-    def read(self, unit: Unit, dest: np.ndarray, *, verify: bool = True) -> float:
-        """Read synchronously (start-up loads); returns the seconds it took."""
-        return self._read(unit, dest, verify)
-
-    def _read(self, unit: Unit, dest: np.ndarray, verify: bool) -> float:
+    def read(self, unit: Unit, dest: np.ndarray, verify: bool = True) -> float:
+        """Read ``unit`` into ``dest`` (uint8, 4096-aligned, at least the aligned size); with
+        ``verify`` check its CRC32 once the bytes land. Returns the seconds it took."""
         t0 = time.perf_counter()
         with self._lock:
             if self._active == 0:
@@ -116,7 +92,12 @@ class DiskTier:
             os.posix_fadvise(self._fd, unit.offset, length, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += length
-        if verify and zlib.crc32(dest[:unit.stored_bytes]) != unit.checksum:
+        if verify:
+            self.check(unit, dest)
+
+    def check(self, unit: Unit, data: np.ndarray) -> None:
+        """Raise StoreError naming ``unit`` unless ``data`` starts with its bytes (CRC32)."""
+        if zlib.crc32(data[:unit.stored_bytes]) != unit.checksum:
             raise self._corrupt(unit)
 
     def read_rows(self, unit: Unit, offset: int, row_bytes: int, rows: list[int],
@@ -160,7 +141,6 @@ class DiskTier:
                           path=self.path, unit=unit.key)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

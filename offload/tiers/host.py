@@ -1,8 +1,8 @@
 """The Host tier on GPU machines: pinned bounce buffers and a copy stream.
 
-Disk -> pinned host buffer (O_DIRECT, in an I/O thread) -> device slot (``copy_`` on a
-dedicated copy stream, in the same thread), then an event the compute stream waits on. Every
-cross-stream point is explicit:
+Disk -> pinned host buffer (O_DIRECT, in an I/O thread of the runtime's Transport, which
+runs ``move``) -> device slot (``copy_`` on a dedicated copy stream, in the same thread), then
+an event the compute stream waits on. Every cross-stream point is explicit:
 
 * a bounce buffer is refilled only after its previous host-to-device copy finished
   (``bounce_done[i].synchronize()`` in the I/O thread, never on the compute thread);
@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..prefetch.sparse import decode_unit, validate_unit
+from ..kernels.decode import decode_unit, validate_unit
 from ..units import Unit, align
-from .base import Ticket
 from .device import aligned_host
 from .disk import BLOCK, DiskTier
 from .slots import Slot
@@ -59,12 +58,9 @@ class PinnedStaging:
             off += n
         self.host_bytes += total
 
-    def submit(self, unit: Unit, slot: Slot, *, verify: bool) -> Ticket:
+    def move(self, unit: Unit, slot: Slot, verify: bool) -> float:
+        """Move ``unit`` into ``slot`` (an I/O thread; returns the disk read's seconds)."""
         i = slot.index
-        future = self.disk._pool.submit(self._move, unit, slot, i, verify)
-        return Ticket(unit.key, unit.nbytes, future)
-
-    def _move(self, unit: Unit, slot: Slot, i: int, verify: bool) -> float:
         n = align(unit.stored_bytes, BLOCK)
         source = self.homed.get(unit.key)
         seconds = 0.0

@@ -1,4 +1,8 @@
-"""Calibration for Wanda pruning: per input feature, the norm of each projection's inputs."""
+"""Calibration for Wanda pruning: per input feature, the norm of each projection's inputs.
+
+``api.input_norms`` runs the dense model (offloaded) through ``record_input_norms``; the packer
+receives the result through the encoder's ``input_norms`` callable.
+"""
 from __future__ import annotations
 
 import logging
@@ -23,24 +27,13 @@ DEFAULT_TEXT = (
     "a long table of soup, coffee and sandwiches donated by families who had stayed dry.")
 
 
-def input_norms(prepared, texts=None, *, budget="25%", max_tokens: int = 512
-                ) -> dict[str, torch.Tensor]:
-    """Run ``texts`` through the dense store of ``prepared`` (offloaded, within ``budget``) and
-    return ``||X_j||_2`` over every calibration token, per input feature ``j``, for each
-    prunable module (keyed by its checkpoint name without ``.weight``)."""
-    from ..api import close, run
-    from ..errors import BudgetError
-
-    try:
-        model = run(prepared.manifest.path, budget=budget, max_tokens=max_tokens,
-                    progress=False, device="cpu")
-    except BudgetError as e:   # a small model: its minimum working set, then
-        log.info("calibrating at the minimum budget: %s", e)
-        model = run(prepared.manifest.path, budget=e.minimum_bytes, max_tokens=max_tokens,
-                    progress=False, device="cpu")
+def record_input_norms(model, adapter, batches) -> dict[str, torch.Tensor]:
+    """Run ``batches`` of token ids through ``model`` and return ``||X_j||_2`` over every token,
+    per input feature ``j``, for each of ``adapter``'s prunable modules (keyed by checkpoint
+    name without ``.weight``)."""
     sums: dict[str, torch.Tensor] = {}
     hooks = []
-    for name, module in prepared.adapter.prunable_modules(model).items():
+    for name, module in adapter.prunable_modules(model).items():
         def pre(mod, args, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             acc = sums.get(name)
@@ -48,16 +41,17 @@ def input_norms(prepared, texts=None, *, budget="25%", max_tokens: int = 512
         hooks.append(module.register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
-            for ids in _token_batches(prepared, texts or (DEFAULT_TEXT,), max_tokens):
+            for ids in batches:
                 model(input_ids=ids)
     finally:
         for h in hooks:
             h.remove()
-        close(model)
     return {name: s.sqrt() for name, s in sums.items()}
 
 
-def _token_batches(prepared, texts, max_tokens: int):
+def token_batches(prepared, texts, max_tokens: int):
+    """The calibration texts (default ``DEFAULT_TEXT``) as token ids, one text a batch."""
+    texts = texts or (DEFAULT_TEXT,)
     tokenizer = _tokenizer(prepared.manifest.path)
     vocab = prepared.source.config.vocab_size
     for text in texts:

@@ -1,33 +1,35 @@
-"""The Runtime: owns the tiers, buffers, pipeline and hooks that run one offloaded model."""
+"""The Runtime: owns the transport, tiers, buffers, pipeline and hooks that run one offloaded
+model, and reports where the bytes and the milliseconds went."""
 from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import BudgetError, StoreError
-from .hooks import Binding, StreamedBindHook, embedding_forward, linear_forward
-from .planner.plan import Plan
-from .kernels import bitmap, head
-from .prefetch.pipeline import Pipeline
-from .prefetch.sparse import HostDecoder, SparseStats, decode_unit, validate_unit
-from .sizes import format_bytes
-from .experts_runtime import check_members, member_units
-from .store.format import Manifest
-from .tiers.device import DeviceTier, aligned_host, release_free_heap
-from .tiers.disk import DiskTier
-from .tiers.slots import FREE, Slot, SlotRing, tensor_views
-from .units import DTYPES, Unit, align
+from ..errors import BudgetError, StoreError
+from ..hooks import (attach_unit, detach, embedding_forward, linear_forward, replace_forward,
+                     wrap_model)
+from ..kernels import decode, head
+from ..planner.plan import Plan
+from ..planner.reserve import forward_bytes, scratch_bytes
+from ..prefetch.pipeline import Pipeline
+from ..sizes import format_bytes
+from ..store.format import Manifest
+from ..tiers.device import DeviceTier, aligned_host, release_free_heap
+from ..tiers.disk import DiskTier
+from ..tiers.slots import FREE, Slot, SlotRing
+from ..tiers.transport import Transport
+from ..units import DTYPES, Unit
+from .startup import load_resident
 
 log = logging.getLogger(__name__)
 
-
-def scratch_bytes(shape, itemsize: int) -> int:
-    """Host scratch for gathering embedding rows (one row plus two O_DIRECT blocks)."""
-    return align(shape.hidden * itemsize + 2 * 4096, 4096)
+# More than a few concurrent reads lose bandwidth on this class of disk (measured).
+MAX_LAYER_READS = 4
 
 
 @dataclass
@@ -42,6 +44,32 @@ class Counters:
     checksummed: set = field(default_factory=set)
 
 
+class SparseStats:
+    """What decoding encoded Units cost and saved (4096-aligned reads, dense Unit bytes)."""
+
+    def __init__(self):
+        self.units = 0
+        self.stored_bytes = 0
+        self.dense_bytes = 0
+        self.decode_seconds = 0.0
+        self._lock = threading.Lock()   # GPU: the I/O threads add as they launch decodes
+
+    def add(self, unit: Unit, seconds: float) -> None:
+        with self._lock:
+            self.units += 1
+            self.stored_bytes += unit.stored_bytes
+            self.dense_bytes += unit.nbytes
+            self.decode_seconds += seconds
+
+    def as_dict(self) -> dict:
+        return {"units_decoded": self.units, "stored_bytes": self.stored_bytes,
+                "dense_bytes": self.dense_bytes,
+                "ratio": self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0,
+                "decode_seconds": self.decode_seconds,
+                "decode_gbps": (self.dense_bytes / self.decode_seconds / 1e9
+                                if self.decode_seconds else 0.0)}
+
+
 class Runtime:
     """Runs ``model`` with the weights of ``manifest`` placed by ``plan``.
 
@@ -49,18 +77,18 @@ class Runtime:
     """
 
     def __init__(self, model: torch.nn.Module, manifest: Manifest, plan: Plan, adapter,
-                 device: torch.device):
+                 device: torch.device, shape=None):
         self.model, self.manifest, self.plan, self.adapter = model, manifest, plan, adapter
         self.device = device
-        self.shape = adapter.shape(model.config)
+        self.shape = shape if shape is not None else adapter.shape(model.config)
         self.itemsize = DTYPES[manifest.dtype].itemsize
         self.units = {u.key: u for u in manifest.units}
-        if plan.experts == "stream":   # a layer's experts streamed as one Unit
+        if plan.experts is not None and plan.experts.mode == "stream":
             self.units.update({u.key: u for u in adapter.stream_units(manifest.units)})
         self.counters = Counters()
         self.device_tier = DeviceTier(device)
-        # More than a few concurrent reads lose bandwidth on this class of disk (measured).
-        self.disk = DiskTier(manifest.data_path, threads=max(1, min(plan.slots, 4)))
+        self.disk = DiskTier(manifest.data_path)
+        self.transport = Transport(_io_threads(plan, adapter, model.config))
         self._undo: list = []
         # Host scratch for row gathers and start-up checks; the plan's reserve counts it.
         self._scratch = aligned_host(scratch_bytes(self.shape, self.itemsize)).numpy()
@@ -70,86 +98,60 @@ class Runtime:
         self._closed = False
         self._failed: StoreError | None = None
         self.experts = None
+        self.staging = None
+        self.pipeline = None
         self._paged_kv = None
         self._owned_kv = None   # the PagedKVCache kv="paged" hands to generate()
         # transformers >= 5.2x names the forward's cache argument ``cache``
         self._cache_kw = "cache" if "cache" in inspect.signature(
             type(model).forward).parameters else "past_key_values"
         try:
-            if any(u.encoded for u in manifest.units):
-                bitmap.prepare(device)   # any kernel build happens before the budget is taken
-            # Checked on this CPU before the budget is taken too (a probe of a few MB).
-            self.half_path = head.choose(DTYPES[manifest.dtype], self.shape.hidden,
-                                         self.shape.vocab) if device.type == "cpu" else None
-            self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
-            # One landing buffer per slot for encoded Units' stored bytes (plan.landing_bytes).
-            self.landings = [self.device_tier.alloc(plan.landing_bytes)
-                             for _ in range(plan.slots if plan.landing_bytes else 0)]
-            self.sparse = SparseStats()
-            self.decoder = None
-            self.staging = None
-            hooks = {}
-            if device.type == "cpu":   # disk reads land straight in the slots
-                self._slot_np = [s.buffer.numpy() for s in self.slots.slots]
-                if self.landings:
-                    self.decoder = HostDecoder(self.disk, self.landings, self.sparse)
-            else:                      # disk -> pinned bounce buffer -> copy stream -> slot
-                from .tiers.host import PinnedStaging
-                self.staging = PinnedStaging(self.disk, plan.slots, plan.slot_bytes, device,
-                                             landings=self.landings, stats=self.sparse)
-                self.staging.load_homed([u for u in manifest.units
-                                         if plan.home.get(u.key) == "host"])
-                self.counters.checksummed.update(self.staging.homed)
-                hooks = {"on_ready": self.staging.on_ready, "on_release": self.staging.on_release}
-            self.resident = self._load_resident()
-            self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit, **hooks)
-            if hasattr(adapter, "moe_shape"):
-                from .experts_runtime import ExpertsRuntime
-                self.experts = ExpertsRuntime(self)
-            self._attach()
+            self._start()
         except BaseException:
             self.close()
             raise
 
     # -- start-up -------------------------------------------------------------------------
-    def _load_resident(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        keys = [k for k, tier, _ in self.plan.homes if tier == "device"]
-        total = sum(align(self.units[k].nbytes, 4096) for k in keys)
-        arena = self.device_tier.alloc(total) if total else None
-        host_arena = arena if self.device.type == "cpu" else None
-        bounce = None
-        views, off = {}, 0
-        for k in keys:
-            unit = self.units[k]
-            n, stored = align(unit.nbytes, 4096), align(unit.stored_bytes, 4096)
-            whole = unit.group != "experts"   # a layer's experts Unit: check each expert
-            if host_arena is not None and unit.encoded:
-                landing = self._landing(stored)
-                self.disk.read(unit, landing.numpy(), verify=True)
-                decode_unit(unit, landing, host_arena[off:off + n])
-            elif host_arena is not None:
-                self.disk.read(unit, host_arena[off:off + n].numpy(), verify=whole)
-                if not whole:
-                    check_members(self, k, host_arena[off:off + n].numpy())
-            else:  # GPU: through one pinned bounce buffer, once, at start-up
-                if bounce is None:
-                    bounce = aligned_host(
-                        max(align(self.units[x].stored_bytes, 4096) for x in keys), pin=True)
-                self.disk.read(unit, bounce[:stored].numpy(), verify=whole)
-                if not whole:
-                    check_members(self, k, bounce[:n].numpy())
-                if unit.encoded:
-                    validate_unit(unit, bounce)
-                    landing = self._landing(stored)
-                    landing[:stored].copy_(bounce[:stored])
-                    decode_unit(unit, landing, arena[off:off + n])
-                    torch.cuda.synchronize(self.device)   # syncs (start-up): bounce is reused
-                else:
-                    arena[off:off + n].copy_(bounce[:n])
-            self.counters.checksummed.add(k)
-            views[k] = tensor_views(arena[off:off + n], unit)
-            off += n
-        return views
+    def _start(self) -> None:
+        """Builds and probes first (before the budget is taken), then allocates the slots and
+        landing buffers, loads the resident Units, and attaches."""
+        plan, device = self.plan, self.device
+        decode.prepare(self.manifest.units, device)   # a first kernel build: before the budget
+        # Checked on this CPU before the budget is taken too (a probe of a few MB).
+        self.half_path = head.choose(DTYPES[self.manifest.dtype], self.shape.hidden,
+                                     self.shape.vocab) if device.type == "cpu" else None
+        self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
+        # One landing buffer per slot for encoded Units' stored bytes (plan.landing_bytes).
+        self.landings = [self.device_tier.alloc(plan.landing_bytes)
+                         for _ in range(plan.slots if plan.landing_bytes else 0)]
+        self.sparse = SparseStats()
+        hooks = {}
+        if device.type == "cpu":   # disk reads land straight in the slots
+            self._slot_np = [s.buffer.numpy() for s in self.slots.slots]
+            self._landing_np = [b.numpy() for b in self.landings]
+        else:                      # disk -> pinned bounce buffer -> copy stream -> slot
+            from ..tiers.host import PinnedStaging
+
+            self.staging = PinnedStaging(self.disk, plan.slots, plan.slot_bytes, device,
+                                         landings=self.landings, stats=self.sparse)
+            self.staging.load_homed([u for u in self.manifest.units
+                                     if plan.home.get(u.key) == "host"])
+            self.counters.checksummed.update(self.staging.homed)
+            hooks = {"on_ready": self.staging.on_ready, "on_release": self.staging.on_release}
+        keys = [k for k, tier, _ in plan.homes if tier == "device"]
+        self.resident = load_resident(keys, self.units, self.disk, device,
+                                      self.device_tier.alloc, self._landing, self._members)
+        self.counters.checksummed.update(keys)
+        self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit,
+                                 lambda t: self.transport.wait(t, "layers"), **hooks)
+        if hasattr(self.adapter, "moe_shape"):
+            from .moe import ExpertsRuntime
+
+            self.experts = ExpertsRuntime(self._moe_services())
+        self._attach()
+
+    def _members(self, unit: Unit) -> list[Unit]:
+        return self.adapter.members(self.manifest.units, unit)
 
     def _landing(self, nbytes: int) -> torch.Tensor:
         """A buffer on the compute device for decoding a resident Unit at start-up: a landing
@@ -163,6 +165,17 @@ class Runtime:
         return (aligned_host(nbytes) if self.device.type == "cpu" else
                 torch.empty(nbytes, dtype=torch.uint8, device=self.device))
 
+    def _moe_services(self):
+        from .moe import Services
+
+        return Services(adapter=self.adapter, store=self.manifest.path,
+                        data_path=self.manifest.data_path, model=self.model, plan=self.plan,
+                        units=self.units, manifest_units=self.manifest.units,
+                        resident=self.resident, device=self.device, transport=self.transport, alloc=self.device_tier.alloc,
+                        first_read=self.first_read,
+                        forget_read=self.counters.checksummed.discard,
+                        acquire=self._acquire, release=self._release, fail=self._fail)
+
     def first_read(self, key: str) -> bool:
         """True the first time a Unit is read in this run: that read is checksummed."""
         if key in self.counters.checksummed:
@@ -171,61 +184,73 @@ class Runtime:
         return True
 
     def _submit(self, unit: Unit, slot: Slot):
+        """Start moving a streamed Unit into its slot (the pipeline calls this)."""
         verify = self.first_read(unit.key)
+        t = self.transport
         if self.staging is not None:
-            return self.staging.submit(unit, slot, verify=verify)
-        if unit.encoded:   # stored bytes into a landing buffer, decoded into the slot
-            return self.decoder.submit(unit, slot, verify=verify)
-        return self.disk.submit(unit, self._slot_np[slot.index], verify=verify)
+            return t.submit(self.staging.move, unit, slot, verify, key=unit.key,
+                            nbytes=unit.stored_bytes, consumer="layers")
+        if not unit.encoded:
+            return t.read(self.disk, unit, self._slot_np[slot.index], verify=verify,
+                          consumer="layers")
+        # Stored bytes into the slot's landing buffer (landing i belongs to slot i: free again
+        # once slot i's previous decode finished, before that slot was consumed and refilled),
+        # then decoded into the slot on the decode thread.
+        read = t.read(self.disk, unit, self._landing_np[slot.index], verify=verify,
+                      consumer="layers")
+        return t.then(read, self._decode, unit, self.landings[slot.index], slot.buffer)
+
+    def _decode(self, unit: Unit, landing: torch.Tensor, dest: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        decode.decode_unit(unit, landing, dest)
+        self.sparse.add(unit, time.perf_counter() - t0)
 
     def _attach(self) -> None:
-        model, adapter = self.model, self.adapter
-        groups = self.manifest.groups()
+        model, adapter, undo = self.model, self.adapter, self._undo
         for key, module in adapter.bind_points(model).items():
-            unit = self.units[key]
-            binding = Binding(module, [t.name for t in unit.tensors], self.device)
-            self._undo.append(binding.restore)
-            if key in self.resident:
-                binding.bind(self.resident[key])
-                continue
-            binding.unbind()
-            hook = StreamedBindHook(key, binding, self._acquire, self._release)
-            self._undo.append(module.register_forward_pre_hook(hook.pre_forward).remove)
-            self._undo.append(
-                module.register_forward_hook(hook.post_forward, always_call=True).remove)
-        tied = self.manifest.tied
+            undo += attach_unit(module, [t.name for t in self.units[key].tensors], self.device,
+                                resident=self.resident.get(key), key=key,
+                                acquire=self._acquire, release=self._release)
+        groups, tied = self.manifest.groups(), self.manifest.tied
         for group, (module, op) in adapter.row_points(model).items():
             keys = groups[tied.get(group, group)]
             chunks = [(k, self.units[k].rows) for k in keys]
-            # torch's linear takes another kernel for a strided input when the weight requires
-            # grad (even under no_grad): the head mirrors what the model's own weight did.
-            fold = bool(getattr(getattr(module, "weight", None), "requires_grad", False))
-            binding = Binding(module, ["weight"], self.device)
-            binding.unbind()
-            self._undo.append(binding.restore)
-            if op == "embedding":
-                fwd = embedding_forward(chunks, self.shape.hidden, DTYPES[self.manifest.dtype],
-                                        self.device, self.resident, self._gather)
-                for k in keys:   # gathered rows are checked by checksumming their Unit once
-                    if k not in self.resident and k not in self.counters.checksummed:
-                        self.disk.verify(self.units[k], self._verify_buffer())
-                        self.counters.checksummed.add(k)
-            else:
-                fwd = linear_forward(chunks, self.shape.vocab, self._acquire, self._release,
-                                     fold=fold, half_path=self.half_path,
-                                     whole=self._whole_weight(chunks))
-                self._head_rows = max(stop - start for _, (start, stop) in chunks)
-            module.forward = fwd
-            self._undo.append(lambda m=module: m.__dict__.pop("forward", None))
+            forward = self._embedding(chunks) if op == "embedding" else \
+                self._head(chunks, module)
+            undo += replace_forward(module, forward, ["weight"], self.device)
         if self.experts is not None:
-            self.experts.attach(self._undo)
-            for key in self.plan.stream:   # layer-only streaming: check each expert once now
-                if self.units[key].group == "experts":
-                    for unit in member_units(self, key):
-                        self.disk.verify(unit, self._verify_buffer())
-                    self.counters.checksummed.add(key)
-        self._undo.append(model.register_forward_pre_hook(self._begin, with_kwargs=True).remove)
-        self._undo.append(model.register_forward_hook(self._end, always_call=True).remove)
+            undo += self.experts.attach()
+            self._check_aggregates()
+        undo += wrap_model(model, self._begin, self._end)
+
+    def _embedding(self, chunks):
+        """The embedding's forward: resident chunks indexed in memory, the others' rows
+        gathered from disk. Gathered rows are checked by checksumming their Unit once now."""
+        for k, _ in chunks:
+            if k not in self.resident and k not in self.counters.checksummed:
+                self.disk.verify(self.units[k], self._verify_buffer())
+                self.counters.checksummed.add(k)
+        return embedding_forward(chunks, self.shape.hidden, DTYPES[self.manifest.dtype],
+                                 self.device, self.resident, self._gather)
+
+    def _head(self, chunks, module):
+        # torch's linear takes another kernel for a strided input when the weight requires
+        # grad (even under no_grad): the head mirrors what the model's own weight did.
+        fold = bool(getattr(getattr(module, "weight", None), "requires_grad", False))
+        self._head_rows = max(stop - start for _, (start, stop) in chunks)
+        return linear_forward(chunks, self.shape.vocab, self._acquire, self._release,
+                              fold=fold, half_path=self.half_path,
+                              whole=self._whole_weight(chunks))
+
+    def _check_aggregates(self) -> None:
+        """Layer-only streaming: the pipeline reads a layer's experts as one Unit and never
+        checks it whole, so each expert inside it is checked once now."""
+        for key in self.plan.stream:
+            members = self._members(self.units[key])
+            if members and key not in self.counters.checksummed:
+                for unit in members:
+                    self.disk.verify(unit, self._verify_buffer())
+                self.counters.checksummed.add(key)
 
     def _whole_weight(self, chunks: list[tuple[str, tuple[int, int]]]) -> torch.Tensor | None:
         """A row-chunked weight as one ``[rows, H]`` view, when every chunk is resident and the
@@ -261,8 +286,11 @@ class Runtime:
         except StoreError as e:
             # A Unit failed its checksum (or the file ended): every later forward must fail
             # too, since only the first read of a Unit is verified.
-            self._failed = e
+            self._fail(e)
             raise
+
+    def _fail(self, error: StoreError) -> None:
+        self._failed = error
 
     def _gather(self, key: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows of a non-resident embedding chunk, read from disk: ``[len(rows), H]``."""
@@ -279,6 +307,8 @@ class Runtime:
             self.pipeline.release(key)
 
     def _begin(self, module, args, kwargs):
+        """Before each forward: refuse a closed or failed runtime, hand a paged cache to
+        ``generate``, check the forward against the reserve, start the pass."""
         if self._closed:
             raise RuntimeError("this offloaded model was closed; run offload.run() again")
         if self._failed is not None:
@@ -289,36 +319,13 @@ class Runtime:
         batch, new = int(ids.shape[0]), int(ids.shape[1])
         key = "cache" if "cache" in kwargs else "past_key_values" if \
             "past_key_values" in kwargs else self._cache_kw
-        cache = kwargs.get(key)
-        swapped = False
-        if self.plan.kv == "paged":
+        cache, swapped = kwargs.get(key), False
+        if self.plan.kv.paged:
             paged = self._paged_cache(cache, batch, kwargs.get("use_cache"))
             if paged is not cache:
                 kwargs[key] = cache = paged
                 swapped = True
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(
-            cache, "get_seq_length") else 0
-        keep = kwargs.get("logits_to_keep", 0)
-        rows = batch * (keep if isinstance(keep, int) and 0 < keep < new else new)
-        # A paged KV cache holds its device part, whatever the context; others hold it all.
-        kv = getattr(cache, "device_bytes", None)
-        if kv is None:
-            kv = self.shape.kv_bytes(batch * (past + new), self.itemsize)
-        head_copy = head.extra_bytes(self.half_path, batch, self.shape.hidden, self.itemsize,
-                                     self.shape.vocab, self._head_rows)
-        need = (kv + self.shape.activation_bytes(batch, new, past + new, self.itemsize, rows)
-                + self._scratch.nbytes + head_copy)
-        if need > self.plan.reserve_bytes:
-            fix = (f"feed the prompt in chunks of at most {self.plan.prefill_chunk} positions"
-                   if self.plan.kv == "paged" and new > self.plan.prefill_chunk else
-                   f"pass max_tokens >= {batch * (past + new)} (the budget must hold it too)")
-            raise BudgetError(
-                f"this forward (batch {batch}, {past + new} positions) needs "
-                f"{format_bytes(need)} for KV cache and activations, but the plan reserved "
-                f"{format_bytes(self.plan.reserve_bytes)} for max_tokens={self.plan.max_tokens};"
-                f" {fix}", budget_bytes=self.plan.budget_bytes)
-        c = self.counters
-        c.peak_bytes = max(c.peak_bytes, self.device_tier.allocated_bytes + need)
+        self._check_budget(batch, new, cache, kwargs.get("logits_to_keep", 0))
         if self.pipeline.active:
             self.pipeline.begin_pass()
         self._forward_shape = (batch, new)
@@ -327,29 +334,58 @@ class Runtime:
         self._forward_t0 = time.perf_counter()
         return (args, kwargs) if swapped else None
 
+    def _check_budget(self, batch: int, new: int, cache, keep) -> None:
+        """Refuse a forward whose KV, activations and head copy exceed the plan's reserve
+        (the same ``forward_bytes`` the planner sized it with)."""
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(
+            cache, "get_seq_length") else 0
+        rows = batch * (keep if isinstance(keep, int) and 0 < keep < new else new)
+        # A paged KV cache holds its device part, whatever the context; others hold it all.
+        kv = getattr(cache, "device_bytes", None)
+        if kv is None:
+            kv = self.shape.kv_bytes(batch * (past + new), self.itemsize)
+        head_copy = head.extra_bytes(self.half_path, batch, self.shape.hidden, self.itemsize,
+                                     self.shape.vocab, self._head_rows)
+        need = forward_bytes(self.shape, self.itemsize, batch=batch, new=new, total=past + new,
+                             logits_rows=rows, kv_bytes=kv, head_copy=head_copy)
+        plan = self.plan
+        if need > plan.reserve_bytes:
+            fix = (f"feed the prompt in chunks of at most {plan.kv.prefill_chunk} positions"
+                   if plan.kv.paged and new > plan.kv.prefill_chunk else
+                   f"pass max_tokens >= {batch * (past + new)} (the budget must hold it too)")
+            raise BudgetError(
+                f"this forward (batch {batch}, {past + new} positions) needs "
+                f"{format_bytes(need)} for KV cache and activations, but the plan reserved "
+                f"{format_bytes(plan.reserve_bytes)} for max_tokens={plan.max_tokens}; {fix}",
+                budget_bytes=plan.budget_bytes)
+        c = self.counters
+        c.peak_bytes = max(c.peak_bytes, self.device_tier.allocated_bytes + need)
+
     def _paged_cache(self, cache, batch: int, use_cache):
         """With ``kv="paged"``: the runtime's PagedKVCache in place of an empty (or no) cache,
         so ``generate`` pages its KV without being told; a cache already holding positions,
         or ``use_cache=False``, is left alone."""
-        from .prefetch.kv import PagedKVCache
+        from ..prefetch.kv import PagedKVCache
 
         if isinstance(cache, PagedKVCache) or use_cache is False:
             return cache
         if cache is not None and (not hasattr(cache, "get_seq_length")
                                   or cache.get_seq_length() > 0):
             return cache
-        if batch > self.plan.kv_batch:
+        kv = self.plan.kv
+        if batch > kv.batch:
             raise BudgetError(f"a batch of {batch} sequences, but the paged KV cache was "
-                              f"planned for {self.plan.kv_batch}: pass batch={batch} to run()",
+                              f"planned for {kv.batch}: pass batch={batch} to run()",
                               budget_bytes=self.plan.budget_bytes)
         owned = self._owned_kv
         if owned is None or owned.shape[0] != batch:
             if owned is not None:
                 owned.close()
             self._owned_kv = owned = PagedKVCache(
-                self.model.config, max_context=self.plan.max_context, batch=batch,
-                dtype=DTYPES[self.manifest.dtype], block_tokens=self.plan.kv_block_tokens,
-                device_blocks=self.plan.kv_device_blocks, spill_dir=self.manifest.path.parent)
+                self.model.config, max_context=kv.max_context, batch=batch,
+                dtype=DTYPES[self.manifest.dtype], block_tokens=kv.block_tokens,
+                device_blocks=kv.device_blocks, spill_dir=self.manifest.path.parent,
+                transport=self.transport)
         else:
             owned.reset()
         return owned
@@ -380,11 +416,10 @@ class Runtime:
         """Where the bytes and the milliseconds went."""
         if self._closed:
             return dict(getattr(self, "_final_stats", {}))
-        c, p = self.counters, self.pipeline.stats
-        io = self.disk.wall_seconds
+        c, p, t = self.counters, self.pipeline.stats, self.transport
         ex = self.experts.stats(c.decode_tokens) if self.experts is not None else None
-        stall = p.stall_seconds + ((ex or {}).get("stall_seconds") or 0.0)
-        io += (ex or {}).get("io_seconds") or 0.0
+        stall = t.stall["layers"] + t.stall["experts"]
+        io = self.disk.wall_seconds + ((ex or {}).get("io_seconds") or 0.0)
         out = {
             "budget_bytes": self.plan.budget_bytes,
             "peak_bytes": c.peak_bytes,
@@ -399,6 +434,7 @@ class Runtime:
             "fetches": p.fetches,
             "io_seconds": io,
             "stall_seconds": stall,
+            "stall_by_consumer": dict(t.stall),
             "overlap": (max(0.0, 1.0 - stall / io) if io > 0 else 1.0),
             "forwards": c.forwards,
             "forward_seconds": c.forward_seconds,
@@ -420,23 +456,28 @@ class Runtime:
         """Detach every hook, restore the model's parameters, stop I/O, free buffers."""
         if self._closed:
             return
-        if getattr(self, "pipeline", None) is not None:
+        if self.pipeline is not None:
             self._final_stats = self.stats()
         self._closed = True
-        if getattr(self, "pipeline", None) is not None:
+        if self.pipeline is not None:
             self.pipeline.drain()
         if self.experts is not None:
-            self.experts.save_heat()
             self.experts.close()
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
-        if getattr(self, "decoder", None) is not None:
-            self.decoder.close()
-        if getattr(self, "_owned_kv", None) is not None:
+        detach(self._undo)
+        if self._owned_kv is not None:
             self._owned_kv.close()   # a cache kept past close() says so when used
+        self.transport.close()
         self.disk.close()
         self.resident, self.slots, self.pipeline = {}, None, None
+
+
+def _io_threads(plan: Plan, adapter, config) -> int:
+    """Reads in flight at once: up to ``MAX_LAYER_READS`` for the pipeline's window, plus the
+    expert cache's (one per expert a token routes to, at most 4)."""
+    threads = max(1, min(plan.slots, MAX_LAYER_READS))
+    if plan.experts is not None and plan.experts.mode == "cache":
+        threads += max(1, min(4, adapter.moe_shape(config).top_k))
+    return threads
 
 
 def _cache_bytes(cache) -> int:

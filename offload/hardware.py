@@ -1,0 +1,110 @@
+"""Measuring the hardware profile: disk read bandwidth, host-to-device bandwidth, compute speed.
+
+Measured once per (offload dir, device, dtype) and cached in ``profile.json`` beside the stores
+(written to a temporary name and renamed), so that planning is deterministic for the same
+inputs. It times the tiers, so it sits just above them in the import order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .planner.profile import HardwareProfile
+from .tiers.device import aligned_host
+from .tiers.disk import BLOCK, CHUNK_BYTES
+from .units import DTYPE_NAMES
+
+log = logging.getLogger(__name__)
+
+PROFILE_VERSION = 2
+
+
+def load_or_measure(data_file: Path, cache_dir: Path, device: torch.device, dtype: torch.dtype,
+                    hidden: int, max_bytes: int | None = None) -> HardwareProfile:
+    """The cached profile for this device and dtype, measuring it on first use with at most
+    ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too)."""
+    key = f"{device}|{DTYPE_NAMES[dtype]}|{os.stat(cache_dir).st_dev}"
+    path = cache_dir / "profile.json"
+    cached = {}
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("version") == PROFILE_VERSION and key in cached.get("profiles", {}):
+            return HardwareProfile(**cached["profiles"][key])
+    except (OSError, ValueError, TypeError):
+        cached = {}
+    profile = HardwareProfile(str(device), measure_disk(data_file), measure_h2d(device),
+                              measure_compute(device, dtype, hidden, max_bytes),
+                              DTYPE_NAMES[dtype])
+    profiles = cached.get("profiles", {}) if cached.get("version") == PROFILE_VERSION else {}
+    profiles[key] = asdict(profile)
+    tmp = path.with_name(f".profile.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"version": PROFILE_VERSION, "profiles": profiles}, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache dir only costs a re-measure next time
+        log.warning("could not cache the hardware profile in %s: %s", path, e)
+    return profile
+
+
+def measure_disk(data_file: Path, max_bytes: int = 512 << 20) -> float:
+    """O_DIRECT read bandwidth over the first ``max_bytes`` of ``data_file``."""
+    size = os.path.getsize(data_file) // BLOCK * BLOCK
+    length = min(size, max_bytes)
+    if length < CHUNK_BYTES:
+        return 1.0e9  # too small to time; a nominal NVMe figure
+    buf = aligned_host(CHUNK_BYTES).numpy()
+    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+    try:
+        fd = os.open(data_file, flags)
+    except OSError:
+        fd = os.open(data_file, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        for off in range(0, length - CHUNK_BYTES + 1, CHUNK_BYTES):
+            os.preadv(fd, [buf], off)
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return (length // CHUNK_BYTES * CHUNK_BYTES) / max(elapsed, 1e-9)
+
+
+def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Pinned host-to-device copy bandwidth; 0 on CPU."""
+    if device.type != "cuda":
+        return 0.0
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)  # syncs: a measurement, off the hot path
+    t0 = time.perf_counter()
+    for _ in range(4):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return 4 * nbytes / (time.perf_counter() - t0)
+
+
+def measure_compute(device: torch.device, dtype: torch.dtype, hidden: int,
+                    max_bytes: int | None = None) -> float:
+    """Weight bytes per second a batch-1 matmul streams through compute (decode speed), with a
+    weight of at most ``max_bytes`` (default 64 MB)."""
+    # A weight larger than the caches, as a decoder layer is: batch-1 decode streams it from RAM.
+    target = 64 << 20 if max_bytes is None else max(1 << 20, min(64 << 20, max_bytes))
+    rows = max(1, target // (hidden * dtype.itemsize))
+    w = torch.randn(rows, hidden, device=device, dtype=dtype)   # one buffer, no fp32 copy
+    x = torch.randn(1, hidden, device=device, dtype=dtype)
+    torch.nn.functional.linear(x, w)
+    reps = 8
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # syncs: a measurement, off the hot path
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.nn.functional.linear(x, w)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return reps * w.numel() * w.element_size() / max(time.perf_counter() - t0, 1e-9)

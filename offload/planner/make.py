@@ -1,0 +1,129 @@
+"""Every Plan is made here: ``plan_for(manifest, adapter, config, profile, options)``.
+
+The steps, in order: size the KV part and the reserve (``reserve.py``: the formula the runtime
+checks each forward against), check the head's chunks on this machine (``kernels/head.py``),
+then place the Units: dense (``placement.py``), MoE with an expert cache (``experts.py``), or
+MoE with every expert streamed with its layer.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..errors import BudgetError, HardwareError
+from ..kernels import head
+from ..sizes import format_bytes
+from ..units import DTYPES, align
+from .experts import make_moe_plan
+from .kv import kv_geometry
+from .options import PlanOptions
+from .placement import HeadCheck, make_plan
+from .plan import ExpertPlan, KVPlan, Plan
+from .profile import HardwareProfile
+from .reserve import dynamic_reserve, paged_reserve
+
+log = logging.getLogger(__name__)
+
+SPILL_MARGIN = 64 << 20   # free space a full KV spill file leaves on its filesystem
+
+
+def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanOptions, *,
+             heat: dict[str, float] | None = None) -> Plan:
+    """The Plan for running ``manifest``'s model (``adapter``, ``config``) under ``options``.
+
+    Args:
+        heat: an MoE model's measured expert heat from an earlier run (``store.heat``).
+
+    Raises:
+        BudgetError: no placement fits the budget (the message states the minimum).
+        HardwareError: a paged KV cache asked for on a GPU.
+        OffloadError: options that contradict each other or the model.
+    """
+    options.kv.check()
+    shape = adapter.shape(config)
+    dtype = DTYPES[manifest.dtype]
+    moe = adapter.moe_shape(config) if hasattr(adapter, "moe_shape") else None
+    if moe is not None:
+        options.experts.check(moe.top_k, moe.experts)
+    kv, reserve, tokens = kv_part(config, shape, dtype, options)
+    check = head_check(manifest, shape, dtype, options.device)
+
+    def place(pins: frozenset[str]) -> Plan:
+        return _place(manifest, adapter, config, moe, profile, options, kv, reserve, tokens,
+                      pins, check, heat)
+
+    if not any(m <= head.DECODE_ROWS for m in check.inexact_rows):
+        return place(frozenset())
+    try:   # whole and resident: bitwise at every batch, if the budget holds it
+        return place(check.keys)
+    except BudgetError:
+        units = [manifest.unit(k) for k in sorted(check.keys)]
+        log.warning("the LM head streams in %d chunks, and on this machine a chunk's logits "
+                    "differ in the last bits from the whole matrix's at batch %s: a budget %s "
+                    "larger keeps it resident, bitwise", len(units),
+                    ", ".join(str(m) for m in check.inexact_rows if m <= head.DECODE_ROWS),
+                    format_bytes(sum(align(u.nbytes, 4096) for u in units)))
+        return place(frozenset())
+
+
+def kv_part(config, shape, dtype, options: PlanOptions) -> tuple[KVPlan, int, int]:
+    """The KV part of the plan, the reserve, and the positions it holds: dynamic (the whole
+    KV of ``options.tokens`` positions in the budget) unless ``kv="paged"``, or ``"auto"``
+    with a ``max_context`` whose dynamic reserve would take over half the budget."""
+    kvo, tokens = options.kv, options.tokens
+    reserve = dynamic_reserve(shape, dtype.itemsize, tokens)
+    paged = kvo.kv == "paged" or (kvo.kv == "auto" and kvo.max_context is not None
+                                  and reserve > options.budget_bytes // 2)
+    if not paged:
+        return KVPlan(), reserve, tokens
+    if not options.device.startswith("cpu"):
+        raise HardwareError("kv='paged' runs on a CPU compute device for now (its GPU path is "
+                            "not built): use kv='dynamic' on the GPU, or device='cpu'")
+    g = kv_geometry(config, kvo.max_context, kvo.batch, dtype, kvo.block_tokens,
+                    kvo.device_blocks)
+    free = options.spill_free_bytes
+    if free is not None and free < g["total_bytes"] + SPILL_MARGIN:
+        raise HardwareError(
+            f"max_context={kvo.max_context} at batch {kvo.batch} needs "
+            f"{format_bytes(g['total_bytes'])} of KV cache, which cannot be served even from "
+            f"disk: {options.spill_dir} has {format_bytes(free)} free; lower max_context or "
+            "choose another offload_dir", needed_bytes=g["total_bytes"], free_bytes=free)
+    chunk = min(kvo.prefill_chunk, kvo.max_context)
+    reserve = paged_reserve(shape, dtype.itemsize, batch=kvo.batch, chunk=chunk,
+                            max_context=kvo.max_context, kv_device_bytes=g["device_bytes"])
+    plan = KVPlan("paged", max_context=kvo.max_context, batch=kvo.batch,
+                  block_tokens=g["block_tokens"], device_blocks=kvo.device_blocks,
+                  device_bytes=g["device_bytes"], disk_bytes=g["total_bytes"],
+                  prefill_chunk=chunk)
+    return plan, reserve, kvo.batch * kvo.max_context
+
+
+def head_check(manifest, shape, dtype, device: str) -> HeadCheck:
+    """The head's Units and, on a CPU, the row counts at which its chunks are not bitwise the
+    whole matrix here (a zero-page probe: ``kernels.head.chunking_mismatches``)."""
+    keys = manifest.groups()[manifest.tied.get("head", "head")]
+    if len(keys) < 2 or not device.startswith("cpu"):
+        return HeadCheck(frozenset(keys))
+    rows = tuple(manifest.unit(k).rows for k in keys)
+    return HeadCheck(frozenset(keys),
+                     head.chunking_mismatches(shape.vocab, shape.hidden, dtype, rows))
+
+
+def _place(manifest, adapter, config, moe, profile, options: PlanOptions, kv: KVPlan,
+           reserve: int, tokens: int, pins: frozenset[str], check: HeadCheck, heat) -> Plan:
+    units = list(manifest.units)
+    ex = options.experts
+    stream = moe is not None and ex.experts == "stream"
+    order = adapter.execution_order(config, manifest.groups(), stream_experts=stream)
+    common = dict(prefetch=options.prefetch, host_budget_bytes=options.host_budget_bytes,
+                  pinned=frozenset(adapter.always_resident(units)) | pins, kv=kv, head=check)
+    if moe is None:
+        return make_plan(units, order, options.budget_bytes, reserve, tokens, profile, **common)
+    if stream:
+        units = [u for u in units if u.kind != "expert"] + adapter.stream_units(units)
+        return make_plan(units, order, options.budget_bytes, reserve, tokens, profile,
+                         experts=ExpertPlan("stream"), **common)
+    return make_moe_plan(
+        units, order, options.budget_bytes, reserve, tokens, profile, top_k=moe.top_k,
+        moe_layers=len(moe.layers), experts_per_layer=moe.experts, policy=ex.expert_cache,
+        predict_depth=ex.predict_depth if ex.predict else 0,
+        predict_width=ex.predict_width or moe.top_k, heat=heat, **common)

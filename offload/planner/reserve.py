@@ -1,0 +1,37 @@
+"""The reserve: what a forward holds in the compute tier besides the weights.
+
+One formula, ``forward_bytes``, sizes the Plan's reserve (for the largest forward the options
+allow) and checks every forward the runtime runs against it (``Runtime._check_budget``): KV
+cache (all of it, or a paged cache's device part), activations and logits, the scratch for
+embedding gathers, and what the head's path copies (``kernels/head.py``).
+"""
+from __future__ import annotations
+
+from ..units import align
+
+
+def scratch_bytes(shape, itemsize: int) -> int:
+    """Host scratch for gathering embedding rows (one row plus two O_DIRECT blocks)."""
+    return align(shape.hidden * itemsize + 2 * 4096, 4096)
+
+
+def forward_bytes(shape, itemsize: int, *, batch: int, new: int, total: int, logits_rows: int,
+                  kv_bytes: int, head_copy: int = 0) -> int:
+    """Bytes one forward of ``batch`` x ``new`` positions (``total`` per sequence with the
+    cached ones, ``logits_rows`` rows of logits kept) holds besides weights; ``kv_bytes`` is
+    the cache it runs with."""
+    return (kv_bytes + shape.activation_bytes(batch, new, total, itemsize, logits_rows)
+            + scratch_bytes(shape, itemsize) + head_copy)
+
+
+def dynamic_reserve(shape, itemsize: int, tokens: int) -> int:
+    """A DynamicCache of ``tokens`` positions and the prefill of all of them in one forward."""
+    return forward_bytes(shape, itemsize, batch=1, new=tokens, total=tokens, logits_rows=tokens,
+                         kv_bytes=shape.kv_bytes(tokens, itemsize))
+
+
+def paged_reserve(shape, itemsize: int, *, batch: int, chunk: int, max_context: int,
+                  kv_device_bytes: int) -> int:
+    """A paged cache's device part and a prefill of ``chunk`` positions per sequence."""
+    return forward_bytes(shape, itemsize, batch=batch, new=chunk, total=max_context,
+                         logits_rows=batch * chunk, kv_bytes=kv_device_bytes)
