@@ -190,11 +190,10 @@ def drop_page_cache() -> bool:
         return False
 
 
-def idle_footprint(imports: str = "import torch, transformers, accelerate; "
-                                  "from transformers import LlamaForCausalLM") -> int:
+def idle_footprint(imports: str | None = None) -> int:
     """VmRSS of a fresh interpreter after ``imports``: what every contender pays before any
     weights, and what the cap adds to the budget."""
-    code = (f"{imports}\nimport gc; gc.collect()\n"
+    code = (f"{imports or DEFAULT_IDLE_IMPORTS}\nimport gc; gc.collect()\n"
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')][0])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
@@ -202,13 +201,13 @@ def idle_footprint(imports: str = "import torch, transformers, accelerate; "
     return int(r.stdout.strip().splitlines()[-1]) * 1024
 
 
-def idle_footprint_cgroup(imports: str = "import torch, transformers, accelerate; "
-                                         "from transformers import LlamaForCausalLM") -> int | None:
+def idle_footprint_cgroup(imports: str | None = None) -> int | None:
     """The same idle interpreter as the cgroup accounts it (anon + page cache it pulled in),
     after dropping the page cache; None where memlimit.sh cannot run. Reported for reference:
     it counts reclaimable page cache of the imported sources, so the cap uses the RSS."""
     drop_page_cache()
-    r = subprocess.run(["bash", str(MEMLIMIT), str(64 << 30), sys.executable, "-c", imports],
+    r = subprocess.run(["bash", str(MEMLIMIT), str(64 << 30), sys.executable, "-c",
+                        imports or DEFAULT_IDLE_IMPORTS],
                        capture_output=True, text=True, timeout=300)
     m = _MEMLIMIT_RE.search(r.stderr)
     return int(m.group(2)) if (m and r.returncode == 0) else None
@@ -578,6 +577,128 @@ def format_table(headers: list[str], rows: list[list[str]], right: set[int] = fr
                      + [line(r) for r in cells[1:]])
 
 
+class Report:
+    """What one bench run prints and writes, gathered in one object so every bench's ``main``
+    reads as its steps: ``header`` (the system, the model, the cap), ``table`` (contender rows),
+    ``target`` (a goal met or not, with the measured value), ``finish`` (the targets, the JSON
+    with the commit, the exit status)."""
+
+    def __init__(self, name: str, title: str, args: argparse.Namespace, info: dict):
+        self.name, self.args, self.info = name, args, info
+        self.targets: list[dict] = []
+        self.failures: list[str] = []
+        print(f"== {title} ==", flush=True)
+
+    def header(self, rows: list[tuple[str, str]]) -> None:
+        print(format_header(self.info, rows), flush=True)
+
+    def table(self, headers: list[str], rows: list[list[str]], *, right=frozenset(),
+              note: str = "") -> None:
+        print("\n" + format_table(headers, rows, right=right) + (f"\n\n{note}" if note else ""),
+              flush=True)
+
+    def target(self, name: str, value: float | None, goal: float, detail: str, *,
+               runs: dict, needs: tuple[str, ...] = (), at_most: bool = False) -> None:
+        """A goal: PASS or SHORT by the measured ``value`` (``at_most``: lower is better); N/A
+        without a value; FAIL when an offload row it needs ran and failed (its reason given)."""
+        ok = value is not None and (value <= goal if at_most else value >= goal)
+        status = "N/A" if value is None else ("PASS" if ok else "SHORT")
+        failed = [k for k in needs if k.startswith("offload") and k in runs and not runs[k].ok]
+        if value is None and failed:
+            status = "FAIL"
+            detail = "; ".join(f"{k}: {failure_reason(runs[k])}" for k in failed)
+        elif value is None and not detail:
+            detail = "missing rows: " + ", ".join(
+                k for k in needs if k not in runs or not runs[k].ok)
+        self.targets.append({"target": name, "value": value, "goal": goal, "status": status,
+                             "detail": detail})
+
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        """A yes/no check (greedy tokens equal the resident model's); a failed one fails the
+        run."""
+        self.targets.append({"target": name, "value": None, "goal": None,
+                             "status": "PASS" if ok else "FAIL", "detail": detail})
+        if not ok:
+            self.failures.append(f"{name}: {detail}")
+
+    def finish(self, runs: dict, data: dict, *, capped: bool) -> int:
+        """Print the targets, write the JSON (``--json``), and return the exit status: 1 when
+        a contender failed or a check did."""
+        print("\ntargets" + ("" if capped else " (UNCAPPED run: not a memory-limited "
+                                               "measurement)"))
+        for t in self.targets:
+            val = "-" if t["value"] is None else f"{t['value']:.2f}x"
+            print(f"  {t['status']:<5}  {t['target']:<52} measured {val:>7}   {t['detail']}")
+        out = {"bench": self.name, "toy": getattr(self.args, "toy", False),
+               "args": vars(self.args), "system": self.info, **data,
+               "contenders": {k: r.to_json() for k, r in runs.items()},
+               "targets": self.targets}
+        print(f"\nJSON: {write_json(Path(self.args.json), out)}")
+        failed = [k for k, r in runs.items() if not r.ok]
+        if failed:
+            print(f"contenders that failed: {', '.join(failed)}", file=sys.stderr)
+        for f in self.failures:
+            print(f, file=sys.stderr)
+        return 1 if failed or self.failures else 0
+
+
+def result_of(runs: dict, key: str) -> dict | None:
+    """A contender's (first) result, or None when it did not run or failed."""
+    r = runs.get(key)
+    return r.results[0] if r is not None and r.ok and r.results else None
+
+
+def contender_row(runs: dict, key: str, label: str) -> tuple[dict, list[str] | None]:
+    """A contender's data row as its run reports it (cap, cgroup peak, exit status) and, when
+    it failed, its table cells: the benches' 11 columns, the reason last."""
+    r = runs[key]
+    mem = r.memlimit or {}
+    row = {"key": key, "contender": label, "ok": r.ok, "capped": r.capped,
+           "cap_bytes": r.cap_bytes, "cgroup_max_usage": mem.get("max_usage"),
+           "cgroup_failcnt": mem.get("failcnt"), "returncode": r.returncode}
+    if result_of(runs, key) is not None:
+        return row, None
+    why = failure_reason(r)
+    row.update(batch=None, tok_s=None, note=why)
+    return row, [label, "?", "-", "-", "-", "-", "-",
+                 fmt_bytes(r.cap_bytes) if r.capped else "uncapped",
+                 fmt_bytes(mem.get("max_usage")), "-", why]
+
+
+def same_tokens(ref: dict | None, x: dict) -> tuple[bool, int] | None:
+    """Whether ``x``'s greedy tokens equal the reference's over their common length."""
+    if ref is None:
+        return None
+    n = min(len(ref["generated"][0]), len(x["generated"][0]))
+    return [g[:n] for g in ref["generated"]] == [g[:n] for g in x["generated"]], n
+
+
+def run_notes(r, x: dict) -> list[str]:
+    """What a run itself says about its figure: cgroup limit hits, page faults, other
+    processes on the CPUs."""
+    notes = []
+    if r.memlimit and r.memlimit.get("failcnt"):
+        notes.append(f"cgroup at its limit {r.memlimit['failcnt']}x")
+    if x.get("major_faults"):
+        notes.append(f"{x['major_faults'] / max(x['tokens'], 1):.0f} major faults/step")
+    if r.foreign_cpu is not None and r.foreign_cpu > 0.05:
+        notes.append(f"OTHER PROCESSES used {r.foreign_cpu:.0%} of the CPUs")
+    return notes
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int = 1):
+    """Token ids every contender of a bench decodes from (the same seed everywhere)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g, dtype=torch.long)
+
+
+def positions_for(batch: int, prompt_len: int, tokens: int, warmup: int) -> int:
+    """Positions (batch x context) the offload runtime must reserve KV cache for."""
+    return batch * (prompt_len + 1 + warmup + tokens + 1)
+
+
 def write_json(path: Path, data: dict) -> Path:
     path = Path(path)
     if not path.is_absolute():
@@ -649,6 +770,56 @@ def bench_defaults(a: argparse.Namespace, *, tokens: int) -> argparse.Namespace:
     if a.budget is None:
         a.budget = "35%" if a.toy else "25%"
     return a
+
+
+@dataclass
+class BuiltModel:
+    """A bench's model, built (or reused) under its work dir."""
+
+    work: Path
+    dims: dict
+    info: dict
+    model_dir: Path
+    model_info: dict
+
+
+DEFAULT_IDLE_IMPORTS = "import torch, transformers, accelerate; from transformers import LlamaForCausalLM"
+
+
+@dataclass
+class Machine:
+    """What a bench measures of this machine for its run: the disk under the store, the idle
+    interpreter, and the cap every capped contender runs under (budget + idle + slack)."""
+
+    disk: dict
+    idle: int
+    cap: int
+    capped: bool
+    cg_reason: str
+    idle_cg: int | None
+
+    @classmethod
+    def measure(cls, a: argparse.Namespace, budget: int, data_path: Path, *,
+                idle_imports: str = DEFAULT_IDLE_IMPORTS, cgroup_idle: bool = True
+                ) -> "Machine":
+        idle = idle_footprint(idle_imports)
+        capped, reason = (False, "disabled by --no-cap") if a.no_cap else cgroup_status()
+        return cls(disk_bandwidth(data_path), idle, budget + idle + a.cap_slack, capped, reason,
+                   idle_footprint_cgroup(idle_imports) if capped and cgroup_idle and not a.toy
+                   else None)
+
+    def rows(self, a: argparse.Namespace) -> list[tuple[str, str]]:
+        return cap_and_disk_rows(self.cap, self.idle, a.cap_slack, self.capped, self.cg_reason,
+                                 self.idle_cg, self.disk)
+
+    def cap_for(self, capped_run: bool) -> int | None:
+        """The cap a contender runs under: ``None`` for an uncapped one (or an uncapped run)."""
+        return self.cap if capped_run and self.capped else None
+
+    def as_json(self) -> dict:
+        return {"idle_bytes": self.idle, "idle_cgroup_bytes": self.idle_cg,
+                "cap_bytes": self.cap, "capped": self.capped, "cgroup": self.cg_reason,
+                "disk": self.disk}
 
 
 def cap_and_disk_rows(cap: int, idle: int, slack: int, capped: bool, reason: str,

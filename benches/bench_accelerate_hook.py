@@ -25,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_dense  # noqa: E402
 from _common import (  # noqa: E402
-    bench_entry, bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status,
-    load_with_accelerate,
-    disk_bandwidth, emit_result, fmt_bytes, format_header, format_table, greedy_decode,
-    idle_footprint, launch_contender, system_info, write_json)
+    Machine, Report, bench_defaults, bench_entry, bench_parser, emit_result, fmt_bytes,
+    greedy_decode, launch_contender, load_with_accelerate, positions_for, random_prompts,
+    result_of, same_tokens, system_info)
 
 SCRIPT = Path(__file__).resolve()
 TARGET = 2.0
@@ -39,7 +38,7 @@ def contender_main(a: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     config = json.loads((Path(a.model_dir) / "config.json").read_text())
-    prompts = bench_dense.prompts_for(1, a.prompt_len, config["vocab_size"])
+    prompts = random_prompts(1, a.prompt_len, config["vocab_size"])
     t0 = time.perf_counter()
     model, dm = load_with_accelerate(a.model_dir, a.budget_bytes, a.accelerate_offload_dir)
     base = {"contender": a.contender, "batch": 1, "device_map": dm,
@@ -66,26 +65,36 @@ def main(a: argparse.Namespace) -> int:
     from offload.sizes import parse_size
 
     work = Path(a.work_dir).expanduser().absolute() / ("toy" if a.toy else "tinyllama")
-    dims = bench_dense.TOY if a.toy else bench_dense.FULL
-    info = system_info(work)
-    print("== offload Accelerate-hook bench ==", flush=True)
+    report = Report("accelerate_hook", "offload Accelerate-hook bench", a, system_info(work))
     model_dir = work / "model"
-    bench_dense.build_model(model_dir, dims)
+    bench_dense.build_model(model_dir, bench_dense.TOY if a.toy else bench_dense.FULL)
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     budget = parse_size(a.budget, total_bytes=weights)
-    max_tokens = bench_dense.max_tokens_for(1, a.prompt_len, a.tokens, a.warmup)
-    disk = disk_bandwidth(next(model_dir.glob("*.safetensors")))
-    idle = idle_footprint()
-    cap = budget + idle + a.cap_slack
-    capped, cg_reason = (False, "disabled by --no-cap") if a.no_cap else cgroup_status()
-    print(format_header(info, [
+    machine = Machine.measure(a, budget, next(model_dir.glob("*.safetensors")),
+                              cgroup_idle=False)
+    report.header([
         ("model", f"{'TOY ' if a.toy else 'TinyLlama-1.1B-shaped '}random bf16 Llama: "
                   f"{fmt_bytes(weights)} of safetensors"),
         ("budget", f"{a.budget} = {fmt_bytes(budget)} (Accelerate's max_memory and offload's "
                    "budget)"),
-        *cap_and_disk_rows(cap, idle, a.cap_slack, capped, cg_reason, None, disk),
+        *machine.rows(a),
         ("decode", f"prompt {a.prompt_len}, {a.warmup} warm-up, {a.tokens} timed tokens, greedy"),
-    ]), flush=True)
+    ])
+    runs = run_contenders(a, work, model_dir, budget, machine.cap_for(True))
+    rows = contender_table(runs, report)
+    acc, hook = result_of(runs, "accelerate"), result_of(runs, "hook")
+    v = hook["tok_s"] / acc["tok_s"] if hook and acc else None
+    report.target(f"one-line change >= {TARGET}x Accelerate tok/s", v, TARGET,
+                  f"I/O floor for reference: {fmt_bytes(machine.disk['bps'])}/s disk",
+                  runs=runs, needs=("accelerate", "hook"))
+    return report.finish(runs, {"budget_bytes": budget, **machine.as_json(), "rows": rows},
+                         capped=machine.capped)
+
+
+def run_contenders(a: argparse.Namespace, work: Path, model_dir: Path, budget: int,
+                   cap: int | None) -> dict:
+    """Accelerate alone, then the same loader plus the one line, each in its own process."""
+    max_tokens = positions_for(1, a.prompt_len, a.tokens, a.warmup)
     runs = {}
     for key in ("accelerate", "hook"):
         if a.only and key not in a.only.split(","):
@@ -95,20 +104,19 @@ def main(a: argparse.Namespace) -> int:
                 "--model-dir", str(model_dir), "--prompt-len", str(a.prompt_len),
                 "--warmup", str(a.warmup), "--budget-bytes", str(budget),
                 "--max-tokens", str(max_tokens), "--accelerate-offload-dir", str(folder)]
-        runs[key] = launch_contender(key, argv, cap_bytes=cap if capped else None,
-                                     wait_quiet=a.wait_quiet, timeout=a.timeout, quiet=a.quiet)
+        runs[key] = launch_contender(key, argv, cap_bytes=cap, wait_quiet=a.wait_quiet,
+                                     timeout=a.timeout, quiet=a.quiet)
+    return runs
 
-    def res(key):
-        r = runs.get(key)
-        return r.results[0] if r is not None and r.ok else None
 
-    acc, hk = res("accelerate"), res("hook")
+def contender_table(runs: dict, report: Report) -> list[dict]:
+    acc = result_of(runs, "accelerate")
     rows, json_rows = [], []
     for key, label in (("accelerate", "Accelerate (device_map='auto' + offload_folder)"),
                        ("hook", "same + offload.from_accelerate(model)")):
         if key not in runs:
             continue
-        x, r = res(key), runs[key]
+        x, r = result_of(runs, key), runs[key]
         if x is None:
             rows.append([label, "?", "-", "-", f"failed rc {r.returncode}"])
             continue
@@ -120,28 +128,16 @@ def main(a: argparse.Namespace) -> int:
             note += (f"; take-over {x['takeover_s']:.1f} s (packs the store the first time), "
                      f"peak {fmt_bytes(st['peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}, "
                      f"stall {st['stall_seconds'] / max(st['decode_tokens'], 1):.2f} s/token")
-        if acc is not None and key == "hook":
-            n = min(len(acc["generated"][0]), len(x["generated"][0]))
-            row["tokens_match"] = acc["generated"][0][:n] == x["generated"][0][:n]
-            note += f", {n} tokens {'==' if row['tokens_match'] else '!='} Accelerate's"
+            match = same_tokens(acc, x)
+            if match is not None:
+                row["tokens_match"] = match[0]
+                note += f", {match[1]} tokens {'==' if match[0] else '!='} Accelerate's"
         json_rows.append(row)
         rows.append([label, f"{x['tok_s']:.3f}",
                      f"{x['tok_s'] / acc['tok_s']:.2f}x" if acc else "-",
                      fmt_bytes(r.cap_bytes) if r.capped else "uncapped", note])
-    print("\n" + format_table(["contender", "tok/s", "vs before", "cap", "notes"], rows,
-                              right={1, 2}))
-    v = hk["tok_s"] / acc["tok_s"] if hk and acc else None
-    status = "N/A" if v is None else ("PASS" if v >= TARGET else "SHORT")
-    print("\ntargets" + ("" if capped else " (UNCAPPED run: not a memory-limited measurement)"))
-    print(f"  {status:<5}  one-line change >= {TARGET}x Accelerate tok/s    measured "
-          f"{'-' if v is None else f'{v:.2f}x'}")
-    print(f"  (I/O floor for reference: {fmt_bytes(disk['bps'])}/s disk)")
-    out = {"bench": "accelerate_hook", "toy": a.toy, "args": vars(a), "system": info,
-           "budget_bytes": budget, "cap_bytes": cap, "capped": capped, "disk": disk,
-           "contenders": {k: r.to_json() for k, r in runs.items()}, "rows": json_rows,
-           "targets": [{"target": f">= {TARGET}x", "value": v, "status": status}]}
-    print(f"\nJSON: {write_json(Path(a.json), out)}")
-    return 0 if all(r.ok for r in runs.values()) else 1
+    report.table(["contender", "tok/s", "vs before", "cap", "notes"], rows, right={1, 2})
+    return json_rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fmt_bytes, format_header, format_table, system_info, write_json  # noqa: E402
+from _common import Report, fmt_bytes, system_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -181,17 +181,24 @@ def main(a) -> int:
     dtype = torch.float32 if a.toy else torch.bfloat16
     budget = parse_size(a.budget or ("6MB" if a.toy else "160MB"))
     contexts = [128, 256, 512] if a.toy else [1024, 4096, 16384]
-    info = system_info(Path(a.work_dir))
-    print("== offload KV bench ==")
-    print(format_header(info, [
+    report = Report("kv", "offload KV bench", a, system_info(Path(a.work_dir)))
+    report.header([
         ("model", ("TOY " if a.toy else "") + "Llama-shaped random "
          + ("float32" if a.toy else "bf16") + f" {TOY if a.toy else FULL}"),
         ("budget", fmt_bytes(budget)),
         ("method", f"batch 1, prefill in chunks of {CHUNK}, then {DECODE} timed greedy steps; "
                    "one process, uncapped (offload's accounted peak shown)"),
-    ]), flush=True)
+    ])
     speed = part_speed(a, budget, contexts, dtype)
+    speed_table(speed, budget, report)
+    quality = part_quality(a)
+    quality_table(a, quality, report)
+    print("\n(no numeric target in the issue; the I/O floor does not apply to a KV bench)")
+    return report.finish({}, {"budget": budget, "speed": speed, "quality": quality},
+                         capped=False)
 
+
+def speed_table(speed: list[dict], budget: int, report: Report) -> None:
     def cell(r):
         return r.get("skip", "-")[:40] if "tok_s" not in r else f"{r['tok_s']:.2f}"
 
@@ -202,20 +209,18 @@ def main(a) -> int:
                      cell(r["dynamic"]), cell(p), cell(r["offloaded_cache"]),
                      (f"peak {fmt_bytes(p['peak'])} of {fmt_bytes(budget)}, "
                       f"{fmt_bytes(p['kv_disk'])} KV on disk" if "peak" in p else "")])
-    print("\n" + format_table(["context", "KV", "resident tok/s", "offload dynamic KV",
-                               "offload paged KV", "transformers OffloadedCache", "paged notes"],
-                              rows, right={0, 1, 2, 3, 4}))
-    quality = part_quality(a)
-    qrows = [["full cache", "100%", f"{quality['full_ppl']:.3f}", "-"]]
+    report.table(["context", "KV", "resident tok/s", "offload dynamic KV", "offload paged KV",
+                  "transformers OffloadedCache", "paged notes"], rows, right={0, 1, 2, 3, 4})
+
+
+def quality_table(a, quality: dict, report: Report) -> None:
+    rows = [["full cache", "100%", f"{quality['full_ppl']:.3f}", "-"]]
     for b in quality["budgets"]:
-        qrows.append(["HeavyHitterCache (LOSSY)", f"{b['fraction']:.0%} ({b['keep']} positions)",
-                      f"{b['ppl']:.3f}", f"{b['delta_ppl']:+.3f} "
-                      f"({b['ppl'] / quality['full_ppl'] - 1:+.1%})"])
+        rows.append(["HeavyHitterCache (LOSSY)", f"{b['fraction']:.0%} ({b['keep']} positions)",
+                     f"{b['ppl']:.3f}", f"{b['delta_ppl']:+.3f} "
+                     f"({b['ppl'] / quality['full_ppl'] - 1:+.1%})"])
     print(f"\nperplexity on {quality['text']} ({'toy random model' if a.toy else 'SmolLM2-135M'}):")
-    print(format_table(["cache", "KV budget", "perplexity", "change"], qrows, right={2}))
-    print("\ntargets: none numeric in the issue; the I/O floor does not apply (KV bench)")
-    print(f"\nJSON: {write_json(Path(a.json), {'bench': 'kv', 'toy': a.toy, 'system': info, 'budget': budget, 'speed': speed, 'quality': quality})}")
-    return 0
+    report.table(["cache", "KV budget", "perplexity", "change"], rows, right={2})
 
 
 def parse_args(argv=None):

@@ -34,16 +34,16 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    bench_entry, bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status,
-    load_with_accelerate,
-    device_reads, disk_bandwidth, emit_result, failure_reason, fmt_bytes, format_header,
-    format_table, greedy_decode, idle_footprint, idle_footprint_cgroup, launch_contender,
-    proc_io, save_random_checkpoint, system_info, write_json)
+    BuiltModel, Machine, Report, bench_defaults, bench_entry, bench_parser, contender_row,
+    device_reads, emit_result, fmt_bytes, greedy_decode, launch_contender, load_with_accelerate,
+    positions_for, proc_io, random_prompts, result_of, run_notes, same_tokens,
+    save_random_checkpoint, system_info)
 
 SCRIPT = Path(__file__).resolve()
 
@@ -108,18 +108,6 @@ def expert_bytes(dims: dict, itemsize: int = 2) -> int:
     return 3 * dims["hidden_size"] * dims["intermediate_size"] * itemsize
 
 
-def prompts_for(batch: int, length: int, vocab: int, seed: int = 1):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g, dtype=torch.long)
-
-
-def max_tokens_for(batch: int, prompt_len: int, tokens: int, warmup: int) -> int:
-    """Positions (batch x context) the offload runtime must reserve KV cache for."""
-    return batch * (prompt_len + 1 + warmup + tokens + 1)
-
-
 def offload_kwargs(key: str, a: argparse.Namespace) -> dict:
     kw = dict(OFFLOAD_ROWS[key][1])
     if kw.get("predict"):
@@ -137,7 +125,7 @@ def contender_main(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model_dir = Path(a.model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    prompts = prompts_for(1, a.prompt_len, config["vocab_size"])
+    prompts = random_prompts(1, a.prompt_len, config["vocab_size"])
     base = {"contender": a.contender, "batch": 1, "budget_bytes": a.budget_bytes}
     last_only = a.prefill_logits == "last"
     snap: dict = {}
@@ -264,7 +252,61 @@ def _io_delta(snap: dict, path, steps: int) -> dict:
 
 
 # -- the parent ------------------------------------------------------------------------------
+@dataclass
+class Setup(BuiltModel):
+    """What the parent's steps share: the model, its store and plans, the disk and the cap."""
+
+    stores: Path
+    manifest: object | None
+    pack_s: float | None
+    pack_error: str | None
+    budget: int
+    max_tokens: int
+    plans: dict
+    plan_errors: dict
+    machine: Machine
+
+    @property
+    def expert_bytes(self) -> int:
+        return expert_bytes(self.dims)
+
+    @property
+    def topk_bytes(self) -> int:
+        """Bytes of the experts one token routes to, over every layer."""
+        d = self.dims
+        return d["num_hidden_layers"] * d["num_experts_per_tok"] * self.expert_bytes
+
+
 def main(a: argparse.Namespace) -> int:
+    s = setup(a)
+    report = Report("moe", "offload MoE bench", a, s.info)
+    report.header(header_rows(a, s))
+    for mode, title in (("experts", "expert cache + prediction"), ("layer", "layer-only")):
+        if mode in s.plans:
+            print(f"\noffload plan, {title} (max_tokens {s.max_tokens}):\n"
+                  f"{s.plans[mode].table()}", flush=True)
+        else:
+            print(f"\noffload plan, {title}: unavailable ({s.plan_errors.get(mode)})",
+                  flush=True)
+    print(flush=True)
+    runs = run_contenders(a, s)
+    rows = contender_table(a, s, runs, report)
+    moe_targets(runs, rows, report)
+    return report.finish(runs, {
+        "model": {"dir": str(s.model_dir), "dims": s.dims, **s.model_info,
+                  "expert_bytes": s.expert_bytes, "topk_expert_bytes_per_token": s.topk_bytes,
+                  "store": str(s.manifest.path) if s.manifest else None,
+                  "store_weight_bytes": s.manifest.weight_bytes if s.manifest else None,
+                  "pack_seconds": s.pack_s, "pack_error": s.pack_error},
+        "budget": a.budget, "budget_bytes": s.budget, **s.machine.as_json(),
+        "max_tokens": s.max_tokens,
+        "plans": {m: {**p.to_json(), "table": p.table()} for m, p in s.plans.items()},
+        "plan_errors": s.plan_errors, "rows": rows}, capped=s.machine.capped)
+
+
+def setup(a: argparse.Namespace) -> Setup:
+    """Build (or reuse) the model, pack it, plan layer-only and expert-cache runs, measure
+    disk and cap. A failed pack or plan is kept: its rows then fail and say why."""
     import torch  # noqa: F401  (the header reports its version)
 
     import offload
@@ -273,10 +315,7 @@ def main(a: argparse.Namespace) -> int:
     work = Path(a.work_dir).expanduser().absolute() / ("toy" if a.toy else "mixtral")
     dims = TOY if a.toy else FULL
     info = system_info(work)
-
-    print("== offload MoE bench ==", flush=True)
-    model_dir = work / "model"
-    stores = work / "stores"
+    model_dir, stores = work / "model", work / "stores"
     print(f"building/reusing the random bf16 model at {model_dir} ...", file=sys.stderr,
           flush=True)
     model_info = build_model(model_dir, dims)
@@ -291,12 +330,10 @@ def main(a: argparse.Namespace) -> int:
         pack_error = f"{type(e).__name__}: {e}"
         print(f"WARNING: offload.pack failed: {pack_error}", file=sys.stderr, flush=True)
     budget = parse_size(a.budget, total_bytes=weight_bytes)
-    max_tokens = max_tokens_for(1, a.prompt_len, a.tokens, a.warmup)
-    e_bytes = expert_bytes(dims)
-    topk_bytes = dims["num_hidden_layers"] * dims["num_experts_per_tok"] * e_bytes
-
-    plans, plan_errors = {}, {}
+    max_tokens = positions_for(1, a.prompt_len, a.tokens, a.warmup)
+    plans, plan_errors = {}, {"layer": pack_error, "experts": pack_error}
     if manifest is not None:
+        plan_errors = {}
         for old in stores.glob("*/expert_heat.json"):   # plans and rows start cold
             old.unlink()
         for mode, kw in (("layer", {"experts": "stream"}),
@@ -306,15 +343,16 @@ def main(a: argparse.Namespace) -> int:
                                            max_tokens=max_tokens, **kw)
             except Exception as e:
                 plan_errors[mode] = f"{type(e).__name__}: {e}"
-    else:
-        plan_errors = {"layer": pack_error, "experts": pack_error}
+    machine = Machine.measure(
+        a, budget, manifest.data_path if manifest else model_dir / "model.safetensors",
+        idle_imports=IDLE_IMPORTS)
+    return Setup(work, dims, info, model_dir, model_info, stores, manifest, pack_s, pack_error,
+                 budget, max_tokens, plans, plan_errors, machine)
 
-    disk = disk_bandwidth(manifest.data_path if manifest else model_dir / "model.safetensors")
-    idle = idle_footprint(IDLE_IMPORTS)
-    cap = budget + idle + a.cap_slack
-    capped, cg_reason = (False, "disabled by --no-cap") if a.no_cap else cgroup_status()
-    idle_cg = idle_footprint_cgroup(IDLE_IMPORTS) if capped and not a.toy else None
 
+def header_rows(a: argparse.Namespace, s: Setup) -> list[tuple[str, str]]:
+    dims, e_bytes = s.dims, s.expert_bytes
+    weight_bytes = s.manifest.weight_bytes if s.manifest else s.model_info["weight_bytes"]
     model_desc = (f"random bf16 Mixtral, hidden {dims['hidden_size']}, "
                   f"{dims['num_hidden_layers']} layers, {dims['num_local_experts']} experts "
                   f"top-{dims['num_experts_per_tok']}, intermediate "
@@ -326,10 +364,10 @@ def main(a: argparse.Namespace) -> int:
     predict_desc = ", ".join(f"{k} {v}" for k, v in (("depth", a.predict_depth),
                                                       ("width", a.predict_width))
                              if v is not None) or "the runtime's defaults"
-    print(format_header(info, [
+    return [
         ("model", model_desc),
-        ("budget", f"{a.budget} = {fmt_bytes(budget)}"),
-        *cap_and_disk_rows(cap, idle, a.cap_slack, capped, cg_reason, idle_cg, disk),
+        ("budget", f"{a.budget} = {fmt_bytes(s.budget)}"),
+        *s.machine.rows(a),
         ("decode", f"batch 1, prompt {a.prompt_len} tokens, {a.warmup} untimed warm-up "
                    f"token(s), then {a.tokens} timed tokens ({a.accelerate_tokens} for "
                    f"Accelerate), greedy; "
@@ -337,25 +375,20 @@ def main(a: argparse.Namespace) -> int:
                       if a.prefill_logits == "last" else "prefill computes ALL logits "
                       "(--prefill-logits all: not what generate() does)")),
         ("prediction", predict_desc),
-    ]), flush=True)
-    for mode, title in (("experts", "expert cache + prediction"), ("layer", "layer-only")):
-        if mode in plans:
-            print(f"\noffload plan, {title} (max_tokens {max_tokens}):\n{plans[mode].table()}",
-                  flush=True)
-        else:
-            print(f"\noffload plan, {title}: unavailable ({plan_errors.get(mode)})", flush=True)
-    print(flush=True)
+    ]
 
-    common = ["--model-dir", str(model_dir), "--prompt-len", str(a.prompt_len),
+
+def run_contenders(a: argparse.Namespace, s: Setup) -> dict:
+    """Each contender in its own process; every offload row starts with a cold cache."""
+    common = ["--model-dir", str(s.model_dir), "--prompt-len", str(a.prompt_len),
               "--prefill-logits", a.prefill_logits,
-              "--warmup", str(a.warmup), "--budget-bytes", str(budget)]
+              "--warmup", str(a.warmup), "--budget-bytes", str(s.budget)]
     runs: dict[str, object] = {}
 
     def launch(key, tokens, capped_run, extra=()):
         argv = [str(SCRIPT), "--contender", key, "--n-tokens", str(tokens), *common, *extra]
-        runs[key] = launch_contender(key, argv, cap_bytes=cap if capped_run else None,
+        runs[key] = launch_contender(key, argv, cap_bytes=s.machine.cap_for(capped_run),
                                      wait_quiet=a.wait_quiet, timeout=a.timeout, quiet=a.quiet)
-        return runs[key]
 
     keys = ["resident", "accelerate", "offload-layer", "offload-experts", "offload-predict"]
     if a.lfu:
@@ -366,29 +399,26 @@ def main(a: argparse.Namespace) -> int:
         print(f"WARNING: --only names unknown rows {sorted(unknown)}; rows: "
               f"{', '.join(keys + ['offload-lfu'])}", file=sys.stderr, flush=True)
     for key in keys if wanted is None else [k for k in [*keys, "offload-lfu"] if k in wanted]:
-        if key in runs:
-            continue
         if key == "resident":
             launch(key, a.tokens, False)
         elif key == "accelerate":
-            launch(key, a.accelerate_tokens, capped,
-                   ["--accelerate-offload-dir", str(work / "accelerate_offload")])
+            launch(key, a.accelerate_tokens, True,
+                   ["--accelerate-offload-dir", str(s.work / "accelerate_offload")])
         else:
-            for old in stores.glob("*/expert_heat.json"):   # every row starts cold: no
-                old.unlink()                                 # hot experts from an earlier row
-            extra = ["--offload-dir", str(stores), "--max-tokens", str(max_tokens)]
+            for old in s.stores.glob("*/expert_heat.json"):  # every row starts cold: no
+                old.unlink()                                  # hot experts from an earlier row
+            extra = ["--offload-dir", str(s.stores), "--max-tokens", str(s.max_tokens)]
             for flag, v in (("--predict-depth", a.predict_depth),
                             ("--predict-width", a.predict_width)):
                 if v is not None:
                     extra += [flag, str(v)]
-            launch(key, a.tokens, capped, extra)
+            launch(key, a.tokens, True, extra)
+    return runs
 
-    # -- the table ---------------------------------------------------------------------------
-    def res(key):
-        r = runs.get(key)
-        return r.results[0] if r is not None and r.ok else None
 
-    acc, layer, ref = res("accelerate"), res("offload-layer"), res("resident")
+def contender_table(a: argparse.Namespace, s: Setup, runs: dict, report: Report) -> list[dict]:
+    """The table of every contender and the I/O floors; returns its rows as data."""
+    acc, layer = result_of(runs, "accelerate"), result_of(runs, "offload-layer")
     acc_tok_s = acc["tok_s"] if acc else None
     layer_tok_s = layer["tok_s"] if layer else None
     rows, table_rows = [], []
@@ -396,186 +426,143 @@ def main(a: argparse.Namespace) -> int:
               "accelerate": "Accelerate disk offload",
               **{k: v[0] for k, v in OFFLOAD_ROWS.items()}}
     for key in [k for k in labels if k in runs]:
-        r = runs[key]
-        x = res(key)
-        label = labels[key]
-        mem = r.memlimit or {}
-        row = {"key": key, "contender": label, "ok": r.ok, "capped": r.capped,
-               "cap_bytes": r.cap_bytes, "cgroup_max_usage": mem.get("max_usage"),
-               "cgroup_failcnt": mem.get("failcnt"), "returncode": r.returncode}
-        if x is None:
-            why = failure_reason(r)
-            row.update(batch=None, tok_s=None, note=why)
-            table_rows.append([label, "?", "-", "-", "-", "-", "-",
-                               fmt_bytes(r.cap_bytes) if r.capped else "uncapped",
-                               fmt_bytes(mem.get("max_usage")), "-", why])
-            rows.append(row)
-            continue
-        row.update(batch=x["batch"], tok_s=x["tok_s"], s_per_token=x["s_per_token"],
-                   s_per_step=x["s_per_step"], median_s_per_step=x["median_s_per_step"],
-                   rss_peak_bytes=x.get("rss_peak_bytes"), tokens=x["tokens"],
-                   vs_accelerate=_ratio(x["tok_s"], acc_tok_s),
-                   vs_layer=_ratio(x["tok_s"], layer_tok_s))
-        notes = []
-        t = x.get("timed") or {}
-        if key in OFFLOAD_ROWS:
-            st, ex = x["stats"], t.get("experts")
-            if ex and ex.get("mode") == "stream":
-                notes.append("every expert streamed with its layer")
-            if ex and ex.get("accesses") is not None:
-                cum = ex.get("rates_cumulative") or []
-                notes.append(f"expert hits {_pct(ex['hit_rate'])}"
-                             + (" (cumulative)" if "hit_rate" in cum else ""))
-                if ex.get("precision") is not None or ex.get("recall") is not None:
-                    notes.append(f"prediction precision {_pct(ex['precision'])} recall "
-                                 f"{_pct(ex['recall'])}"
-                                 + (" (cumulative)" if {"precision", "recall"} & set(cum)
-                                    else ""))
-                notes.append(f"experts {fmt_bytes(ex['bytes_read_per_token'])}/tok")
-                if ex.get("on_demand_per_token") is not None:
-                    notes.append(f"{ex['on_demand_per_token']:.1f} on-demand/tok")
-                if ex.get("wrong_guess_bytes_per_token") is not None:
-                    notes.append(f"wrong guesses {fmt_bytes(ex['wrong_guess_bytes_per_token'])}"
-                                 f"/tok")
-                if ex.get("resident") is not None or ex.get("slots") is not None:
-                    notes.append(f"{ex.get('resident', '?')} experts resident + "
-                                 f"{ex.get('slots', '?')} cache slots")
-            elif OFFLOAD_ROWS[key][1]["experts"] == "cache":
-                notes.append("no expert stats")
-            notes.append(f"disk {fmt_bytes(t.get('disk_bytes_per_token'))}/tok")
-            if t.get("stall_s_per_step") is not None:
-                notes.append(f"stall {t['stall_s_per_step']:.3f} s/step")
-            notes.append(f"peak {fmt_bytes(st.get('peak_bytes'))} of "
-                         f"{fmt_bytes(st.get('budget_bytes'))}"
-                         + ("" if st.get("direct_io", True) else ", BUFFERED I/O"))
-            row["offload_timed"], row["offload_stats"] = t, st
-        elif key == "accelerate":
-            dm = x.get("device_map", {})
-            notes.append("map " + ", ".join(f"{d} {fmt_bytes(v['bytes'])}"
-                                            for d, v in dm.items()))
-            if t.get("proc_read_bytes_per_token") is not None:
-                notes.append(f"read {fmt_bytes(t['proc_read_bytes_per_token'])}/tok")
-            row["device_map"], row["accelerate_timed"] = dm, t
-        else:
-            notes.append(f"load {x.get('load_s', 0):.1f} s")
-        if ref is not None and key != "resident":
-            n = min(len(ref["generated"][0]), len(x["generated"][0]))
-            same = [g[:n] for g in ref["generated"]] == [g[:n] for g in x["generated"]]
-            row["tokens_match_resident"] = same
-            notes.append(f"{n} tokens {'==' if same else '!='} resident")
-        if mem.get("failcnt"):
-            notes.append(f"cgroup at its limit {mem['failcnt']}x")
-        if x.get("major_faults"):
-            notes.append(f"{x['major_faults'] / max(x['tokens'], 1):.0f} major faults/step")
-        if r.foreign_cpu is not None and r.foreign_cpu > 0.05:
-            notes.append(f"OTHER PROCESSES used {r.foreign_cpu:.0%} of the CPUs")
-        row["foreign_cpu"] = r.foreign_cpu
-        row["note"] = ", ".join(notes)
+        row, cells = _contender_row(runs, key, labels[key], acc_tok_s, layer_tok_s)
         rows.append(row)
-        table_rows.append([
-            label, str(x["batch"]), f"{x['tok_s']:.3f}", f"{x['s_per_token']:.3f}",
-            f"{x['median_s_per_step']:.3f}", _times(row["vs_accelerate"]),
-            _times(row["vs_layer"]), fmt_bytes(r.cap_bytes) if r.capped else "uncapped",
-            fmt_bytes(mem.get("max_usage")) if mem else "-",
-            fmt_bytes(x.get("rss_peak_bytes")), row["note"]])
+        table_rows.append(cells)
+    disk = s.machine.disk
+    for key, label, nbytes, what, more, extra in _floors(s):
+        sec = nbytes / disk["bps"]
+        rows.append({"key": key, "contender": label, "batch": 1, "tok_s": 1 / sec,
+                     "s_per_token": sec, "bytes_per_token": nbytes, "disk_bps": disk["bps"],
+                     **extra})
+        table_rows.append([label, "1", f"{1 / sec:.3f}", f"{sec:.3f}", f"{sec:.3f}",
+                           _times(_ratio(1 / sec, acc_tok_s)),
+                           _times(_ratio(1 / sec, layer_tok_s)), "-", "-", "-",
+                           f"{what} / {fmt_bytes(disk['bps'])}/s{more}"])
+    headers = ["contender", "batch", "tok/s", "s/token", "p50 s/step", "vs Accel",
+               "vs layer-only", "cap", "cgroup peak", "RSS peak", "notes"]
+    report.table(headers, table_rows, right=set(range(1, 10)), note=(
+        "tok/s and s/token are over all timed steps (mean); p50 s/step is the median step "
+        "(robust to other processes); per-token figures cover the timed steps only; expert "
+        "hit rate = hits / accesses, prediction precision = right guesses / guesses, recall = "
+        "right guesses / experts used; 'read' for Accelerate is its block-layer reads "
+        "(/proc/self/io); 'cgroup peak' includes page cache."))
+    return rows
 
-    # the I/O floors: what the disk alone allows at batch 1
+
+def _contender_row(runs, key, label, acc_tok_s, layer_tok_s) -> tuple[dict, list[str]]:
+    """One contender's data row and table cells."""
+    row, failed = contender_row(runs, key, label)
+    if failed is not None:
+        return row, failed
+    r, x = runs[key], result_of(runs, key)
+    mem = r.memlimit or {}
+    row.update(batch=x["batch"], tok_s=x["tok_s"], s_per_token=x["s_per_token"],
+               s_per_step=x["s_per_step"], median_s_per_step=x["median_s_per_step"],
+               rss_peak_bytes=x.get("rss_peak_bytes"), tokens=x["tokens"],
+               vs_accelerate=_ratio(x["tok_s"], acc_tok_s),
+               vs_layer=_ratio(x["tok_s"], layer_tok_s))
+    t = x.get("timed") or {}
+    if key in OFFLOAD_ROWS:
+        notes = _offload_notes(key, x, t)
+        row["offload_timed"], row["offload_stats"] = t, x["stats"]
+    elif key == "accelerate":
+        dm = x.get("device_map", {})
+        notes = ["map " + ", ".join(f"{d} {fmt_bytes(v['bytes'])}" for d, v in dm.items())]
+        if t.get("proc_read_bytes_per_token") is not None:
+            notes.append(f"read {fmt_bytes(t['proc_read_bytes_per_token'])}/tok")
+        row["device_map"], row["accelerate_timed"] = dm, t
+    else:
+        notes = [f"load {x.get('load_s', 0):.1f} s"]
+    match = same_tokens(result_of(runs, "resident"), x) if key != "resident" else None
+    if match is not None:
+        row["tokens_match_resident"] = match[0]
+        notes.append(f"{match[1]} tokens {'==' if match[0] else '!='} resident")
+    row["foreign_cpu"] = r.foreign_cpu
+    row["note"] = ", ".join(notes + run_notes(r, x))
+    return row, [
+        label, str(x["batch"]), f"{x['tok_s']:.3f}", f"{x['s_per_token']:.3f}",
+        f"{x['median_s_per_step']:.3f}", _times(row["vs_accelerate"]),
+        _times(row["vs_layer"]), fmt_bytes(r.cap_bytes) if r.capped else "uncapped",
+        fmt_bytes(mem.get("max_usage")) if mem else "-",
+        fmt_bytes(x.get("rss_peak_bytes")), row["note"]]
+
+
+def _offload_notes(key: str, x: dict, t: dict) -> list[str]:
+    """An offload row's notes: expert hits and prediction, bytes per token, stall, peak."""
+    st, ex, notes = x["stats"], t.get("experts"), []
+    if ex and ex.get("mode") == "stream":
+        notes.append("every expert streamed with its layer")
+    if ex and ex.get("accesses") is not None:
+        cum = ex.get("rates_cumulative") or []
+        notes.append(f"expert hits {_pct(ex['hit_rate'])}"
+                     + (" (cumulative)" if "hit_rate" in cum else ""))
+        if ex.get("precision") is not None or ex.get("recall") is not None:
+            notes.append(f"prediction precision {_pct(ex['precision'])} recall "
+                         f"{_pct(ex['recall'])}"
+                         + (" (cumulative)" if {"precision", "recall"} & set(cum) else ""))
+        notes.append(f"experts {fmt_bytes(ex['bytes_read_per_token'])}/tok")
+        if ex.get("on_demand_per_token") is not None:
+            notes.append(f"{ex['on_demand_per_token']:.1f} on-demand/tok")
+        if ex.get("wrong_guess_bytes_per_token") is not None:
+            notes.append(f"wrong guesses {fmt_bytes(ex['wrong_guess_bytes_per_token'])}/tok")
+        if ex.get("resident") is not None or ex.get("slots") is not None:
+            notes.append(f"{ex.get('resident', '?')} experts resident + "
+                         f"{ex.get('slots', '?')} cache slots")
+    elif OFFLOAD_ROWS[key][1]["experts"] == "cache":
+        notes.append("no expert stats")
+    notes.append(f"disk {fmt_bytes(t.get('disk_bytes_per_token'))}/tok")
+    if t.get("stall_s_per_step") is not None:
+        notes.append(f"stall {t['stall_s_per_step']:.3f} s/step")
+    notes.append(f"peak {fmt_bytes(st.get('peak_bytes'))} of {fmt_bytes(st.get('budget_bytes'))}"
+                 + ("" if st.get("direct_io", True) else ", BUFFERED I/O"))
+    return notes
+
+
+def _floors(s: Setup) -> list[tuple]:
+    """The I/O floors: what the disk alone allows at batch 1, per path."""
     floors = []
-    p = plans.get("experts")
-    planned = getattr(p, "expert_bytes_per_step", None)
+    p = s.plans.get("experts")
+    planned = p.experts.bytes_per_step if p is not None and p.experts is not None else None
+    dims = s.dims
     floors.append(("io-floor-experts", "I/O floor (expert path)",
-                   (p.streamed_bytes if p else 0) + topk_bytes,
+                   (p.streamed_bytes if p else 0) + s.topk_bytes,
                    (f"({fmt_bytes(p.streamed_bytes)} plan-streamed + " if p else
-                    f"(LOWER BOUND, no plan: {plan_errors.get('experts')}; ")
+                    f"(LOWER BOUND, no plan: {s.plan_errors.get('experts')}; ")
                    + f"{dims['num_hidden_layers']} layers x top-{dims['num_experts_per_tok']} x "
-                   f"{fmt_bytes(e_bytes)} experts)/token",
+                   f"{fmt_bytes(s.expert_bytes)} experts)/token",
                    f"; the plan expects {fmt_bytes(planned)} of experts/token with its cache"
                    if planned is not None else "",
                    {"plan_based": p is not None, "plan_expert_bytes_per_step": planned}))
-    p = plans.get("layer")
+    p = s.plans.get("layer")
     if p is not None:
         floors.append(("io-floor-layer", "I/O floor (layer-only)", p.streamed_bytes,
                        f"{fmt_bytes(p.streamed_bytes)} plan-streamed/token", "",
                        {"plan_based": True}))
-    for key, label, nbytes, what, more, extra in floors:
-        s = nbytes / disk["bps"]
-        rows.append({"key": key, "contender": label, "batch": 1, "tok_s": 1 / s,
-                     "s_per_token": s, "bytes_per_token": nbytes, "disk_bps": disk["bps"],
-                     **extra})
-        table_rows.append([label, "1", f"{1 / s:.3f}", f"{s:.3f}", f"{s:.3f}",
-                           _times(_ratio(1 / s, acc_tok_s)), _times(_ratio(1 / s, layer_tok_s)),
-                           "-", "-", "-", f"{what} / {fmt_bytes(disk['bps'])}/s{more}"])
+    return floors
 
-    headers = ["contender", "batch", "tok/s", "s/token", "p50 s/step", "vs Accel",
-               "vs layer-only", "cap", "cgroup peak", "RSS peak", "notes"]
-    print("\n" + format_table(headers, table_rows, right=set(range(1, 10))))
-    print("\ntok/s and s/token are over all timed steps (mean); p50 s/step is the median step "
-          "(robust to other processes); per-token figures cover the timed steps only; expert "
-          "hit rate = hits / accesses, prediction precision = right guesses / guesses, recall = "
-          "right guesses / experts used; 'read' for Accelerate is its block-layer reads "
-          "(/proc/self/io); 'cgroup peak' includes page cache.")
 
-    # -- the targets -------------------------------------------------------------------------
-    targets = []
-    pr = res("offload-predict")
-
-    def target(name, value, goal, detail, needs):
-        status = "N/A" if value is None else ("PASS" if value >= goal else "SHORT")
-        failed = [k for k in needs if k.startswith("offload") and k in runs and not runs[k].ok]
-        if value is None and failed:   # an offload row that ran and failed fails the target
-            status = "FAIL"
-            detail = "; ".join(f"{k}: {failure_reason(runs[k])}" for k in failed)
-        elif value is None:
-            detail = "missing rows: " + ", ".join(k for k in needs if res(k) is None)
-        targets.append({"target": name, "value": value, "goal": goal, "status": status,
-                        "detail": detail})
-
-    v = _ratio(pr["tok_s"], acc_tok_s) if pr else None
-    target(f"offload-predict >= {TARGET_VS_ACCELERATE:g}x Accelerate at batch 1", v,
-           TARGET_VS_ACCELERATE,
-           f"{pr['tok_s']:.3f} vs {acc_tok_s:.3f} tok/s" if v is not None else "",
-           ("offload-predict", "accelerate"))
-    v = _ratio(pr["tok_s"], layer_tok_s) if pr else None
-    target(f"offload-predict >= {TARGET_VS_LAYER:g}x offload-layer at batch 1", v,
-           TARGET_VS_LAYER,
-           f"{pr['tok_s']:.3f} vs {layer_tok_s:.3f} tok/s" if v is not None else "",
-           ("offload-predict", "offload-layer"))
-    print("\ntargets" + ("" if capped else " (UNCAPPED run: not a memory-limited measurement)"))
-    for t in targets:
-        val = "-" if t["value"] is None else f"{t['value']:.2f}x"
-        print(f"  {t['status']:<5}  {t['target']:<52} measured {val:>7}   {t['detail']}")
+def moe_targets(runs: dict, rows: list[dict], report: Report) -> None:
+    """The issue's goals (against Accelerate and layer-only streaming), and every offload
+    row's greedy tokens equal to the resident model's."""
+    pr, acc = result_of(runs, "offload-predict"), result_of(runs, "accelerate")
+    layer = result_of(runs, "offload-layer")
+    v = _ratio(pr["tok_s"], acc["tok_s"]) if pr and acc else None
+    report.target(f"offload-predict >= {TARGET_VS_ACCELERATE:g}x Accelerate at batch 1", v,
+                  TARGET_VS_ACCELERATE,
+                  f"{pr['tok_s']:.3f} vs {acc['tok_s']:.3f} tok/s" if v is not None else "",
+                  runs=runs, needs=("offload-predict", "accelerate"))
+    v = _ratio(pr["tok_s"], layer["tok_s"]) if pr and layer else None
+    report.target(f"offload-predict >= {TARGET_VS_LAYER:g}x offload-layer at batch 1", v,
+                  TARGET_VS_LAYER,
+                  f"{pr['tok_s']:.3f} vs {layer['tok_s']:.3f} tok/s" if v is not None else "",
+                  runs=runs, needs=("offload-predict", "offload-layer"))
     checked = [r for r in rows if r["key"] in OFFLOAD_ROWS and "tokens_match_resident" in r]
     mismatched = [r["key"] for r in checked if not r["tokens_match_resident"]]
     if checked:
-        print(f"  {'FAIL' if mismatched else 'PASS':<5}  "
-              f"{'offload greedy tokens == resident':<52} "
-              + (f"differ: {', '.join(mismatched)}" if mismatched
-                 else f"{len(checked)} offload row(s) equal"))
-
-    out = {
-        "bench": "moe", "toy": a.toy, "args": vars(a), "system": info,
-        "model": {"dir": str(model_dir), "dims": dims, **model_info,
-                  "expert_bytes": e_bytes, "topk_expert_bytes_per_token": topk_bytes,
-                  "store": str(manifest.path) if manifest else None,
-                  "store_weight_bytes": manifest.weight_bytes if manifest else None,
-                  "pack_seconds": pack_s, "pack_error": pack_error},
-        "budget": a.budget, "budget_bytes": budget, "idle_bytes": idle,
-        "idle_cgroup_bytes": idle_cg, "cap_bytes": cap,
-        "capped": capped, "cgroup": cg_reason, "disk": disk, "max_tokens": max_tokens,
-        "plans": {m: {**p.to_json(), "table": p.table()} for m, p in plans.items()},
-        "plan_errors": plan_errors,
-        "contenders": {k: r.to_json() for k, r in runs.items()},
-        "rows": rows, "targets": targets,
-    }
-    path = write_json(Path(a.json), out)
-    print(f"\nJSON: {path}")
-    failed = [k for k, r in runs.items() if not r.ok]
-    if failed:
-        print(f"contenders that failed: {', '.join(failed)}", file=sys.stderr)
-    if mismatched:
-        print(f"offload rows whose greedy tokens differ from the resident model's: "
-              f"{', '.join(mismatched)}", file=sys.stderr)
-    return 1 if (failed or mismatched) else 0
+        report.check("offload greedy tokens == resident", not mismatched,
+                     f"differ: {', '.join(mismatched)}" if mismatched
+                     else f"{len(checked)} offload row(s) equal")
 
 
 def _pct(x) -> str:

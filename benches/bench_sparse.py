@@ -23,15 +23,16 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_dense  # noqa: E402
 from _common import (  # noqa: E402
-    bench_entry, bench_defaults, bench_parser, cap_and_disk_rows, cgroup_status, disk_bandwidth,
-    emit_result, fmt_bytes, format_header, format_table, greedy_decode, idle_footprint,
-    launch_contender, system_info, write_json)
+    Machine, Report, bench_defaults, bench_entry, bench_parser, emit_result, fmt_bytes,
+    greedy_decode, launch_contender, positions_for, random_prompts, result_of, same_tokens,
+    system_info)
 
 SCRIPT = Path(__file__).resolve()
 TARGET_VS_DENSE = 1.6
@@ -114,7 +115,7 @@ def contender_main(a: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     config = json.loads((Path(a.model_dir) / "config.json").read_text())
-    prompts = bench_dense.prompts_for(a.batch_size, a.prompt_len, config["vocab_size"])
+    prompts = random_prompts(a.batch_size, a.prompt_len, config["vocab_size"])
     t0 = time.perf_counter()
     model = offload.run(a.store, budget=int(a.budget_bytes), offload_dir=a.offload_dir,
                         max_tokens=a.max_tokens, progress=False, device="cpu")
@@ -137,16 +138,49 @@ def contender_main(a: argparse.Namespace) -> None:
     offload.close(model)
 
 
+@dataclass
+class Setup:
+    """What the parent's steps share: the pruned model, its dense and bitmap stores and plans,
+    the measured decode and disk, the cap."""
+
+    work: Path
+    info: dict
+    model_dir: Path
+    stores: Path
+    dense: object
+    bitmap: object
+    pack_s: float
+    budget: int
+    max_tokens: int
+    plans: dict
+    rate: dict
+    machine: Machine
+
+
 def main(a: argparse.Namespace) -> int:
+    s = setup(a)
+    report = Report("sparse", "offload sparse bench", a, s.info)
+    report.header(header_rows(a, s))
+    print(f"\nbitmap plan:\n{s.plans['bitmap'].table()}\n", flush=True)
+    runs = run_contenders(a, s)
+    rows = contender_table(s, runs, report)
+    sparse_targets(s, runs, report)
+    return report.finish(runs, {
+        "budget_bytes": s.budget, **s.machine.as_json(), "decode": s.rate,
+        "plans": {k: p.to_json() for k, p in s.plans.items()}, "rows": rows},
+        capped=s.machine.capped)
+
+
+def setup(a: argparse.Namespace) -> Setup:
+    """Build (or reuse) the pruned model, pack it dense and as bitmaps, plan both, measure the
+    decode on every CPU path, the disk and the cap."""
     import offload
     from offload.sizes import parse_size
 
     work = Path(a.work_dir).expanduser().absolute() / ("toy" if a.toy else "tinyllama")
-    dims = bench_dense.TOY if a.toy else bench_dense.FULL
     info = system_info(work)
-    print("== offload sparse bench ==", flush=True)
     print("building/reusing the pruned model ...", file=sys.stderr, flush=True)
-    model_dir = build_pruned(work, dims)
+    model_dir = build_pruned(work, bench_dense.TOY if a.toy else bench_dense.FULL)
     stores = work / "stores"
     t0 = time.perf_counter()
     dense = offload.pack(str(model_dir), stores / "pruned-dense", progress=False)
@@ -154,29 +188,31 @@ def main(a: argparse.Namespace) -> int:
                                 progress=False)
     pack_s = time.perf_counter() - t0
     budget = parse_size(a.budget, total_bytes=dense.weight_bytes)
-    max_tokens = bench_dense.max_tokens_for(1, a.prompt_len, a.tokens, a.warmup)
+    max_tokens = positions_for(1, a.prompt_len, a.tokens, a.warmup)
     plans = {name: offload.plan(str(m.path), budget, max_tokens=max_tokens, device="cpu",
                                 offload_dir=str(stores))
              for name, m in (("dense", dense), ("bitmap", bitmap_store))}
-    disk = disk_bandwidth(dense.data_path)
-    rate = decode_rate(bitmap_store)
-    idle = idle_footprint()
-    cap = budget + idle + a.cap_slack
-    capped, cg_reason = (False, "disabled by --no-cap") if a.no_cap else cgroup_status()
-    print(format_header(info, [
+    return Setup(work, info, model_dir, stores, dense, bitmap_store, pack_s, budget, max_tokens,
+                 plans, decode_rate(bitmap_store),
+                 Machine.measure(a, budget, dense.data_path, cgroup_idle=False))
+
+
+def header_rows(a: argparse.Namespace, s: Setup) -> list[tuple[str, str]]:
+    return [
         ("model", f"{'TOY ' if a.toy else 'TinyLlama-1.1B-shaped '}random bf16 Llama, every "
                   f"decoder projection pruned to {PRUNE:.0%} per row (magnitude): "
-                  f"{fmt_bytes(dense.weight_bytes)} of weights; bitmap store "
-                  f"{fmt_bytes(bitmap_store.data_bytes)} (packed both in {pack_s:.0f} s)"),
-        ("budget", f"{a.budget} = {fmt_bytes(budget)}"),
-        *cap_and_disk_rows(cap, idle, a.cap_slack, capped, cg_reason, None, disk),
+                  f"{fmt_bytes(s.dense.weight_bytes)} of weights; bitmap store "
+                  f"{fmt_bytes(s.bitmap.data_bytes)} (packed both in {s.pack_s:.0f} s)"),
+        ("budget", f"{a.budget} = {fmt_bytes(s.budget)}"),
+        *s.machine.rows(a),
         ("decode", f"prompt {a.prompt_len}, {a.warmup} warm-up, {a.tokens} timed tokens "
                    f"({a.accelerate_tokens} for Accelerate), greedy, batch 1"),
-    ]), flush=True)
-    print(f"\nbitmap plan:\n{plans['bitmap'].table()}\n", flush=True)
+    ]
 
-    common = ["--model-dir", str(model_dir), "--prompt-len", str(a.prompt_len),
-              "--warmup", str(a.warmup), "--budget-bytes", str(budget), "--batch-size", "1",
+
+def run_contenders(a: argparse.Namespace, s: Setup) -> dict:
+    common = ["--model-dir", str(s.model_dir), "--prompt-len", str(a.prompt_len),
+              "--warmup", str(a.warmup), "--budget-bytes", str(s.budget), "--batch-size", "1",
               "--prefill-logits", "last"]
     runs = {}
     wanted = set(a.only.split(",")) if a.only else None
@@ -186,29 +222,28 @@ def main(a: argparse.Namespace) -> int:
             return
         argv = [str(SCRIPT), "--contender", contender, "--n-tokens", str(tokens), *common,
                 *extra]
-        runs[key] = launch_contender(key, argv, cap_bytes=cap if capped_run else None,
+        runs[key] = launch_contender(key, argv, cap_bytes=s.machine.cap_for(capped_run),
                                      wait_quiet=a.wait_quiet, timeout=a.timeout, quiet=a.quiet)
 
     launch("resident", "resident", a.tokens, False)
-    launch("accelerate", "accelerate", a.accelerate_tokens, capped,
-           ["--accelerate-offload-dir", str(work / "accelerate_offload_pruned")])
-    for name, m in (("dense", dense), ("bitmap", bitmap_store)):
-        launch(name, "offload-store", a.tokens, capped,
-               ["--store", str(m.path), "--offload-dir", str(stores),
-                "--max-tokens", str(max_tokens)])
+    launch("accelerate", "accelerate", a.accelerate_tokens, True,
+           ["--accelerate-offload-dir", str(s.work / "accelerate_offload_pruned")])
+    for name, m in (("dense", s.dense), ("bitmap", s.bitmap)):
+        launch(name, "offload-store", a.tokens, True,
+               ["--store", str(m.path), "--offload-dir", str(s.stores),
+                "--max-tokens", str(s.max_tokens)])
+    return runs
 
-    def res(key):
-        r = runs.get(key)
-        return r.results[0] if r is not None and r.ok else None
 
-    ref, acc, dn, bm = res("resident"), res("accelerate"), res("dense"), res("bitmap")
+def contender_table(s: Setup, runs: dict, report: Report) -> list[dict]:
+    ref, acc, dn = (result_of(runs, k) for k in ("resident", "accelerate", "dense"))
     rows, json_rows = [], []
     labels = {"resident": "resident pruned (no cap)", "accelerate": "Accelerate disk offload",
               "dense": "offload, dense streaming", "bitmap": "offload, bitmap streaming"}
     for key, label in labels.items():
         if key not in runs:
             continue
-        x, r = res(key), runs[key]
+        x, r = result_of(runs, key), runs[key]
         if x is None:
             rows.append([label, "?", "-", "-", "-", f"failed rc {r.returncode}"])
             continue
@@ -224,50 +259,43 @@ def main(a: argparse.Namespace) -> int:
                     + (f", decode {t['decode_s_per_step']:.3f} s/token (decode thread)"
                        if "decode_s_per_step" in t else "")
                     + f", peak {fmt_bytes(st['peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}")
-        if ref is not None and key != "resident":
-            n = min(len(ref["generated"][0]), len(x["generated"][0]))
-            same = ref["generated"][0][:n] == x["generated"][0][:n]
-            row["tokens_match_resident"] = same
-            note += f"{', ' if note else ''}{n} tokens {'==' if same else '!='} resident"
+        match = same_tokens(ref, x) if key != "resident" else None
+        if match is not None:
+            row["tokens_match_resident"] = match[0]
+            note += f"{', ' if note else ''}{match[1]} tokens {'==' if match[0] else '!='} " \
+                    "resident"
         rows.append([label, f"{x['tok_s']:.3f}",
                      f"{x['tok_s'] / acc['tok_s']:.2f}x" if acc else "-",
                      f"{x['tok_s'] / dn['tok_s']:.2f}x" if dn else "-",
                      fmt_bytes(r.cap_bytes) if r.capped else "uncapped", note])
     for name in ("dense", "bitmap"):
-        floor = plans[name].streamed_bytes / disk["bps"]
+        floor = s.plans[name].streamed_bytes / s.machine.disk["bps"]
         rows.append([f"I/O floor, {name}", f"{1 / floor:.3f}", "-", "-", "-",
-                     f"{fmt_bytes(plans[name].streamed_bytes)}/token / "
-                     f"{fmt_bytes(disk['bps'])}/s"])
-    print(format_table(["contender", "tok/s", "vs Accel", "vs dense", "cap", "notes"], rows,
-                       right={1, 2, 3}))
-    print(f"\nCPU decode (C++, 1 thread, {rate['isa']}) of "
-          f"{rate['unit']}: {fmt_bytes(rate['stored_bps'])}/s of stored bytes in, "
-          f"{fmt_bytes(rate['dense_bps'])}/s dense out; disk {fmt_bytes(disk['bps'])}/s: "
-          f"decode is {rate['stored_bps'] / disk['bps']:.1f}x the disk")
-    print("  every path here: " + "; ".join(
-        f"{isa} {fmt_bytes(p['stored_bps'])}/s in, {fmt_bytes(p['dense_bps'])}/s out"
-        for isa, p in rate["paths"].items()))
+                     f"{fmt_bytes(s.plans[name].streamed_bytes)}/token / "
+                     f"{fmt_bytes(s.machine.disk['bps'])}/s"])
+    rate, disk = s.rate, s.machine.disk
+    report.table(["contender", "tok/s", "vs Accel", "vs dense", "cap", "notes"], rows,
+                 right={1, 2, 3}, note=(
+                     f"CPU decode (C++, 1 thread, {rate['isa']}) of {rate['unit']}: "
+                     f"{fmt_bytes(rate['stored_bps'])}/s of stored bytes in, "
+                     f"{fmt_bytes(rate['dense_bps'])}/s dense out; disk "
+                     f"{fmt_bytes(disk['bps'])}/s: decode is "
+                     f"{rate['stored_bps'] / disk['bps']:.1f}x the disk\n  every path here: "
+                     + "; ".join(f"{isa} {fmt_bytes(p['stored_bps'])}/s in, "
+                                 f"{fmt_bytes(p['dense_bps'])}/s out"
+                                 for isa, p in rate["paths"].items())))
+    return json_rows
 
-    targets = []
+
+def sparse_targets(s: Setup, runs: dict, report: Report) -> None:
+    bm, dn = result_of(runs, "bitmap"), result_of(runs, "dense")
     v = bm["tok_s"] / dn["tok_s"] if bm and dn else None
-    targets.append({"target": f"bitmap streaming >= {TARGET_VS_DENSE}x dense streaming",
-                    "value": v, "status": "N/A" if v is None else
-                    ("PASS" if v >= TARGET_VS_DENSE else "SHORT")})
-    v2 = rate["stored_bps"] / disk["bps"]
-    targets.append({"target": "CPU decode faster than the disk", "value": v2,
-                    "status": "PASS" if v2 > 1 else "SHORT"})
-    print("\ntargets" + ("" if capped else " (UNCAPPED run: not a memory-limited measurement)"))
-    for t in targets:
-        val = "-" if t["value"] is None else f"{t['value']:.2f}x"
-        print(f"  {t['status']:<5}  {t['target']:<45} measured {val:>7}")
-    out = {"bench": "sparse", "toy": a.toy, "args": vars(a), "system": info,
-           "budget_bytes": budget, "cap_bytes": cap, "capped": capped, "disk": disk,
-           "decode": rate, "plans": {k: p.to_json() for k, p in plans.items()},
-           "contenders": {k: r.to_json() for k, r in runs.items()}, "rows": json_rows,
-           "targets": targets}
-    print(f"\nJSON: {write_json(Path(a.json), out)}")
-    failed = [k for k, r in runs.items() if not r.ok]
-    return 1 if failed else 0
+    report.target(f"bitmap streaming >= {TARGET_VS_DENSE}x dense streaming", v, TARGET_VS_DENSE,
+                  f"{bm['tok_s']:.3f} vs {dn['tok_s']:.3f} tok/s" if v is not None else "",
+                  runs=runs, needs=("bitmap", "dense"))
+    v = s.rate["stored_bps"] / s.machine.disk["bps"]
+    report.target("CPU decode faster than the disk", v, 1.0,
+                  f"{s.rate['isa']}: {fmt_bytes(s.rate['stored_bps'])}/s", runs=runs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

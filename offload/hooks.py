@@ -140,7 +140,7 @@ def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dt
 
 
 def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire: Callable,
-                   release: Callable, *, fold: bool = True, half_path: str | None = "auto",
+                   release: Callable, *, fold: bool = True, half_paths="auto",
                    whole: torch.Tensor | None = None) -> Callable:
     """A forward for a bias-free linear whose output rows live in chunks (the LM head).
 
@@ -148,26 +148,27 @@ def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire
     3-D input (generate's ``h[:, -1:, :]``) into a contiguous 2-D matrix before its matmul, and
     otherwise runs another kernel with other rounding: the streamed head's weight views never
     require grad, so the fold is done here to give the model's own bits.
-    ``half_path``: how a strided half-precision input is computed without torch's per-row
-    weight copies (``kernels/head.py``); ``"auto"``: ``head.choose`` on this CPU.
+    ``half_paths``: how an unfolded half-precision input is computed without torch's per-row
+    weight copies (``kernels.head.HalfPaths``); ``"auto"``: ``head.choose`` on this CPU.
     ``whole``: the whole ``[rows, H]`` weight, when every chunk is resident and contiguous:
     one matmul of the model's own shape, so its bits are the model's whatever the BLAS does
     with a smaller problem (``kernels.head.chunking_mismatches``)."""
 
     def forward(h: torch.Tensor) -> torch.Tensor:
-        if fold and h.dim() > 2 and not h.is_contiguous():
+        if fold and h.dim() > 2:   # torch folds every input when the weight requires grad
             return forward(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], rows)
         strided_half = head.needs_choice(h)
-        path = head.choose(h.dtype, h.shape[-1], rows) if strided_half and half_path == "auto" \
-            else half_path
+        if strided_half:
+            paths = head.choose(h.dtype, h.shape[-1]) if half_paths == "auto" else half_paths
+            path = paths.for_batch(h.shape[0])
         if whole is not None:
-            return head.linear(h, whole, path, rows) if strided_half else F.linear(h, whole)
+            return head.linear(h, whole, path) if strided_half else F.linear(h, whole)
         out = torch.empty(*h.shape[:-1], rows, dtype=h.dtype, device=h.device)   # [B, T, V]
         for key, (start, stop) in chunks:
             weight = acquire(key)["weight"]
             try:
                 if strided_half:
-                    head.linear(h, weight, path, rows, out=out[..., start:stop])
+                    head.linear(h, weight, path, out=out[..., start:stop])
                 else:
                     out[..., start:stop] = F.linear(h, weight)
             finally:

@@ -83,34 +83,38 @@ def test_half_head_gives_torchs_bits_on_strided_input(shape, dtype):
     chunks = [("a", (0, cut)), ("b", (cut, rows))]
     views = {"a": {"weight": w[:cut]}, "b": {"weight": w[cut:]}}
     out = linear_forward(chunks, rows, views.__getitem__, lambda k: None, fold=False)
-    assert head.choose(dtype, hidden, rows) in head.PATHS
+    paths = head.choose(dtype, hidden)
+    assert paths.single in head.PATHS and paths.batched in head.PATHS
     for batch in (1, 2, 4, 8):
         for new in (1, 3):
             h = torch.randn(batch, 9, hidden).to(dtype)[:, -new:, :]
-            assert torch.equal(out(h), F.linear(h, w)), (batch, new, head.choose(dtype, hidden,
-                                                                                 rows))
+            assert torch.equal(out(h), F.linear(h, w)), (batch, new, paths)
 
 
 def test_half_head_choice_falls_back_when_a_path_is_not_exact(monkeypatch, caplog):
-    """The probe takes the cheapest exact path: a CPU whose per-row matmul rounds otherwise
-    gets sub_rows, one where neither is exact gets torch's own call (and a warning)."""
+    """The probe takes the cheapest exact path in PATHS order, for one batch row and several
+    apart: on a CPU where the paths it found round otherwise (simulated), it takes the next,
+    and where none is exact, torch's own call (and a warning)."""
     real = head.linear
     off = set()
 
-    def linear(h, weight, path, vocab):   # a CPU on which the paths in ``off`` round otherwise
-        out = real(h, weight, path, vocab)
-        return out + 1 if path in off else out
+    def linear(h, weight, path, out=None):   # a CPU on which the paths in ``off`` round otherwise
+        res = real(h, weight, path, out)
+        return res + 1 if path in off else res
 
     monkeypatch.setattr(head, "linear", linear)
     probe = head.choose.__wrapped__   # uncached
-    assert probe(torch.float32, 64, 3000) is None
-    assert probe(torch.bfloat16, 64, 3000) == "per_row"
-    off.add("per_row")
-    assert probe(torch.bfloat16, 64, 3000) == "sub_rows"
-    off.add("sub_rows")
-    with caplog.at_level("WARNING"):
-        assert probe(torch.float16, 64, 3000) == "direct"
-    assert "no copy-free path" in caplog.text
+    assert probe(torch.float32, 64) is None
+    seen = []
+    while True:
+        paths = probe(torch.bfloat16, 64)
+        seen.append(paths.batched)
+        if paths.batched == "direct":
+            break
+        off.add(paths.batched)
+    assert seen == sorted(seen, key=head.PATHS.index) and len(set(seen)) == len(seen)
+    assert "no copy-free path" in caplog.text and seen[-1] == "direct"
+    assert probe(torch.float16, 64) == head.HalfPaths("direct", "direct")
 
 
 HEAD_RSS = """
@@ -128,36 +132,38 @@ def growth(fn):   # peak RSS (VmHWM, reset first) above the RSS before ``fn``
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024 - before
-dtype = getattr(torch, sys.argv[1])
+dtype, batch = getattr(torch, sys.argv[1]), int(sys.argv[2])
 w = torch.randn(21504, 2048, dtype=dtype)
-h = torch.randn(8, 9, 2048, dtype=dtype)[:, -1:, :]
-path = head.choose(dtype, 2048, 21504)
+h = torch.randn(batch, 9, 2048, dtype=dtype)[:, -1:, :]   # not foldable, batch 1 included
+paths = head.choose(dtype, 2048)
 fwd = linear_forward([("c", (0, 21504))], 21504, lambda k: {"weight": w}, lambda k: None,
-                     fold=False, half_path=path)
-fwd(h[:1]); F.linear(h[:1], w)          # warm both at batch 1 (contiguous: no choice)
+                     fold=False, half_paths=paths)
+fwd(h[:1].contiguous()); F.linear(h[:1].contiguous(), w)   # warm up (folded: no choice)
 out = {}
 g_head = growth(lambda: out.setdefault("head", fwd(h)))
 ref = F.linear(h, w)
-print(path, g_head, head.extra_bytes(path, 8, 2048, dtype.itemsize, 21504, 21504),
+print(paths.for_batch(batch), g_head, head.extra_bytes(paths, batch, 2048, dtype.itemsize,
+                                                       21504),
       int(torch.equal(out["head"], ref)))
 """
 
 
+@pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_head_runs_without_a_weight_copy(dtype):
-    """Measured in a fresh process (peak RSS reset first): the head's strided batch-8 call on
+def test_half_head_runs_without_a_weight_copy(dtype, batch):
+    """Measured in a fresh process (peak RSS reset first): the head's strided call on
     the path chosen for this CPU grows the peak by no more than the runtime counts for it
     (plus the logits and 2 MB of allocator slack), far less than one weight, and gives torch's
     bits."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", HEAD_RSS, dtype], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", HEAD_RSS, dtype, str(batch)], capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     path, growth, counted, same = r.stdout.split()
-    weight, logits = 21504 * 2048 * 2, 2 * 8 * 21504 * 2
-    assert path in ("per_row", "sub_rows"), f"no copy-free exact path on this CPU ({path})"
+    weight, logits = 21504 * 2048 * 2, 2 * batch * 21504 * 2
+    assert path in ("per_row", "contiguous", "sub_rows"), f"no copy-free exact path ({path})"
     assert int(same) == 1
     assert int(growth) <= int(counted) + logits + (2 << 20), (path, growth, counted)
     assert int(growth) < weight // 4

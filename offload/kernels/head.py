@@ -1,111 +1,137 @@
-"""How the LM head computes a strided half-precision input with torch's own bits on this CPU.
+"""How the LM head gives torch's own bits on this CPU: two properties of torch's kernels that
+the head relies on, checked on the running machine rather than assumed.
 
-``generate()`` prefills a batch and keeps the last position: the head gets ``h[:, -1:, :]``, a
-strided ``[B, 1, H]`` view. For a weight that does not require grad, torch's CPU linear then
-runs a batched matmul over the weight broadcast to every batch row, and where oneDNN runs half
-types (AVX-512 BF16/FP16 CPUs) that copies the weight once per row: 8 x 88 MB for a TinyLlama
-head chunk at batch 8, far over any budget. The head must give the bits of the model it
-replaced (that call), so which cheaper path is exact is a property of the CPU and torch build,
-checked here on the running machine (``choose``) rather than assumed:
+1. An unfolded half-precision input. ``generate()`` prefills a prompt and keeps the last
+position: the head gets ``h[:, -1:, :]``, a strided ``[B, 1, H]`` view that torch does not
+fold into a matrix (``folds``), batch 1 included. For a weight that does not require grad,
+torch's CPU linear then runs a batched matmul over the weight broadcast to every batch row,
+and where oneDNN runs half types (AVX-512 BF16/FP16 CPUs) that copies the weight once per
+row: 8 x 88 MB for a TinyLlama head chunk at batch 8, 131 MB for its whole head at batch 1,
+far over any budget. The head must give the bits of that call, so ``choose`` finds which
+cheaper path does, for one batch row and for several (torch's kernels differ between them):
 
-=============  ===============================================  ================================
-path           how                                              extra memory per batch row
-=============  ===============================================  ================================
-``per_row``    ``F.linear`` on each row's contiguous ``[T, H]``  none
-``sub_rows``   torch's own strided call on ``SUB``-row blocks     one block (``SUB x H``, at most
-                                                                a row of float32 logits)
-               of the weight (columns are independent sums)
-``direct``     torch's own strided call on the whole chunk       up to a chunk, where torch copies
-=============  ===============================================  ================================
+==============  ==============================================  ===============================
+path            how                                             extra memory per batch row
+==============  ==============================================  ===============================
+``per_row``     ``F.linear`` on each row's contiguous ``[T, H]``  none
+``sub_rows``    torch's own call on ``SUB_ROWS``-row blocks       one block (``SUB_ROWS x H``)
+                of the weight (columns are independent sums)
+``contiguous``  ``F.linear`` on a contiguous copy of ``h``        up to a chunk, where torch's
+                                                                folded matmul reorders it
+``direct``      torch's own call on the whole chunk               up to a chunk, where torch copies
+==============  ==============================================  ===============================
 
-``choose`` takes the first path whose output is bitwise the direct call's on a probe weight of
-the model's hidden size (three batch rows, one and two positions, a block split that does not
-divide the rows); ``direct`` is exact by definition and is the last resort. A float32 input, a
-contiguous one, or a weight that required grad (torch then folds the input to 2-D) never
-needs a choice.
+It takes the first, in that order, whose output is bitwise the direct call's on a probe weight
+of the model's hidden size (one and two positions, a block split that does not divide the
+rows); ``direct`` is exact by definition and is the last resort. Measured here: bfloat16
+``per_row``; float16 neither ``per_row`` nor 16-row blocks at batch 1. A float32 input, a
+folded one, or a weight that required grad (torch then folds every input) needs no choice.
+
+2. A streamed head's row chunks: ``chunking_mismatches``, below.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import mmap
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-PATHS = ("per_row", "sub_rows", "direct")
+PATHS = ("per_row", "sub_rows", "contiguous", "direct")   # cheapest first
 HALF = (torch.bfloat16, torch.float16)
+SUB_ROWS = 256        # rows per block on the sub_rows path (fewer take other kernels: fp16)
+PROBE_ROWS_WEIGHT = 4 * SUB_ROWS + 64   # the probe weight: blocks of a larger matrix
 
 
-def sub_rows(hidden: int, itemsize: int, vocab: int) -> int:
-    """Rows per block on the ``sub_rows`` path: a power of two from 16 to 1024 whose copy
-    per batch row is at most one row of float32 logits (or 64 KiB): the reserve, which holds
-    the logits, then holds the copy too."""
-    limit = max(vocab * 4, 64 << 10)
-    rows = 1024
-    while rows > 16 and rows * hidden * itemsize > limit:
-        rows //= 2
-    return rows
+@dataclass(frozen=True)
+class HalfPaths:
+    """The path for an unfolded half-precision input, by batch: one row, or several (torch
+    takes other kernels for a broadcast batch of one)."""
+
+    single: str
+    batched: str
+
+    def for_batch(self, batch: int) -> str:
+        return self.single if batch == 1 else self.batched
+
+
+def folds(h: torch.Tensor) -> bool:
+    """Whether torch's linear (for a weight that does not require grad) folds the 3-D input
+    ``h`` into one 2-D matrix, which it does only when that needs no copy: every leading
+    stride is the next one times its size, size-1 dimensions included. ``h[:, -1:, :]`` of a
+    prompt of several positions does not fold, even at batch 1; then torch runs a batched
+    matmul over the weight broadcast to each batch row."""
+    shape, strides = h.shape, h.stride()
+    return all(strides[i] == strides[i + 1] * shape[i + 1] for i in range(h.dim() - 2))
 
 
 def needs_choice(h: torch.Tensor) -> bool:
-    """Whether ``h`` is the strided half-precision CPU input the paths differ on."""
-    return (h.dtype in HALF and h.dim() > 2 and h.shape[0] > 1 and not h.is_contiguous()
-            and h.device.type == "cpu")
+    """Whether ``h`` is the unfolded half-precision CPU input the paths differ on."""
+    return (h.dtype in HALF and h.dim() > 2 and h.device.type == "cpu" and h.numel() > 0
+            and not folds(h))
 
 
-def linear(h: torch.Tensor, weight: torch.Tensor, path: str, vocab: int,
+def linear(h: torch.Tensor, weight: torch.Tensor, path: str,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(h, weight)`` for a strided half input, computed by ``path`` into ``out``
-    (``[..., weight rows]``, allocated when ``None``); ``vocab``: the whole head's rows."""
+    """``F.linear(h, weight)`` for an unfolded half input, computed by ``path`` into ``out``
+    (``[..., weight rows]``, allocated when ``None``)."""
     if out is None:
         out = torch.empty(*h.shape[:-1], weight.shape[0], dtype=h.dtype, device=h.device)
     if path == "per_row":   # a strided 3-D slice would still copy: each row as 2-D [T, H]
         for b in range(h.shape[0]):
             out[b] = F.linear(h[b].reshape(-1, h.shape[-1]), weight).view(out.shape[1:])
+    elif path == "contiguous":   # a copy of h (a few KB), which torch then folds
+        out.copy_(F.linear(h.contiguous(), weight))
     elif path == "sub_rows":
-        step = sub_rows(h.shape[-1], h.element_size(), vocab)
-        for i in range(0, weight.shape[0], step):
-            out[..., i:i + step] = F.linear(h, weight[i:i + step])
+        for i in range(0, weight.shape[0], SUB_ROWS):
+            out[..., i:i + SUB_ROWS] = F.linear(h, weight[i:i + SUB_ROWS])
     else:
         out.copy_(F.linear(h, weight))
     return out
 
 
-def extra_bytes(path: str | None, batch: int, hidden: int, itemsize: int, vocab: int,
+def extra_bytes(paths: HalfPaths | None, batch: int, hidden: int, itemsize: int,
                 chunk_rows: int) -> int:
-    """What ``path`` may allocate beyond its output for a strided input of ``batch`` rows
-    (``None``: a model whose head needs no choice): torch's copy of the weight block for
-    every batch row, twice (oneDNN may reorder the broadcast copy into one of its own)."""
-    if path is None or batch <= 1 or path == "per_row":
+    """What the path for ``batch`` rows may allocate beyond its output (``None``: a model
+    whose head needs no choice): torch's copy of the weight block for every batch row, twice
+    (oneDNN may reorder the broadcast copy into one of its own)."""
+    path = paths.for_batch(batch) if paths is not None else None
+    if path in (None, "per_row"):
         return 0
-    rows = sub_rows(hidden, itemsize, vocab) if path == "sub_rows" else chunk_rows
+    rows = SUB_ROWS if path == "sub_rows" else chunk_rows
     return 2 * batch * min(rows, chunk_rows) * hidden * itemsize
 
 
 @functools.lru_cache(maxsize=None)
-def choose(dtype: torch.dtype, hidden: int, vocab: int) -> str | None:
-    """The cheapest path that gives torch's own bits for ``dtype`` and ``hidden`` here, or
-    ``None`` for a dtype that needs no choice (float32).
+def choose(dtype: torch.dtype, hidden: int) -> HalfPaths | None:
+    """The cheapest paths that give torch's own bits for ``dtype`` and ``hidden`` here, one
+    batch row and several, or ``None`` for a dtype that needs no choice (float32).
 
     Cached per process: the answer depends on the CPU and the torch build only. The probe
-    allocates about ``3 x (2 SUB + 64) x hidden`` elements for a moment (~4 MB at most).
+    allocates about ``3 x 1088 x hidden`` elements for a moment (~14 MB at hidden 2048).
     """
     if dtype not in HALF:
         return None
     g = torch.Generator().manual_seed(0)
-    sub = sub_rows(hidden, dtype.itemsize, vocab)
-    weight = torch.randn(2 * sub + 64, hidden, generator=g).to(dtype)
-    probes = [torch.randn(3, 5, hidden, generator=g).to(dtype)[:, -new:, :] for new in (1, 2)]
+    weight = torch.randn(PROBE_ROWS_WEIGHT, hidden, generator=g).to(dtype)
+    return HalfPaths(*(_cheapest_exact(weight, batch, g) for batch in (1, 3)))
+
+
+def _cheapest_exact(weight: torch.Tensor, batch: int, g: torch.Generator) -> str:
+    probes = [torch.randn(batch, 5, weight.shape[1], generator=g).to(weight.dtype)[:, -new:, :]
+              for new in (1, 2)]
     refs = [F.linear(h, weight) for h in probes]
     for path in PATHS[:-1]:
-        if all(torch.equal(linear(h, weight, path, vocab), ref) for h, ref in zip(probes, refs)):
-            log.debug("half head (%s, hidden %d): %s", dtype, hidden, path)
+        if all(torch.equal(linear(h, weight, path), ref) for h, ref in zip(probes, refs)):
+            log.debug("half head (%s, batch %s): %s", weight.dtype, batch, path)
             return path
-    log.warning("no copy-free path gives torch's bits for a strided %s head on this CPU: the "
-                "head calls torch directly, which may copy a head chunk per batch row", dtype)
+    log.warning("no copy-free path gives torch's bits for an unfolded %s head input at "
+                "batch %s on this CPU: the head calls torch directly, which may copy a head "
+                "chunk per batch row", weight.dtype, "1" if batch == 1 else "> 1")
     return "direct"
 
 

@@ -67,10 +67,32 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
         BudgetError: no placement fits; the message states the minimum budget.
     """
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
+    reads = Counter(order)
+    best, minimum = _search(units, reads, budget_bytes, reserve_bytes, profile, prefetch, pinned)
+    if best is None:
+        raise BudgetError(
+            f"budget {format_bytes(budget_bytes)} is below the minimum working set of this model "
+            f"({format_bytes(minimum)}: the largest streamed Unit, the always-resident Units and "
+            f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} tokens); "
+            f"raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
+            budget_bytes=budget_bytes, minimum_bytes=minimum)
+    _, _, n_slots, _, _, resident = best
+    resident = set(resident)
+    slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
+    return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
+                 reserve_bytes, max_tokens, minimum, profile, host_budget_bytes,
+                 kv=kv, experts=experts, head=head)
+
+
+def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
+            profile: HardwareProfile, prefetch: int | None, pinned: frozenset[str]):
+    """Each distinct Unit size as the slot size, with the deepest prefetch that fits: the best
+    placement found (a key ``(predicted s, streamed, slots, resident bytes, slot bytes,
+    resident keys)``, or None) and the smallest budget any placement needs."""
+    size = {u.key: align(u.nbytes, BLOCK) for u in units}
     stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
     encoded = {u.key for u in units if u.encoded}
     weight_bytes = sum(u.nbytes for u in units)
-    reads = Counter(order)
     small = max(size.values()) // SMALL_FRACTION   # independent of the budget: so is the minimum
     best, minimum = None, None
     for slot_bytes in sorted({size[k] for k in reads} | {0}):
@@ -92,19 +114,7 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
             if best is None or key < best:
                 best = key
             break   # the deepest that fits: shallower only when the budget forces it
-    if best is None:
-        raise BudgetError(
-            f"budget {format_bytes(budget_bytes)} is below the minimum working set of this model "
-            f"({format_bytes(minimum)}: the largest streamed Unit, the always-resident Units and "
-            f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} tokens); "
-            f"raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
-            budget_bytes=budget_bytes, minimum_bytes=minimum)
-    _, _, n_slots, _, _, resident = best
-    resident = set(resident)
-    slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
-    return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
-                 reserve_bytes, max_tokens, minimum, profile, host_budget_bytes,
-                 kv=kv, experts=experts, head=head)
+    return best, minimum
 
 
 def _auto_depth(slot_bytes: int, landing_bytes: int = 0) -> int:

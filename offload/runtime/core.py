@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -25,49 +23,12 @@ from ..tiers.slots import FREE, Slot, SlotRing
 from ..tiers.transport import Transport
 from ..units import DTYPES, Unit
 from .startup import load_resident
+from .stats import Counters, SparseStats, cache_bytes, report
 
 log = logging.getLogger(__name__)
 
 # More than a few concurrent reads lose bandwidth on this class of disk (measured).
 MAX_LAYER_READS = 4
-
-
-@dataclass
-class Counters:
-    forwards: int = 0
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    decode_seconds: float = 0.0
-    forward_seconds: float = 0.0
-    peak_bytes: int = 0
-    kv_bytes: int = 0
-    checksummed: set = field(default_factory=set)
-
-
-class SparseStats:
-    """What decoding encoded Units cost and saved (4096-aligned reads, dense Unit bytes)."""
-
-    def __init__(self):
-        self.units = 0
-        self.stored_bytes = 0
-        self.dense_bytes = 0
-        self.decode_seconds = 0.0
-        self._lock = threading.Lock()   # GPU: the I/O threads add as they launch decodes
-
-    def add(self, unit: Unit, seconds: float) -> None:
-        with self._lock:
-            self.units += 1
-            self.stored_bytes += unit.stored_bytes
-            self.dense_bytes += unit.nbytes
-            self.decode_seconds += seconds
-
-    def as_dict(self) -> dict:
-        return {"units_decoded": self.units, "stored_bytes": self.stored_bytes,
-                "dense_bytes": self.dense_bytes,
-                "ratio": self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0,
-                "decode_seconds": self.decode_seconds,
-                "decode_gbps": (self.dense_bytes / self.decode_seconds / 1e9
-                                if self.decode_seconds else 0.0)}
 
 
 class Runtime:
@@ -118,8 +79,9 @@ class Runtime:
         plan, device = self.plan, self.device
         decode.prepare(self.manifest.units, device)   # a first kernel build: before the budget
         # Checked on this CPU before the budget is taken too (a probe of a few MB).
-        self.half_path = head.choose(DTYPES[self.manifest.dtype], self.shape.hidden,
-                                     self.shape.vocab) if device.type == "cpu" else None
+        self.half_paths = head.choose(DTYPES[self.manifest.dtype], self.shape.hidden) \
+            if device.type == "cpu" else None
+        release_free_heap()   # the probes' temporaries: back to the OS before the budget
         self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
         # One landing buffer per slot for encoded Units' stored bytes (plan.landing_bytes).
         self.landings = [self.device_tier.alloc(plan.landing_bytes)
@@ -239,7 +201,7 @@ class Runtime:
         fold = bool(getattr(getattr(module, "weight", None), "requires_grad", False))
         self._head_rows = max(stop - start for _, (start, stop) in chunks)
         return linear_forward(chunks, self.shape.vocab, self._acquire, self._release,
-                              fold=fold, half_path=self.half_path,
+                              fold=fold, half_paths=self.half_paths,
                               whole=self._whole_weight(chunks))
 
     def _check_aggregates(self) -> None:
@@ -344,8 +306,8 @@ class Runtime:
         kv = getattr(cache, "device_bytes", None)
         if kv is None:
             kv = self.shape.kv_bytes(batch * (past + new), self.itemsize)
-        head_copy = head.extra_bytes(self.half_path, batch, self.shape.hidden, self.itemsize,
-                                     self.shape.vocab, self._head_rows)
+        head_copy = head.extra_bytes(self.half_paths, batch, self.shape.hidden, self.itemsize,
+                                     self._head_rows)
         need = forward_bytes(self.shape, self.itemsize, batch=batch, new=new, total=past + new,
                              logits_rows=rows, kv_bytes=kv, head_copy=head_copy)
         plan = self.plan
@@ -407,50 +369,16 @@ class Runtime:
         keys = output.keys() if hasattr(output, "keys") else ()
         cache = output["cache"] if "cache" in keys else (
             output["past_key_values"] if "past_key_values" in keys else None)
-        c.kv_bytes = max(c.kv_bytes, _cache_bytes(cache))
+        c.kv_bytes = max(c.kv_bytes, cache_bytes(cache))
         if getattr(cache, "device_bytes", None) is not None:
             self._paged_kv = cache   # reported by stats()
 
     # -- reporting and shutdown -----------------------------------------------------------
     def stats(self) -> dict:
-        """Where the bytes and the milliseconds went."""
+        """Where the bytes and the milliseconds went (``runtime.stats.report``)."""
         if self._closed:
             return dict(getattr(self, "_final_stats", {}))
-        c, p, t = self.counters, self.pipeline.stats, self.transport
-        ex = self.experts.stats(c.decode_tokens) if self.experts is not None else None
-        stall = t.stall["layers"] + t.stall["experts"]
-        io = self.disk.wall_seconds + ((ex or {}).get("io_seconds") or 0.0)
-        out = {
-            "budget_bytes": self.plan.budget_bytes,
-            "peak_bytes": c.peak_bytes,
-            "allocated_bytes": self.device_tier.allocated_bytes,
-            "resident_bytes": self.plan.resident_bytes,
-            "staging_bytes": self.plan.slots * self.plan.slot_bytes,
-            "kv_bytes": c.kv_bytes,
-            "host_bytes": self.staging.host_bytes if self.staging else 0,
-            "bytes_read": {"disk": self.disk.bytes_read + ((ex or {}).get("disk_bytes") or 0),
-                           "host_to_device": self.staging.h2d_bytes if self.staging else 0},
-            "direct_io": self.disk.direct,
-            "fetches": p.fetches,
-            "io_seconds": io,
-            "stall_seconds": stall,
-            "stall_by_consumer": dict(t.stall),
-            "overlap": (max(0.0, 1.0 - stall / io) if io > 0 else 1.0),
-            "forwards": c.forwards,
-            "forward_seconds": c.forward_seconds,
-            "prefill_tokens": c.prefill_tokens,
-            "decode_tokens": c.decode_tokens,
-            "decode_seconds": c.decode_seconds,
-            "tokens_per_s": c.decode_tokens / c.decode_seconds if c.decode_seconds else 0.0,
-            "resyncs": p.resyncs,
-        }
-        if self.plan.stored_bytes != self.plan.weight_bytes:
-            out["sparse"] = self.sparse.as_dict()
-        if self._paged_kv is not None:
-            out["kv"] = self._paged_kv.report()
-        if ex is not None:
-            out["experts"] = ex
-        return out
+        return report(self)
 
     def close(self) -> None:
         """Detach every hook, restore the model's parameters, stop I/O, free buffers."""
@@ -478,15 +406,3 @@ def _io_threads(plan: Plan, adapter, config) -> int:
     if plan.experts is not None and plan.experts.mode == "cache":
         threads += max(1, min(4, adapter.moe_shape(config).top_k))
     return threads
-
-
-def _cache_bytes(cache) -> int:
-    if getattr(cache, "device_bytes", None) is not None:   # a PagedKVCache
-        return cache.device_bytes
-    total = 0
-    for layer in getattr(cache, "layers", None) or []:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
