@@ -439,6 +439,8 @@ def failure_reason(run: ContenderRun) -> str:
         return "timed out"
     if run.returncode in (-9, 137):
         return "killed (SIGKILL)" + (" at the memory cap (OOM)" if run.capped else "")
+    if run.returncode in (-4, 132) or any("Illegal instruction" in l for l in lines[-3:]):
+        return "crashed: illegal instruction (SIGILL; an instruction this CPU or VM refuses)"
     err = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)\b:?")
     for line in reversed(lines):
         if err.match(line):

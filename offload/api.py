@@ -13,16 +13,16 @@ import torch
 from .adapters import adapter_for
 from .errors import BudgetError, HardwareError, OffloadError, StoreError
 from .hardware import load_or_measure
+from .memory import release_free_heap
 from .planner import ExpertOptions, KVOptions, Plan, PlanOptions, plan_for
 from .runtime import Runtime
 from .sizes import parse_size
-from .store.encode import SPARSE_ENCODINGS, make_encoder
+from .store.encode import QUANTIZE_TYPES, SPARSE_ENCODINGS, make_encoder, quantized_source
 from .store.format import Manifest, read_manifest
 from .store.heat import load_heat
 from .store.pack import clean_partials, write_store
 from .store.prune import check_prune
 from .store.sources import Source, build_config, config_dict, open_source
-from .tiers.device import release_free_heap
 from .units import DTYPE_NAMES, DTYPES
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Prepared:
 def pack(model, out: str | os.PathLike | None = None, *, offload_dir=None,
          progress: bool = True, force: bool = False, sparse: str | None = None,
          prune: float | None = None, method: str = "magnitude",
-         calibration: list[str] | None = None) -> Manifest:
+         calibration: list[str] | None = None, quantize: str | None = None) -> Manifest:
     """Pack ``model`` (a model object, a checkpoint dir or a .gguf file) into a packed store.
 
     A valid store of the same source and options at ``out`` is reused unless ``force``; a
@@ -75,39 +75,55 @@ def pack(model, out: str | os.PathLike | None = None, *, offload_dir=None,
         method: ``"magnitude"`` (smallest ``|W|``) or ``"wanda"`` (smallest
             ``|W| * ||X||``, with input norms measured by running ``calibration`` texts through
             the dense model, offloaded).
+        quantize: LOSSY, opt-in: ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q5_0"`` or ``"q5_1"``:
+            the decoder's projection weights stored in that GGUF block type (the ``gguf``
+            package's quantizer), every other tensor as float32; recorded in the manifest.
 
     Returns:
         The store's manifest (``manifest.path`` is the store directory).
     """
-    options = PackOptions.make(sparse, prune, method, calibration)
+    options = PackOptions.make(sparse, prune, method, calibration, quantize)
     return prepare(model, out, offload_dir=offload_dir, progress=progress, force=force,
                    options=options).manifest
 
 
 @dataclass(frozen=True)
 class PackOptions:
-    """How tensors are stored: ``sparse`` encoding and optional (lossy) pruning."""
+    """How tensors are stored: ``sparse`` encoding, optional (lossy) pruning, optional (lossy)
+    quantization to a GGUF block type."""
 
     sparse: str | None = None
     prune: float | None = None
     method: str = "magnitude"
     calibration: tuple[str, ...] | None = None
+    quantize: str | None = None
 
     @classmethod
-    def make(cls, sparse=None, prune=None, method="magnitude", calibration=None) -> "PackOptions":
+    def make(cls, sparse=None, prune=None, method="magnitude", calibration=None,
+             quantize=None) -> "PackOptions":
         if prune is not None:
             check_prune(prune, method)
             sparse = sparse or "bitmap"
         if sparse is not None and sparse not in SPARSE_ENCODINGS:
             raise OffloadError(f"sparse={sparse!r}: use one of {', '.join(SPARSE_ENCODINGS)} "
                                "(or leave it unset for dense)")
+        if quantize is not None:
+            quantize = str(quantize).lower()
+            if quantize not in QUANTIZE_TYPES:
+                raise OffloadError(f"quantize={quantize!r}: use one of "
+                                   f"{', '.join(QUANTIZE_TYPES)} (or leave it unset)")
+            if sparse is not None:
+                raise OffloadError("quantize= and sparse=/prune= are separate encodings: "
+                                   "choose one")
         return cls(sparse, float(prune) if prune is not None else None, method,
-                   tuple(calibration) if calibration else None)
+                   tuple(calibration) if calibration else None, quantize)
 
     def describe(self) -> dict:
         """What the manifest records (a store is reused only with the same options)."""
         d = {"sparse": self.sparse, "prune": self.prune,
              "method": self.method if self.prune else None}
+        if self.quantize:
+            d["quantize"] = self.quantize
         if self.prune and self.method == "wanda":   # other calibration, other pruning
             import hashlib
 
@@ -116,6 +132,8 @@ class PackOptions:
         return d
 
     def suffix(self) -> str:
+        if self.quantize:
+            return f".{self.quantize}"
         if self.sparse is None:
             return ""
         prune = f"-{self.method}{round(self.prune * 100)}" if self.prune else ""
@@ -131,6 +149,8 @@ def prepare(model, out=None, *, offload_dir=None, progress: bool = True, force: 
             and out is None:
         return _open_store(Path(model))
     source = open_source(model)
+    if options.quantize:   # LOSSY, opt-in: every tensor float32, projections quantized
+        source = quantized_source(source)
     adapter = adapter_for(source.config)
     base = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
     store_dir = Path(out).expanduser() if out else \
@@ -315,7 +335,9 @@ def make_plan(prep: "Prepared", budget, request: Request = Request()) -> Plan:
     manifest = prep.manifest
     profile = load_or_measure(manifest.data_path, prep.offload_dir, device,
                               DTYPES[manifest.dtype], prep.shape.hidden,
-                              max_bytes=options.budget_bytes // 2)
+                              max_bytes=options.budget_bytes // 2,
+                              encodings={t.encoding for u in manifest.units if u.encoded
+                                         for t in u.tensors})
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
                     heat=load_heat(manifest.path))
     release_free_heap()   # the planner's probes: back to the OS before the budget is taken

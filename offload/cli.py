@@ -52,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="generate text with a model streamed under a budget")
     r.add_argument("model", nargs="?", help="checkpoint dir or .gguf (default: SmolLM2-135M)")
-    r.add_argument("--budget", default="25%", help="compute-tier memory: 200MB, 1.5GiB, 25%%")
+    r.add_argument("--budget", default="25%",
+                   help="compute-tier memory: 200MB, 1.5GiB, or a percentage of the model's "
+                        "weights as they sit in memory, decoded (float32 for a GGUF); default "
+                        "%(default)s")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--prompt", help="the prompt (chat template applied when the model has one)")
     g.add_argument("--prompts", type=Path, help="a file with one prompt per line: one batch")
@@ -93,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="pruning score: |W| (magnitude) or |W|*||X|| (wanda, calibrated)")
     sp.add_argument("--calibration", type=Path, metavar="FILE",
                     help="wanda: calibration texts, one per line (default: built-in prose)")
+    qz = pk.add_argument_group("quantization")
+    qz.add_argument("--quantize", choices=("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"),
+                    help="LOSSY: store the decoder's projection weights in this GGUF block type "
+                         "(dequantized on the compute device; every other tensor float32)")
     pk.set_defaults(func=_cmd_pack)
     return p
 
@@ -142,8 +149,12 @@ def _cmd_pack(args) -> int:
     if args.prune is not None:
         print(f"offload: pruning {args.prune:.0%} of each decoder projection's weights "
               f"({args.method}): LOSSY, the model's outputs will change", file=sys.stderr)
+    if args.quantize is not None:
+        print(f"offload: quantizing each decoder projection's weights to {args.quantize}: "
+              "LOSSY, the model's outputs will change", file=sys.stderr)
     m = api.pack(args.model, args.out, force=args.force, sparse=args.sparse, prune=args.prune,
-                 method=args.method, calibration=texts, offload_dir=args.offload_dir)
+                 method=args.method, calibration=texts, offload_dir=args.offload_dir,
+                 quantize=args.quantize)
     print(f"packed {len(m.units)} units, {format_bytes(m.data_bytes)}, into {m.path} "
           f"in {time.perf_counter() - t0:.1f} s")
     encoded = [u for u in m.units if u.encoded]

@@ -1,4 +1,5 @@
-"""Measuring the hardware profile: disk read bandwidth, host-to-device bandwidth, compute speed.
+"""Measuring the hardware profile: disk read bandwidth, host-to-device bandwidth, compute speed,
+and the decode speed of each encoding a store holds.
 
 Measured once per (offload dir, device, dtype) and cached in ``profile.json`` beside the stores
 (written to a temporary name and renamed), so that planning is deterministic for the same
@@ -10,8 +11,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -26,21 +28,31 @@ PROFILE_VERSION = 2
 
 
 def load_or_measure(data_file: Path, cache_dir: Path, device: torch.device, dtype: torch.dtype,
-                    hidden: int, max_bytes: int | None = None) -> HardwareProfile:
+                    hidden: int, max_bytes: int | None = None,
+                    encodings: Iterable[str] = ()) -> HardwareProfile:
     """The cached profile for this device and dtype, measuring it on first use with at most
-    ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too)."""
+    ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too), and
+    the decode speed of each of ``encodings`` it lacks (the store's: ``gguf.Q4_K`` ...)."""
     key = f"{device}|{DTYPE_NAMES[dtype]}|{os.stat(cache_dir).st_dev}"
     path = cache_dir / "profile.json"
-    cached = {}
+    cached, profile = {}, None
     try:
         cached = json.loads(path.read_text())
         if cached.get("version") == PROFILE_VERSION and key in cached.get("profiles", {}):
-            return HardwareProfile(**cached["profiles"][key])
+            profile = HardwareProfile(**cached["profiles"][key])
     except (OSError, ValueError, TypeError):
         cached = {}
-    profile = HardwareProfile(str(device), measure_disk(data_file), measure_h2d(device),
-                              measure_compute(device, dtype, hidden, max_bytes),
-                              DTYPE_NAMES[dtype])
+    missing = sorted(e for e in set(encodings) if measurable(e) and
+                     (profile is None or e not in profile.decode_bps))
+    if profile is not None and not missing:
+        return profile
+    if profile is None:
+        profile = HardwareProfile(str(device), measure_disk(data_file), measure_h2d(device),
+                                  measure_compute(device, dtype, hidden, max_bytes),
+                                  DTYPE_NAMES[dtype])
+    if missing:
+        profile = replace(profile, decode_bps={
+            **profile.decode_bps, **{e: measure_decode(e, device, max_bytes) for e in missing}})
     profiles = cached.get("profiles", {}) if cached.get("version") == PROFILE_VERSION else {}
     profiles[key] = asdict(profile)
     tmp = path.with_name(f".profile.{os.getpid()}.tmp")
@@ -50,6 +62,43 @@ def load_or_measure(data_file: Path, cache_dir: Path, device: torch.device, dtyp
     except OSError as e:  # a read-only cache dir only costs a re-measure next time
         log.warning("could not cache the hardware profile in %s: %s", path, e)
     return profile
+
+
+def measurable(encoding: str) -> bool:
+    """Encodings whose decode speed does not depend on the data: the GGUF block types (a
+    bitmap's depends on its density, and is not charged)."""
+    from .kernels import gguf
+
+    return gguf.type_of(encoding) is not None
+
+
+def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = None) -> float:
+    """Dense bytes per second one thread decodes ``encoding`` into a buffer larger than the
+    caches (at most 32 MB out, within ``max_bytes``): random quants, realistic fp16 scales."""
+    import numpy as np
+
+    from .kernels import gguf
+
+    name = gguf.type_of(encoding)
+    if device.type != "cpu":
+        return 0.0   # decoded on the CPU only for now (kernels.decode.prepare refuses a GPU)
+    _, block, nbytes = gguf.TYPES[name]
+    out_bytes = 32 << 20 if max_bytes is None else max(1 << 20, min(32 << 20, max_bytes // 2))
+    numel = out_bytes // 4 // 256 * 256
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(numel // block, nbytes), dtype=np.uint8)
+    halves = (0x2000 + rng.integers(0, 0xBFF, size=numel // block)).astype(np.uint16)
+    for at in gguf.SCALE_OFFSETS[name]:   # finite scales: NaN/subnormal ones decode slower
+        raw[:, at:at + 2] = halves.view(np.uint8).reshape(-1, 2)
+    src = torch.from_numpy(raw.reshape(-1))
+    out = torch.empty(numel * 4, dtype=torch.uint8)
+    gguf.dequantize(src, out, name, numel)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        gguf.dequantize(src, out, name, numel)
+        times.append(time.perf_counter() - t0)
+    return numel * 4 / max(sorted(times)[1], 1e-9)
 
 
 def measure_disk(data_file: Path, max_bytes: int = 512 << 20) -> float:

@@ -1,4 +1,4 @@
-"""The dense and MoE benches at toy size, so they cannot rot (their figures are not asserted:
+"""Every bench at toy size, so they cannot rot (their figures are not asserted:
 noise)."""
 from __future__ import annotations
 
@@ -66,3 +66,15 @@ def test_toy_kv_bench_runs(tmp_path):
     assert [row["context"] for row in result["speed"]] == [128, 256, 512]
     assert all("tok_s" in row["paged"] for row in result["speed"]), result["speed"]
     assert [b["fraction"] for b in result["quality"]["budgets"]] == [0.5, 0.2]
+
+
+def test_toy_quant_bench_runs_every_contender(tmp_path):
+    """bench_quant at toy size: GGUFs written, both stores packed, every contender ran and
+    both offload stores gave transformers' tokens (the llama.cpp row needs the full bench)."""
+    result = _toy_run("bench_quant", tmp_path, timeout=900)
+    for kind in ("Q4_0", "Q8_0"):
+        for name in ("resident", "quant-b1", "quant-b8", "f32-b1", "f32-b8", "accelerate"):
+            assert result["contenders"][f"{kind}/{name}"]["returncode"] == 0, (kind, name)
+    rows = [r for r in result["rows"] if r["key"] in ("quant", "f32")]
+    assert len(rows) == 8 and all(r["tokens_match"] is True for r in rows), rows
+    assert set(result["decode_rates"]) >= {"Q4_0", "Q8_0", "Q4_K", "Q6_K"}

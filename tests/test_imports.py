@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "offload"
 # Lowest first. ``hardware`` measures the tiers, so it sits just above them; ``hooks`` and
 # ``calibrate`` serve the runtime and the API; the package root re-exports the API.
 LAYERS = [
-    {"units", "errors", "sizes"},
+    {"units", "errors", "sizes", "memory"},
     {"kernels"},
     {"store"},
     {"adapters"},

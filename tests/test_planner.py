@@ -141,3 +141,37 @@ def test_moe_plan_keeps_measured_hot_experts_resident():
     resident = {k for k, t, _ in p.homes if k.startswith("expert.") and t == "device"}
     assert resident == {"expert.0.3", "expert.2.5"}
     assert p.experts.slots == moe_plan(us, 200).experts.slots - 2
+
+
+def _quantized(key: str, index: int, nbytes: int) -> Unit:
+    """A layer Unit of one Q4_0 tensor: stored at 18 bytes per 32 float32 elements."""
+    from offload.units import TensorSpec
+
+    stored = nbytes // 128 * 18
+    t = TensorSpec("weight", "float32", (nbytes // 4,), 0, nbytes, "gguf.Q4_0", 0, stored)
+    return Unit(key, "layer", "layer", index, 0, nbytes, 0, (t,), stored_nbytes=stored)
+
+
+def test_the_decode_thread_is_costed_and_picks_what_stays_resident():
+    """A quantized Unit streamed costs its decode on the decode thread (the measured speed);
+    with a slow decode, keeping quantized Units resident (held decoded) saves more time per
+    budget byte than keeping dense ones of the same size, so the planner keeps those."""
+    layer = 32 << 20
+    us = [_quantized(f"layer.{i}.q", i, layer) for i in range(6)]
+    us += [Unit(f"layer.{i}.d", "layer", "layer", i, 0, layer, 0, ()) for i in range(6)]
+    keys = [u.key for u in us]
+    slow = HardwareProfile("cpu", disk_read_bps=1.4e9, h2d_bps=0.0, compute_bps=10e9,
+                           dtype="float32", decode_bps={"gguf.Q4_0": 0.5e9})
+    budget = 8 * layer
+    p = make_plan(us, keys, budget, 1 << 20, 64, slow)
+    quantized = {u.key: u for u in us if u.encoded}
+    streamed_q = [k for k in p.stream if k in quantized]
+    assert p.decode_s == pytest.approx(len(streamed_q) * layer / 0.5e9)
+    resident = {k for k, t in p.home.items() if t == "device"}
+    assert resident and resident <= set(quantized), resident   # decode saved beats bytes saved
+    assert "decode" in p.table() and p.bottleneck == "decode"
+    # Without a measured decode speed the dense Units save the most bytes read.
+    unmeasured = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "float32")
+    q = make_plan(us, keys, budget, 1 << 20, 64, unmeasured)
+    assert q.decode_s == 0
+    assert {k for k, t in q.home.items() if t == "device"}.isdisjoint(quantized)

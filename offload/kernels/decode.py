@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import StoreError
+from ..errors import HardwareError, StoreError
 from ..units import Unit
-from . import bitmap
+from . import bitmap, gguf
 
 
 def validate_unit(unit: Unit, stored: torch.Tensor) -> None:
@@ -34,19 +34,33 @@ def decode_unit(unit: Unit, stored: torch.Tensor, dest: torch.Tensor, *, stream=
     for t in unit.tensors:
         at, n = t.source
         src, out = stored[at:at + n], dest[t.offset:t.offset + t.nbytes]
-        if t.encoding != "bitmap":
+        qtype = gguf.type_of(t.encoding)
+        if qtype is not None:
+            gguf.dequantize(src, out, qtype, t.numel)
+        elif t.encoding == "bitmap":
+            try:
+                bitmap.decode(src, out, t.numel, t.nnz, t.torch_dtype.itemsize, stream=stream)
+            except bitmap.CorruptBitmap as e:
+                raise _corrupt(unit, t.name, e) from None
+        else:
             out.copy_(src, non_blocking=True)
-            continue
-        try:
-            bitmap.decode(src, out, t.numel, t.nnz, t.torch_dtype.itemsize, stream=stream)
-        except bitmap.CorruptBitmap as e:
-            raise _corrupt(unit, t.name, e) from None
 
 
 def prepare(units, device: torch.device) -> None:
     """Build (or load) the decoders ``units`` need on ``device`` now, before a budget is taken
-    (a first build runs a compiler of ~100 MB)."""
-    if any(u.encoded for u in units):
+    (a first build runs a compiler of ~100 MB).
+
+    Raises:
+        HardwareError: GGUF-quantized Units on a GPU, whose CUDA dequantizers are not built.
+    """
+    encodings = {t.encoding for u in units if u.encoded for t in u.tensors}
+    if any(gguf.type_of(e) for e in encodings):
+        if device.type != "cpu":
+            raise HardwareError("this store keeps GGUF-quantized tensors, which offload "
+                                "dequantizes on the CPU only for now (the CUDA decoders are not "
+                                "built): pass device='cpu'")
+        gguf.prepare()
+    if "bitmap" in encodings:
         bitmap.prepare(device)
 
 

@@ -92,6 +92,7 @@ def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
     encoded = {u.key for u in units if u.encoded}
+    decode = {u.key: profile.decode_seconds(u) for u in units}
     weight_bytes = sum(u.nbytes for u in units)
     small = max(size.values()) // SMALL_FRACTION   # independent of the budget: so is the minimum
     best, minimum = None, None
@@ -106,10 +107,13 @@ def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
         deepest = max(0, min(ahead + 1, len(streamable)))
         for slots in range(deepest, 0 if streamable else -1, -1):
             option = _fill(forced, streamable, size, stored, reads, slots,
-                           slot_bytes + landing, budget_bytes - reserve_bytes)
+                           slot_bytes + landing, budget_bytes - reserve_bytes,
+                           saved=_seconds_saved(stored, decode, profile))
             if option is None:
                 continue
-            cost = _cost(weight_bytes, option[0], option[1], profile)
+            cost = _cost(weight_bytes, option[0], option[1], profile,
+                         decode_s=sum(reads[k] * decode[k] for k in reads
+                                      if k not in option[4]))
             key = (cost["predicted"], *option)
             if best is None or key < best:
                 best = key
@@ -133,18 +137,29 @@ def _auto_depth(slot_bytes: int, landing_bytes: int = 0) -> int:
 
 
 def _cost(weight_bytes: int, streamed: int, slots: int, profile: HardwareProfile,
-          from_disk: int | None = None) -> dict:
-    """Seconds per decode step: compute, disk and host link overlap only with 2+ slots."""
+          from_disk: int | None = None, decode_s: float = 0.0) -> dict:
+    """Seconds per decode step: compute, disk, host link and the decode thread (decoding the
+    streamed encoded Units) overlap only with 2+ slots."""
     c = {"compute": weight_bytes / max(profile.compute_bps, 1.0),
          "disk": (streamed if from_disk is None else from_disk) / max(profile.disk_read_bps, 1.0),
-         "host link": streamed / profile.h2d_bps if profile.h2d_bps else 0.0}
+         "host link": streamed / profile.h2d_bps if profile.h2d_bps else 0.0,
+         "decode": decode_s}
     c["predicted"] = max(c.values()) if slots > 1 else sum(c.values())
     return c
 
 
-def _fill(forced, streamable, size, stored, reads, slots, slot_bytes, room):
+def _seconds_saved(stored: dict, decode: dict, profile: HardwareProfile):
+    """Seconds a pass saves by keeping Unit ``k`` resident: its read, and its decode (a
+    resident encoded Unit is held decoded)."""
+    bps = max(profile.disk_read_bps, 1.0)
+    return lambda k: stored[k] / bps + decode[k]
+
+
+def _fill(forced, streamable, size, stored, reads, slots, slot_bytes, room, saved=None):
     """Greedy: after forced Units and slots (each ``slot_bytes`` with its landing buffer),
-    keep the Units that save the most bytes read per pass per byte of budget."""
+    keep the Units that save the most time per pass per byte of budget (``saved(k)``: seconds
+    per read; default the bytes read)."""
+    saved = saved or stored.__getitem__
     used = sum(size[k] for k in forced) + slots * slot_bytes
     if used > room:
         return None
@@ -153,7 +168,7 @@ def _fill(forced, streamable, size, stored, reads, slots, slot_bytes, room):
     # positions: 0, n/2, n/4, 3n/4, ...): a long run of resident compute would leave the disk
     # idle once the slots are full, while scattered ones let each wait overlap a fetch.
     spread = _bit_reversed_ranks(len(streamable))
-    for k in sorted(streamable, key=lambda k: (-reads[k] * stored[k] / size[k],
+    for k in sorted(streamable, key=lambda k: (-reads[k] * saved(k) / size[k],
                                                -reads[k] * size[k],
                                                spread[streamable.index(k)])):
         if used + size[k] <= room:
@@ -194,7 +209,9 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
             used += stored[k]
     from_disk = sum(stored[k] for k in stream if k not in host)
     landing = max((stored[k] for k in stream if k in encoded), default=0) if slots else 0
-    cost = _cost(weight_bytes, streamed, slots, profile, from_disk)
+    decode = {u.key: profile.decode_seconds(u) for u in units}
+    cost = _cost(weight_bytes, streamed, slots, profile, from_disk,
+                 decode_s=sum(decode[k] for k in stream))
     predicted = cost.pop("predicted")
     bottleneck = max(cost, key=cost.get)
     compute_s, io_s, link_s = cost["compute"], cost["disk"], cost["host link"]
@@ -204,9 +221,11 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
                      size[u.key]) for u in units),
         order=tuple(order), stream=stream, slots=slots, slot_bytes=slot_bytes,
         landing_bytes=landing, stored_bytes=sum(u.stored_bytes for u in units),
-        encoded_units=tuple((u.key, u.nbytes, u.stored_bytes) for u in units if u.encoded),
+        encoded_units=tuple((u.key, u.nbytes, u.stored_bytes, decode[u.key])
+                            for u in units if u.encoded),
         resident_bytes=sum(size[k] for k in resident), reserve_bytes=reserve,
         max_tokens=max_tokens, weight_bytes=weight_bytes, streamed_bytes=streamed,
         minimum_bytes=minimum, compute_s=compute_s, io_s=io_s, link_s=link_s,
+        decode_s=cost["decode"],
         predicted_s=predicted, bottleneck=bottleneck, experts=experts, kv=kv,
         head_inexact_rows=head.inexact_rows if any(k in stream for k in head.keys) else ())

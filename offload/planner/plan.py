@@ -85,10 +85,12 @@ class Plan:
         weight_bytes: all weights.
         streamed_bytes: bytes fetched per forward pass (as stored).
         minimum_bytes: the smallest budget any placement of this model fits.
-        compute_s / io_s / link_s: predicted seconds per decode step for each resource.
+        compute_s / io_s / link_s / decode_s: predicted seconds per decode step for each
+            resource (decode: the decode thread, for streamed encoded Units).
         predicted_s: predicted seconds per decode step.
         bottleneck: the resource that sets ``predicted_s``.
-        encoded_units: ``(key, dense bytes, stored bytes)`` of each encoded Unit.
+        encoded_units: ``(key, dense bytes, stored bytes, decode seconds)`` of each encoded
+            Unit (decode: one decode at the measured speed, 0 where not measured).
         experts: the expert part of an MoE model's plan (``ExpertPlan``), ``None`` for a
             dense model.
         kv: where the KV cache lives (``KVPlan``).
@@ -117,7 +119,8 @@ class Plan:
     link_s: float
     predicted_s: float
     bottleneck: str
-    encoded_units: tuple[tuple[str, int, int], ...] = ()
+    encoded_units: tuple[tuple[str, int, int, float], ...] = ()
+    decode_s: float = 0.0
     experts: ExpertPlan | None = None
     kv: KVPlan = field(default_factory=KVPlan)
     head_inexact_rows: tuple[int, ...] = ()
@@ -175,6 +178,9 @@ class Plan:
         return [
             f"compute tier: {format_bytes(self.total_bytes)} of {format_bytes(self.budget_bytes)}"
             f" budget (minimum {format_bytes(self.minimum_bytes)}); device {self.device}",
+            f"budget = {self.budget_bytes / max(self.weight_bytes, 1):.1%} of the "
+            f"{format_bytes(self.weight_bytes)} of weights as they sit in memory, decoded (what "
+            "a percentage budget is a share of, whatever the store's encoding)",
             f"streamed per forward: {format_bytes(self.streamed_bytes)} of "
             f"{format_bytes(self.weight_bytes)} weights; prefetch depth {max(self.slots - 1, 0)}",
             *([f"encoded store: {format_bytes(self.stored_bytes)} stored for "
@@ -184,21 +190,28 @@ class Plan:
             f"predicted per decode step: {self.predicted_s * 1000:.1f} ms "
             f"({1 / max(self.predicted_s, 1e-9):.2f} tok/s at batch 1) — bottleneck: "
             f"{self.bottleneck} (compute {self.compute_s * 1000:.1f} ms, disk "
-            f"{self.io_s * 1000:.1f} ms, host link {self.link_s * 1000:.1f} ms)",
+            f"{self.io_s * 1000:.1f} ms, host link {self.link_s * 1000:.1f} ms"
+            + (f", decode {self.decode_s * 1000:.1f} ms" if self.decode_s else "") + ")",
         ]
 
     def _notes(self) -> list[str]:
         lines = []
         if self.encoded_units:
-            lines += ["", "encoded Units (bytes in memory -> bytes moved):"]
+            lines += ["", "encoded Units: in memory (decoded) -> on disk and moved (as stored), "
+                          "decode time per use where streamed (resident ones are held decoded):"]
             groups: dict[str, list] = {}
-            for key, dense, stored in self.encoded_units:
+            home = self.home
+            for key, dense, stored, decode in self.encoded_units:
                 label = ".".join("*" if p.isdigit() else p for p in key.split("."))
-                groups.setdefault(label, []).append((dense, stored))
-            for label, sizes in groups.items():
-                dense, stored = sum(d for d, _ in sizes), sum(s for _, s in sizes)
-                lines.append(f"  {label} x{len(sizes)}: {format_bytes(dense // len(sizes))} -> "
-                             f"{format_bytes(stored // len(sizes))} each ({stored / dense:.2f}x)")
+                groups.setdefault(label, []).append((dense, stored, decode, home.get(key)))
+            for label, rows in groups.items():
+                n = len(rows)
+                dense, stored = sum(r[0] for r in rows), sum(r[1] for r in rows)
+                decode, resident = sum(r[2] for r in rows) / n, sum(r[3] == DEVICE for r in rows)
+                lines.append(f"  {label} x{n}: {format_bytes(dense // n)} -> "
+                             f"{format_bytes(stored // n)} each ({stored / dense:.2f}x)"
+                             + (f", decode {decode * 1000:.2g} ms" if decode else "")
+                             + (f"; {resident} resident" if resident else ""))
         if self.head_inexact_rows:
             lines.append("LM head: streamed in chunks, which this machine's matmul rounds "
                          "otherwise than the whole matrix at "

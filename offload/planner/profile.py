@@ -4,7 +4,7 @@ above them); the planner only reads the numbers, so plans are deterministic for 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,8 @@ class HardwareProfile:
         h2d_bps: pinned host-to-device copy bandwidth (0 on CPU: no link to cross).
         compute_bps: weight bytes per second one decode step (batch 1) consumes in compute.
         dtype: the dtype compute was measured in.
+        decode_bps: dense (decoded) bytes per second one thread decodes, per encoding
+            measured (``gguf.Q4_K`` ...); an encoding missing here is not charged.
     """
 
     device: str
@@ -24,3 +26,10 @@ class HardwareProfile:
     h2d_bps: float
     compute_bps: float
     dtype: str
+    decode_bps: dict[str, float] = field(default_factory=dict)
+
+    def decode_seconds(self, unit) -> float:
+        """Seconds one decode of ``unit``'s encoded tensors takes (0 for a dense Unit, or an
+        encoding not measured)."""
+        return sum(t.nbytes / self.decode_bps[t.encoding] for t in unit.tensors
+                   if t.encoding in self.decode_bps)

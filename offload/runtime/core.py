@@ -11,13 +11,14 @@ import torch
 from ..errors import BudgetError, StoreError
 from ..hooks import (attach_unit, detach, embedding_forward, linear_forward, replace_forward,
                      wrap_model)
-from ..kernels import decode, head
+from ..kernels import decode, gguf, head
 from ..planner.plan import Plan
 from ..planner.reserve import forward_bytes, scratch_bytes
 from ..prefetch.pipeline import Pipeline
 from ..sizes import format_bytes
 from ..store.format import Manifest
-from ..tiers.device import DeviceTier, aligned_host, release_free_heap
+from ..memory import release_free_heap
+from ..tiers.device import DeviceTier, aligned_host
 from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
 from ..tiers.transport import Transport
@@ -255,14 +256,21 @@ class Runtime:
         self._failed = error
 
     def _gather(self, key: str, rows: torch.Tensor) -> torch.Tensor:
-        """Rows of a non-resident embedding chunk, read from disk: ``[len(rows), H]``."""
+        """Rows of a non-resident embedding chunk, read from disk: ``[len(rows), H]``. A
+        GGUF-quantized one is read as its rows of blocks and dequantized (a few KB)."""
         unit = self.units[key]
         spec = unit.tensors[0]
-        row_bytes = spec.nbytes // spec.shape[0]
-        out = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
-        self.disk.read_rows(unit, spec.offset, row_bytes, rows.tolist(),  # syncs: ids to host
-                            out.numpy(), self._scratch)
-        return out.view(spec.torch_dtype).to(self.device)
+        at, stored = spec.source
+        row_bytes = stored // spec.shape[0]
+        raw = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
+        self.disk.read_rows(unit, at, row_bytes, rows.tolist(),  # syncs: ids to host
+                            raw.numpy(), self._scratch)
+        qtype = gguf.type_of(spec.encoding)
+        if qtype is None:
+            return raw.view(spec.torch_dtype).to(self.device)
+        out = torch.empty(len(rows), spec.shape[1], dtype=torch.float32)
+        gguf.dequantize(raw.view(-1), out.view(-1).view(torch.uint8), qtype, out.numel())
+        return out.to(self.device)
 
     def _release(self, key: str) -> None:
         if key not in self.resident:

@@ -10,12 +10,14 @@ from typing import Callable
 
 import torch
 
-from ..kernels import bitmap
+from ..kernels import bitmap, gguf
 from ..units import TensorPart, UnitSpec
 from .pack import Encoder
 from .prune import prune_rows
 
 SPARSE_ENCODINGS = ("bitmap",)
+# LOSSY, opt-in quantization at pack (the gguf package's quantizers).
+QUANTIZE_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 MIN_ELEMENTS = 4096    # smaller tensors (norms, biases) are not worth a decode
 MIN_SAVING = 0.05
 
@@ -25,6 +27,8 @@ def make_encoder(options, adapter, input_norms: Callable[[], dict[str, torch.Ten
     """An ``Encoder`` for ``write_store`` from ``PackOptions``, or None for a dense store.
 
     ``input_norms`` is called once, on the first weight Wanda prunes."""
+    if options.quantize:
+        return _quantizer(options.quantize.upper(), adapter)
     if options.sparse is None:
         return None
     norms: dict[str, torch.Tensor] = {}
@@ -37,9 +41,43 @@ def make_encoder(options, adapter, input_norms: Callable[[], dict[str, torch.Ten
                     norms.update(input_norms())
                 norm = norms[part.source.removesuffix(".weight")]
             t = prune_rows(t, options.prune, norm)
-        return t, (choose(t) if adapter.encodable(spec) else None)
+        chosen = choose(t) if adapter.encodable(spec) else None
+        return t, (None if chosen is None else (chosen[0], "bitmap", chosen[1]))
 
     return encoder
+
+
+def _quantizer(qtype: str, adapter) -> Encoder:
+    """LOSSY: the decoder's projection weights quantized to ``qtype`` with the gguf package's
+    quantizer (rows whose length is not a whole number of blocks stay float32)."""
+    from gguf import GGMLQuantizationType, quantize
+
+    block = gguf.TYPES[qtype][1]
+
+    def encoder(spec: UnitSpec, part: TensorPart, t: torch.Tensor):
+        if not adapter.prunable(spec, part) or t.shape[-1] % block:
+            return t, None
+        blocks = quantize(t.numpy(), GGMLQuantizationType[qtype])
+        return t, (torch.from_numpy(blocks.reshape(-1).copy()), gguf.encoding(qtype), None)
+
+    return encoder
+
+
+def quantized_source(source):
+    """``source`` with every tensor as float32 (the store a quantized pack writes decodes to
+    float32); ``_quantizer`` then quantizes the projections."""
+    import copy
+    import dataclasses
+
+    config = copy.deepcopy(source.config)   # the caller's model keeps its own
+    config.dtype = torch.float32
+
+    def shapes():
+        return {k: (shape, torch.float32) for k, (shape, _) in source.shapes().items()}
+
+    return dataclasses.replace(source, config=config, shapes=shapes,
+                               load=lambda name: source.load(name).float(),
+                               module=None)
 
 
 def choose(tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:

@@ -17,7 +17,10 @@ import torch
 from ..errors import HardwareError, StoreError
 from ..sizes import format_bytes
 from ..units import TENSOR_ALIGN, TensorPart, TensorSpec, Unit, UnitSpec, align
+from ..kernels import gguf
+from ..memory import release_free_heap
 from .format import BLOCK, DATA_FILE, MANIFEST_FILE, Manifest
+from .gguf_source import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +30,10 @@ def store_bytes(specs: list[UnitSpec]) -> int:
     return sum(align(s.layout()[1], BLOCK) for s in specs)
 
 
+# An encoded tensor as stored: (bytes, encoding name, non-zero count for ``bitmap``).
+Encoded = "tuple[torch.Tensor, str, int | None]"
 Encoder = Callable[[UnitSpec, TensorPart, torch.Tensor],
-                  tuple[torch.Tensor, "tuple[torch.Tensor, int] | None"]]
+                   tuple[torch.Tensor, "Encoded | None"]]
 
 
 def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
@@ -50,9 +55,10 @@ def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
         extras: writes further files (a tokenizer) into the temporary directory, so they are
             committed by the same rename as the Units.
         encoder: given a Unit's spec, a part and its tensor, returns the tensor to store (a
-            pruned one, say) and, where it should be stored encoded, ``(bitmap bytes, nnz)``
-            (``offload.kernels.bitmap``). A Unit with an encoded tensor stores every tensor at
-            ``stored_offset`` and is decoded into the dense layout when read.
+            pruned one, say) and, where it should be stored encoded, ``(bytes, "bitmap", nnz)``
+            (``offload.kernels.bitmap``). A GGUF tensor (``QuantizedTensor``) is stored as its
+            blocks (``gguf.<type>``) whatever the encoder. A Unit with an encoded tensor stores
+            every tensor at ``stored_offset`` and is decoded into the dense layout when read.
 
     Raises:
         HardwareError: the parent directory is not writable or has too little free space.
@@ -88,6 +94,7 @@ def write_store(out_dir: str | os.PathLike, specs: list[UnitSpec],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    release_free_heap()   # the pack's freed buffers: back to the OS before a run takes its budget
     log.info("packed %d units (%s) into %s", len(units), format_bytes(total), out_dir)
     return manifest
 
@@ -122,7 +129,10 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
             datas = []
             for part in spec.parts:
                 t = _part_tensor(part, load)
-                datas.append(encoder(spec, part, t) if encoder is not None else (t, None))
+                if isinstance(t, QuantizedTensor):   # stored as the file's blocks
+                    datas.append((t, (t.blob(), gguf.encoding(t.qtype), None)))
+                else:
+                    datas.append(encoder(spec, part, t) if encoder is not None else (t, None))
             stored = None
             if any(enc is not None for _, enc in datas):
                 tensors, stored = _stored_layout(tensors, datas)
@@ -145,7 +155,7 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
 
 
 def _stored_layout(tensors: list[TensorSpec], datas) -> tuple[list[TensorSpec], int]:
-    """Where each tensor of an encoded Unit is stored: encoded ones as their bitmap bytes,
+    """Where each tensor of an encoded Unit is stored: encoded ones as their encoded bytes,
     the others as they are, each at ``TENSOR_ALIGN``."""
     out, off = [], 0
     for ts, (t, enc) in zip(tensors, datas):
@@ -154,25 +164,31 @@ def _stored_layout(tensors: list[TensorSpec], datas) -> tuple[list[TensorSpec], 
             out.append(dataclasses.replace(ts, stored_offset=off, stored_nbytes=ts.nbytes))
             off += ts.nbytes
         else:
-            blob, nnz = enc
-            out.append(dataclasses.replace(ts, encoding="bitmap", stored_offset=off,
+            blob, encoding, nnz = enc
+            out.append(dataclasses.replace(ts, encoding=encoding, stored_offset=off,
                                            stored_nbytes=blob.numel(), nnz=nnz))
             off += blob.numel()
     return out, off
 
 
-def _part_tensor(part: TensorPart, load) -> torch.Tensor:
+def _part_tensor(part: TensorPart, load) -> torch.Tensor | QuantizedTensor:
     t = load(part.source)
+    quantized = isinstance(t, QuantizedTensor)
     if part.index is not None:
+        if quantized:
+            raise StoreError(f"tensor {part.source} is {t.qtype}-quantized and fused over "
+                             "experts: offload cannot slice it yet; pack the model from an "
+                             "unquantized checkpoint")
         t = t[part.index]
     if part.rows is not None:
-        t = t[part.rows[0]:part.rows[1]]
+        t = t.rows(*part.rows) if quantized else t[part.rows[0]:part.rows[1]]
     if part.concat:
-        t = torch.cat([t, *(load(name) for name in part.concat)], dim=0)
+        more = [load(name) for name in part.concat]
+        t = t.cat(more) if quantized else torch.cat([t, *more], dim=0)
     if tuple(t.shape) != part.shape or t.dtype != part.dtype:
         raise StoreError(f"tensor {part.source} is {tuple(t.shape)} {t.dtype}, expected "
                          f"{part.shape} {part.dtype}: the checkpoint does not match its config")
-    return t.detach().to("cpu").contiguous()
+    return t if quantized else t.detach().to("cpu").contiguous()
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -9,45 +9,18 @@ import json
 import logging
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..errors import ModelError, StoreError
+from .source import Source
 
 log = logging.getLogger(__name__)
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
                        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-@dataclass
-class Source:
-    """A checkpoint seen through one interface.
-
-    Attributes:
-        name: a short name for store directories and messages.
-        description: what the user passed, for the manifest.
-        config: the transformers config (a PretrainedConfig).
-        fingerprint: changes whenever the weights or config change.
-        shapes: returns tensor name -> (shape, dtype) for every tensor of the checkpoint (may
-            have to read the checkpoint, so it is called only when a store must be packed).
-        load: tensor name -> tensor (CPU); may read lazily from disk.
-        module: the model object when the user passed one (it becomes the skeleton).
-        tokenizer_path: where a tokenizer can be loaded from, if anywhere (dir, gguf file).
-    """
-
-    name: str
-    description: str
-    config: object
-    fingerprint: str
-    shapes: Callable[[], dict[str, tuple[tuple[int, ...], torch.dtype]]]
-    load: Callable[[str], torch.Tensor]
-    module: torch.nn.Module | None = None
-    tokenizer_path: tuple[str, str | None] | None = None
 
 
 def open_source(model) -> Source:
@@ -171,27 +144,15 @@ def _safetensors_index(files: list[Path]) -> tuple[dict, dict]:
 
 
 def _gguf_source(path: Path) -> Source:
-    st = path.stat()
-    fp = hashlib.sha256(f"{path.absolute()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    cache: dict[str, dict] = {}
+    """A .gguf file: quantized tensors kept in their blocks (``store/gguf_source.py``)."""
+    from .gguf_source import open_gguf, read_gguf
 
-    def state() -> dict[str, torch.Tensor]:
-        if "state" not in cache:
-            from transformers import AutoModelForCausalLM
-
-            log.info("reading %s (dequantising GGUF tensors)", path)
-            try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    path.parent, gguf_file=path.name, dtype=torch.float32)
-            except Exception as e:  # gguf parsing errors come from several libraries
-                raise StoreError(f"cannot read GGUF file {path}: {e}", path=str(path)) from e
-            cache["state"] = model.state_dict()
-        return cache["state"]
-
-    return Source(name=path.stem, description=str(path.absolute()), config=_gguf_config(path),
-                  fingerprint=fp,
-                  shapes=lambda: {k: (tuple(v.shape), v.dtype) for k, v in state().items()},
-                  load=lambda name: state()[name], tokenizer_path=(str(path.parent), path.name))
+    try:
+        config = _gguf_config(path)
+    except StoreError:
+        read_gguf(path)   # a truncated file: say which tensor it ends in
+        raise
+    return open_gguf(path, config)
 
 
 def _gguf_config(path: Path):

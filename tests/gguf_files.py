@@ -1,0 +1,72 @@
+"""Llama-architecture GGUF files with random quantized blocks, written with the ``gguf``
+package's writer: real shapes and bytes, random weights (not a trained model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+BLOCKS = {"Q4_0": (32, 18), "Q8_0": (32, 34)}
+
+
+def random_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` rows of random ``qtype`` blocks with small fp16 scales (activations stay
+    finite through many layers)."""
+    block, nbytes = BLOCKS[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    scales = (rng.random((rows, cols // block)) * 0.01 + 0.002).astype(np.float16)
+    raw[..., :2] = scales.view(np.uint8).reshape(rows, cols // block, 2)
+    return raw.reshape(rows, cols // block * nbytes)
+
+
+def write_llama_gguf(path: Path, *, hidden: int, layers: int, intermediate: int, heads: int,
+                     kv_heads: int, vocab: int, qtype: str = "Q4_0", seed: int = 0,
+                     fused_experts: int = 0) -> Path:
+    """A Llama GGUF (untied head) whose 2-D weights are random ``qtype`` blocks and whose
+    norms are ones; returns ``path``. ``fused_experts``: also a 3-D ``blk.0.ffn_gate_exps``
+    tensor of that many experts, as MoE GGUFs hold them."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    q = gguf.GGMLQuantizationType[qtype]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("random-llama")
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(intermediate)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    head_dim = hidden // heads
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        w.add_tensor(name, random_blocks(rows, cols, qtype, rng), raw_dtype=q)   # byte shape
+
+    def ones(name: str) -> None:
+        w.add_tensor(name, np.ones(hidden, dtype=np.float32))
+
+    matrix("token_embd.weight", vocab, hidden)
+    for i in range(layers):
+        ones(f"blk.{i}.attn_norm.weight")
+        matrix(f"blk.{i}.attn_q.weight", hidden, hidden)
+        matrix(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_output.weight", hidden, hidden)
+        ones(f"blk.{i}.ffn_norm.weight")
+        matrix(f"blk.{i}.ffn_gate.weight", intermediate, hidden)
+        matrix(f"blk.{i}.ffn_up.weight", intermediate, hidden)
+        matrix(f"blk.{i}.ffn_down.weight", hidden, intermediate)
+    if fused_experts:
+        experts = random_blocks(fused_experts * intermediate, hidden, qtype, rng)
+        w.add_tensor("blk.0.ffn_gate_exps.weight",
+                     experts.reshape(fused_experts, intermediate, -1), raw_dtype=q)
+    ones("output_norm.weight")
+    matrix("output.weight", vocab, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

