@@ -77,7 +77,8 @@ def pack(model, out: str | os.PathLike | None = None, *, offload_dir=None,
             the dense model, offloaded).
         quantize: LOSSY, opt-in: ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q5_0"`` or ``"q5_1"``:
             the decoder's projection weights stored in that GGUF block type (the ``gguf``
-            package's quantizer), every other tensor as float32; recorded in the manifest.
+            package's quantizer), every other tensor as float32 (an MoE model's experts
+            too: the expert cache moves them dense); recorded in the manifest.
 
     Returns:
         The store's manifest (``manifest.path`` is the store directory).
@@ -148,6 +149,11 @@ def prepare(model, out=None, *, offload_dir=None, progress: bool = True, force: 
     if isinstance(model, (str, os.PathLike)) and (Path(model) / "manifest.json").is_file() \
             and out is None:
         return _open_store(Path(model))
+    if options.quantize and isinstance(model, (str, os.PathLike)) \
+            and str(model).lower().endswith(".gguf"):
+        raise OffloadError(f"quantize={options.quantize!r} quantizes an unquantized checkpoint; "
+                           f"{Path(model).name} is a GGUF, whose tensors are packed in their own "
+                           "block types already: drop quantize")
     source = open_source(model)
     if options.quantize:   # LOSSY, opt-in: every tensor float32, projections quantized
         source = quantized_source(source)

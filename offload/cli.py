@@ -99,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     qz = pk.add_argument_group("quantization")
     qz.add_argument("--quantize", choices=("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"),
                     help="LOSSY: store the decoder's projection weights in this GGUF block type "
-                         "(dequantized on the compute device; every other tensor float32)")
+                         "(dequantized on the compute device; every other tensor float32; MoE "
+                         "models: attention only, experts stay float32)")
     pk.set_defaults(func=_cmd_pack)
     return p
 

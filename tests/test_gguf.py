@@ -308,4 +308,8 @@ def test_quantize_refuses_what_it_cannot_do(checkpoint, tmp_path):
         offload.pack(path, tmp_path / "x", quantize="q3_k", progress=False)
     with pytest.raises(offload.OffloadError, match="choose one"):
         offload.pack(path, tmp_path / "y", quantize="q8_0", sparse="bitmap", progress=False)
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    g = write_llama_gguf(tmp_path / "q.gguf", hidden=64, layers=1, intermediate=128, heads=2,
+                         kv_heads=2, vocab=256)
+    with pytest.raises(offload.OffloadError, match="is a GGUF"):
+        offload.pack(g, tmp_path / "z", quantize="q4_0", progress=False)
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
