@@ -558,33 +558,21 @@ def quant_targets(a: argparse.Namespace, k: Kind, runs: dict, report: Report) ->
 # -- decode rates ---------------------------------------------------------------------------
 def decode_rates(numel: int) -> dict:
     """Every block type on every CPU path this machine runs, one thread: blocks of random
-    quants with realistic fp16 scales, median of 5 decodes of ``numel`` elements into a
-    float32 buffer larger than the caches."""
-    import numpy as np
+    quants with realistic fp16 scales (``gguf.sample_blocks``), median of 5 decodes of
+    ``numel`` elements into a float32 buffer larger than the caches."""
     import torch
 
     from offload.kernels import cpu
     from offload.kernels import gguf as G
 
-    rng = np.random.default_rng(0)
     out = torch.empty(numel * 4, dtype=torch.uint8)
     rates: dict = {}
-    for name, (_, block, nbytes) in G.TYPES.items():
-        raw = rng.integers(0, 256, size=(numel // block, nbytes), dtype=np.uint8)
-        for at in G.SCALE_OFFSETS[name]:
-            halves = (0x2000 + rng.integers(0, 0xBFF, size=numel // block)).astype(np.uint16)
-            raw[:, at:at + 2] = halves.view(np.uint8).reshape(-1, 2)
-        src = torch.from_numpy(raw.reshape(-1))
+    for name in G.TYPES:
+        src = G.sample_blocks(name, numel)
         rates[name] = {}
         for isa in cpu.supported() or ["reference"]:
-            kw = {} if isa == "reference" else {"isa": isa}
-            G.dequantize(src, out, name, numel, **kw)
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                G.dequantize(src, out, name, numel, **kw)
-                times.append(time.perf_counter() - t0)
-            s = sorted(times)[2]
+            s = G.time_decode(src, out, name, numel, reps=5,
+                              isa=None if isa == "reference" else isa)
             rates[name][isa] = {"stored_bps": src.numel() / s, "dense_bps": numel * 4 / s}
     return rates
 

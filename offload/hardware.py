@@ -74,31 +74,17 @@ def measurable(encoding: str) -> bool:
 
 def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = None) -> float:
     """Dense bytes per second one thread decodes ``encoding`` into a buffer larger than the
-    caches (at most 32 MB out, within ``max_bytes``): random quants, realistic fp16 scales."""
-    import numpy as np
-
+    caches (at most 32 MB out, within ``max_bytes``; ``gguf.sample_blocks``)."""
     from .kernels import gguf
 
     name = gguf.type_of(encoding)
     if device.type != "cpu":
         return 0.0   # decoded on the CPU only for now (kernels.decode.prepare refuses a GPU)
-    _, block, nbytes = gguf.TYPES[name]
     out_bytes = 32 << 20 if max_bytes is None else max(1 << 20, min(32 << 20, max_bytes // 2))
     numel = out_bytes // 4 // 256 * 256
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, size=(numel // block, nbytes), dtype=np.uint8)
-    halves = (0x2000 + rng.integers(0, 0xBFF, size=numel // block)).astype(np.uint16)
-    for at in gguf.SCALE_OFFSETS[name]:   # finite scales: NaN/subnormal ones decode slower
-        raw[:, at:at + 2] = halves.view(np.uint8).reshape(-1, 2)
-    src = torch.from_numpy(raw.reshape(-1))
     out = torch.empty(numel * 4, dtype=torch.uint8)
-    gguf.dequantize(src, out, name, numel)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        gguf.dequantize(src, out, name, numel)
-        times.append(time.perf_counter() - t0)
-    return numel * 4 / max(sorted(times)[1], 1e-9)
+    return numel * 4 / gguf.time_decode(gguf.sample_blocks(name, numel), out, name, numel,
+                                        reps=3)
 
 
 def measure_disk(data_file: Path, max_bytes: int = 512 << 20) -> float:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import time
 
 import numpy as np
 import torch
@@ -101,6 +102,30 @@ def dequantize(src: torch.Tensor, out: torch.Tensor, name: str, numel: int, *,
                                   ctypes.c_int64(numel // block), threads, cpu.level(isa))
     if rc:
         raise RuntimeError(f"the GGUF kernel does not know {name} (type {type_id})")
+
+
+def sample_blocks(name: str, numel: int, seed: int = 0) -> torch.Tensor:
+    """``numel`` elements of ``name`` blocks to time a decoder on: random quants, finite fp16
+    scales of a trained model's size (NaN and subnormal scales decode slower)."""
+    _, block, nbytes = TYPES[name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(numel // block, nbytes), dtype=np.uint8)
+    for at in SCALE_OFFSETS[name]:
+        halves = (0x2000 + rng.integers(0, 0xBFF, size=numel // block)).astype(np.uint16)
+        raw[:, at:at + 2] = halves.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(-1))
+
+
+def time_decode(src: torch.Tensor, out: torch.Tensor, name: str, numel: int, *, reps: int,
+                isa: str | None = None) -> float:
+    """Median seconds of ``reps`` one-thread decodes (after one untimed)."""
+    dequantize(src, out, name, numel, isa=isa)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dequantize(src, out, name, numel, isa=isa)
+        times.append(time.perf_counter() - t0)
+    return max(sorted(times)[reps // 2], 1e-9)
 
 
 def prepare() -> None:
