@@ -126,7 +126,7 @@ def contender_table(runs: dict, report: Report) -> list[dict]:
         if key == "hook":
             st = x["stats"]
             note += (f"; take-over {x['takeover_s']:.1f} s (packs the store the first time), "
-                     f"peak {fmt_bytes(st['peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}, "
+                     f"peak {fmt_bytes(st['accounted_peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}, "
                      f"stall {st['stall_seconds'] / max(st['decode_tokens'], 1):.2f} s/token")
             match = same_tokens(acc, x)
             if match is not None:

@@ -329,7 +329,7 @@ def _contender_row(a, runs, key, label, acc_tok_s, floor_tok_s) -> tuple[dict, l
                 f"{fmt_bytes(t['read_bps'])}/s"
                 + (f" in {t['device_avg_request_bytes'] / 1024:.0f} KiB disk requests"
                    if t.get("device_avg_request_bytes") else "")
-                + f", peak {fmt_bytes(st['peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}"
+                + f", peak {fmt_bytes(st['accounted_peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}"
                 + ("" if st.get("direct_io") else ", BUFFERED I/O"))
         row["offload_timed"], row["offload_stats"] = t, st
     elif key == "accelerate":

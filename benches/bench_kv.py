@@ -109,7 +109,7 @@ def part_speed(a, budget: int, contexts: list[int], dtype) -> list[dict]:
                 continue
             res = decode_speed(off, ids, None)
             st = offload.stats(off)
-            res.update(peak=st["peak_bytes"], kv_disk=(st.get("kv") or {}).get("disk_bytes", 0))
+            res.update(peak=st["accounted_peak_bytes"], kv_disk=(st.get("kv") or {}).get("disk_bytes", 0))
             row[mode] = res
             offload.close(off)
         row["offloaded_cache"] = ({"skip": "needs a CUDA GPU (it moves layers GPU <-> CPU)"}

@@ -514,7 +514,7 @@ def _offload_notes(key: str, x: dict, t: dict) -> list[str]:
     notes.append(f"disk {fmt_bytes(t.get('disk_bytes_per_token'))}/tok")
     if t.get("stall_s_per_step") is not None:
         notes.append(f"stall {t['stall_s_per_step']:.3f} s/step")
-    notes.append(f"peak {fmt_bytes(st.get('peak_bytes'))} of {fmt_bytes(st.get('budget_bytes'))}"
+    notes.append(f"peak {fmt_bytes(st.get('accounted_peak_bytes'))} of {fmt_bytes(st.get('budget_bytes'))}"
                  + ("" if st.get("direct_io", True) else ", BUFFERED I/O"))
     return notes
 

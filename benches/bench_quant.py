@@ -499,7 +499,7 @@ def kind_table(a: argparse.Namespace, k: Kind, runs: dict, report: Report) -> li
                 note.append(f"stall {t['stall_s_per_step']:.2f} s/step")
                 if "decode_s_per_step" in t:
                     note.append(f"decode {t['decode_s_per_step']:.2f} s/step")
-                note.append(f"peak {fmt_bytes(st['peak_bytes'])} of "
+                note.append(f"peak {fmt_bytes(st['accounted_peak_bytes'])} of "
                             f"{fmt_bytes(st['budget_bytes'])} (accounted)")
             if key in ("quant", "f32"):
                 m = same_tokens(ref, x)

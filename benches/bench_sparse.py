@@ -51,8 +51,8 @@ def build_pruned(work: Path, dims: dict) -> Path:
     bench_dense.build_model(src, dims)
     out = work / "model-pruned50"
     marker = out / "pruned.json"
-    want = {"source": json.loads((src / "offload_bench.json").read_text())
-            if (src / "offload_bench.json").exists() else str(src), "prune": PRUNE,
+    want = {"source": json.loads((src / "bench_model.json").read_text())
+            if (src / "bench_model.json").exists() else str(src), "prune": PRUNE,
             "method": "magnitude"}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return out
@@ -258,7 +258,7 @@ def contender_table(s: Setup, runs: dict, report: Report) -> list[dict]:
                     f"{t['stall_s_per_step']:.2f} s/token"
                     + (f", decode {t['decode_s_per_step']:.3f} s/token (decode thread)"
                        if "decode_s_per_step" in t else "")
-                    + f", peak {fmt_bytes(st['peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}")
+                    + f", peak {fmt_bytes(st['accounted_peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}")
         match = same_tokens(ref, x) if key != "resident" else None
         if match is not None:
             row["tokens_match_resident"] = match[0]

@@ -13,8 +13,10 @@ import torch
 from .adapters import adapter_for
 from .errors import BudgetError, HardwareError, OffloadError, StoreError
 from .hardware import load_or_measure
-from .memory import release_free_heap
+from .kernels import workspace
+from .memory import PeakMeter, release_free_heap
 from .planner import ExpertOptions, KVOptions, Plan, PlanOptions, plan_for
+from .planner.make import head_chunk_rows
 from .runtime import Runtime
 from .sizes import parse_size
 from .store.encode import QUANTIZE_TYPES, SPARSE_ENCODINGS, make_encoder, quantized_source
@@ -291,13 +293,14 @@ class Request:
     host_budget: int | str | None = None
     prefetch: int | None = None
     max_tokens: int | None = None
+    logits: str = "last"
     experts: ExpertOptions = dataclasses.field(default_factory=ExpertOptions)
     kv: KVOptions = dataclasses.field(default_factory=KVOptions)
 
     @classmethod
     def of(cls, kwargs: dict) -> "Request":
         """From ``run``/``plan`` keyword arguments; an unknown one is named with the known."""
-        plain = {"device", "host_budget", "prefetch", "max_tokens"}
+        plain = {"device", "host_budget", "prefetch", "max_tokens", "logits"}
         unknown = sorted(set(kwargs) - plain - set(_NAMES))
         if unknown:
             raise OffloadError(f"unknown option {unknown[0]}=: the options are "
@@ -329,7 +332,7 @@ class Request:
             budget_bytes=parse_size(budget, total_bytes=weights), device=str(device),
             max_tokens=self.max_tokens, prefetch=self.prefetch, host_budget_bytes=host,
             spill_dir=str(prep.offload_dir), spill_free_bytes=spill_free,
-            experts=self.experts, kv=self.kv)
+            logits=self.logits, experts=self.experts, kv=self.kv)
 
 
 def make_plan(prep: "Prepared", budget, request: Request = Request()) -> Plan:
@@ -337,13 +340,14 @@ def make_plan(prep: "Prepared", budget, request: Request = Request()) -> Plan:
     offload dir's cache) within the budget, then ``planner.plan_for``."""
     device = resolve_device(request.device)
     options = request.options(budget, prep, device)
-    options.kv.check()
+    options.check()
     manifest = prep.manifest
     profile = load_or_measure(manifest.data_path, prep.offload_dir, device,
                               DTYPES[manifest.dtype], prep.shape.hidden,
                               max_bytes=options.budget_bytes // 2,
                               encodings={t.encoding for u in manifest.units if u.encoded
                                          for t in u.tensors})
+    release_free_heap()   # the measurement's buffers, before the planner's probes
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
                     heat=load_heat(manifest.path))
     release_free_heap()   # the planner's probes: back to the OS before the budget is taken
@@ -378,8 +382,14 @@ def run(model, budget="25%", *, offload_dir=None, progress=True, sparse=None,
             read from disk once, then moved over the host link each pass. GPU only.
         prefetch: Units fetched ahead of the one computing (default: enough to keep about
             64 MB in flight, 1 to 3 Units).
-        max_tokens: the most positions (batch x context) one forward may process and cache;
-            the budget reserves their KV cache, activations and logits (default 256).
+        max_tokens: the positions (batch x context) the budget reserves KV cache and a one-shot
+            prefill for (default 256). ``generate()`` goes beyond them by itself: a prompt
+            whose one-shot prefill does not fit is prefilled in the largest chunks that do,
+            and with ``kv="auto"`` a context whose cache does not fit moves to a paged cache
+            spilled to disk. A direct forward beyond them is refused.
+        logits: the rows of logits the reserve holds: ``"last"`` (default; one per sequence,
+            what ``generate()`` computes) or ``"all"`` (every reserved position: for forwards
+            that return the whole sequence's logits, e.g. perplexity).
         experts: MoE models only. ``"cache"`` (default): each expert is its own Unit, read
             when the router picks it into a device expert cache sized by the plan;
             ``"stream"``: every expert streams with its layer each pass (the baseline).
@@ -397,11 +407,12 @@ def run(model, budget="25%", *, offload_dir=None, progress=True, sparse=None,
             scratch file in ``offload_dir``, read back a layer ahead (``generate`` gets it
             automatically); needs ``max_context``. ``"auto"`` (default): paged when
             ``max_context`` is given and a dynamic cache for it would take over half the
-            budget. Lossless either way.
+            budget, and, in ``generate()``, when the context asked for outgrows the reserve.
+            Lossless either way.
         max_context: the longest sequence (prompt + new tokens) to serve, in positions.
-        batch: sequences per forward the paged cache is sized for.
+        batch: sequences per forward the reserve (and a paged cache) is sized for.
         prefill_chunk: with a paged cache, the prompt positions per forward the reserve's
-            activations are sized for (a longer prompt is fed in chunks of this size).
+            activations are sized for (``generate()`` feeds a longer prompt in chunks).
         kv_block / kv_device_blocks: positions per KV block, and full blocks per layer kept
             in the budget (the newest), for a paged cache.
 
@@ -419,16 +430,31 @@ def run(model, budget="25%", *, offload_dir=None, progress=True, sparse=None,
 
 def run_prepared(prep: "Prepared", budget="25%", request: Request = Request()
                  ) -> torch.nn.Module:
-    """``run`` for a store already prepared (``prepare``): plan, build, attach."""
-    the_plan = make_plan(prep, budget, request)
+    """``run`` for a store already prepared (``prepare``): plan, build, attach. The measured
+    peak (``stats()["measured_peak_bytes"]``) counts from after the model's skeleton is built
+    and torch's kernels have run the model's shapes once (the baseline: the workspaces MKL and
+    oneDNN keep per thread, measured in ``kernels.workspace``); the hardware profile, the
+    plan's probes and the runtime's start-up are inside it."""
     device = resolve_device(request.device)
     skeleton = prep.source.module if prep.source.module is not None else \
         build_skeleton(prep.manifest, device)
     prep.adapter.check_model(skeleton)
+    kernels = 0
+    if device.type == "cpu":   # torch's kernels started and their workspaces for this model's
+        # shapes allocated: in the baseline, as the interpreter's (a few MB, once per process)
+        workspace.initialise(torch.get_num_threads())
+        kernels = workspace.library_workspace(
+            prep.shape, DTYPES[prep.manifest.dtype], "cpu",
+            head_rows=head_chunk_rows(prep.manifest, prep.shape))
+    meter = PeakMeter(device)
+    meter.workspace_bytes = kernels
+    meter.start()
+    the_plan = make_plan(prep, budget, request)
     old = getattr(skeleton, _ATTR, None)
     if old is not None:
         old.close()
-    runtime = Runtime(skeleton, prep.manifest, the_plan, prep.adapter, device, prep.shape)
+    runtime = Runtime(skeleton, prep.manifest, the_plan, prep.adapter, device, prep.shape,
+                      meter=meter)
     setattr(skeleton, _ATTR, runtime)
     skeleton.eval()
     return skeleton
@@ -461,8 +487,16 @@ def runtime_of(model) -> Runtime:
 def stats(model) -> dict:
     """Where the bytes and milliseconds of a model made by ``run`` went.
 
-    Keys: ``budget_bytes``; ``peak_bytes`` (the compute tier's high-water mark: resident Units,
-    staging slots, KV cache, activations and scratch, by the runtime's accounting);
+    Keys: ``budget_bytes``; ``measured_peak_bytes`` (measured: on the CPU the process's
+    resident high-water mark since ``run`` began, above ``baseline_bytes``, its RSS then: the
+    interpreter, libraries, model skeleton and kernel workspaces; on a GPU the CUDA allocator's
+    peak above what it
+    held then; ``None`` where the OS does not say); ``accounted_peak_bytes`` (the runtime's own
+    accounting: buffers allocated plus each forward's estimated KV cache, activations and
+    scratch, which the reserve bounds by construction); ``workspace_bytes`` (what torch's
+    kernels first allocated for this model's shapes, inside the baseline); ``prefill_chunk``
+    (prompt positions
+    per forward in the last ``generate()``);
     ``allocated_bytes`` (weights buffers actually allocated); ``resident_bytes``,
     ``staging_bytes``, ``kv_bytes``; ``bytes_read`` per tier (``disk``, ``host_to_device``);
     ``direct_io`` (False where the filesystem refused O_DIRECT); ``fetches``; ``io_seconds``

@@ -42,7 +42,7 @@ def record_input_norms(model, adapter, batches) -> dict[str, torch.Tensor]:
     try:
         with torch.no_grad():
             for ids in batches:
-                model(input_ids=ids)
+                model(input_ids=ids, logits_to_keep=1)   # the norms need no logits
     finally:
         for h in hooks:
             h.remove()

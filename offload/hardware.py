@@ -47,7 +47,9 @@ def load_or_measure(data_file: Path, cache_dir: Path, device: torch.device, dtyp
     if profile is not None and not missing:
         return profile
     if profile is None:
-        profile = HardwareProfile(str(device), measure_disk(data_file), measure_h2d(device),
+        bound = max_bytes if max_bytes is not None else 256 << 20
+        profile = HardwareProfile(str(device), measure_disk(data_file, chunk_bytes=bound),
+                                  measure_h2d(device, min(256 << 20, bound)),
                                   measure_compute(device, dtype, hidden, max_bytes),
                                   DTYPE_NAMES[dtype])
     if missing:
@@ -87,13 +89,17 @@ def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = 
                                         reps=3)
 
 
-def measure_disk(data_file: Path, max_bytes: int = 512 << 20) -> float:
-    """O_DIRECT read bandwidth over the first ``max_bytes`` of ``data_file``."""
+def measure_disk(data_file: Path, max_bytes: int = 512 << 20,
+                 chunk_bytes: int = CHUNK_BYTES) -> float:
+    """O_DIRECT read bandwidth over the first ``max_bytes`` of ``data_file``, in reads of at
+    most ``chunk_bytes`` (the runtime's own reads' size; less under a small budget, at least
+    1 MiB)."""
+    chunk = max(1 << 20, min(CHUNK_BYTES, chunk_bytes)) // BLOCK * BLOCK
     size = os.path.getsize(data_file) // BLOCK * BLOCK
     length = min(size, max_bytes)
-    if length < CHUNK_BYTES:
+    if length < chunk:
         return 1.0e9  # too small to time; a nominal NVMe figure
-    buf = aligned_host(CHUNK_BYTES).numpy()
+    buf = aligned_host(chunk).numpy()
     flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     try:
         fd = os.open(data_file, flags)
@@ -101,16 +107,16 @@ def measure_disk(data_file: Path, max_bytes: int = 512 << 20) -> float:
         fd = os.open(data_file, os.O_RDONLY)
     try:
         t0 = time.perf_counter()
-        for off in range(0, length - CHUNK_BYTES + 1, CHUNK_BYTES):
+        for off in range(0, length - chunk + 1, chunk):
             os.preadv(fd, [buf], off)
         elapsed = time.perf_counter() - t0
     finally:
         os.close(fd)
-    return (length // CHUNK_BYTES * CHUNK_BYTES) / max(elapsed, 1e-9)
+    return (length // chunk * chunk) / max(elapsed, 1e-9)
 
 
 def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
-    """Pinned host-to-device copy bandwidth; 0 on CPU."""
+    """Pinned host-to-device copy bandwidth over ``nbytes`` (at most the budget); 0 on CPU."""
     if device.type != "cuda":
         return 0.0
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)

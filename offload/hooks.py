@@ -4,11 +4,13 @@ Decoder layers and norms whose Unit is streamed get a forward pre-hook that wait
 and binds its tensors as the module's parameters, and a forward hook (always called, also when
 forward raises) that unbinds them and releases the slot (``attach_unit``). Row-chunked modules
 (embedding, head) and MoE experts get an instance-level forward (``replace_forward``); the model
-gets a hook pair around each forward (``wrap_model``). Each returns its undo steps, and
+gets a hook pair around each forward (``wrap_model``) and its ``generate`` a wrapper that sizes
+the prefill and the cache to the reserve (``wrap_generate``). Each returns its undo steps, and
 ``detach`` runs them: every parameter and forward restored; user classes are never patched.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -92,6 +94,19 @@ def wrap_model(model: torch.nn.Module, begin: Callable, end: Callable
     args, output)`` after it (also when it raises). Returns the undo steps."""
     return [model.register_forward_pre_hook(begin, with_kwargs=True).remove,
             model.register_forward_hook(end, always_call=True).remove]
+
+
+def wrap_generate(model: torch.nn.Module, generate: Callable) -> list[Callable[[], None]]:
+    """``generate(orig, args, kwargs)`` in place of ``model.generate`` (an instance attribute
+    with the original's signature). Returns the undo steps."""
+    orig = model.generate
+
+    @functools.wraps(orig)
+    def wrapped(*args, **kwargs):
+        return generate(orig, args, kwargs)
+
+    model.generate = wrapped
+    return [lambda: model.__dict__.pop("generate", None)]
 
 
 def detach(undo: list[Callable[[], None]]) -> None:

@@ -15,6 +15,34 @@ def release_free_heap() -> None:
         trim(0)
 
 
+M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter
+MMAP_THRESHOLD = 256 << 10
+
+
+@functools.lru_cache(maxsize=1)
+def map_large_allocations() -> bool:
+    """Serve every allocation of ``MMAP_THRESHOLD`` or more from its own mapping, returned to
+    the OS when freed (glibc ``mallopt``; False elsewhere). glibc's default raises that threshold
+    as large blocks are freed, so a DynamicCache growing by ``torch.cat`` leaves each layer's
+    old keys and values as heap holes the larger new ones cannot reuse: measured, a chunked
+    prefill of 800 positions held 2-3 MB (about the whole KV cache) over the budget's
+    accounting until the heap was trimmed. Once per process, process-wide."""
+    lib = _libc()
+    if lib is None:
+        return False
+    return bool(lib.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def _malloc_trim():
     try:
@@ -23,3 +51,78 @@ def _malloc_trim():
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` size field (``VmRSS``, ``VmHWM``) in bytes; ``None`` off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    """The process's resident memory now."""
+    return _status_bytes("VmRSS")
+
+
+class PeakMeter:
+    """The process's measured memory high-water mark over a run, above its baseline.
+
+    On the CPU: resident memory (``VmHWM``), reset when the meter starts (``clear_refs``), the
+    RSS at that moment (the interpreter, its libraries, the model's skeleton) subtracted. On a
+    GPU: the CUDA allocator's peak since the start (``torch.cuda.max_memory_allocated``,
+    reset when the meter starts), above what it held then. Resetting is process-wide: the
+    last meter started wins. Where the kernel refuses the reset, the high-water mark stays the
+    process's whole-life one, which can only read larger, never smaller.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.baseline = 0
+        self.workspace_bytes = 0   # the kernels' workspaces the caller allocated before start
+        self.resettable = False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            self.resettable = True
+            return
+        import gc
+
+        gc.collect()
+        release_free_heap()   # freed pages a run would reuse unseen: back to the OS first
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")   # VmHWM := VmRSS
+            self.resettable = True
+        except OSError:
+            self.resettable = False
+        self.baseline = rss_bytes() or 0
+
+    def rebase(self) -> None:
+        """Lower the baseline to the resident memory now, if less: memory the process freed
+        after ``start`` (a collector's late frees, another runtime's buffers) would otherwise
+        be reused by the run unseen, and the peak read low. Called just before a run takes
+        its budget, so only an over-reading is possible."""
+        if self.device.type != "cuda":
+            rss = rss_bytes()
+            if rss is not None and rss < self.baseline:
+                self.baseline = rss
+
+    def peak(self) -> int | None:
+        """Bytes above the baseline at the high-water mark (``None``: not measurable here)."""
+        if self.device.type == "cuda":
+            import torch
+
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self.baseline)
+        hwm = _status_bytes("VmHWM")
+        return None if hwm is None else max(0, hwm - self.baseline)

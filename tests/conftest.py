@@ -101,3 +101,4 @@ def smollm2():
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                  dtype=torch.float32).eval()
     return path, tok, model
+

@@ -47,7 +47,7 @@ def test_random_families_bitwise(family, batch, offload_dir):
     assert torch.equal(logits, ref_logits)
     assert torch.equal(tokens, ref_tokens)
     s = offload.stats(off)
-    assert s["peak_bytes"] <= budget
+    assert s["accounted_peak_bytes"] <= budget
     assert s["bytes_read"]["disk"] > 0
     offload.close(off)
 
@@ -67,7 +67,7 @@ def test_smollm2_bitwise(smollm2, batch, tmp_path):
     assert torch.equal(logits, ref_logits)
     assert torch.equal(tokens, ref_tokens)
     s = offload.stats(off)
-    assert s["peak_bytes"] <= s["budget_bytes"]
+    assert s["accounted_peak_bytes"] <= s["budget_bytes"]
     offload.close(off)
 
 
@@ -173,8 +173,8 @@ def test_bf16_model_bitwise(offload_dir):
     model = tiny_model("llama", dtype=torch.bfloat16)
     ids, mask = _prompts(4, model.config.vocab_size)
     ref_logits, ref_tokens = _reference(model, ids, mask, 5)
-    off = offload.run(model, budget=int(weight_bytes(model) * 0.3), offload_dir=offload_dir,
-                      max_tokens=64)
+    off = offload.run(model, budget=int(weight_bytes(model) * 0.4), offload_dir=offload_dir,
+                      max_tokens=64, batch=4, logits="all")   # whole-prompt logits at batch 4
     assert any(k.startswith("head.") for k in off._offload_runtime.plan.stream)
     logits, tokens = _reference(off, ids, mask, 5)
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
@@ -186,17 +186,18 @@ def test_bf16_model_bitwise(offload_dir):
 def test_generate_step_logits_bitwise(requires_grad, dtype, offload_dir):
     """generate() keeps the last position's logits only (a strided ``h[:, -1:, :]`` into the
     head): torch computes that with another kernel when the weight requires grad (for every
-    dtype), and the offloaded head must follow the model it replaced either way. At 35% the
+    dtype), and the offloaded head must follow the model it replaced either way. Here the
     layers stream and the planner can keep the head whole where its chunks would not be
-    bitwise on this machine, so the plan owes bitwise logits at every step."""
+    bitwise on this machine, so the plan owes bitwise logits at every step (at 50%: the
+    reserve holds the float16 head's per-row copies of a batch of 4)."""
     model = tiny_model("llama", dtype=dtype).requires_grad_(requires_grad)
     ids, mask = _prompts(4, model.config.vocab_size)
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
               output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         ref = model.generate(ids, **kw)
-    off = offload.run(model, budget=int(weight_bytes(model) * 0.35), offload_dir=offload_dir,
-                      max_tokens=64)
+    off = offload.run(model, budget=int(weight_bytes(model) * 0.5), offload_dir=offload_dir,
+                      max_tokens=64, batch=4)
     plan = off._offload_runtime.plan
     assert any(k.startswith("layer.") for k in plan.stream) and 4 not in plan.head_inexact_rows
     with torch.no_grad():

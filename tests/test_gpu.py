@@ -117,7 +117,8 @@ def test_gpu_pruned_bitmap_model_is_bitwise_and_under_budget(fraction, offload_d
     off = offload.run(model, budget=budget, offload_dir=offload_dir, device="cuda",
                       max_tokens=64, sparse="bitmap")
     rt = off._offload_runtime
-    assert any(rt.units[k].encoded for k in rt.plan.stream) or fraction > 0.2
+    if fraction == 0.2:   # at 50% the bitmap Units may all fit resident: bitwise, in budget
+        assert any(rt.units[k].encoded for k in rt.plan.stream)
     _check_bitwise_under_budget(off, ids, ref, ref_tokens, budget)
     s = offload.stats(off)
     if fraction == 0.2:

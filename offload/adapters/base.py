@@ -26,16 +26,22 @@ class Shape:
         return 2 * self.layers * self.kv_heads * self.head_dim * itemsize * tokens
 
     def activation_bytes(self, batch: int, new: int, total: int, itemsize: int,
-                         logits_rows: int) -> int:
+                         logits_rows: int, cat: bool = True) -> int:
         """A high-water estimate of one forward's activations: the live hidden states of one
-        layer, its MLP and attention intermediates (scores in float32), and ``logits_rows``
+        layer, its MLP and attention intermediates (scores in float32), the layer's keys and
+        values over all ``total`` positions as attention reads them (repeated to every query
+        head where heads share them, plus, with ``cat``, the copy DynamicCache concatenates
+        while the old one is alive; a paged cache gathers into its own buffers), and
+        ``logits_rows``
         rows of logits (counted at float32 width: generate upcasts them)."""
         n = batch * new
         per_token = (4 * self.hidden + 3 * self.intermediate
                      + (self.heads + 2 * self.kv_heads) * self.head_dim) * itemsize
         scores = batch * self.heads * new * total * 4
+        repeat = self.heads if self.heads > self.kv_heads else 0   # repeat_kv's copy
+        keys = 2 * batch * total * (repeat + self.kv_heads * cat) * self.head_dim * itemsize
         logits = logits_rows * self.vocab * max(itemsize, 4)
-        return n * per_token + scores + logits
+        return n * per_token + scores + keys + logits
 
 
 class Adapter(Protocol):

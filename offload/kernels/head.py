@@ -97,13 +97,17 @@ def linear(h: torch.Tensor, weight: torch.Tensor, path: str,
 def extra_bytes(paths: HalfPaths | None, batch: int, hidden: int, itemsize: int,
                 chunk_rows: int) -> int:
     """What the path for ``batch`` rows may allocate beyond its output (``None``: a model
-    whose head needs no choice): torch's copy of the weight block for every batch row, twice
-    (oneDNN may reorder the broadcast copy into one of its own)."""
+    whose head needs no choice). Torch broadcasts the weight block to every batch row and
+    copies it (``itemsize`` per element); oneDNN may reorder that copy into one of its own
+    (``itemsize`` again), and a CPU without native half-precision matmuls converts it to
+    float32 (4 more). Measured for a float16 batch of 8 on the 256-row path at hidden 2048
+    (``tests/test_exactness.py``): usually 7 MB, up to 24-27 MB in some runs (one copy
+    counts 8 MB, this bound 34 MB)."""
     path = paths.for_batch(batch) if paths is not None else None
     if path in (None, "per_row"):
         return 0
     rows = SUB_ROWS if path == "sub_rows" else chunk_rows
-    return 2 * batch * min(rows, chunk_rows) * hidden * itemsize
+    return batch * min(rows, chunk_rows) * hidden * (2 * itemsize + 4)
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,7 +21,9 @@ def kv_geometry(config, max_context: int, batch: int, dtype, block_tokens: int =
     context = -(-max_context // bt) * bt
     block_bytes = batch * heads * bt * row
     layers = config.num_hidden_layers
-    pool = 2 * layers * (device_blocks + 1)
+    # Each layer keeps its newest device_blocks full blocks and a tail; the layer being updated
+    # may hold one more until it spills (a prefill chunk of up to a block crossing a boundary).
+    pool = 2 * (layers * (device_blocks + 1) + 1)
     return {"heads": heads, "head_dim": head_dim, "block_tokens": bt, "max_context": context,
             "block_bytes": block_bytes, "pool_blocks": pool,
             "device_bytes": 4 * batch * heads * context * row + pool * block_bytes,

@@ -38,13 +38,15 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
         HardwareError: a paged KV cache asked for on a GPU.
         OffloadError: options that contradict each other or the model.
     """
-    options.kv.check()
+    options.check()
     shape = adapter.shape(config)
     dtype = DTYPES[manifest.dtype]
     moe = adapter.moe_shape(config) if hasattr(adapter, "moe_shape") else None
     if moe is not None:
         options.experts.check(moe.top_k, moe.experts)
-    kv, reserve, tokens = kv_part(config, shape, dtype, options)
+    head_rows = head_chunk_rows(manifest, shape)
+    kv, reserve, tokens = kv_part(config, shape, dtype, options, head_rows=head_rows,
+                                  overhead=bookkeeping(len(manifest.units)))
     check = head_check(manifest, shape, dtype, options.device)
 
     def place(pins: frozenset[str]) -> Plan:
@@ -65,16 +67,27 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
         return place(frozenset())
 
 
-def kv_part(config, shape, dtype, options: PlanOptions) -> tuple[KVPlan, int, int]:
+def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
+            overhead: int = 0) -> tuple[KVPlan, int, int]:
     """The KV part of the plan, the reserve, and the positions it holds: dynamic (the whole
     KV of ``options.tokens`` positions in the budget) unless ``kv="paged"``, or ``"auto"``
-    with a ``max_context`` whose dynamic reserve would take over half the budget."""
+    with a ``max_context`` whose dynamic reserve would take over half the budget.
+
+    The reserve keeps one row of logits per sequence of ``kv.batch`` (``logits="all"``: every
+    position's), what the head's half-precision path copies at that batch on this CPU
+    (``head_rows``: its largest chunk), and ``overhead``: the runtime's own objects
+    (``bookkeeping``)."""
     kvo, tokens = options.kv, options.tokens
-    reserve = dynamic_reserve(shape, dtype.itemsize, tokens)
+    paths = head.choose(dtype, shape.hidden) if options.device.startswith("cpu") else None
+    ws = overhead
+    extra = head.extra_bytes(paths, kvo.batch, shape.hidden, dtype.itemsize, head_rows) + ws
+    rows = tokens if options.logits == "all" else kvo.batch
+    reserve = dynamic_reserve(shape, dtype.itemsize, tokens, logits_rows=min(rows, tokens),
+                              head_copy=extra)
     paged = kvo.kv == "paged" or (kvo.kv == "auto" and kvo.max_context is not None
                                   and reserve > options.budget_bytes // 2)
     if not paged:
-        return KVPlan(), reserve, tokens
+        return KVPlan(auto=kvo.kv == "auto", overhead_bytes=ws), reserve, tokens
     if not options.device.startswith("cpu"):
         raise HardwareError("kv='paged' runs on a CPU compute device for now (its GPU path is "
                             "not built): use kv='dynamic' on the GPU, or device='cpu'")
@@ -89,12 +102,29 @@ def kv_part(config, shape, dtype, options: PlanOptions) -> tuple[KVPlan, int, in
             "choose another offload_dir", needed_bytes=g["total_bytes"], free_bytes=free)
     chunk = min(kvo.prefill_chunk, kvo.max_context)
     reserve = paged_reserve(shape, dtype.itemsize, batch=kvo.batch, chunk=chunk,
-                            max_context=kvo.max_context, kv_device_bytes=g["device_bytes"])
-    plan = KVPlan("paged", max_context=kvo.max_context, batch=kvo.batch,
+                            max_context=kvo.max_context, kv_device_bytes=g["device_bytes"],
+                            logits_rows=kvo.batch * (chunk if options.logits == "all" else 1),
+                            head_copy=extra)
+    plan = KVPlan("paged", auto=kvo.kv == "auto", overhead_bytes=ws, max_context=kvo.max_context, batch=kvo.batch,
                   block_tokens=g["block_tokens"], device_blocks=kvo.device_blocks,
                   device_bytes=g["device_bytes"], disk_bytes=g["total_bytes"],
                   prefill_chunk=chunk)
     return plan, reserve, kvo.batch * kvo.max_context
+
+
+def head_chunk_rows(manifest, shape) -> int:
+    """Rows of the LM head's largest Unit (the whole vocab when it is one Unit)."""
+    keys = manifest.groups()[manifest.tied.get("head", "head")]
+    return max((r[1] - r[0] if r else shape.vocab
+                for r in (manifest.unit(k).rows for k in keys)), default=shape.vocab)
+
+
+def bookkeeping(units: int) -> int:
+    """The process memory a runtime holds besides its buffers: hooks, Tickets, I/O thread
+    stacks, generate()'s state. Measured in warm fresh processes as RSS growth over the
+    buffers allocated (the kernels' workspaces already in the baseline: ``api.run_prepared``):
+    72-376 KB for test models of 65-187 Units; this allows 256 KiB plus 4 KiB per Unit."""
+    return (256 << 10) + (4 << 10) * units
 
 
 def head_check(manifest, shape, dtype, device: str) -> HeadCheck:

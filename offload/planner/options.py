@@ -71,6 +71,9 @@ class PlanOptions:
         host_budget_bytes: pinned host RAM for streamed Units (GPU machines).
         spill_dir / spill_free_bytes: where a paged KV cache spills, and the bytes free there
             (a fact of the machine, measured by the caller; ``None``: not checked).
+        logits: the logits rows the reserve holds: ``"last"`` (one per sequence: what
+            ``generate()`` computes) or ``"all"`` (every reserved position: forwards that return
+            the whole sequence's logits, e.g. perplexity).
     """
 
     budget_bytes: int
@@ -80,8 +83,16 @@ class PlanOptions:
     host_budget_bytes: int = 0
     spill_dir: str = ""
     spill_free_bytes: int | None = None
+    logits: str = "last"
     experts: ExpertOptions = field(default_factory=ExpertOptions)
     kv: KVOptions = field(default_factory=KVOptions)
+
+    def check(self) -> None:
+        if self.logits not in ("last", "all"):
+            raise OffloadError(f"logits={self.logits!r}: use 'last' (the reserve holds one row "
+                               "of logits per sequence, as generate() computes) or 'all' (every "
+                               "position's, for forwards that return them)")
+        self.kv.check()
 
     @property
     def tokens(self) -> int:

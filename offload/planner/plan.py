@@ -48,9 +48,15 @@ class KVPlan:
             ``max_context`` x ``batch`` can spill to disk).
         prefill_chunk: the prompt positions per forward the reserve's activations are sized
             for (paged).
+        auto: ``kv="auto"``: ``generate()`` may move a dynamic plan's cache to a paged one
+            (spilled to disk) when its context outgrows the reserve.
+        overhead_bytes: the runtime's own objects (``make.bookkeeping``), in the reserve
+            beside every forward.
     """
 
     mode: str = "dynamic"
+    auto: bool = False
+    overhead_bytes: int = 0
     max_context: int = 0
     batch: int = 0
     block_tokens: int = 0
@@ -170,8 +176,11 @@ class Plan:
             rows.append(("KV spill file", f"at most (the whole KV at {kv.batch} x "
                          f"{kv.max_context} positions)", format_bytes(kv.disk_bytes)))
         else:
-            rows.append(("KV+activations", f"{self.max_tokens} tokens",
-                         format_bytes(self.reserve_bytes)))
+            rows.append(("KV+activations", f"{self.max_tokens} tokens, one-shot prefill "
+                         "(longer prompts: in chunks)", format_bytes(self.reserve_bytes)))
+        if kv.overhead_bytes:
+            rows.append(("  of which", "the runtime's own objects",
+                         format_bytes(kv.overhead_bytes)))
         return rows
 
     def _summary(self) -> list[str]:

@@ -2,8 +2,11 @@
 
 One formula, ``forward_bytes``, sizes the Plan's reserve (for the largest forward the options
 allow) and checks every forward the runtime runs against it (``Runtime._check_budget``): KV
-cache (all of it, or a paged cache's device part), activations and logits, the scratch for
-embedding gathers, and what the head's path copies (``kernels/head.py``).
+cache (all of it, or a paged cache's device part), activations and the logits the forward
+keeps, the scratch for embedding gathers, and what the head's path copies
+(``kernels/head.py``). ``generate()`` keeps one row of logits per sequence, so the reserve holds
+that many unless a plan asks for every position's (``logits="all"``); a prompt whose one-shot
+prefill would not fit is prefilled in the largest chunks that do (``largest_chunk``).
 """
 from __future__ import annotations
 
@@ -16,22 +19,41 @@ def scratch_bytes(shape, itemsize: int) -> int:
 
 
 def forward_bytes(shape, itemsize: int, *, batch: int, new: int, total: int, logits_rows: int,
-                  kv_bytes: int, head_copy: int = 0) -> int:
+                  kv_bytes: int, head_copy: int = 0, paged: bool = False) -> int:
     """Bytes one forward of ``batch`` x ``new`` positions (``total`` per sequence with the
     cached ones, ``logits_rows`` rows of logits kept) holds besides weights; ``kv_bytes`` is
     the cache it runs with."""
-    return (kv_bytes + shape.activation_bytes(batch, new, total, itemsize, logits_rows)
+    return (kv_bytes + shape.activation_bytes(batch, new, total, itemsize, logits_rows,
+                                              cat=not paged)
             + scratch_bytes(shape, itemsize) + head_copy)
 
 
-def dynamic_reserve(shape, itemsize: int, tokens: int) -> int:
-    """A DynamicCache of ``tokens`` positions and the prefill of all of them in one forward."""
-    return forward_bytes(shape, itemsize, batch=1, new=tokens, total=tokens, logits_rows=tokens,
-                         kv_bytes=shape.kv_bytes(tokens, itemsize))
+def dynamic_reserve(shape, itemsize: int, tokens: int, *, logits_rows: int = 1,
+                    head_copy: int = 0) -> int:
+    """A DynamicCache of ``tokens`` positions and the prefill of all of them in one forward,
+    keeping ``logits_rows`` rows of logits (``generate()`` keeps the last position of each
+    sequence: one row per sequence), with what the head's path copies for them."""
+    return forward_bytes(shape, itemsize, batch=1, new=tokens, total=tokens,
+                         logits_rows=logits_rows, kv_bytes=shape.kv_bytes(tokens, itemsize),
+                         head_copy=head_copy)
 
 
 def paged_reserve(shape, itemsize: int, *, batch: int, chunk: int, max_context: int,
-                  kv_device_bytes: int) -> int:
+                  kv_device_bytes: int, logits_rows: int, head_copy: int = 0) -> int:
     """A paged cache's device part and a prefill of ``chunk`` positions per sequence."""
     return forward_bytes(shape, itemsize, batch=batch, new=chunk, total=max_context,
-                         logits_rows=batch * chunk, kv_bytes=kv_device_bytes)
+                         logits_rows=logits_rows, kv_bytes=kv_device_bytes,
+                         head_copy=head_copy, paged=True)
+
+
+def largest_chunk(need, prompt: int, reserve: int) -> int:
+    """The most prompt positions per forward, up to ``prompt``, whose ``need(positions)`` fits
+    ``reserve`` (0: not even one). ``need`` grows with the positions: a bisection."""
+    lo, hi = 0, prompt
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if need(mid) <= reserve:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

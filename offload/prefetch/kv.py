@@ -11,7 +11,8 @@ reader thread. The values returned are DynamicCache's, position for position, so
 them gives bitwise the same logits (``tests/test_kv.py``).
 
 Memory on the compute device: ``2 x 2 x B x H x max_context x D`` bytes of gather buffers plus
-``layers x (device_blocks + 1)`` blocks: ``device_bytes`` says it before the first token.
+``layers x (device_blocks + 1) + 1`` blocks (keys and values each; the spare lets a prefill chunk
+of up to a block cross a block boundary): ``device_bytes`` says it before the first token.
 CPU compute device only for now.
 """
 from __future__ import annotations

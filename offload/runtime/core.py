@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 import time
 
 import torch
 
-from ..errors import BudgetError, StoreError
+from ..errors import BudgetError, HardwareError, StoreError
 from ..hooks import (attach_unit, detach, embedding_forward, linear_forward, replace_forward,
-                     wrap_model)
+                     wrap_generate, wrap_model)
 from ..kernels import decode, gguf, head
 from ..planner.plan import Plan
-from ..planner.reserve import forward_bytes, scratch_bytes
+from ..planner.kv import kv_geometry
+from ..planner.reserve import forward_bytes, largest_chunk, scratch_bytes
 from ..prefetch.pipeline import Pipeline
 from ..sizes import format_bytes
 from ..store.format import Manifest
-from ..memory import release_free_heap
+from ..memory import PeakMeter, map_large_allocations, release_free_heap
 from ..tiers.device import DeviceTier, aligned_host
 from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
@@ -39,7 +41,11 @@ class Runtime:
     """
 
     def __init__(self, model: torch.nn.Module, manifest: Manifest, plan: Plan, adapter,
-                 device: torch.device, shape=None):
+                 device: torch.device, shape=None, meter: PeakMeter | None = None):
+        if meter is None:
+            meter = PeakMeter(device)
+            meter.start()
+        self.meter = meter   # the measured peak, from before the budget is taken
         self.model, self.manifest, self.plan, self.adapter = model, manifest, plan, adapter
         self.device = device
         self.shape = shape if shape is not None else adapter.shape(model.config)
@@ -83,6 +89,8 @@ class Runtime:
         self.half_paths = head.choose(DTYPES[self.manifest.dtype], self.shape.hidden) \
             if device.type == "cpu" else None
         release_free_heap()   # the probes' temporaries: back to the OS before the budget
+        self.meter.rebase()
+        map_large_allocations()
         self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
         # One landing buffer per slot for encoded Units' stored bytes (plan.landing_bytes).
         self.landings = [self.device_tier.alloc(plan.landing_bytes)
@@ -124,7 +132,8 @@ class Runtime:
             if buf.numel() >= nbytes:
                 return buf
         c = self.counters
-        c.peak_bytes = max(c.peak_bytes, self.device_tier.allocated_bytes + nbytes)
+        c.accounted_peak_bytes = max(c.accounted_peak_bytes,
+                                     self.device_tier.allocated_bytes + nbytes)
         return (aligned_host(nbytes) if self.device.type == "cpu" else
                 torch.empty(nbytes, dtype=torch.uint8, device=self.device))
 
@@ -185,6 +194,8 @@ class Runtime:
             undo += self.experts.attach()
             self._check_aggregates()
         undo += wrap_model(model, self._begin, self._end)
+        if hasattr(model, "generate"):
+            undo += wrap_generate(model, self._generate)
 
     def _embedding(self, chunks):
         """The embedding's forward: resident chunks indexed in memory, the others' rows
@@ -304,6 +315,16 @@ class Runtime:
         self._forward_t0 = time.perf_counter()
         return (args, kwargs) if swapped else None
 
+    def _forward_need(self, batch: int, new: int, total: int, logits_rows: int, kv: int,
+                      paged: bool = False) -> int:
+        """``forward_bytes`` of a forward on this runtime (its head path's copy and the
+        kernels' workspace included)."""
+        head_copy = head.extra_bytes(self.half_paths, batch, self.shape.hidden, self.itemsize,
+                                     self._head_rows) + self.plan.kv.overhead_bytes
+        return forward_bytes(self.shape, self.itemsize, batch=batch, new=new, total=total,
+                             logits_rows=logits_rows, kv_bytes=kv, head_copy=head_copy,
+                             paged=paged)
+
     def _check_budget(self, batch: int, new: int, cache, keep) -> None:
         """Refuse a forward whose KV, activations and head copy exceed the plan's reserve
         (the same ``forward_bytes`` the planner sized it with)."""
@@ -312,24 +333,156 @@ class Runtime:
         rows = batch * (keep if isinstance(keep, int) and 0 < keep < new else new)
         # A paged KV cache holds its device part, whatever the context; others hold it all.
         kv = getattr(cache, "device_bytes", None)
+        paged = kv is not None
         if kv is None:
             kv = self.shape.kv_bytes(batch * (past + new), self.itemsize)
-        head_copy = head.extra_bytes(self.half_paths, batch, self.shape.hidden, self.itemsize,
-                                     self._head_rows)
-        need = forward_bytes(self.shape, self.itemsize, batch=batch, new=new, total=past + new,
-                             logits_rows=rows, kv_bytes=kv, head_copy=head_copy)
+        need = self._forward_need(batch, new, past + new, rows, kv, paged)
         plan = self.plan
         if need > plan.reserve_bytes:
-            fix = (f"feed the prompt in chunks of at most {plan.kv.prefill_chunk} positions"
-                   if plan.kv.paged and new > plan.kv.prefill_chunk else
+            fits = largest_chunk(lambda c: self._forward_need(
+                batch, c, past + new, batch * min(c, rows // batch), kv, paged), new,
+                plan.reserve_bytes)
+            fix = (f"call generate(), which prefills in chunks that fit, or feed at most "
+                   f"{fits} positions per forward" if fits else
                    f"pass max_tokens >= {batch * (past + new)} (the budget must hold it too)")
+            if fits and rows > batch:
+                fix += (" (with logits_to_keep=1, or logits='all' to run() for a reserve "
+                        "that holds every position's logits)")
             raise BudgetError(
                 f"this forward (batch {batch}, {past + new} positions) needs "
                 f"{format_bytes(need)} for KV cache and activations, but the plan reserved "
                 f"{format_bytes(plan.reserve_bytes)} for max_tokens={plan.max_tokens}; {fix}",
                 budget_bytes=plan.budget_bytes)
         c = self.counters
-        c.peak_bytes = max(c.peak_bytes, self.device_tier.allocated_bytes + need)
+        c.accounted_peak_bytes = max(c.accounted_peak_bytes,
+                                     self.device_tier.allocated_bytes + need)
+
+    # -- generate ---------------------------------------------------------------------------
+    def _generate(self, orig, args, kwargs):
+        """``model.generate``, with the prefill and the cache sized to the reserve: a prompt
+        whose one-shot prefill does not fit is prefilled in the largest chunks that do
+        (transformers' ``prefill_chunk_size``), and a context whose dynamic cache does not fit
+        gets a paged one (``kv="auto"``, CPU). A cache or a chunk size the caller passed is
+        theirs."""
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if (not isinstance(ids, torch.Tensor) or ids.dim() < 2 or self._closed
+                or kwargs.get("prefill_chunk_size") is not None):
+            return orig(*args, **kwargs)
+        given = next((kwargs[k] for k in ("cache", "past_key_values")
+                      if kwargs.get(k) is not None), None)
+        config = kwargs.get("generation_config") or self.model.generation_config
+        batch, prompt = int(ids.shape[0]), int(ids.shape[1])
+        for name in ("num_beams", "num_return_sequences"):
+            batch *= max(1, int(kwargs.get(name, getattr(config, name, 1)) or 1))
+        new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        total = prompt + int(new) if new is not None else int(
+            kwargs.get("max_length", config.max_length) or 0)
+        cache, chunk = self._prefill_layout(batch, prompt, max(total, prompt + 1), given)
+        if cache is not None and cache is not given:
+            kwargs[self._cache_kw] = cache
+        if chunk < prompt:
+            kwargs["prefill_chunk_size"] = chunk
+        self.counters.prefill_chunk = chunk
+        return orig(*args, **kwargs)
+
+    def _prefill_layout(self, batch: int, prompt: int, total: int, given=None):
+        """The cache ``generate`` should use (``None``: its own) and the prompt positions per
+        prefill forward, for ``batch`` sequences of ``prompt`` positions growing to ``total``
+        (``given``: the caller's cache, kept; its positions already held are not prompt)."""
+        plan, reserve = self.plan, self.plan.reserve_bytes
+        cache = None
+        if given is not None:
+            past = int(given.get_seq_length()) if hasattr(given, "get_seq_length") else 0
+            kv = getattr(given, "device_bytes", None)
+            paged = kv is not None
+            if kv is None:
+                kv = self.shape.kv_bytes(batch * total, self.itemsize)
+            new = max(1, prompt - past)
+            chunk = largest_chunk(lambda c: self._forward_need(batch, c, total, batch, kv,
+                                                               paged), new, reserve)
+            if paged and (chunk < new or -(-new // given.block_tokens)
+                          > given.device_blocks + 2 or past):
+                chunk = min(chunk, given.block_tokens)
+            return given, (max(chunk, 1) if chunk < new else prompt)
+        if plan.kv.paged:
+            if total > plan.kv.max_context:
+                raise BudgetError(
+                    f"generating up to {total} positions, but the paged KV cache was planned "
+                    f"for max_context={plan.kv.max_context}: pass max_context={total} to run()",
+                    budget_bytes=plan.budget_bytes)
+            cache = self._paged_cache(None, batch, True)
+            kv = cache.device_bytes
+        else:
+            if self._forward_need(batch, 1, 1, batch, 0) > reserve:   # not even without KV
+                raise BudgetError(
+                    f"a batch of {batch} sequences needs "
+                    f"{format_bytes(self._forward_need(batch, 1, 1, batch, 0))} per forward "
+                    "for its logits and the head's copies, more than the "
+                    f"{format_bytes(reserve)} reserve sized for batch {plan.kv.batch or 1}: "
+                    f"pass batch={batch} to run()", budget_bytes=plan.budget_bytes)
+            kv = self.shape.kv_bytes(batch * total, self.itemsize)
+            if self._forward_need(batch, 1, total, batch, kv) > reserve:
+                cache = self._auto_paged(batch, total)
+                kv = cache.device_bytes
+        paged = cache is not None
+        chunk = largest_chunk(lambda c: self._forward_need(batch, c, total, batch, kv, paged),
+                              prompt, reserve)
+        if cache is not None and (chunk < prompt or -(-prompt // cache.block_tokens)
+                                  > cache.device_blocks + 2):
+            # a paged cache's pool holds a layer's blocks and one spare: a first forward may
+            # start device_blocks + 2 blocks, a later one only one more (a block's positions)
+            chunk = min(chunk, cache.block_tokens)
+        if chunk < 1:   # a paged cache's device part alone fills the reserve
+            raise BudgetError(
+                f"generating {total} positions at batch {batch}: not even one position per "
+                f"forward fits the {format_bytes(reserve)} reserve; raise the budget, or lower "
+                "max_new_tokens or the batch", budget_bytes=plan.budget_bytes)
+        return cache, chunk
+
+    def _auto_paged(self, batch: int, total: int):
+        """A paged cache (spilled to disk) for a context whose dynamic cache outgrows the
+        reserve: the most blocks kept in the budget that still leave room for a forward."""
+        plan, reserve = self.plan, self.plan.reserve_bytes
+        dyn = self.shape.kv_bytes(batch * total, self.itemsize)
+        fix = (f"pass max_tokens >= {batch * total} (the budget must hold its KV cache too"
+               + ("), or kv='auto' with max_context= for a cache paged to disk)"
+                  if not plan.kv.auto else ")"))
+        if not plan.kv.auto or self.device.type != "cpu":
+            raise BudgetError(
+                f"generating up to {total} positions at batch {batch} needs "
+                f"{format_bytes(dyn)} of KV cache, more than the {format_bytes(reserve)} "
+                f"reserved for max_tokens={plan.max_tokens}; {fix}",
+                budget_bytes=plan.budget_bytes)
+        from ..prefetch.kv import PagedKVCache
+
+        config, dtype = self.model.config, DTYPES[self.manifest.dtype]
+        spill = self.manifest.path.parent
+        for block_tokens, device_blocks in ((256, 4), (256, 2), (128, 2), (128, 1), (64, 1),
+                                            (32, 1), (16, 1)):
+            g = kv_geometry(config, total, batch, dtype, block_tokens, device_blocks)
+            if self._forward_need(batch, 1, total, batch, g["device_bytes"], True) <= reserve:
+                break
+        else:
+            raise BudgetError(
+                f"generating up to {total} positions at batch {batch}: even a paged KV cache "
+                f"does not fit the {format_bytes(reserve)} reserve; {fix}",
+                budget_bytes=plan.budget_bytes)
+        free = shutil.disk_usage(spill).free
+        if free < g["total_bytes"] + (64 << 20):
+            raise HardwareError(
+                f"generating up to {total} positions at batch {batch} needs "
+                f"{format_bytes(g['total_bytes'])} of KV cache spilled to {spill}, which has "
+                f"{format_bytes(free)} free; lower max_new_tokens or the batch")
+        if self._owned_kv is not None:
+            self._owned_kv.close()
+        log.info("context of %d positions: KV cache paged to disk (%d-position blocks, %d in "
+                 "the budget per layer)", total, g["block_tokens"], device_blocks)
+        self._owned_kv = PagedKVCache(config, max_context=total, batch=batch, dtype=dtype,
+                                      block_tokens=block_tokens, device_blocks=device_blocks,
+                                      spill_dir=spill, transport=self.transport)
+        return self._owned_kv
 
     def _paged_cache(self, cache, batch: int, use_cache):
         """With ``kv="paged"``: the runtime's PagedKVCache in place of an empty (or no) cache,

@@ -16,8 +16,9 @@ class Counters:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     forward_seconds: float = 0.0
-    peak_bytes: int = 0
+    accounted_peak_bytes: int = 0   # buffers allocated + the forward's estimate (reserve)
     kv_bytes: int = 0
+    prefill_chunk: int = 0   # prompt positions per forward in the last generate()
     checksummed: set = field(default_factory=set)
 
 
@@ -55,7 +56,10 @@ def report(rt) -> dict:
     io = rt.disk.wall_seconds + ((ex or {}).get("io_seconds") or 0.0)
     out = {
         "budget_bytes": rt.plan.budget_bytes,
-        "peak_bytes": c.peak_bytes,
+        "accounted_peak_bytes": c.accounted_peak_bytes,
+        "measured_peak_bytes": rt.meter.peak(),
+        "baseline_bytes": rt.meter.baseline,
+        "workspace_bytes": rt.meter.workspace_bytes,
         "allocated_bytes": rt.device_tier.allocated_bytes,
         "resident_bytes": rt.plan.resident_bytes,
         "staging_bytes": rt.plan.slots * rt.plan.slot_bytes,
@@ -76,6 +80,7 @@ def report(rt) -> dict:
         "decode_seconds": c.decode_seconds,
         "tokens_per_s": c.decode_tokens / c.decode_seconds if c.decode_seconds else 0.0,
         "resyncs": p.resyncs,
+        "prefill_chunk": c.prefill_chunk,
     }
     if rt.plan.stored_bytes != rt.plan.weight_bytes:
         out["sparse"] = rt.sparse.as_dict()

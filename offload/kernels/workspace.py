@@ -1,0 +1,80 @@
+"""What torch's CPU kernels keep for themselves once a model's shapes have run: measured.
+
+MKL keeps its GEMM packing buffers per thread and oneDNN its scratchpads after their first use
+(measured for SmolLM2's shapes on 2 threads: 3.8 MB for the linears, 1.3 MB for attention), so
+a process that runs a model holds them for the rest of its life, whatever the budget.
+``api.run_prepared`` allocates them before the measured peak starts (they are the baseline's,
+like the interpreter's, and reported as ``stats()["workspace_bytes"]``): ``library_workspace``
+runs the model's linear and attention shapes once, on weights whose pages are never written
+(the kernel's zero page: no memory), and returns how much the process's resident memory grew.
+A process that already ran those shapes grows by nothing. The figure is an RSS difference,
+noisy at a few hundred KB, which is why it sizes nothing.
+"""
+from __future__ import annotations
+
+import functools
+import mmap
+
+import torch
+import torch.nn.functional as F
+
+from ..memory import rss_bytes
+
+PROBE_ROWS = (1, 64)   # a decode step and a prefill block: GEMV and packed GEMM paths
+
+
+def _virtual(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    buf = mmap.mmap(-1, max(rows * cols * dtype.itemsize, 1),
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):   # a huge page would be allocated, not shared
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buf, dtype=dtype, count=rows * cols).view(rows, cols)
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(shapes: tuple[tuple[int, int], ...], heads: int, head_dim: int,
+             dtype: torch.dtype, threads: int) -> int:
+    before = rss_bytes()
+    if before is None:
+        return 0
+    weights = [_virtual(o, i, dtype) for o, i in shapes]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rows in PROBE_ROWS:
+            for w in weights:
+                F.linear(torch.randn(1, rows, w.shape[1], generator=g).to(dtype), w)
+            q = torch.randn(1, heads, rows, head_dim, generator=g).to(dtype)
+            F.scaled_dot_product_attention(q, q, q, is_causal=rows > 1)
+    del weights
+    return max(0, (rss_bytes() or before) - before)
+
+
+@functools.lru_cache(maxsize=None)
+def initialise(threads: int | None = None) -> None:
+    """Start torch's CPU kernels (the OpenMP pool, MKL's and oneDNN's set-up) on tiny
+    shapes: what any process that computes with torch holds, whatever the model, so it
+    belongs to the interpreter's baseline rather than to a run's peak."""
+    x = torch.ones(1, 2, 8, 8)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            F.linear(x.to(dtype), torch.ones(8, 8, dtype=dtype))
+            F.linear(x.reshape(16, 8).to(dtype), torch.ones(8, 8, dtype=dtype))
+            F.scaled_dot_product_attention(x.to(dtype), x.to(dtype), x.to(dtype),
+                                           is_causal=True)
+
+
+def library_workspace(shape, dtype: torch.dtype, device: str = "cpu", *,
+                      head_rows: int = 0) -> int:
+    """Bytes this process's resident memory grows by when torch first runs ``shape``'s linears
+    (the head's ``head_rows``-row chunks included) and attention at decode and prefill sizes
+    here (0 on a GPU: the CUDA allocator's peaks count cuBLAS workspaces already). Cached per
+    process, shape and thread count."""
+    if not device.startswith("cpu"):
+        return 0
+    attn = shape.heads * shape.head_dim
+    kv = shape.kv_heads * shape.head_dim
+    shapes = tuple(sorted({(attn, shape.hidden), (kv, shape.hidden), (shape.hidden, attn),
+                           (shape.intermediate, shape.hidden),
+                           (shape.hidden, shape.intermediate)}
+                          | ({(head_rows, shape.hidden)} if head_rows else set())))
+    return _measure(shapes, shape.heads, shape.head_dim, dtype, torch.get_num_threads())
