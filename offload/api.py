@@ -443,6 +443,7 @@ def run_prepared(prep: "Prepared", budget="25%", request: Request = Request()
     if device.type == "cpu":   # torch's kernels started and their workspaces for this model's
         # shapes allocated: in the baseline, as the interpreter's (a few MB, once per process)
         workspace.initialise(torch.get_num_threads())
+        workspace.warm_code_paths(prep.config, DTYPES[prep.manifest.dtype])
         kernels = workspace.library_workspace(
             prep.shape, DTYPES[prep.manifest.dtype], "cpu",
             head_rows=head_chunk_rows(prep.manifest, prep.shape))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,11 @@ def test_run_default_model_streams_text_and_summary(tmp_path):
     assert "Paris" in text                       # coherent output from the real model
     for field in ("tokens/s", "I/O stall", "read from disk", "peak memory", "budget"):
         assert field in summary
+    # the first run packs in this process too: the run's measured peak (RSS above the process
+    # when it began) within the budget, and what packing took reported beside it
+    m = re.search(r"peak memory +\S+ \S+ measured \((\d+)% of the \S+ \S+ budget; above the "
+                  r".*packing or checking the store: \S+ \S+ above the interpreter", summary)
+    assert m and int(m.group(1)) <= 100, summary
     # a second run reuses the store: no packing bar, same greedy text
     r2 = offload_cli("run", "--budget", "20%", "--max-new-tokens", "12", "--offload-dir",
                      tmp_path, "--prompt", "What is the capital of France?")

@@ -36,7 +36,7 @@ def test_long_prompt_generates_within_the_default_reserve(batch, times, offload_
         ids[1, :7], mask[1, :7] = 0, 0   # left padding
     # most of it the reserve: KV and a prefill of 512 positions (3 x 2560: the paged cache's
     # gather buffers and attention's keys over 2566 positions take 16 MB of it)
-    budget = weight_bytes(model) * (3 if batch * times > 10 else 1)
+    budget = int(weight_bytes(model) * (3 if batch * times > 10 else 1.3))
     off = offload.run(model, budget=budget, offload_dir=offload_dir,
                       max_tokens=1024 if batch * times > 10 else 512, progress=False)
     rt = off._offload_runtime

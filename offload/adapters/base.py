@@ -6,6 +6,7 @@ from typing import Protocol
 
 import torch
 
+from ..memory import MMAP_THRESHOLD
 from ..units import UnitSpec
 
 
@@ -30,8 +31,11 @@ class Shape:
         """A high-water estimate of one forward's activations: the live hidden states of one
         layer, its MLP and attention intermediates (scores in float32), the layer's keys and
         values over all ``total`` positions as attention reads them (repeated to every query
-        head where heads share them, plus, with ``cat``, the copy DynamicCache concatenates
-        while the old one is alive; a paged cache gathers into its own buffers), and
+        head where heads share them, plus, with ``cat``, the old copies DynamicCache's
+        ``torch.cat`` frees: one layer's while the new one is made, or, for tensors below the
+        C heap's mmap threshold, every layer's, left as heap the larger new ones cannot reuse
+        until the forward ends and the heap is trimmed; a paged cache gathers into its own
+        buffers), and
         ``logits_rows``
         rows of logits (counted at float32 width: generate upcasts them)."""
         n = batch * new
@@ -39,7 +43,10 @@ class Shape:
                      + (self.heads + 2 * self.kv_heads) * self.head_dim) * itemsize
         scores = batch * self.heads * new * total * 4
         repeat = self.heads if self.heads > self.kv_heads else 0   # repeat_kv's copy
-        keys = 2 * batch * total * (repeat + self.kv_heads * cat) * self.head_dim * itemsize
+        keys = 2 * batch * total * repeat * self.head_dim * itemsize
+        if cat:   # one layer's old copy; below the mmap threshold, every layer's stays as heap
+            layer = batch * total * self.kv_heads * self.head_dim * itemsize
+            keys += 2 * layer * (self.layers if layer < MMAP_THRESHOLD else 1)
         logits = logits_rows * self.vocab * max(itemsize, 4)
         return n * per_token + scores + keys + logits
 
