@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import mmap
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..memory import zero_page_tensor
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,7 @@ def _virtual_weight(vocab: int, hidden: int, dtype: torch.dtype, bounds):
     last columns of a block with another kernel: seen at 504-511 of 512). At most
     ``_SAMPLE_BYTES`` are written: past that, evenly spread chunks (first and last included)
     are sampled. Returns the tensor and the sampled chunks."""
-    nbytes = vocab * hidden * dtype.itemsize
-    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):   # a huge page would be allocated, not shared
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
-    weight = torch.frombuffer(buf, dtype=dtype, count=vocab * hidden).view(vocab, hidden)
+    weight = zero_page_tensor((vocab, hidden), dtype)
     rows = [sorted({r for p in range(a, b + 1, 256) for r in range(p - 8, p + 8) if a <= r < b}
                    | set(range(max(a, b - 8), b))) for a, b in bounds]
     per_chunk = max(len(r) for r in rows) * hidden * dtype.itemsize

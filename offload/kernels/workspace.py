@@ -15,24 +15,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import mmap
 
 import torch
 import torch.nn.functional as F
 
-from ..memory import rss_bytes
+from ..memory import rss_bytes, zero_page_tensor
 
 log = logging.getLogger(__name__)
 
 PROBE_ROWS = (1, 64)   # a decode step and a prefill block: GEMV and packed GEMM paths
-
-
-def _virtual(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    buf = mmap.mmap(-1, max(rows * cols * dtype.itemsize, 1),
-                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):   # a huge page would be allocated, not shared
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
-    return torch.frombuffer(buf, dtype=dtype, count=rows * cols).view(rows, cols)
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +32,7 @@ def _measure(shapes: tuple[tuple[int, int], ...], heads: int, head_dim: int,
     before = rss_bytes()
     if before is None:
         return 0
-    weights = [_virtual(o, i, dtype) for o, i in shapes]
+    weights = [zero_page_tensor((o, i), dtype) for o, i in shapes]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for rows in PROBE_ROWS:

@@ -79,15 +79,15 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
     (``bookkeeping``)."""
     kvo, tokens = options.kv, options.tokens
     paths = head.choose(dtype, shape.hidden) if options.device.startswith("cpu") else None
-    ws = overhead
-    extra = head.extra_bytes(paths, kvo.batch, shape.hidden, dtype.itemsize, head_rows) + ws
+    extra = overhead + head.extra_bytes(paths, kvo.batch, shape.hidden, dtype.itemsize,
+                                        head_rows)
     rows = tokens if options.logits == "all" else kvo.batch
     reserve = dynamic_reserve(shape, dtype.itemsize, tokens, logits_rows=min(rows, tokens),
                               head_copy=extra)
     paged = kvo.kv == "paged" or (kvo.kv == "auto" and kvo.max_context is not None
                                   and reserve > options.budget_bytes // 2)
     if not paged:
-        return KVPlan(auto=kvo.kv == "auto", overhead_bytes=ws), reserve, tokens
+        return KVPlan(auto=kvo.kv == "auto", overhead_bytes=overhead), reserve, tokens
     if not options.device.startswith("cpu"):
         raise HardwareError("kv='paged' runs on a CPU compute device for now (its GPU path is "
                             "not built): use kv='dynamic' on the GPU, or device='cpu'")
@@ -105,7 +105,7 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
                             max_context=kvo.max_context, kv_device_bytes=g["device_bytes"],
                             logits_rows=kvo.batch * (chunk if options.logits == "all" else 1),
                             head_copy=extra)
-    plan = KVPlan("paged", auto=kvo.kv == "auto", overhead_bytes=ws, max_context=kvo.max_context, batch=kvo.batch,
+    plan = KVPlan("paged", auto=kvo.kv == "auto", overhead_bytes=overhead, max_context=kvo.max_context, batch=kvo.batch,
                   block_tokens=g["block_tokens"], device_blocks=kvo.device_blocks,
                   device_bytes=g["device_bytes"], disk_bytes=g["total_bytes"],
                   prefill_chunk=chunk)

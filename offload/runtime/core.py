@@ -390,56 +390,51 @@ class Runtime:
     def _prefill_layout(self, batch: int, prompt: int, total: int, given=None):
         """The cache ``generate`` should use (``None``: its own) and the prompt positions per
         prefill forward, for ``batch`` sequences of ``prompt`` positions growing to ``total``
-        (``given``: the caller's cache, kept; its positions already held are not prompt)."""
+        (``given``: the caller's cache, kept; the positions it already holds are not
+        prefilled)."""
         plan, reserve = self.plan, self.plan.reserve_bytes
-        cache = None
+        past = 0
         if given is not None:
+            cache = given
             past = int(given.get_seq_length()) if hasattr(given, "get_seq_length") else 0
-            kv = getattr(given, "device_bytes", None)
-            paged = kv is not None
-            if kv is None:
-                kv = self.shape.kv_bytes(batch * total, self.itemsize)
-            new = max(1, prompt - past)
-            chunk = largest_chunk(lambda c: self._forward_need(batch, c, total, batch, kv,
-                                                               paged), new, reserve)
-            if paged and (chunk < new or -(-new // given.block_tokens)
-                          > given.device_blocks + 2 or past):
-                chunk = min(chunk, given.block_tokens)
-            return given, (max(chunk, 1) if chunk < new else prompt)
-        if plan.kv.paged:
+        elif plan.kv.paged:
             if total > plan.kv.max_context:
                 raise BudgetError(
                     f"generating up to {total} positions, but the paged KV cache was planned "
                     f"for max_context={plan.kv.max_context}: pass max_context={total} to run()",
                     budget_bytes=plan.budget_bytes)
             cache = self._paged_cache(None, batch, True)
-            kv = cache.device_bytes
         else:
-            if self._forward_need(batch, 1, 1, batch, 0) > reserve:   # not even without KV
+            bare = self._forward_need(batch, 1, 1, batch, 0)
+            if bare > reserve:   # not even without KV
                 raise BudgetError(
-                    f"a batch of {batch} sequences needs "
-                    f"{format_bytes(self._forward_need(batch, 1, 1, batch, 0))} per forward "
+                    f"a batch of {batch} sequences needs {format_bytes(bare)} per forward "
                     "for its logits and the head's copies, more than the "
                     f"{format_bytes(reserve)} reserve sized for batch {plan.kv.batch or 1}: "
                     f"pass batch={batch} to run()", budget_bytes=plan.budget_bytes)
+            dynamic = self.shape.kv_bytes(batch * total, self.itemsize)
+            cache = (self._auto_paged(batch, total)
+                     if self._forward_need(batch, 1, total, batch, dynamic) > reserve else None)
+        kv = getattr(cache, "device_bytes", None)   # a paged cache's device part
+        paged = kv is not None
+        if not paged:
             kv = self.shape.kv_bytes(batch * total, self.itemsize)
-            if self._forward_need(batch, 1, total, batch, kv) > reserve:
-                cache = self._auto_paged(batch, total)
-                kv = cache.device_bytes
-        paged = cache is not None
+        new = max(1, prompt - past)
         chunk = largest_chunk(lambda c: self._forward_need(batch, c, total, batch, kv, paged),
-                              prompt, reserve)
-        if cache is not None and (chunk < prompt or -(-prompt // cache.block_tokens)
-                                  > cache.device_blocks + 2):
+                              new, reserve)
+        if paged and (chunk < new or past or -(-new // cache.block_tokens)
+                      > cache.device_blocks + 2):
             # a paged cache's pool holds a layer's blocks and one spare: a first forward may
             # start device_blocks + 2 blocks, a later one only one more (a block's positions)
             chunk = min(chunk, cache.block_tokens)
-        if chunk < 1:   # a paged cache's device part alone fills the reserve
-            raise BudgetError(
+        if chunk < 1:
+            if given is not None:   # the forward itself refuses it, with the numbers
+                return given, 1 if new > 1 else prompt
+            raise BudgetError(   # a paged cache's device part alone fills the reserve
                 f"generating {total} positions at batch {batch}: not even one position per "
                 f"forward fits the {format_bytes(reserve)} reserve; raise the budget, or lower "
                 "max_new_tokens or the batch", budget_bytes=plan.budget_bytes)
-        return cache, chunk
+        return cache, (chunk if chunk < new else prompt)
 
     def _auto_paged(self, batch: int, total: int):
         """A paged cache (spilled to disk) for a context whose dynamic cache outgrows the
