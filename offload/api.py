@@ -24,7 +24,7 @@ from .store.format import Manifest, read_manifest
 from .store.heat import load_heat
 from .store.pack import clean_partials, write_store
 from .store.prune import check_prune
-from .store.sources import Source, build_config, config_dict, open_source
+from .store.sources import Source, build_config, config_dict, gguf_tokenizer, open_source
 from .units import DTYPE_NAMES, DTYPES
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def _save_tokenizer(source: Source, store_dir: Path) -> None:
         from transformers import AutoTokenizer
 
         path, gguf = source.tokenizer_path
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else \
+        tok = gguf_tokenizer(Path(path) / gguf, source.config.model_type) if gguf else \
             AutoTokenizer.from_pretrained(path)
         tok.save_pretrained(store_dir / "tokenizer")
     except (OSError, ValueError) as e:
@@ -447,6 +447,7 @@ def run_prepared(prep: "Prepared", budget="25%", request: Request = Request()
         kernels = workspace.library_workspace(
             prep.shape, DTYPES[prep.manifest.dtype], "cpu",
             head_rows=head_chunk_rows(prep.manifest, prep.shape))
+        kernels += workspace.head_probe(DTYPES[prep.manifest.dtype], prep.shape.hidden)
     meter = PeakMeter(device)
     meter.workspace_bytes = kernels
     meter.start()

@@ -190,6 +190,7 @@ def _cmd_run(args) -> int:
 
     model_path = args.model or default_model_path()
     prompts = _read_prompts(args)
+    _load_code(model_path)
     meter = PeakMeter(torch.device("cpu"))   # the interpreter, before the store is packed
     meter.start()
     manifest = api.pack(model_path, offload_dir=args.offload_dir)
@@ -224,6 +225,28 @@ def _cmd_run(args) -> int:
     print(_summary(api.runtime_of(model), setup_s, (pack_peak, meter.baseline)))
     api.close(model)
     return 0
+
+
+def _load_code(model_path) -> None:
+    """Import and run once the code this run will execute: the model family's modules (a
+    two-layer miniature's prefill and decode, ``workspace.warm_code_paths``) and the
+    tokenizer's. Their pages are the interpreter's, so the first run's pack is measured above
+    them; what the pack itself holds (tensors, the tokenizer it saves) is what it reports.
+    The model's header only is read here (a GGUF's metadata, a checkpoint's config); a model
+    that cannot be read is left to ``pack`` to report."""
+    import torch
+
+    from .kernels import workspace
+    from .store.sources import open_source
+
+    try:
+        config = open_source(model_path).config
+    except OffloadError:
+        return
+    importlib.import_module("transformers.tokenization_utils_tokenizers")   # the tokenizer's
+
+    dtype = getattr(config, "dtype", None)
+    workspace.warm_code_paths(config, dtype if isinstance(dtype, torch.dtype) else torch.float32)
 
 
 def _memory_line(s: dict, pack_peak, interpreter: int) -> str:
@@ -263,7 +286,10 @@ def _tokenizer(store_dir: Path, model_path):
     else:
         p = Path(model_path)
         if p.suffix == ".gguf":
-            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            from .store.gguf_source import GGUFFile
+            from .store.sources import gguf_config, gguf_tokenizer
+
+            tok = gguf_tokenizer(p, gguf_config(GGUFFile(p)).model_type)
         else:
             try:
                 tok = AutoTokenizer.from_pretrained(p)

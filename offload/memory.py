@@ -98,6 +98,7 @@ class PeakMeter:
         self.baseline = 0
         self.workspace_bytes = 0   # the kernels' workspaces the caller allocated before start
         self.resettable = False
+        self._before = 0           # the peak of the phase before ``rebase``, above ``start``'s
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -119,16 +120,25 @@ class PeakMeter:
         except OSError:
             self.resettable = False
         self.baseline = rss_bytes() or 0
+        self._before = 0
 
     def rebase(self) -> None:
-        """Lower the baseline to the resident memory now, if less: memory the process freed
-        after ``start`` (a collector's late frees, another runtime's buffers) would otherwise
-        be reused by the run unseen, and the peak read low. Called just before a run takes
-        its budget, so only an over-reading is possible."""
-        if self.device.type != "cuda":
-            rss = rss_bytes()
-            if rss is not None and rss < self.baseline:
-                self.baseline = rss
+        """Start a second phase: what ran since ``start`` (a run's probes and builds, before
+        it takes its budget) keeps its own peak above the first baseline; the high-water mark
+        restarts here, above the resident memory now if that is less (memory the process
+        freed after ``start``, a collector's late frees or another runtime's buffers, would
+        otherwise be reused by the run unseen, and the peak read low). ``peak`` is the larger
+        of the two phases'. Called just before a run takes its budget."""
+        if self.device.type == "cuda":
+            return
+        rss = rss_bytes()
+        if rss is None:
+            return
+        self._before = max(self._before, self.peak() or 0)
+        self.baseline = min(self.baseline, rss)
+        if self.resettable:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")   # VmHWM := VmRSS
 
     def peak(self) -> int | None:
         """Bytes above the baseline at the high-water mark (``None``: not measurable here)."""
@@ -137,4 +147,4 @@ class PeakMeter:
 
             return max(0, torch.cuda.max_memory_allocated(self.device) - self.baseline)
         hwm = _status_bytes("VmHWM")
-        return None if hwm is None else max(0, hwm - self.baseline)
+        return None if hwm is None else max(self._before, hwm - self.baseline)

@@ -21,16 +21,17 @@ def random_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator) ->
 
 def write_llama_gguf(path: Path, *, hidden: int, layers: int, intermediate: int, heads: int,
                      kv_heads: int, vocab: int, qtype: str = "Q4_0", seed: int = 0,
-                     fused_experts: int = 0) -> Path:
+                     fused_experts: int = 0, name: str = "random-llama") -> Path:
     """A Llama GGUF (untied head) whose 2-D weights are random ``qtype`` blocks and whose
     norms are ones; returns ``path``. ``fused_experts``: also a 3-D ``blk.0.ffn_gate_exps``
-    tensor of that many experts, as MoE GGUFs hold them."""
+    tensor of that many experts, as MoE GGUFs hold them. ``name``: ``general.name``
+    (transformers reads a Llama file named ``mistral`` as Mistral)."""
     import gguf
 
     rng = np.random.default_rng(seed)
     q = gguf.GGMLQuantizationType[qtype]
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("random-llama")
+    w.add_name(name)
     w.add_context_length(2048)
     w.add_embedding_length(hidden)
     w.add_block_count(layers)

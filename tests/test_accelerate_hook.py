@@ -80,6 +80,32 @@ def test_from_accelerate_reads_accelerates_dat_files(tmp_path):
     offload.close(out)
 
 
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
+def test_from_accelerate_takes_cpu_offload_and_disk_offload(how, tmp_path):
+    """Accelerate's whole-model offloads: ``cpu_offload`` (weights in a CPU state dict, every
+    parameter on meta) and ``disk_offload`` (weights in ``.dat`` files) are sources too; the
+    model, taken over at 30% of its weights, gives the resident logits bitwise."""
+    import accelerate
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        ref = model(_ids()).logits
+    if how == "cpu_offload":
+        acc = accelerate.cpu_offload(model, execution_device="cpu")
+    else:
+        acc = accelerate.disk_offload(model, str(tmp_path / "dat"), execution_device="cpu")
+        assert any(p.suffix == ".dat" for p in (tmp_path / "dat").iterdir())
+    assert _hooked(acc) and any(p.device.type == "meta" for p in acc.parameters())
+    budget = int(weight_bytes(tiny_model("llama")) * 0.3)
+    out = offload.from_accelerate(acc, budget=budget, offload_dir=tmp_path / "store",
+                                  max_tokens=64, progress=False)
+    assert _accelerate_leftovers(out) == []
+    assert out._offload_runtime.plan.stream, "at 30% of the weights, layers stream"
+    with torch.no_grad():
+        assert torch.equal(out(_ids()).logits, ref)
+    offload.close(out)
+
+
 def test_dispatch_model_takes_accelerates_arguments(tmp_path):
     from accelerate.utils import offload_state_dict
 

@@ -15,6 +15,12 @@ def offload_cli(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _bytes(text: str) -> float:
+    """``format_bytes``' output ("63.48 MB") as a number of bytes."""
+    value, unit = text.split()
+    return float(value) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
+
+
 def test_run_default_model_streams_text_and_summary(tmp_path):
     r = offload_cli("run", "--budget", "20%", "--max-new-tokens", "12", "--offload-dir", tmp_path,
                     "--prompt", "What is the capital of France?")
@@ -25,9 +31,12 @@ def test_run_default_model_streams_text_and_summary(tmp_path):
         assert field in summary
     # the first run packs in this process too: the run's measured peak (RSS above the process
     # when it began) within the budget, and what packing took reported beside it
-    m = re.search(r"peak memory +\S+ \S+ measured \((\d+)% of the \S+ \S+ budget; above the "
-                  r".*packing or checking the store: \S+ \S+ above the interpreter", summary)
+    m = re.search(r"peak memory +\S+ \S+ measured \((\d+)% of the (\S+ \S+) budget; above "
+                  r"the .*packing or checking the store: (\S+ \S+) above the interpreter",
+                  summary)
     assert m and int(m.group(1)) <= 100, summary
+    # ... and the pack itself (the GGUF read tensor by tensor, the tokenizer saved) too
+    assert _bytes(m.group(3)) <= _bytes(m.group(2)), summary
     # a second run reuses the store: no packing bar, same greedy text
     r2 = offload_cli("run", "--budget", "20%", "--max-new-tokens", "12", "--offload-dir",
                      tmp_path, "--prompt", "What is the capital of France?")
@@ -44,6 +53,30 @@ def test_run_batch_from_a_prompts_file(tmp_path):
     assert r.stdout.count("--- [") == 3
     # 6 new tokens each: the first from the prefill, 5 decode steps x 3 sequences
     assert "(15 tokens decoded, " in r.stdout, r.stdout[-1500:]
+
+
+def test_run_with_a_paged_kv_cache_and_max_context(tmp_path):
+    """``--kv paged --max-context``: the KV cache is paged (its line in the summary, blocks of
+    a 2048-position context), and the greedy text is the dynamic cache's, token for token."""
+    common = ("--budget", "40%", "--max-new-tokens", "10", "--offload-dir", tmp_path,
+              "--prompt", "Name three primary colours.")
+    paged = offload_cli("run", *common, "--kv", "paged", "--max-context", "2048")
+    assert paged.returncode == 0, paged.stderr[-3000:]
+    text, _, summary = paged.stdout.partition("placement")
+    m = re.search(r"KV cache +paged: (\S+ \S+) in memory, (\S+ \S+) spilled to disk", summary)
+    assert m, summary
+    dynamic = offload_cli("run", *common, "--kv", "dynamic")
+    assert dynamic.returncode == 0, dynamic.stderr[-3000:]
+    text2, _, summary2 = dynamic.stdout.partition("placement")
+    assert "KV cache" not in summary2 and text2 == text and text.strip()
+
+
+def test_a_max_context_shorter_than_the_prompt_is_refused(tmp_path):
+    r = offload_cli("run", "--max-context", "8", "--offload-dir", tmp_path, "--prompt",
+                    "a prompt of more than eight tokens once the chat template wraps it")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert re.search(r"--max-context 8 is shorter than the prompt \(\d+ tokens\) plus "
+                     r"--max-new-tokens", r.stderr), r.stderr[-2000:]
 
 
 def test_plan_and_pack(checkpoint, tmp_path):

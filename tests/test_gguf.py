@@ -125,6 +125,119 @@ def test_default_model_is_bitwise_transformers_on_the_quantized_store(smollm2, t
     offload.close(off)
 
 
+def _reference_config(path):
+    """What transformers itself loads as the config of ``path``, as offload computes it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+
+
+@pytest.mark.parametrize("kind", ["default", "llama", "mistral"])
+def test_the_header_reader_gives_transformers_config_and_the_gguf_readers_table(kind,
+                                                                                tmp_path):
+    """offload reads a GGUF's header itself (the gguf package's reader builds two numpy views
+    per vocabulary entry): every scalar and numeric-array key and every tensor's type, shape
+    and offset are what ``gguf.GGUFReader`` reads, string arrays their lengths, and the config
+    is the one ``AutoConfig`` loads from the file (a Llama file named ``mistral`` included)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from offload.store.gguf_source import GGUFFile
+    from offload.store.sources import gguf_config
+
+    path = smollm2_path() if kind == "default" else write_llama_gguf(
+        tmp_path / f"{kind}.gguf", hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2,
+        vocab=256, name="mistral" if kind == "mistral" else "random-llama")
+    ours, ref = GGUFFile(path), GGUFReader(path)
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if field.types[0] == GGUFValueType.ARRAY and field.types[1] == GGUFValueType.STRING:
+            want = len(field.data)
+        elif field.types[0] == GGUFValueType.ARRAY:
+            want = [field.parts[i].tolist()[0] for i in field.data]
+        else:
+            want = field.contents()
+        assert ours.metadata[key] == want, key
+    assert len(ours.metadata) == len([k for k in ref.fields if not k.startswith("GGUF.")])
+    assert [(t.name, t.qtype, t.dims, t.offset, t.n_bytes) for t in ours.tensors] == [
+        (t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), int(t.data_offset),
+         int(t.n_bytes)) for t in ref.tensors]
+    for t, r in zip(ours.tensors, ref.tensors):
+        assert np.array_equal(ours.data(t), r.data), t.name
+    config = gguf_config(ours)
+    assert config.model_type == ("mistral" if kind == "mistral" else "llama")
+    got = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+    assert got == _reference_config(path)
+
+
+def test_the_default_models_tokenizer_is_autotokenizers(tmp_path):
+    """The tokenizer offload builds for a GGUF (its class picked from the config offload read,
+    not by AutoTokenizer re-reading the file through the gguf package) is AutoTokenizer's:
+    class, ids, special tokens and chat template."""
+    from transformers import AutoTokenizer
+
+    from offload.store.gguf_source import GGUFFile
+    from offload.store.sources import gguf_config, gguf_tokenizer
+
+    path = smollm2_path()
+    ours = gguf_tokenizer(path, gguf_config(GGUFFile(path)).model_type)
+    ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert type(ours) is type(ref)
+    texts = ["What is the capital of France?", "  déjà vu\n\tx <|im_start|>user", "1234567"]
+    assert [ours(t).input_ids for t in texts] == [ref(t).input_ids for t in texts]
+    assert ours.special_tokens_map == ref.special_tokens_map
+    assert ours.chat_template == ref.chat_template and ours.chat_template
+
+
+def test_a_gguf_header_that_is_cut_short_or_not_gguf_is_refused(tmp_path):
+    data = smollm2_path().read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:200_000])   # inside the vocabulary
+    with pytest.raises(StoreError, match="header ends early; the file is truncated"):
+        offload.pack(cut, offload_dir=tmp_path / "c", progress=False)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"PK\x03\x04" + data[4:4096])
+    with pytest.raises(StoreError, match="does not start with the GGUF magic"):
+        offload.pack(other, offload_dir=tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+PACK_PEAK = """
+import json, sys, torch, offload
+from offload.cli import _load_code
+from offload.memory import PeakMeter
+_load_code(sys.argv[1])   # the interpreter: the code a run executes, loaded
+meter = PeakMeter(torch.device("cpu"))
+meter.start()
+offload.pack(sys.argv[1], offload_dir=sys.argv[2], progress=False)
+print(json.dumps({"peak": meter.peak()}))
+"""
+
+
+def test_a_packs_memory_is_bounded_by_its_largest_tensor(tmp_path):
+    """Packing a GGUF holds a few tensors at a time, in a fresh process: its measured peak
+    above the interpreter is under one copy of the largest tensor (a Q8_0 embedding of 35 MB,
+    written in row-chunks: each chunk's rows are copied, not the whole tensor per chunk) plus
+    32 MiB, for a file 3x that tensor."""
+    from offload.store.gguf_source import GGUFFile
+
+    path = write_llama_gguf(tmp_path / "wide.gguf", hidden=1024, layers=4, intermediate=2816,
+                            heads=8, kv_heads=4, vocab=32000, qtype="Q8_0")
+    largest = max(t.n_bytes for t in GGUFFile(path).tensors)
+    assert path.stat().st_size > 2.5 * largest
+    r = subprocess.run([sys.executable, "-c", PACK_PEAK, str(path), str(tmp_path / "store")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
+    print(f"pack peak {peak / 1e6:.1f} MB above the interpreter; largest tensor "
+          f"{largest / 1e6:.1f} MB; file {path.stat().st_size / 1e6:.1f} MB")
+    assert peak <= largest + (32 << 20), (peak, largest)
+
+
 def test_a_truncated_gguf_is_refused_naming_the_tensor(tmp_path):
     path = _gguf_path()
     cut = tmp_path / "cut.gguf"

@@ -80,7 +80,7 @@ def test_bf16_moe_bitwise(family, offload_dir):
     model = tiny_model(family, seed=14, dtype=torch.bfloat16)
     ids, mask = _prompts(4)
     ref_logits, ref_tokens = _reference(model, ids, mask, 5)
-    off, _ = _run(model, 0.25, offload_dir, predict=True, batch=4, logits="all")
+    off, _ = _run(model, 0.3, offload_dir, predict=True, batch=4, logits="all")
     logits, tokens = _reference(off, ids, mask, 5)
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
     offload.close(off)
@@ -435,3 +435,49 @@ def test_cache_cancels_a_queued_wrong_guess_and_rechecks_it_later():
     cache.done(0)
     cache.end()
     pool.shutdown()
+
+
+@pytest.mark.parametrize("policy, evicted", [("lru", 0), ("lfu", 1)])
+def test_cache_policy_evicts_in_its_order(policy, evicted):
+    """Unit test of the cache alone, three slots: expert 0 used three times, then 1, then 2
+    once each; a fourth expert evicts the least recently used (0) under ``lru`` and the least
+    often used, the older of a tie (1), under ``lfu``. Then, used again, the evicted one is
+    read again (a miss) and the survivors hit."""
+    from concurrent.futures import Future
+
+    from offload.prefetch.experts import ExpertCache
+    from offload.tiers.base import Ticket
+    from offload.tiers.slots import Slot
+    from offload.units import TensorSpec, Unit
+
+    def submit(u, s):
+        done = Future()
+        done.set_result(0.0)
+        return Ticket(u.key, u.nbytes, done)
+
+    spec = (TensorSpec("gate_up", "float32", (2, 2), 0, 16),)
+    units = {(0, e): Unit(f"expert.0.{e}", "expert", "expert", 0, 0, 16, 0, spec, expert=e)
+             for e in range(4)}
+    slots = [Slot(i, torch.zeros(4096, dtype=torch.uint8)) for i in range(3)]
+    cache = ExpertCache(units, {}, slots, submit, lambda s: (s.buffer[:16], None),
+                        layers=(0,), policy=policy)
+
+    def step(*experts):
+        cache.begin(0, sorted(experts))
+        for e in experts:
+            cache.get(e)
+            cache.done(e)
+        cache.end()
+
+    for e in (0, 0, 0, 1, 2):
+        step(e)
+    assert cache.stats.on_demand == 3 and cache.stats.hits == 2
+    step(3)
+    cached = {e for (_, e) in cache._where}
+    assert cached == {0, 1, 2, 3} - {evicted}, (policy, cached)
+    misses = cache.stats.on_demand
+    step(evicted)
+    assert cache.stats.on_demand == misses + 1
+    hits = cache.stats.hits
+    step(3)
+    assert cache.stats.hits == hits + 1

@@ -151,3 +151,44 @@ def test_pack_never_replaces_a_directory_that_is_not_a_store(checkpoint, tmp_pat
     # with the checkpoint inside the offload dir, the store lands beside it, not on it
     m = offload.pack(path, offload_dir=path.parent, progress=False)
     assert m.path != path and (path / "config.json").is_file()
+
+
+def test_a_filesystem_that_refuses_o_direct_gets_buffered_reads(checkpoint, tmp_path,
+                                                                 monkeypatch, caplog):
+    """Where the filesystem refuses O_DIRECT (EINVAL: some overlays, older tmpfs), the disk
+    tier reads buffered, says so once, and ``stats()["direct_io"]`` is False; the streamed
+    model's logits are the resident's, bitwise, and the bytes counted are those it read."""
+    import errno
+    import logging
+
+    import offload.tiers.disk as disk
+
+    path, model = checkpoint
+    ids = torch.randint(3, 3000, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids).logits
+    real_open = os.open
+
+    def refusing_open(p, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument", p)
+        return real_open(p, flags, *args)
+
+    monkeypatch.setattr(disk.os, "open", refusing_open)
+    with caplog.at_level(logging.WARNING, logger="offload.tiers.disk"):
+        off = offload.run(path, budget="30%", offload_dir=tmp_path, max_tokens=32,
+                          progress=False)
+    assert "O_DIRECT refused" in caplog.text
+    s = offload.stats(off)
+    assert s["direct_io"] is False and off._offload_runtime.plan.stream
+    with torch.no_grad():
+        assert torch.equal(off(ids).logits, ref)
+    s = offload.stats(off)
+    assert s["bytes_read"]["disk"] >= sum(
+        off._offload_runtime.manifest.unit(k).nbytes for k in off._offload_runtime.plan.stream)
+    offload.close(off)
+
+    monkeypatch.setattr(disk.os, "open", real_open)   # the same store, O_DIRECT allowed
+    off = offload.run(path, budget="30%", offload_dir=tmp_path, max_tokens=32, progress=False)
+    assert offload.stats(off)["direct_io"] is True
+    offload.close(off)

@@ -182,6 +182,10 @@ def _holds(loader, name: str) -> bool:
 
 
 def _load_offloaded(loader, name: str) -> torch.Tensor:
+    """``name`` from an Accelerate weights map: an ``OffloadedWeightsLoader`` (a state dict in
+    memory, an index of ``.dat`` or safetensors files) or ``cpu_offload``'s plain state dict."""
+    if not hasattr(loader, "index") and not hasattr(loader, "state_dict"):
+        return loader[name].detach().to("cpu")   # cpu_offload: the weights in a dict
     info = getattr(loader, "index", {}).get(name, {})
     path = info.get("safetensors_file") or os.path.join(getattr(loader, "save_folder", "") or "",
                                                          f"{name}.dat")

@@ -101,6 +101,9 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
             f"disk: {options.spill_dir} has {format_bytes(free)} free; lower max_context or "
             "choose another offload_dir", needed_bytes=g["total_bytes"], free_bytes=free)
     chunk = min(kvo.prefill_chunk, kvo.max_context)
+    objects = paged_bookkeeping(config.num_hidden_layers, g["pool_blocks"])
+    overhead += objects
+    extra += objects
     reserve = paged_reserve(shape, dtype.itemsize, batch=kvo.batch, chunk=chunk,
                             max_context=kvo.max_context, kv_device_bytes=g["device_bytes"],
                             logits_rows=kvo.batch * (chunk if options.logits == "all" else 1),
@@ -125,6 +128,14 @@ def bookkeeping(units: int) -> int:
     buffers allocated (the kernels' workspaces already in the baseline: ``api.run_prepared``):
     72-376 KB for test models of 65-187 Units; this allows 256 KiB plus 4 KiB per Unit."""
     return (256 << 10) + (4 << 10) * units
+
+
+def paged_bookkeeping(layers: int, pool_blocks: int) -> int:
+    """What a PagedKVCache holds besides its buffers (its layers' block lists, a tensor
+    object per pool block, the spill file): measured as RSS growth over ``device_bytes``,
+    82-270 KB for 8-32 layers and 34-322 blocks; this allows 16 KiB per layer plus 2 KiB per
+    block."""
+    return (16 << 10) * layers + (2 << 10) * pool_blocks
 
 
 def head_check(manifest, shape, dtype, device: str) -> HeadCheck:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,6 +38,8 @@ class QuantizedTensor:
     raw: np.ndarray
     qtype: str
     cols: int
+    # drops the file's pages of a ``raw`` that views the file's map, once its bytes are copied
+    release: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -45,25 +50,33 @@ class QuantizedTensor:
         return torch.float32   # what it decodes to
 
     def rows(self, start: int, stop: int) -> "QuantizedTensor":
-        return QuantizedTensor(self.raw[start:stop], self.qtype, self.cols)
+        return QuantizedTensor(self.raw[start:stop], self.qtype, self.cols, self.release)
 
     def cat(self, others: list["QuantizedTensor"]) -> "QuantizedTensor":
         """Rows of ``others`` appended (an expert's gate and up projections as one)."""
         if any(o.qtype != self.qtype or o.cols != self.cols for o in others):
             raise StoreError(f"cannot join {self.qtype} rows with "
                              f"{[o.qtype for o in others]}: pack this model unquantized")
-        return QuantizedTensor(np.concatenate([self.raw, *(o.raw for o in others)]),
-                               self.qtype, self.cols)
+        joined = np.concatenate([self.raw, *(o.raw for o in others)])
+        for t in (self, *others):
+            if t.release is not None:
+                t.release()
+        return QuantizedTensor(joined, self.qtype, self.cols)
 
     def blob(self) -> torch.Tensor:
         """The stored bytes, contiguous (uint8, CPU)."""
-        return torch.from_numpy(np.ascontiguousarray(self.raw).reshape(-1).copy())
+        raw = self.raw if self.raw.flags.c_contiguous and self.raw.flags.owndata else \
+            np.array(self.raw)   # a view of the file's (or a caller's) bytes: copied
+        if self.release is not None:
+            self.release()
+        return torch.from_numpy(raw.reshape(-1))
 
 
-def open_gguf(path: Path, config):
-    """The Source of a GGUF file whose transformers config is ``config``. The file's tensors
-    are read (and checked: ``read_gguf``, ``_check_types``) only when a store is packed: a run
-    on a store packed before needs the config and the fingerprint alone.
+def open_gguf(path: Path, config, file: "GGUFFile | None" = None):
+    """The Source of a GGUF file whose transformers config is ``config`` (``file``: its header,
+    when the caller has read it already). The file's tensors are checked (``_check_types``,
+    ``_check_experts``) only when a store is packed: a run on a store packed before needs the
+    config and the fingerprint alone.
 
     Raises (when packing):
         StoreError: a truncated file, the tensor it ends in named.
@@ -72,20 +85,19 @@ def open_gguf(path: Path, config):
     index: dict = {}
 
     def tensors() -> dict:
-        """hf name -> (GGUF tensor, processor), built once, on the first need."""
+        """hf name -> (file, tensor, processor), built once, on the first need."""
         if not index:
-            reader = read_gguf(path)
-            found = {t.name: t for t in reader.tensors}
-            _check_types(path, found.values())
-            _check_experts(path, found.values())
-            processor = _processor(reader, config)
+            f = file or GGUFFile(path)
+            _check_types(path, f.tensors)
+            _check_experts(path, f.tensors)
+            processor = _processor(f, config)
             names = _hf_names(config, processor)
-            index.update({names[g]: (reader, t, processor) for g, t in found.items()
-                          if g in names})
+            index.update({names[t.name]: (f, t, processor) for t in f.tensors
+                          if t.name in names})
         return index
 
     def shapes() -> dict:
-        return {hf: (tuple(int(s) for s in reversed(t.shape)), torch.float32)
+        return {hf: (tuple(int(s) for s in reversed(t.dims)), torch.float32)
                 for hf, (_, t, _) in tensors().items()}
 
     st = path.stat()
@@ -95,49 +107,170 @@ def open_gguf(path: Path, config):
                   tokenizer_path=(str(path.parent), path.name))
 
 
-def read_gguf(path: Path):
-    """The ``gguf`` package's memory-mapped reader of ``path``, after checking that every
-    tensor's bytes lie inside the file.
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One entry of a GGUF file's tensor table: ``dims`` in GGUF order (fastest first),
+    ``offset`` from the start of the file, ``n_bytes`` of stored data."""
+
+    name: str
+    qtype: str
+    dims: tuple[int, ...]
+    offset: int
+    n_bytes: int
+
+
+class GGUFFile:
+    """A GGUF file's header (metadata and tensor table) and a read-only map of its data.
+
+    The ``gguf`` package's ``GGUFReader`` builds two numpy views per element of every metadata
+    array: 165 MB and 4.5 s for SmolLM2's 49,152-token vocabulary and merge table, more than a
+    small model's whole budget. This reads the header once with ``struct`` and keeps a string
+    array as its length unless asked for (``string_arrays``), the form transformers' own fast
+    reader (``transformers.integrations.gguf.read_gguf_metadata``) gives; block sizes and type
+    names come from the ``gguf`` package.
 
     Raises:
-        StoreError: a truncated file (the tensor it ends in named) or an unreadable one.
-        ModelError: a tensor of a block type the ``gguf`` package does not know.
+        StoreError: not a GGUF file, or a truncated one (the tensor it ends in named).
+        ModelError: a tensor of a block type the ``gguf`` package does not know (named).
     """
-    from gguf import GGUFReader
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    size = path.stat().st_size
+    def __init__(self, path: Path, string_arrays: tuple[str, ...] = ()):
+        self.path = Path(path)
+        self._map = np.memmap(self.path, mode="r", dtype=np.uint8)
+        try:
+            self.metadata, self.tensors = self._parse(string_arrays)
+        except struct.error:
+            raise StoreError(f"cannot read GGUF file {self.path}: its header ends early; the file "
+                             "is truncated or not GGUF", path=str(self.path)) from None
 
-    class Reader(GGUFReader):
-        def _build_tensors(self, start_offs, fields):
-            for field in fields:   # before the reader reshapes bytes that are not there
-                _, name, _, dims, raw_type, offset = field.parts
-                name = bytes(name).decode("utf-8", "replace")
-                try:
-                    block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type[0])]
-                except (ValueError, KeyError):
-                    raise ModelError(f"GGUF tensor {name} of {path.name} has block type "
-                                     f"{int(raw_type[0])}, which the gguf package does not "
-                                     "know: offload cannot decode it") from None
-                end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_bytes // block
-                if end > size:
-                    raise StoreError(f"GGUF file {path} ends inside tensor {name} (it needs "
-                                     f"{end} bytes, the file has {size}): it is truncated; "
-                                     "download it again", path=str(path))
-            super()._build_tensors(start_offs, fields)
+    @property
+    def architecture(self) -> str:
+        return self.metadata["general.architecture"]
 
-    try:
-        return Reader(path)
-    except (StoreError, ModelError):
-        raise
-    except Exception as e:   # gguf raises ValueError and others on a damaged header
-        raise StoreError(f"cannot read GGUF file {path}: {e}; the file is truncated or not "
-                         "GGUF", path=str(path)) from e
+    def data(self, t: GGUFTensor) -> np.ndarray:
+        """``t``'s bytes as the ``gguf`` package shapes them (``GGUFReader``'s ``data``): float
+        types as values ``[..., dims[0]]``, block types as ``[..., row bytes]`` of uint8."""
+        from gguf.quants import quant_shape_to_byte_shape
+        from gguf.constants import GGMLQuantizationType
+
+        shape = tuple(reversed(t.dims))
+        raw = self._map[t.offset:t.offset + t.n_bytes]
+        if t.qtype in _VALUE_TYPES:
+            return raw.view(_VALUE_TYPES[t.qtype]).reshape(shape)
+        return raw.reshape(quant_shape_to_byte_shape(shape, GGMLQuantizationType[t.qtype]))
+
+    def release(self, t: GGUFTensor) -> None:
+        """Drop the file's pages of ``t`` from this process (``MADV_DONTNEED``): read once,
+        they would otherwise count in its RSS until the whole file is unmapped; the kernel
+        keeps them as reclaimable page cache at most."""
+        import mmap
+
+        m = getattr(self._map, "_mmap", None)
+        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            m.madvise(mmap.MADV_DONTNEED, start, t.offset + t.n_bytes - start)
+        except (OSError, ValueError):   # a read-only or exotic map: the pages only stay longer
+            pass
+
+    def _parse(self, string_arrays):
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        blob, size, path = self._map, self._map.shape[0], self.path
+        if bytes(blob[:4]) != b"GGUF":
+            raise StoreError(f"cannot read GGUF file {path}: it does not start with the GGUF "
+                             "magic; the file is not GGUF", path=str(path))
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", blob, 4)
+        if version not in (2, 3):
+            raise StoreError(f"GGUF file {path} is version {version}; offload reads versions 2 "
+                             "and 3: convert it again with a current llama.cpp", path=str(path))
+        pos, metadata = 24, {}
+        for _ in range(n_kv):
+            key, pos = _string(blob, pos)
+            (kind,) = struct.unpack_from("<I", blob, pos)
+            metadata[key], pos = _value(blob, pos + 4, kind, key in string_arrays)
+        if "general.architecture" not in metadata:
+            raise StoreError(f"GGUF file {path} has no general.architecture in its metadata: it "
+                             "is not a model file", path=str(path))
+        entries = []
+        for _ in range(n_tensors):
+            name, pos = _string(blob, pos)
+            (n_dims,) = struct.unpack_from("<I", blob, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", blob, pos + 4)
+            raw_type, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            entries.append((name, dims, raw_type, offset))
+        align = int(metadata.get("general.alignment", 32))
+        start = (pos + align - 1) // align * align
+        tensors = []
+        for name, dims, raw_type, offset in entries:
+            try:
+                qtype = GGMLQuantizationType(raw_type)
+                block, type_bytes = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise ModelError(f"GGUF tensor {name} of {path.name} has block type {raw_type}, "
+                                 "which the gguf package does not know: offload cannot decode "
+                                 "it; use a GGUF of a type llama-quantize makes (Q4_K_M, Q8_0 "
+                                 "...)") from None
+            n_bytes = math.prod(dims) * type_bytes // block
+            end = start + offset + n_bytes
+            if end > size:
+                raise StoreError(f"GGUF file {path} ends inside tensor {name} (it needs {end} "
+                                 f"bytes, the file has {size}): it is truncated; download it "
+                                 "again", path=str(path))
+            tensors.append(GGUFTensor(name, qtype.name, tuple(int(d) for d in dims),
+                                      start + offset, n_bytes))
+        return metadata, tensors
+
+
+_VALUE_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+# GGUF metadata value types: struct formats of the fixed-width ones (8 string, 9 array)
+_KV_FORMAT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+              12: "d"}
+
+
+def _string(blob, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", blob, pos)
+    if pos + 8 + n > blob.shape[0]:
+        raise struct.error("string past the end")
+    return bytes(blob[pos + 8:pos + 8 + n]).decode("utf-8", "replace"), pos + 8 + n
+
+
+def _value(blob, pos: int, kind: int, keep_strings: bool):
+    """One metadata value and the offset past it; an array of strings is its length unless
+    ``keep_strings`` (a vocabulary is walked, not built)."""
+    if kind in _KV_FORMAT:
+        fmt = "<" + _KV_FORMAT[kind]
+        return struct.unpack_from(fmt, blob, pos)[0], pos + struct.calcsize(fmt)
+    if kind == 8:
+        return _string(blob, pos)
+    if kind != 9:
+        raise StoreError(f"GGUF metadata holds a value of unknown type {kind}: the file is "
+                         "damaged or newer than this gguf reader")
+    item, count = struct.unpack_from("<IQ", blob, pos)
+    pos += 12
+    if item in _KV_FORMAT:
+        fmt = f"<{count}{_KV_FORMAT[item]}"
+        return list(struct.unpack_from(fmt, blob, pos)), pos + struct.calcsize(fmt)
+    if item != 8:
+        raise StoreError(f"GGUF metadata holds an array of type {item}, which offload cannot "
+                         "read: the file is damaged or newer than this reader")
+    if keep_strings:
+        values = []
+        for _ in range(count):
+            v, pos = _string(blob, pos)
+            values.append(v)
+        return values, pos
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", blob, pos)
+        pos += 8 + n
+    return count, pos
 
 
 def _check_types(path: Path, tensors) -> None:
     for t in tensors:
-        name = t.tensor_type.name
+        name = t.qtype
         if name not in kernels.TYPES and name not in kernels.FLOAT_TYPES:
             raise ModelError(
                 f"GGUF tensor {t.name} of {path.name} is {name}, which offload cannot decode "
@@ -153,7 +286,7 @@ def _check_experts(path: Path, tensors) -> None:
         if re.search(r"\.ffn_(gate|up|down|gate_up)_exps\.", t.name):
             raise ModelError(
                 f"GGUF tensor {t.name} of {path.name} holds every expert of its layer in one "
-                f"{t.tensor_type.name} tensor: offload does not pack MoE GGUF files yet; pack "
+                f"{t.qtype} tensor: offload does not pack MoE GGUF files yet; pack "
                 "the model from its safetensors checkpoint instead")
 
 
@@ -168,52 +301,43 @@ def _hf_names(config, processor) -> dict[str, str]:
     return get_gguf_hf_weights_map(skeleton, processor)
 
 
-def _processor(reader, config):
+def _processor(file: GGUFFile, config):
     """transformers' tensor processor for the file's architecture (Llama's q/k permutation)."""
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          read_field)
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    arch = read_field(reader, "general.architecture")[0]
-    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    return TENSOR_PROCESSORS.get(file.architecture, TensorProcessor)(config=config.to_dict())
 
 
-def _load(reader, t, processor):
-    """One tensor, copied out of the file's map (whose pages are then let go): float types
-    widened to float32 and processed as transformers does; a quantized one as rows of
-    blocks, with the processor's row permutation applied to them."""
+def _load(file: GGUFFile, t: GGUFTensor, processor):
+    """One tensor: float types widened to float32 and processed as transformers does, copied
+    out of the file's map; a quantized one as rows of blocks, the processor's row permutation
+    applied to them (a copy), else a view of the map that is copied, and its pages let go,
+    when it is written (``QuantizedTensor.blob``)."""
     from gguf import dequantize
+    from gguf.constants import GGMLQuantizationType
 
-    qtype = t.tensor_type.name
+    qtype = t.qtype
+    data = file.data(t)
     try:
         if qtype in kernels.FLOAT_TYPES:
-            weights = processor.process(weights=dequantize(t.data, t.tensor_type),
-                                        name=t.name).weights
-            return torch.from_numpy(np.array(weights))
-        if t.data.ndim != 2:
-            raise ModelError(f"GGUF tensor {t.name} is a {t.data.ndim}-D {qtype} tensor: "
+            weights = processor.process(
+                weights=dequantize(data, GGMLQuantizationType[qtype]), name=t.name).weights
+            out = torch.from_numpy(np.array(weights))
+            file.release(t)
+            return out
+        if data.ndim != 2:
+            raise ModelError(f"GGUF tensor {t.name} is a {data.ndim}-D {qtype} tensor: "
                              "offload keeps 2-D quantized tensors only; pack this model from an "
                              "unquantized checkpoint")
-        order = _row_order(processor, t.name, t.data.shape[0])
-        raw = np.array(t.data) if order is None else t.data[order]
-        return QuantizedTensor(raw, qtype, int(t.shape[0]))
-    finally:
-        _release_pages(reader, t)
-
-
-def _release_pages(reader, t) -> None:
-    """Drop the file's pages of ``t`` from this process (``MADV_DONTNEED``): read once, they
-    would otherwise count in its RSS until the whole file is unmapped; the kernel keeps them
-    as reclaimable page cache at most."""
-    import mmap
-
-    m = getattr(reader.data, "_mmap", None)
-    if m is None or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-    try:
-        m.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
-    except (OSError, ValueError):   # a read-only or exotic map: the pages only stay longer
-        pass
+        order = _row_order(processor, t.name, data.shape[0])
+        if order is None:   # rows of the map, copied when written (a row-chunk: its rows only)
+            return QuantizedTensor(data, qtype, int(t.dims[0]), lambda: file.release(t))
+        raw = data[order]
+    except BaseException:
+        file.release(t)
+        raise
+    file.release(t)
+    return QuantizedTensor(raw, qtype, int(t.dims[0]))
 
 
 def _row_order(processor, name: str, rows: int) -> np.ndarray | None:

@@ -120,6 +120,15 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
                  encoder: Encoder | None) -> tuple[list[Unit], int]:
     from tqdm.auto import tqdm
 
+    last: dict = {}
+
+    def load_once(name: str):
+        """The last tensor loaded, again: a row-chunked tensor loads once, not per chunk."""
+        if name not in last:
+            last.clear()
+            last[name] = load(name)
+        return last[name]
+
     units, offset = [], 0
     bar = tqdm(total=store_bytes(specs), unit="B", unit_scale=True, desc=f"packing {name}",
                disable=not progress, leave=False)
@@ -128,7 +137,7 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
             tensors, nbytes = spec.layout()
             datas = []
             for part in spec.parts:
-                t = _part_tensor(part, load)
+                t = _part_tensor(part, load_once)
                 if isinstance(t, QuantizedTensor):   # stored as the file's blocks
                     datas.append((t, (t.blob(), gguf.encoding(t.qtype), None)))
                 else:
@@ -137,21 +146,44 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
             if any(enc is not None for _, enc in datas):
                 tensors, stored = _stored_layout(tensors, datas)
             end = nbytes if stored is None else stored
-            buf = torch.zeros(align(end, BLOCK), dtype=torch.uint8)
-            for (t, enc), ts in zip(datas, tensors):
-                at, n = ts.source
-                buf[at:at + n].copy_(enc[0] if enc is not None else t.reshape(-1).view(torch.uint8))
-            data = buf.numpy()
-            checksum = zlib.crc32(data[:end])
-            f.write(memoryview(data))
+            checksum = _write_unit(f, [(enc[0] if enc is not None else
+                                        t.reshape(-1).view(torch.uint8), *ts.source)
+                                       for (t, enc), ts in zip(datas, tensors)],
+                                   end, align(end, BLOCK))
+            del datas
             units.append(Unit(spec.key, spec.kind, spec.group, spec.index, offset, nbytes,
                               checksum, tuple(tensors), spec.rows, spec.expert, stored))
-            offset += len(data)
+            offset += align(end, BLOCK)
             bar.update(align(nbytes, BLOCK))
         f.flush()
         os.fsync(f.fileno())
     bar.close()
     return units, offset
+
+
+def _write_unit(f, pieces: list[tuple[torch.Tensor, int, int]], end: int, size: int) -> int:
+    """Write one Unit of ``size`` bytes from ``pieces`` (uint8 tensors at their offsets, of
+    their byte counts, zeros between) straight to ``f``, and return the CRC32 of its first
+    ``end`` bytes. Streaming the tensors keeps a pack's memory at the tensors themselves (no
+    Unit-sized buffer)."""
+    crc, pos = 0, 0
+    for blob, at, n in sorted(pieces, key=lambda p: p[1]):
+        if blob.numel() != n or at < pos:
+            raise StoreError(f"a tensor of {blob.numel()} bytes does not fit its {n}-byte "
+                             f"place at {at} of its Unit: the store layout is inconsistent")
+        if at > pos:
+            pad = bytes(at - pos)
+            f.write(pad)
+            crc = zlib.crc32(pad, crc)
+        data = memoryview(blob.numpy())
+        f.write(data)
+        crc = zlib.crc32(data, crc)
+        pos = at + blob.numel()
+    if end > pos:
+        crc = zlib.crc32(bytes(end - pos), crc)
+    if size > pos:
+        f.write(bytes(size - pos))
+    return crc
 
 
 def _stored_layout(tensors: list[TensorSpec], datas) -> tuple[list[TensorSpec], int]:

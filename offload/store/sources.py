@@ -145,27 +145,103 @@ def _safetensors_index(files: list[Path]) -> tuple[dict, dict]:
 
 def _gguf_source(path: Path) -> Source:
     """A .gguf file: quantized tensors kept in their blocks (``store/gguf_source.py``)."""
-    from .gguf_source import open_gguf, read_gguf
+    from .gguf_source import GGUFFile, open_gguf
 
+    file = GGUFFile(path)
+    return open_gguf(path, gguf_config(file), file)
+
+
+# GGUF architectures whose config transformers' legacy reader special-cases beyond its key
+# mapping (t5's gating, stablelm's tensor probes, gpt-oss's rope scaling, lfm2's heads ...):
+# their config comes from that reader itself, whatever it costs.
+_LEGACY_CONFIG = ("t5", "stablelm", "gpt_oss", "gpt-oss", "lfm2", "gemma4", "minimax")
+
+
+def gguf_config(file):
+    """The transformers config of a GGUF file (a ``GGUFFile``), equal to
+    ``AutoConfig.from_pretrained(dir, gguf_file=name)`` (``tests/test_gguf.py`` compares them)
+    but from the header already read: transformers' legacy path for Llama-family files parses
+    the whole vocabulary again through ``gguf.GGUFReader`` (175 MB and 6 s for SmolLM2).
+    Architectures transformers' fast reader covers use its own ``get_gguf_config``; the key
+    mapping below is the legacy reader's generic loop over ``GGUF_TO_TRANSFORMERS_MAPPING``.
+    The config computes in float32, as transformers loads a GGUF."""
+    from transformers import CONFIG_MAPPING
+
+    path, md = file.path, file.metadata
+    names = tuple(t.name for t in file.tensors)
     try:
-        config = _gguf_config(path)
-    except StoreError:
-        read_gguf(path)   # a truncated file: say which tensor it ends in
-        raise
-    return open_gguf(path, config)
+        try:
+            from transformers.integrations.gguf import GGUF_CONFIG_ARCHS, get_gguf_config
+        except ImportError:   # transformers before its fast GGUF reader
+            GGUF_CONFIG_ARCHS, get_gguf_config = {}, None
+        if file.architecture in GGUF_CONFIG_ARCHS:
+            d = get_gguf_config(md, names)
+        elif any(a in file.architecture for a in _LEGACY_CONFIG):
+            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-
-def _gguf_config(path: Path):
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as e:  # gguf parsing errors come from several libraries
-        raise StoreError(f"cannot read GGUF file {path}: {e}; the file is truncated or not "
-                         "GGUF", path=str(path)) from e
+            d = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        else:
+            d = _mapped_gguf_config(md, names)
+        config = CONFIG_MAPPING[d["model_type"]].from_dict(d)
+    except Exception as e:  # transformers raises ValueError and KeyError on what it cannot map
+        raise StoreError(f"cannot read the config of GGUF file {path}: {e}; the file is "
+                         "damaged or of an architecture transformers cannot load",
+                         path=str(path)) from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
+    return config
+
+
+def gguf_tokenizer(path: Path, model_type: str):
+    """The tokenizer of GGUF file ``path`` whose config is of ``model_type``, as
+    ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` builds it. AutoTokenizer reads a
+    GGUF's config only to pick the tokenizer class, through the legacy reader for Llama-family
+    files (the 175 MB and 6 s ``gguf_config`` avoids); given the class it reads the
+    vocabulary with transformers' fast reader. The class is AutoTokenizer's: the one registered
+    for the model type, else its ``TokenizersBackend`` (``tests/test_gguf.py`` compares)."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    path = Path(path)
+    if TOKENIZER_MAPPING_NAMES.get(model_type):
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                             tokenizer_type=model_type)
+    return TokenizersBackend.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _mapped_gguf_config(md: dict, names: tuple[str, ...]) -> dict:
+    """The config dict transformers' legacy ``load_gguf_checkpoint`` builds, from metadata in
+    the fast reader's form (a string array as its length)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    arch = md["general.architecture"]
+    name = md.get("general.name")
+    renamed = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(arch, arch)
+    if "llama" in arch and name == "mistral":   # the legacy reader tests list membership
+        renamed = "mistral"
+    if arch not in GGUF_CONFIG_MAPPING and renamed not in GGUF_CONFIG_MAPPING:
+        raise ValueError(f"GGUF model with architecture {arch} is not supported yet.")
+    config: dict = {"tie_word_embeddings": "output.weight" not in names}
+    defaults = GGUF_CONFIG_DEFAULTS_MAPPING.get(renamed, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch)
+                                                or {})
+    for key, value in defaults.items():
+        config.setdefault(key, value)
+    for key, value in md.items():
+        prefix, _, rest = key.replace(arch, renamed).partition(".")
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, str) and arch in value:
+            value = value.replace(arch, renamed)
+        target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if target not in (None, -1):
+            config[target] = value
+    if config["model_type"] == "gemma3":
+        config["model_type"] = "gemma3_text"
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in md:
+        tokens = md["tokenizer.ggml.tokens"]
+        config["vocab_size"] = tokens if isinstance(tokens, int) else len(tokens)
     return config
 
 
