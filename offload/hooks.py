@@ -109,6 +109,20 @@ def wrap_generate(model: torch.nn.Module, generate: Callable) -> list[Callable[[
     return [lambda: model.__dict__.pop("generate", None)]
 
 
+def wrap_forward(model: torch.nn.Module, forward: Callable) -> list[Callable[[], None]]:
+    """``forward(orig, args, kwargs)`` in place of ``model.forward`` (an instance attribute,
+    run inside ``model.__call__``, so forward hooks still wrap it). Returns the undo steps."""
+    orig = model.forward
+
+    @functools.wraps(orig)
+    def wrapped(*args, **kwargs):
+        return forward(orig, args, kwargs)
+
+    wrapped.offload_wrapper = True
+    model.forward = wrapped
+    return [lambda: model.__dict__.pop("forward", None)]
+
+
 def detach(undo: list[Callable[[], None]]) -> None:
     """Run the undo steps of ``attach_unit`` / ``replace_forward`` / ``wrap_model``, last
     first: every hook removed, every parameter and forward restored."""

@@ -30,7 +30,8 @@ def _accelerate_leftovers(model) -> list[str]:
     rows = {id(m) for m, _ in model._offload_runtime.adapter.row_points(model).values()}
     return [name for name, m in model.named_modules()
             if hasattr(m, "_hf_hook") or hasattr(m, "_old_forward")
-            or ("forward" in m.__dict__ and id(m) not in rows)
+            or ("forward" in m.__dict__ and id(m) not in rows
+                and not getattr(m.__dict__["forward"], "offload_wrapper", False))
             or any(a in m.__dict__ for a in _accelerate_added_attributes)]
 
 

@@ -93,3 +93,75 @@ def test_a_paged_plan_prefills_in_chunks_by_itself(offload_dir):
             off.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
                          pad_token_id=0)
     offload.close(off)
+
+
+def _chunked_reference(model, ids, mask, chunk: int, keep: int):
+    """The resident model fed ``chunk`` positions at a time, keeping the last ``keep``
+    positions' logits (each chunk computes only the kept ones, as offload's chunks do)."""
+    from transformers import DynamicCache
+
+    n = ids.shape[1]
+    cache, kept = DynamicCache(config=model.config), []
+    with torch.no_grad():
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            want = max(0, e - max(s, n - keep))
+            out = model(ids[:, s:e], attention_mask=mask[:, :e], cache=cache, use_cache=True,
+                        logits_to_keep=max(want, 1))
+            if want:
+                kept.append(out.logits[:, -want:])
+    return torch.cat(kept, dim=1)
+
+
+@pytest.mark.parametrize("keep", [1, 0])
+def test_a_direct_forward_beyond_the_reserve_runs_in_chunks(keep, offload_dir):
+    """``model(ids)`` whose one-shot activations exceed the reserve runs as chunks that fit
+    (each a forward of its own, the caller's or a new cache carrying the context): the last
+    position's logits (``logits_to_keep=1``) or every position's (the reserve sized for them
+    with ``logits='all'``) are bitwise the resident model's fed the same chunks, within 1e-4
+    of its one-shot forward, the returned cache holds the whole prompt, and the measured peak
+    stays under the budget."""
+    model = tiny_model("llama")
+    resident = copy.deepcopy(model)
+    prompt = 768 if keep else 300
+    ids = torch.randint(3, 3000, (2, prompt), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0   # left padding
+    budget = int(weight_bytes(model) * (1.3 if keep else 2.5))
+    off = offload.run(model, budget=budget, offload_dir=offload_dir, max_tokens=512,
+                      logits="last" if keep else "all", progress=False)
+    rt = off._offload_runtime
+    one_shot_need = rt._forward_need(2, prompt, prompt, 2 * (keep or prompt),
+                                     rt.shape.kv_bytes(2 * prompt, 4))
+    assert one_shot_need > rt.plan.reserve_bytes, "the one-shot forward must not fit"
+    with torch.no_grad():
+        out = off(ids, attention_mask=mask, logits_to_keep=keep)
+        no_cache = off(ids, attention_mask=mask, logits_to_keep=keep, use_cache=False)
+    s = offload.stats(off)
+    chunk = s["prefill_chunk"]
+    assert 0 < chunk < prompt
+    assert s["measured_peak_bytes"] <= budget and s["accounted_peak_bytes"] <= budget
+    assert out.logits.shape == (2, keep or prompt, 3000)
+    assert out.past_key_values.get_seq_length() == prompt and no_cache.past_key_values is None
+    assert torch.equal(no_cache.logits, out.logits)
+    ref = _chunked_reference(resident, ids, mask, chunk, keep or prompt)
+    assert torch.equal(out.logits, ref)
+    with torch.no_grad():
+        one_shot = resident(ids, attention_mask=mask).logits[:, -(keep or prompt):]
+    diff = (out.logits - one_shot).abs().max().item()
+    print(f"direct forward of {prompt} x 2, keep {keep or 'all'}: chunks of {chunk}, "
+          f"max |logit - one-shot| {diff:.2e}")
+    assert diff < 1e-4
+    assert torch.equal(out.logits.argmax(-1), one_shot.argmax(-1))
+    offload.close(off)
+
+
+def test_a_direct_forward_whose_logits_alone_do_not_fit_is_refused(offload_dir):
+    model = tiny_model("llama")
+    off = offload.run(model, budget=int(weight_bytes(model) * 1.3), offload_dir=offload_dir,
+                      max_tokens=512, progress=False)
+    ids = torch.randint(3, 3000, (2, 768))
+    with torch.no_grad(), pytest.raises(BudgetError, match=r"this forward \(batch 2, 768 "
+                                        r"positions\) needs .*logits_to_keep=1"):
+        off(ids)   # every position's logits: 18 MB, more than the whole reserve
+    offload.close(off)

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import BudgetError, HardwareError, StoreError
 from ..hooks import (attach_unit, detach, embedding_forward, linear_forward, replace_forward,
-                     wrap_generate, wrap_model)
+                     wrap_forward, wrap_generate, wrap_model)
 from ..kernels import decode, gguf, head
 from ..planner.plan import Plan
 from ..planner.kv import kv_geometry
@@ -19,7 +19,7 @@ from ..planner.reserve import forward_bytes, largest_chunk, scratch_bytes
 from ..prefetch.pipeline import Pipeline
 from ..sizes import format_bytes
 from ..store.format import Manifest
-from ..memory import PeakMeter, map_large_allocations, release_free_heap
+from ..memory import MMAP_THRESHOLD, PeakMeter, map_large_allocations, release_free_heap
 from ..tiers.device import DeviceTier, aligned_host
 from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
@@ -70,6 +70,8 @@ class Runtime:
         self.pipeline = None
         self._paged_kv = None
         self._owned_kv = None   # the PagedKVCache kv="paged" hands to generate()
+        self._chunk_next = None   # a direct forward _begin found too large: chunked (_forward)
+        self._skip_end = False    # the chunked call's own end: its chunks were counted
         # transformers >= 5.2x names the forward's cache argument ``cache``
         self._cache_kw = "cache" if "cache" in inspect.signature(
             type(model).forward).parameters else "past_key_values"
@@ -194,6 +196,7 @@ class Runtime:
             undo += self.experts.attach()
             self._check_aggregates()
         undo += wrap_model(model, self._begin, self._end)
+        undo += wrap_forward(model, self._forward)
         if hasattr(model, "generate"):
             undo += wrap_generate(model, self._generate)
 
@@ -306,7 +309,14 @@ class Runtime:
             if paged is not cache:
                 kwargs[key] = cache = paged
                 swapped = True
-        self._check_budget(batch, new, cache, kwargs.get("logits_to_keep", 0))
+        try:
+            self._check_budget(batch, new, cache, kwargs.get("logits_to_keep", 0))
+        except BudgetError:
+            chunk = self._chunkable(args, kwargs, key, batch, new, cache)
+            if chunk is None:
+                raise
+            self._chunk_next = chunk   # _forward runs it as chunks that each fit
+            return (args, kwargs) if swapped else None
         if self.pipeline.active:
             self.pipeline.begin_pass()
         self._forward_shape = (batch, new)
@@ -324,6 +334,24 @@ class Runtime:
         return forward_bytes(self.shape, self.itemsize, batch=batch, new=new, total=total,
                              logits_rows=logits_rows, kv_bytes=kv, head_copy=head_copy,
                              paged=paged)
+
+    def _chunked_need(self, batch: int, chunk: int, past: int, total: int, rows: int,
+                      kv: int, paged: bool) -> int:
+        """The most any forward of ``chunk`` positions needs on the way from ``past`` to
+        ``total`` positions. Not simply the last one's: a DynamicCache's layer below the C
+        heap's mmap threshold leaves every layer's old copy as a hole (``activation_bytes``),
+        so the forward just before a layer crosses the threshold can need more than later,
+        larger ones. ``kv`` is the cache at ``total`` (a DynamicCache's is smaller before)."""
+        ends = {total}
+        if not paged:
+            per_position = batch * self.shape.kv_heads * self.shape.head_dim * self.itemsize
+            below = -(-MMAP_THRESHOLD // per_position) - 1   # the most positions still below
+            if past + chunk <= below < total:
+                ends.add(past + (below - past) // chunk * chunk)
+        return max(self._forward_need(batch, min(chunk, end - past), end, rows,
+                                      kv if paged or end == total else
+                                      self.shape.kv_bytes(batch * end, self.itemsize), paged)
+                   for end in ends)
 
     def _check_budget(self, batch: int, new: int, cache, keep) -> None:
         """Refuse a forward whose KV, activations and head copy exceed the plan's reserve
@@ -357,6 +385,94 @@ class Runtime:
         c.accounted_peak_bytes = max(c.accounted_peak_bytes,
                                      self.device_tier.allocated_bytes + need)
 
+    # -- a direct forward beyond the reserve -------------------------------------------------
+    def _chunkable(self, args, kwargs, key, batch: int, new: int, cache) -> tuple | None:
+        """For a direct forward whose one-shot need exceeds the reserve: ``(cache, chunk,
+        keep)`` to run it as chunks of ``chunk`` positions that each fit, or ``None`` (then
+        it is refused with the numbers): a forward asking for hidden states, attentions or a
+        loss, or one whose kept logits alone do not fit. ``cache`` is the caller's, else one
+        made for the call (dynamic, or paged as ``generate`` would get)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        if (len(args) > 1 or (ids is None) == (embeds is None)
+                or any(kwargs.get(k) for k in ("labels", "output_hidden_states",
+                                                 "output_attentions"))
+                or (ids if ids is not None else embeds).dim() < 2 or new < 2):
+            return None
+        keep = kwargs.get("logits_to_keep", 0)
+        if not isinstance(keep, int) or keep < 0:
+            return None
+        keep = new if keep == 0 or keep > new else keep
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(
+            cache, "get_seq_length") else 0
+        held = batch * keep * self.shape.vocab * max(self.itemsize, 4)
+        try:
+            layout, chunk = self._prefill_layout(batch, new + past, new + past, cache,
+                                                 held=held, all_rows=keep > 1)
+        except BudgetError:
+            return None
+        if chunk >= new or chunk < 1:
+            return None
+        return layout, chunk, keep
+
+    def _forward(self, orig, args, kwargs):
+        """``model.forward``: as it is, unless ``_begin`` found it too large for the reserve;
+        then as chunks of positions that each fit, each one a forward of its own through
+        ``model`` (hooks, budget check and counters per chunk), the caller's cache (or one
+        made for the call) carrying the context, the kept logits joined. Tokens are the
+        one-shot forward's; logits are bitwise the resident model's fed the same chunks."""
+        plan = self._chunk_next
+        if plan is None:
+            return orig(*args, **kwargs)
+        self._chunk_next = None
+        cache, chunk, keep = plan
+        kwargs = dict(kwargs)
+        if args:
+            kwargs["input_ids"] = args[0]
+        name = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+        x = kwargs.pop(name)
+        key = "cache" if "cache" in kwargs else "past_key_values" if \
+            "past_key_values" in kwargs else self._cache_kw
+        use_cache = kwargs.pop("use_cache", None)
+        kwargs.pop(key, None)
+        mask, positions = kwargs.pop("attention_mask", None), kwargs.pop("position_ids", None)
+        kwargs.pop("cache_position", None)   # derived from the cache, chunk by chunk
+        kwargs.pop("logits_to_keep", None)
+        new = x.shape[1]
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        logits, at, out = None, 0, None
+        self.counters.prefill_chunk = chunk
+        try:
+            for s in range(0, new, chunk):
+                e = min(s + chunk, new)
+                want = max(0, e - max(s, new - keep))   # kept positions in this chunk
+                step = dict(kwargs, use_cache=True, logits_to_keep=max(want, 1))
+                step[name], step[key] = x[:, s:e], cache
+                if mask is not None:
+                    step["attention_mask"] = mask[:, :past + e]
+                if positions is not None:
+                    step["position_ids"] = positions[:, s:e]
+                out = self.model(**step)
+                cache = out[key] if key in out.keys() else out.get("past_key_values", cache)
+                if want:   # into the call's logits, held once (the reserve counted them)
+                    if logits is None:
+                        logits = out.logits.new_empty((x.shape[0], keep, out.logits.shape[-1]))
+                    logits[:, at:at + want].copy_(out.logits[:, -want:])
+                    at += want
+                out["logits"] = None
+        finally:
+            self._skip_end = True   # the whole call's _end: its chunks were counted
+        out["logits"] = logits
+        if use_cache is False:
+            for k in ("cache", "past_key_values"):
+                if k in out.keys():
+                    out[k] = None
+        return out
+
     # -- generate ---------------------------------------------------------------------------
     def _generate(self, orig, args, kwargs):
         """``model.generate``, with the prefill and the cache sized to the reserve: a prompt
@@ -387,12 +503,14 @@ class Runtime:
         self.counters.prefill_chunk = chunk
         return orig(*args, **kwargs)
 
-    def _prefill_layout(self, batch: int, prompt: int, total: int, given=None):
+    def _prefill_layout(self, batch: int, prompt: int, total: int, given=None, *,
+                        held: int = 0, all_rows: bool = False):
         """The cache ``generate`` should use (``None``: its own) and the prompt positions per
         prefill forward, for ``batch`` sequences of ``prompt`` positions growing to ``total``
         (``given``: the caller's cache, kept; the positions it already holds are not
-        prefilled)."""
-        plan, reserve = self.plan, self.plan.reserve_bytes
+        prefilled; ``held``: bytes the caller keeps besides, logits of earlier chunks;
+        ``all_rows``: every position's logits computed, not the last)."""
+        plan, reserve = self.plan, self.plan.reserve_bytes - held
         past = 0
         if given is not None:
             cache = given
@@ -420,8 +538,12 @@ class Runtime:
         if not paged:
             kv = self.shape.kv_bytes(batch * total, self.itemsize)
         new = max(1, prompt - past)
-        chunk = largest_chunk(lambda c: self._forward_need(batch, c, total, batch, kv, paged),
-                              new, reserve)
+        need = lambda c: self._chunked_need(   # noqa: E731
+            batch, c, past, total, batch * (c if all_rows else 1), kv, paged)
+        chunk = largest_chunk(lambda c: self._forward_need(
+            batch, c, total, batch * (c if all_rows else 1), kv, paged), new, reserve)
+        while chunk > 0 and need(chunk) > reserve:   # not monotonic: step down to one that fits
+            chunk -= max(1, chunk // 32)
         if paged and (chunk < new or past or -(-new // cache.block_tokens)
                       > cache.device_blocks + 2):
             # a paged cache's pool holds a layer's blocks and one spare: a first forward may
@@ -509,6 +631,9 @@ class Runtime:
         return owned
 
     def _end(self, module, args, output):
+        if self._skip_end or self._chunk_next is not None:
+            self._skip_end, self._chunk_next = False, None   # counted chunk by chunk
+            return
         elapsed = time.perf_counter() - self._forward_t0
         batch, new = self._forward_shape
         c = self.counters
