@@ -312,7 +312,7 @@ class Runtime:
         try:
             self._check_budget(batch, new, cache, kwargs.get("logits_to_keep", 0))
         except BudgetError:
-            chunk = self._chunkable(args, kwargs, key, batch, new, cache)
+            chunk = self._chunkable(args, kwargs, batch, new, cache)
             if chunk is None:
                 raise
             self._chunk_next = chunk   # _forward runs it as chunks that each fit
@@ -386,7 +386,7 @@ class Runtime:
                                      self.device_tier.allocated_bytes + need)
 
     # -- a direct forward beyond the reserve -------------------------------------------------
-    def _chunkable(self, args, kwargs, key, batch: int, new: int, cache) -> tuple | None:
+    def _chunkable(self, args, kwargs, batch: int, new: int, cache) -> tuple | None:
         """For a direct forward whose one-shot need exceeds the reserve: ``(cache, chunk,
         keep)`` to run it as chunks of ``chunk`` positions that each fit, or ``None`` (then
         it is refused with the numbers): a forward asking for hidden states, attentions or a
