@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import __version__
 from .errors import OffloadError
 from .sizes import format_bytes
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offload", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    p.add_argument("--version", action="version", version=f"offload {__version__}")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="generate text with a model streamed under a budget")
@@ -168,9 +170,37 @@ def _cmd_pack(args) -> int:
     return 0
 
 
+def _check_flags(args) -> None:
+    """The flags ``run`` and ``plan`` share, checked before any model is read: a budget that
+    cannot be read, a bare number too small to be meant as bytes, a device this machine lacks.
+
+    Raises:
+        OffloadError: the flag and its fix, in CLI terms.
+    """
+    from .errors import BudgetError
+    from .sizes import parse_size
+
+    text = str(args.budget).strip()
+    try:
+        parse_size(text, total_bytes=1)   # the syntax and range; a percentage's share later
+    except BudgetError as e:
+        raise OffloadError(f"--budget: {e}") from None
+    if text.replace(".", "", 1).isdigit() and float(text) < 1e6:
+        raise OffloadError(f"--budget {text} is {text} bytes; write --budget {text}% for that "
+                           f"share of the model's weights, or a size such as {text}MB")
+    device = (args.device or "").strip().lower()
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OffloadError(f"--device {args.device}: this machine has no CUDA device "
+                               "torch can use; drop --device (or --device cpu)")
+
+
 def _cmd_plan(args) -> int:
     from . import api
 
+    _check_flags(args)
     plan = api.plan(args.model or default_model_path(), args.budget, device=args.device,
                     offload_dir=args.offload_dir, prefetch=args.prefetch,
                     max_tokens=args.max_tokens, kv=args.kv, max_context=args.max_context,
@@ -186,6 +216,7 @@ def _cmd_run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise OffloadError("--max-new-tokens must be at least 1")
+    _check_flags(args)
     from .memory import PeakMeter
 
     model_path = args.model or default_model_path()

@@ -103,6 +103,33 @@ def test_errors_are_one_line_without_traceback(checkpoint, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("flags,message", [
+    (("--budget", "30"), "--budget 30 is 30 bytes; write --budget 30% for that share"),
+    (("--budget", "150%"), "--budget: budget '150%': a percentage must be in (0, 100]"),
+    (("--budget", "12parsecs"), "unknown unit 'parsecs'"),
+    (("--device", "cuda"), "--device cuda: this machine has no CUDA device"),
+])
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_bad_flags_are_refused_before_any_model_is_read(command, flags, message, tmp_path):
+    """Before packing or loading anything: nothing is written to the offload dir and no
+    progress bar starts; one line says what is wrong and what to write instead."""
+    import torch
+
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    r = offload_cli(command, *flags, "--offload-dir", tmp_path / "cache")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "packing" not in r.stderr and not (tmp_path / "cache").exists()
+
+
+def test_version():
+    import offload
+
+    r = offload_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"offload {offload.__version__}"
+
+
 def test_bad_flag():
     r = offload_cli("run", "--budgte", "1GB")
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
