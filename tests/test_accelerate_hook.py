@@ -25,14 +25,18 @@ def _accelerate_leftovers(model) -> list[str]:
     """Modules still carrying anything Accelerate's hooks attach: the hook, the saved forward,
     a forward of its own in the instance (offload's row-chunked embedding and head aside),
     or the device-moving overrides dispatch_model adds."""
-    from accelerate.hooks import _accelerate_added_attributes
+    try:   # accelerate < 1.16 lists the overrides; later ones mark each one
+        from accelerate.hooks import _accelerate_added_attributes as listed
+    except ImportError:
+        listed = ()
 
     rows = {id(m) for m, _ in model._offload_runtime.adapter.row_points(model).values()}
     return [name for name, m in model.named_modules()
             if hasattr(m, "_hf_hook") or hasattr(m, "_old_forward")
             or ("forward" in m.__dict__ and id(m) not in rows
                 and not getattr(m.__dict__["forward"], "offload_wrapper", False))
-            or any(a in m.__dict__ for a in _accelerate_added_attributes)]
+            or any(a in m.__dict__ for a in listed)
+            or any(getattr(v, "_accelerate_added_attribute", False) for v in m.__dict__.values())]
 
 
 @pytest.fixture

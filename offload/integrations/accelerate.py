@@ -259,7 +259,10 @@ def remove_hooks(model) -> None:
     This does what it does otherwise: restore ``forward``, drop the hook and the device-moving
     overrides ``dispatch_model`` added.
     """
-    from accelerate.hooks import _accelerate_added_attributes
+    try:   # accelerate < 1.16 lists the attributes; later ones mark each added value
+        from accelerate.hooks import _accelerate_added_attributes as listed
+    except ImportError:
+        listed = ()
 
     for module in model.modules():
         module.__dict__.pop("_hf_hook", None)
@@ -268,7 +271,9 @@ def remove_hooks(model) -> None:
             module.forward = old   # a forward the user set before Accelerate wrapped it
         else:
             module.__dict__.pop("forward", None)
-        for attr in _accelerate_added_attributes:
+        marked = [name for name, value in module.__dict__.items()
+                  if getattr(value, "_accelerate_added_attribute", False)]
+        for attr in (*listed, *marked):
             module.__dict__.pop(attr, None)
     model.__dict__.pop("hf_device_map", None)
 
