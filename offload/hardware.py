@@ -7,6 +7,7 @@ inputs. It times the tiers, so it sits just above them in the import order.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,9 @@ from typing import Iterable
 
 import torch
 
+from .errors import HardwareError
 from .planner.profile import HardwareProfile
+from .store.lock import disk_idle
 from .tiers.device import aligned_host
 from .tiers.disk import BLOCK, CHUNK_BYTES
 from .units import DTYPE_NAMES
@@ -27,10 +30,11 @@ log = logging.getLogger(__name__)
 PROFILE_VERSION = 2
 
 
-def load_or_measure(data_file: Path, cache_dir: Path, device: torch.device, dtype: torch.dtype,
+def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.device, dtype: torch.dtype,
                     hidden: int, max_bytes: int | None = None,
                     encodings: Iterable[str] = ()) -> HardwareProfile:
-    """The cached profile for this device and dtype, measuring it on first use with at most
+    """The cached profile for this device and dtype, measuring it on first use (reading
+    ``data_file``, or a scratch file in ``cache_dir`` where there is none yet) with at most
     ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too), and
     the decode speed of each of ``encodings`` it lacks (the store's: ``gguf.Q4_K`` ...)."""
     key = f"{device}|{DTYPE_NAMES[dtype]}|{os.stat(cache_dir).st_dev}"
@@ -44,26 +48,91 @@ def load_or_measure(data_file: Path, cache_dir: Path, device: torch.device, dtyp
         cached = {}
     missing = sorted(e for e in set(encodings) if measurable(e) and
                      (profile is None or e not in profile.decode_bps))
+    cached_in = f"measured on this machine, cached in {path}"
     if profile is not None and not missing:
-        return profile
+        return replace(profile, source=cached_in)
+    quiet = disk_idle(cache_dir)   # another offload process reading here skews the figures
     if profile is None:
         bound = max_bytes if max_bytes is not None else 256 << 20
-        profile = HardwareProfile(str(device), measure_disk(data_file, chunk_bytes=bound),
+        with _readable(data_file, cache_dir) as data_file:
+            disk = measure_disk(data_file, chunk_bytes=bound)
+        profile = HardwareProfile(str(device), disk,
                                   measure_h2d(device, min(256 << 20, bound)),
                                   measure_compute(device, dtype, hidden, max_bytes),
                                   DTYPE_NAMES[dtype])
     if missing:
         profile = replace(profile, decode_bps={
             **profile.decode_bps, **{e: measure_decode(e, device, max_bytes) for e in missing}})
+    if not (quiet and disk_idle(cache_dir)):
+        log.warning("the hardware profile was measured while another offload process was "
+                    "using %s: this run uses it, but it is not cached (the next run measures "
+                    "again)", cache_dir)
+        return replace(profile, contended=True, source="measured on this machine now, while "
+                       "another offload process read the same disk (not cached)")
     profiles = cached.get("profiles", {}) if cached.get("version") == PROFILE_VERSION else {}
-    profiles[key] = asdict(profile)
+    profiles[key] = {k: v for k, v in asdict(profile).items() if k not in ("contended", "source")}
     tmp = path.with_name(f".profile.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps({"version": PROFILE_VERSION, "profiles": profiles}, indent=1))
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache dir only costs a re-measure next time
         log.warning("could not cache the hardware profile in %s: %s", path, e)
-    return profile
+        return replace(profile, source="measured on this machine now (not cached)")
+    return replace(profile, source=cached_in)
+
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+_REQUIRED = ("device", "disk_read_bps", "compute_bps")
+
+
+def profiles() -> list[str]:
+    """The machines described in ``offload/profiles/NAME.json``, shipped with offload."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+
+
+def described(spec: str | os.PathLike) -> HardwareProfile:
+    """A machine described rather than measured: a JSON file (or a shipped profile's name)
+    with ``device``, ``disk_read_bps`` (O_DIRECT reads of the offload dir's disk),
+    ``compute_bps`` (weight bytes a batch-1 decode step streams through compute per second),
+    ``h2d_bps`` (pinned host-to-device copies; required for a GPU), and optionally ``dtype``
+    (what compute was measured in), ``decode_bps`` (per encoding) and ``description``.
+
+    Raises:
+        HardwareError: no such file or profile, unreadable JSON, or missing or non-positive
+            fields (each named).
+    """
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        if str(spec) not in profiles():
+            raise HardwareError(f"no hardware profile {spec}: pass a JSON file with "
+                                f"{', '.join(_REQUIRED)} and h2d_bps, or one of "
+                                f"{', '.join(profiles())}", path=str(spec))
+        path = PROFILES_DIR / f"{spec}.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise HardwareError(f"cannot read the hardware profile {path}: {e}",
+                            path=str(path)) from e
+    required = _REQUIRED + (("h2d_bps",) if str(d.get("device", "")).startswith("cuda")
+                            else ())
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise HardwareError(f"the hardware profile {path} lacks {', '.join(missing)} (bytes "
+                            "per second for the bandwidths; device cpu or cuda)", path=str(path))
+    bad = [k for k in ("disk_read_bps", "compute_bps") if not _positive(d[k])]
+    if bad:
+        raise HardwareError(f"the hardware profile {path}: {', '.join(bad)} must be a positive "
+                            "number of bytes per second", path=str(path))
+    return HardwareProfile(str(d["device"]), float(d["disk_read_bps"]),
+                           float(d.get("h2d_bps", 0.0)), float(d["compute_bps"]),
+                           str(d.get("dtype", "float32")),
+                           {k: float(v) for k, v in d.get("decode_bps", {}).items()},
+                           source=f"described in {path}"
+                           + (f": {d['description']}" if d.get("description") else ""))
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def measurable(encoding: str) -> bool:
@@ -87,6 +156,26 @@ def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = 
     out = torch.empty(numel * 4, dtype=torch.uint8)
     return numel * 4 / gguf.time_decode(gguf.sample_blocks(name, numel), out, name, numel,
                                         reps=3)
+
+
+@contextlib.contextmanager
+def _readable(data_file: Path | None, cache_dir: Path, nbytes: int = 256 << 20):
+    """``data_file``, or where there is none (a plan before anything was downloaded or
+    packed) a scratch file of ``nbytes`` written to ``cache_dir``, synced, read, removed."""
+    if data_file is not None:
+        yield data_file
+        return
+    path = Path(cache_dir) / f".disk-probe-{os.getpid()}.tmp"
+    try:
+        with open(path, "wb") as f:
+            block = os.urandom(1 << 20)
+            for _ in range(nbytes >> 20):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def measure_disk(data_file: Path, max_bytes: int = 512 << 20,

@@ -58,6 +58,23 @@ def weight_bytes(model) -> int:
     return total
 
 
+def pytest_configure(config):
+    """The suite never touches the user's cache (``~/.cache/offload``): packed stores, hardware
+    profiles and kernel builds go to a directory of this run, which every subprocess a test
+    starts inherits through ``$OFFLOAD_CACHE``."""
+    import os
+    import tempfile
+
+    os.environ["OFFLOAD_CACHE"] = tempfile.mkdtemp(prefix="offload-test-cache-")
+
+
+def pytest_unconfigure(config):
+    import os
+    import shutil
+
+    shutil.rmtree(os.environ.get("OFFLOAD_CACHE", ""), ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _cpu_unless_asked(monkeypatch):
     """Tests compare against CPU references: on a GPU machine offload's default device would be

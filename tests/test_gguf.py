@@ -208,9 +208,9 @@ def test_a_gguf_header_that_is_cut_short_or_not_gguf_is_refused(tmp_path):
 
 PACK_PEAK = """
 import json, sys, torch, offload
-from offload.cli import _load_code
+from offload.cli.warmup import load_code
 from offload.memory import PeakMeter
-_load_code(sys.argv[1])   # the interpreter: the code a run executes, loaded
+load_code(sys.argv[1])   # the interpreter: the code a run executes, loaded
 meter = PeakMeter(torch.device("cpu"))
 meter.start()
 offload.pack(sys.argv[1], offload_dir=sys.argv[2], progress=False)

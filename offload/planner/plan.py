@@ -103,6 +103,7 @@ class Plan:
         head_inexact_rows: input row counts (batch x positions) at which the streamed LM
             head's chunks give other bits than the whole matrix on this machine (empty when
             the head is resident, or its chunks are exact here).
+        profile: where the hardware figures the prediction rests on come from.
     """
 
     budget_bytes: int
@@ -130,6 +131,7 @@ class Plan:
     experts: ExpertPlan | None = None
     kv: KVPlan = field(default_factory=KVPlan)
     head_inexact_rows: tuple[int, ...] = ()
+    profile: str = ""
 
     @property
     def home(self) -> dict[str, str]:
@@ -201,6 +203,7 @@ class Plan:
             f"{self.bottleneck} (compute {self.compute_s * 1000:.1f} ms, disk "
             f"{self.io_s * 1000:.1f} ms, host link {self.link_s * 1000:.1f} ms"
             + (f", decode {self.decode_s * 1000:.1f} ms" if self.decode_s else "") + ")",
+            *([f"hardware profile: {self.profile}"] if self.profile else []),
         ]
 
     def _notes(self) -> list[str]:

@@ -19,6 +19,10 @@ class HardwareProfile:
         dtype: the dtype compute was measured in.
         decode_bps: dense (decoded) bytes per second one thread decodes, per encoding
             measured (``gguf.Q4_K`` ...); an encoding missing here is not charged.
+        contended: measured while another offload process read the same offload dir: used
+            by the run that measured it, never cached.
+        source: where the figures come from (measured here, or the file describing a machine),
+            for the plan to say; never cached.
     """
 
     device: str
@@ -27,6 +31,8 @@ class HardwareProfile:
     compute_bps: float
     dtype: str
     decode_bps: dict[str, float] = field(default_factory=dict)
+    contended: bool = False
+    source: str = ""
 
     def decode_seconds(self, unit) -> float:
         """Seconds one decode of ``unit``'s encoded tensors takes (0 for a dense Unit, or an

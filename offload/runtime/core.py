@@ -18,6 +18,7 @@ from ..planner.kv import kv_geometry
 from ..planner.reserve import forward_bytes, largest_chunk, scratch_bytes
 from ..prefetch.pipeline import Pipeline
 from ..sizes import format_bytes
+from ..store import lock
 from ..store.format import Manifest
 from ..memory import MMAP_THRESHOLD, PeakMeter, map_large_allocations, release_free_heap
 from ..tiers.device import DeviceTier, aligned_host
@@ -56,6 +57,8 @@ class Runtime:
         self.counters = Counters()
         self.device_tier = DeviceTier(device)
         self.disk = DiskTier(manifest.data_path)
+        # Held while this runtime reads the offload dir: no other process profiles it meanwhile.
+        self._disk_users = lock.DiskUsers(manifest.path.parent)
         self.transport = Transport(_io_threads(plan, adapter, model.config))
         self._undo: list = []
         # Host scratch for row gathers and start-up checks; the plan's reserve counts it.
@@ -80,6 +83,12 @@ class Runtime:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def cache_argument(self) -> str:
+        """The name this transformers gives the cache in ``forward`` and ``generate``
+        (``cache`` from 5.2x, ``past_key_values`` before)."""
+        return self._cache_kw
 
     # -- start-up -------------------------------------------------------------------------
     def _start(self) -> None:
@@ -643,6 +652,7 @@ class Runtime:
             self.experts.end_forward(new == 1)
         if new == 1:
             c.decode_tokens += batch
+            c.decode_steps += 1
             c.decode_seconds += elapsed
         else:
             c.prefill_tokens += batch * new
@@ -677,6 +687,7 @@ class Runtime:
             self._owned_kv.close()   # a cache kept past close() says so when used
         self.transport.close()
         self.disk.close()
+        self._disk_users.close()
         self.resident, self.slots, self.pipeline = {}, None, None
 
 

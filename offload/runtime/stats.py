@@ -14,6 +14,7 @@ class Counters:
     forwards: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    decode_steps: int = 0
     decode_seconds: float = 0.0
     forward_seconds: float = 0.0
     accounted_peak_bytes: int = 0   # buffers allocated + the forward's estimate (reserve)
@@ -54,6 +55,7 @@ def report(rt) -> dict:
     ex = rt.experts.stats(c.decode_tokens) if rt.experts is not None else None
     stall = t.stall["layers"] + t.stall["experts"]
     io = rt.disk.wall_seconds + ((ex or {}).get("io_seconds") or 0.0)
+    disk = rt.disk.bytes_read + ((ex or {}).get("disk_bytes") or 0)
     out = {
         "budget_bytes": rt.plan.budget_bytes,
         "accounted_peak_bytes": c.accounted_peak_bytes,
@@ -65,7 +67,7 @@ def report(rt) -> dict:
         "staging_bytes": rt.plan.slots * rt.plan.slot_bytes,
         "kv_bytes": c.kv_bytes,
         "host_bytes": rt.staging.host_bytes if rt.staging else 0,
-        "bytes_read": {"disk": rt.disk.bytes_read + ((ex or {}).get("disk_bytes") or 0),
+        "bytes_read": {"disk": disk,
                        "host_to_device": rt.staging.h2d_bytes if rt.staging else 0},
         "direct_io": rt.disk.direct,
         "fetches": p.fetches,
@@ -81,6 +83,14 @@ def report(rt) -> dict:
         "tokens_per_s": c.decode_tokens / c.decode_seconds if c.decode_seconds else 0.0,
         "resyncs": p.resyncs,
         "prefill_chunk": c.prefill_chunk,
+        # the plan's prediction per decode step beside what the decode steps measured
+        "predicted": {"seconds_per_step": rt.plan.predicted_s,
+                      "bytes_per_step": rt.plan.streamed_bytes,
+                      "bottleneck": rt.plan.bottleneck, "profile": rt.plan.profile},
+        "measured": {"seconds_per_step": (c.decode_seconds / c.decode_steps
+                                          if c.decode_steps else None),
+                     "bytes_per_forward": disk / c.forwards if c.forwards else None,
+                     "stall_per_forward": stall / c.forwards if c.forwards else None},
     }
     if rt.plan.stored_bytes != rt.plan.weight_bytes:
         out["sparse"] = rt.sparse.as_dict()

@@ -100,11 +100,25 @@ def open_gguf(path: Path, config, file: "GGUFFile | None" = None):
         return {hf: (tuple(int(s) for s in reversed(t.dims)), torch.float32)
                 for hf, (_, t, _) in tensors().items()}
 
+    def row_bytes() -> dict:
+        """hf name -> (encoding, bytes per row) of each block-quantized tensor."""
+        return {hf: (kernels.encoding(t.qtype), t.n_bytes // max(1, _rows(t.dims)))
+                for hf, (_, t, _) in tensors().items() if t.qtype not in kernels.FLOAT_TYPES}
+
     st = path.stat()
     fp = hashlib.sha256(f"{path.absolute()}:{st.st_size}:{st.st_mtime_ns}:q".encode()).hexdigest()
     return Source(name=path.stem, description=str(path.absolute()), config=config,
                   fingerprint=fp, shapes=shapes, load=lambda name: _load(*tensors()[name]),
-                  tokenizer_path=(str(path.parent), path.name))
+                  tokenizer_path=(str(path.parent), path.name), row_bytes=row_bytes,
+                  files=(path,))
+
+
+def _rows(dims: tuple[int, ...]) -> int:
+    """Rows of a tensor of GGUF ``dims`` (fastest first): every dimension but the first."""
+    n = 1
+    for d in dims[1:]:
+        n *= int(d)
+    return n
 
 
 @dataclass(frozen=True)

@@ -130,8 +130,10 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
         return last[name]
 
     units, offset = [], 0
-    bar = tqdm(total=store_bytes(specs), unit="B", unit_scale=True, desc=f"packing {name}",
-               disable=not progress, leave=False)
+    # Counted in Units: an encoded Unit's stored bytes are known only once it is encoded, and
+    # a byte count of the decoded sizes read 538M for SmolLM2's 97 MB store.
+    bar = tqdm(total=len(specs), unit="unit", desc=f"packing {name}", disable=not progress,
+               leave=False)
     with open(path, "wb") as f:
         for spec in specs:
             tensors, nbytes = spec.layout()
@@ -144,7 +146,9 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
                     datas.append(encoder(spec, part, t) if encoder is not None else (t, None))
             stored = None
             if any(enc is not None for _, enc in datas):
-                tensors, stored = _stored_layout(tensors, datas)
+                tensors, stored = stored_layout(tensors, [
+                    None if enc is None else (enc[1], enc[0].numel(), enc[2])
+                    for _, enc in datas])
             end = nbytes if stored is None else stored
             checksum = _write_unit(f, [(enc[0] if enc is not None else
                                         t.reshape(-1).view(torch.uint8), *ts.source)
@@ -154,7 +158,8 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
             units.append(Unit(spec.key, spec.kind, spec.group, spec.index, offset, nbytes,
                               checksum, tuple(tensors), spec.rows, spec.expert, stored))
             offset += align(end, BLOCK)
-            bar.update(align(nbytes, BLOCK))
+            bar.set_postfix_str(f"{format_bytes(offset)} written", refresh=False)
+            bar.update(1)
         f.flush()
         os.fsync(f.fileno())
     bar.close()
@@ -186,21 +191,42 @@ def _write_unit(f, pieces: list[tuple[torch.Tensor, int, int]], end: int, size: 
     return crc
 
 
-def _stored_layout(tensors: list[TensorSpec], datas) -> tuple[list[TensorSpec], int]:
-    """Where each tensor of an encoded Unit is stored: encoded ones as their encoded bytes,
-    the others as they are, each at ``TENSOR_ALIGN``."""
+def stored_layout(tensors: list[TensorSpec], encoded) -> tuple[list[TensorSpec], int]:
+    """Where each tensor of an encoded Unit is stored: ``encoded[i]`` is ``(encoding, stored
+    bytes, non-zero count or None)`` for an encoded tensor, ``None`` for one stored as it is;
+    each at ``TENSOR_ALIGN``. Returns the tensors' specs and the Unit's stored bytes."""
     out, off = [], 0
-    for ts, (t, enc) in zip(tensors, datas):
+    for ts, enc in zip(tensors, encoded):
         off = align(off, TENSOR_ALIGN)
         if enc is None:
             out.append(dataclasses.replace(ts, stored_offset=off, stored_nbytes=ts.nbytes))
             off += ts.nbytes
         else:
-            blob, encoding, nnz = enc
+            encoding, nbytes, nnz = enc
             out.append(dataclasses.replace(ts, encoding=encoding, stored_offset=off,
-                                           stored_nbytes=blob.numel(), nnz=nnz))
-            off += blob.numel()
+                                           stored_nbytes=nbytes, nnz=nnz))
+            off += nbytes
     return out, off
+
+
+def units_as_packed(specs: list[UnitSpec], row_bytes: dict[str, tuple[str, int]]) -> list[Unit]:
+    """The Units a pack of ``specs`` would write, without reading a weight: each tensor of a
+    source named in ``row_bytes`` (``name -> (encoding, stored bytes per row)``: a GGUF's
+    block-quantized tensors) stored in that encoding, every other one dense. Checksums are 0:
+    nothing was written. What ``offload plan`` plans on before a store exists."""
+    units, offset = [], 0
+    for spec in specs:
+        tensors, nbytes = spec.layout()
+        encoded = [None if p.source not in row_bytes else
+                   (row_bytes[p.source][0], p.shape[0] * row_bytes[p.source][1], None)
+                   for p in spec.parts]
+        stored = None
+        if any(e is not None for e in encoded):
+            tensors, stored = stored_layout(tensors, encoded)
+        units.append(Unit(spec.key, spec.kind, spec.group, spec.index, offset, nbytes, 0,
+                          tuple(tensors), spec.rows, spec.expert, stored))
+        offset += align(nbytes if stored is None else stored, BLOCK)
+    return units
 
 
 def _part_tensor(part: TensorPart, load) -> torch.Tensor | QuantizedTensor:

@@ -21,6 +21,10 @@ class Source:
         load: tensor name -> tensor (CPU); may read lazily from disk.
         module: the model object when the user passed one (it becomes the skeleton).
         tokenizer_path: where a tokenizer can be loaded from, if anywhere (dir, gguf file).
+        row_bytes: returns tensor name -> (encoding, stored bytes per row) for each tensor
+            kept in an encoding of the source's own (a GGUF's block-quantized ones), from the
+            header alone.
+        files: the files the weights are read from (none for a model object).
     """
 
     name: str
@@ -31,3 +35,5 @@ class Source:
     load: Callable[[str], torch.Tensor]
     module: torch.nn.Module | None = None
     tokenizer_path: tuple[str, str | None] | None = None
+    row_bytes: Callable[[], dict[str, tuple[str, int]]] = dict
+    files: tuple = ()

@@ -116,7 +116,7 @@ def _hf_dir_source(path: Path) -> Source:
 
     return Source(name=path.name, description=str(path.absolute()), config=config,
                   fingerprint=h.hexdigest(), shapes=lambda: shapes, load=load,
-                  tokenizer_path=(str(path), None))
+                  tokenizer_path=(str(path), None), files=tuple(files))
 
 
 def _safetensors_index(files: list[Path]) -> tuple[dict, dict]:
@@ -264,3 +264,105 @@ def build_config(d: dict):
     d = dict(d)
     d.pop("quantization_config", None)
     return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+def presets() -> list[str]:
+    """The architecture presets shipped with offload (``offload/presets/NAME.json``: the
+    public configs of well-known models), for planning before any download."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def is_header_only(model) -> bool:
+    """Whether ``model`` names a model by its config alone: a preset's name, a config.json, or
+    a checkpoint directory with a config.json but no weights (what ``offload plan`` plans on
+    before anything is downloaded)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    path = Path(model).expanduser()
+    if not path.exists():
+        return str(model).lower() in presets()
+    if path.is_file():
+        return path.suffix == ".json"
+    return (path / "config.json").is_file() and not any(path.glob("*.safetensors"))
+
+
+def open_config(model, dtype: torch.dtype | None = None) -> Source:
+    """A Source with a config and tensor shapes and no weights: a preset name, a config.json,
+    or a checkpoint directory without weights (``is_header_only``). Its tensors are those
+    transformers' model of that config holds, built on the meta device (no memory), in
+    ``dtype`` (default: the config's own, else float32). Loading a tensor is refused: such a
+    source can be planned on, not packed.
+
+    Raises:
+        StoreError: no config there, or an unknown preset (the presets named).
+        ModelError: a config transformers cannot build.
+    """
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        name = str(model).lower()
+        if name not in presets():
+            raise StoreError(f"no model or preset named {model}: pass a checkpoint directory, "
+                             f"a config.json, a .gguf file, or one of {', '.join(presets())}",
+                             path=str(model))
+        path = PRESETS_DIR / f"{name}.json"
+    file = path if path.is_file() else path / "config.json"
+    try:
+        d = json.loads(file.read_text())
+        config = AutoConfig.for_model(d.pop("model_type"), **d)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot build a model config from {file}: {e}") from e
+    dtype = dtype or _config_dtype(config)
+    config.dtype = dtype
+    shapes = _meta_shapes(config, dtype)
+    fp = hashlib.sha256((_config_json(config) + str(dtype)).encode()).hexdigest()
+
+    def load(name: str) -> torch.Tensor:
+        raise StoreError(f"{model} is a config without weights: it can be planned on "
+                         "(`offload plan`), not packed or run", path=str(path))
+
+    return Source(name=path.stem if path.is_file() else path.name,
+                  description=f"{file} (config only)", config=config, fingerprint=fp,
+                  shapes=lambda: shapes, load=load)
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _meta_shapes(config, dtype: torch.dtype) -> dict:
+    """Tensor name -> (shape, dtype) of transformers' model of ``config``, built on the meta
+    device; a tied head is left out, as a checkpoint leaves it out."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(), no_init():
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"transformers cannot build a {config.model_type} model from this "
+                         f"config: {e}") from e
+    shapes = {k: (tuple(v.shape), dtype) for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def no_init():
+    """transformers' switch for skipping weight initialisation (random values for meta
+    parameters that are never used: 0.2 s for SmolLM2 at every start); a no-op where this
+    transformers has none."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()

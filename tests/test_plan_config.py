@@ -1,0 +1,109 @@
+"""`offload plan` before any download: a config alone (a preset, a config.json, a checkpoint
+directory without weights) on a machine measured here or described in a file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import offload
+from offload.errors import HardwareError, ModelError, OffloadError, StoreError
+from test_cli import offload_cli
+
+TINY = dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=4096,
+            tie_word_embeddings=False, max_position_embeddings=512, torch_dtype="float32")
+
+
+def _llama_params(h, inter, layers, heads, kv_heads, vocab, tied=False) -> dict:
+    """Parameter counts of a Llama by hand: per layer the attention (q, o: h x h; k, v:
+    h x kv width), the MLP (gate, up, down: h x inter) and two norms; embedding, head, norm."""
+    kv = h // heads * kv_heads
+    attn, mlp = 2 * h * h + 2 * h * kv, 3 * h * inter
+    return {"projections": layers * (attn + mlp), "norms": layers * 2 * h + h,
+            "embed_head": vocab * h * (1 if tied else 2)}
+
+
+@pytest.fixture
+def machine(tmp_path):
+    path = tmp_path / "machine.json"
+    path.write_text(json.dumps({"device": "cpu", "disk_read_bps": 1e9, "compute_bps": 4e9,
+                                "description": "a test machine"}))
+    return path
+
+
+def test_a_config_alone_is_planned_as_hand_arithmetic_says(tmp_path, machine):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(TINY))
+    d = tmp_path / "offload"
+    p = offload.plan(tmp_path / "ckpt", "4MB", profile=machine, max_tokens=16, offload_dir=d)
+    n = _llama_params(256, 1024, 4, 4, 2, 4096)
+    weights = 4 * sum(n.values())                      # float32, as the config says
+    assert p.weight_bytes == weights == 24_126_464
+    assert p.compute_s == pytest.approx(weights / 4e9)
+    assert p.io_s == pytest.approx(p.streamed_bytes / 1e9)
+    assert p.predicted_s == pytest.approx(max(p.compute_s, p.io_s)) and p.slots > 1
+    assert p.bottleneck == "disk" and p.device == "cpu"
+    assert p.budget_bytes == 4_000_000 and p.total_bytes <= p.budget_bytes
+    assert "hardware profile: described in" in p.table() and "a test machine" in p.table()
+    assert not list(d.glob("*.offload")) and not (d / "profile.json").exists()   # nothing
+
+
+def test_a_4_bit_config_stores_its_projections_in_blocks(tmp_path, machine):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    p = offload.plan(tmp_path / "config.json", "8MB", dtype="q4_k", profile=machine,
+                     max_tokens=16, offload_dir=tmp_path / "offload")
+    n = _llama_params(256, 1024, 4, 4, 2, 4096)
+    # Q4_K: 144 bytes per 256 weights; norms, embedding and head stay float32
+    assert p.stored_bytes == n["projections"] * 144 // 256 + 4 * (n["norms"] + n["embed_head"])
+    assert p.weight_bytes == 4 * sum(n.values())   # decoded to float32, as a GGUF's
+
+
+def test_llama_3_70b_on_the_shipped_24gb_gpu_profile():
+    n = _llama_params(8192, 28672, 80, 64, 8, 128256)
+    bf16 = offload.plan("llama-3-70b", "20GB", profile="pcie4-nvme-24gb-gpu")
+    assert bf16.weight_bytes == 2 * sum(n.values()) == 141_107_412_992
+    assert bf16.device.startswith("cuda") and bf16.bottleneck == "disk"
+    assert bf16.io_s == pytest.approx(bf16.streamed_bytes / 6.5e9)
+    assert bf16.link_s == pytest.approx(bf16.streamed_bytes / 25e9)
+    q4 = offload.plan("llama-3-70b", "20GB", dtype="q4_k", profile="pcie4-nvme-24gb-gpu")
+    assert q4.stored_bytes == n["projections"] * 144 // 256 + 4 * (n["norms"] + n["embed_head"])
+    assert q4.predicted_s < bf16.predicted_s   # 0.33x the bytes per streamed projection
+
+
+@pytest.mark.parametrize("preset", ["llama-3-8b", "mixtral-8x7b", "qwen2-57b-a14b"])
+def test_every_shipped_preset_plans(preset):
+    p = offload.plan(preset, "24GB", profile="pcie4-nvme-24gb-gpu")
+    assert p.predicted_s > 0 and p.weight_bytes > 10**10
+    if preset != "llama-3-8b":
+        assert p.experts is not None and p.experts.mode == "cache"
+
+
+def test_bad_configs_profiles_and_budgets(tmp_path, machine):
+    with pytest.raises(StoreError, match="llama-3-8b"):
+        offload.plan("llama-4-9000b", "1GB", profile=machine)
+    (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelError, match="supported|llama"):
+        offload.plan(tmp_path / "gpt2.json", "1GB", profile=machine)
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps({"device": "cuda", "disk_read_bps": 1e9}))
+    with pytest.raises(HardwareError, match="lacks compute_bps, h2d_bps"):
+        offload.plan("llama-3-8b", "1GB", profile=half)
+    with pytest.raises(HardwareError, match="no hardware profile"):
+        offload.plan("llama-3-8b", "1GB", profile="a-machine-nobody-described")
+    with pytest.raises(OffloadError, match="minimum working set") as e:
+        offload.plan("llama-3-70b", "100MB", profile="pcie4-nvme-24gb-gpu")
+    assert e.value.minimum_bytes > 100e6
+    with pytest.raises(OffloadError, match="dtype="):
+        offload.plan("llama-3-8b", "1GB", dtype="q3_xs", profile=machine)
+
+
+def test_the_cli_plans_a_preset_without_weights(tmp_path):
+    r = offload_cli("plan", "llama-3-70b", "--budget", "20GB", "--dtype", "q4_k",
+                    "--profile", "pcie4-nvme-24gb-gpu", "--offload-dir", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "hardware profile: described in" in r.stdout and "encoded store" in r.stdout
+    r = offload_cli("plan", "llama-3-70b", "--profile", "pcie4-nvme-24gb-gpu", "--device", "cpu")
+    assert r.returncode == 2 and "--device and --profile" in r.stderr
+    r = offload_cli("run", "llama-3-70b")
+    assert r.returncode == 2 and "no model at llama-3-70b" in r.stderr
