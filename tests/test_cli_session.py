@@ -258,3 +258,27 @@ def test_plan_packs_nothing_and_plans_the_units_a_pack_writes(kind, checkpoint, 
     specs, _ = adapter_for(source.config).unit_specs(source.config, source.shapes())
     planned = units_as_packed(specs, source.row_bytes())
     assert [dataclasses.replace(u, checksum=0) for u in manifest.units] == planned
+
+
+def test_a_store_in_a_read_only_offload_dir_runs_without_the_lock(checkpoint, tmp_path,
+                                                                  monkeypatch):
+    """Where no lock file can be made (a read-only offload dir; the suite runs as root, so
+    the refusal is simulated), a valid store there is still used; packing is what needs the
+    lock, and a missing offload dir still fails with the flag to change."""
+    import offload
+    from offload.errors import HardwareError
+    from offload.store import lock
+
+    path, _ = checkpoint
+    d = tmp_path / "offload"
+    offload.pack(path, offload_dir=d, progress=False)
+
+    def refuse(p, operation):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(lock, "_locked", refuse)
+    model = offload.run(path, "60%", offload_dir=d, max_tokens=16, progress=False)
+    offload.close(model)
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(HardwareError, match="--offload-dir"):
+        offload.run(path, "60%", offload_dir=tmp_path / "a-file" / "x", progress=False)

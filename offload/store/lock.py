@@ -101,6 +101,13 @@ def exclusive(store_dir: Path, *, what: str = "packing", on_wait=None):
     path = _lock_path(store_dir)
     try:
         fd = _open_lock(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except HardwareError:
+        if not path.parent.is_dir():
+            raise
+        # a read-only offload dir: a store there can be used, not packed (the pack says so)
+        log.info("cannot lock %s (read-only?): reading without the lock", path)
+        yield
+        return
     except BlockingIOError:
         message = (f"waiting for {_holder(path)}, which is {what} {store_dir.name} in "
                    f"{store_dir.parent} (lock {path.name}); it is reused when done")
