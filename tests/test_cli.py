@@ -27,7 +27,8 @@ def test_run_default_model_streams_text_and_summary(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text, _, summary = r.stdout.partition("placement")
     assert "Paris" in text                       # coherent output from the real model
-    for field in ("tokens/s", "I/O stall", "read from disk", "peak memory", "budget"):
+    for field in ("tokens/s", "vs the plan", "I/O stall", "read from disk", "peak memory",
+                  "budget", "first token"):
         assert field in summary
     # the first run packs in this process too: the run's measured peak (RSS above the process
     # when it began) within the budget, and what packing took reported beside it

@@ -282,3 +282,26 @@ def test_a_store_in_a_read_only_offload_dir_runs_without_the_lock(checkpoint, tm
     (tmp_path / "a-file").write_text("not a directory")
     with pytest.raises(HardwareError, match="--offload-dir"):
         offload.run(path, "60%", offload_dir=tmp_path / "a-file" / "x", progress=False)
+
+
+def test_stats_carry_the_plans_prediction_beside_the_measured_step(checkpoint, offload_dir):
+    import torch
+
+    import offload
+    from offload.api import runtime_of
+
+    path, _ = checkpoint
+    model = offload.run(path, "50%", offload_dir=offload_dir, max_tokens=32, progress=False)
+    with torch.no_grad():
+        model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+    s, plan = offload.stats(model), runtime_of(model).plan
+    offload.close(model)
+    assert s["predicted"] == {"seconds_per_step": plan.predicted_s,
+                              "bytes_per_step": plan.streamed_bytes,
+                              "bottleneck": plan.bottleneck, "profile": plan.profile}
+    assert plan.profile.startswith("measured on this machine")
+    m = s["measured"]
+    assert m["seconds_per_step"] == pytest.approx(s["decode_seconds"] / 3)   # 3 decode steps
+    assert m["bytes_per_forward"] == s["bytes_read"]["disk"] / s["forwards"]
+    assert m["bytes_per_forward"] >= plan.streamed_bytes   # every pass streams them

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import OffloadError
+from ..hardware import profiles
 from ..sizes import format_bytes
+from ..store.sources import is_header_only, presets
 from . import flags
-from ..store.sources import is_header_only
 from .checks import check_flags, cli_words
+
 
 def default_model_path() -> Path:
     """The embedded default model (``api.default_model``), without importing torch first."""
@@ -22,9 +24,6 @@ def default_model_path() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     imports = _since_process_start()
-    from ..hardware import profiles
-    from ..store.sources import presets
-
     args = flags.parser(__version__, {"run": _cmd_run, "chat": _cmd_chat, "plan": _cmd_plan,
                                       "pack": _cmd_pack}, presets(), profiles()).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -50,12 +49,12 @@ def _since_process_start() -> float:
 
 def _model_path(args) -> Path:
     check_flags(args)
-    if args.command == "plan" and args.model and is_header_only(args.model):
-        return args.model   # a preset's name, or a config: read by the plan
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.command == "plan" and args.model and is_header_only(args.model):
+        return args.model   # a preset's name, or a config: read by the plan
     return Path(args.model).expanduser() if args.model else default_model_path()
 
 
