@@ -305,3 +305,29 @@ def test_stats_carry_the_plans_prediction_beside_the_measured_step(checkpoint, o
     assert m["seconds_per_step"] == pytest.approx(s["decode_seconds"] / 3)   # 3 decode steps
     assert m["bytes_per_forward"] == s["bytes_read"]["disk"] / s["forwards"]
     assert m["bytes_per_forward"] >= plan.streamed_bytes   # every pass streams them
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_chat_crops_the_cache_to_what_the_new_turn_shares(paged, tmp_path):
+    """Where a turn's tokens differ from the cached ones (a template that re-tokenises the
+    history otherwise), the cache keeps only their common prefix, a paged one too."""
+    import torch
+    from transformers import DynamicCache
+
+    from conftest import tiny_config
+    from offload.cli.generate import Conversation
+    from offload.prefetch.kv import PagedKVCache
+
+    config = tiny_config("llama", num_hidden_layers=2)
+    cache = PagedKVCache(config, max_context=128, spill_dir=tmp_path, block_tokens=8,
+                         device_blocks=1) if paged else DynamicCache(config=config)
+    for layer in range(2):
+        k = torch.randn(1, 2, 70, 32)
+        cache.update(k, k.clone(), layer)
+    chat = Conversation.__new__(Conversation)
+    chat.cache, chat.ids = cache, list(range(71))        # the cache holds the first 70
+    new = list(range(40)) + [999] + list(range(41, 80))   # differs at position 40
+    assert chat._held(new) == 40 and cache.get_seq_length() == 40
+    assert chat._held(list(range(40))) == 39   # at least one token is left to feed
+    if paged:
+        cache.close()

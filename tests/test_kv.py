@@ -251,3 +251,41 @@ def test_heavy_hitter_cache_is_exact_until_it_evicts_then_keeps_its_size():
         assert cache.evicted == 2 * (50 - 16)
     assert torch.equal(lossy[:, :16], ref[:, :16])   # the same until the first eviction
     assert not torch.equal(lossy, ref)               # lossy after it: opt-in, measured
+
+
+@pytest.mark.parametrize("crop_to", [100, 96, 40, 33, 5, -7])
+def test_a_cropped_paged_cache_is_a_cropped_dynamic_cache(crop_to, tmp_path):
+    """Positions fed in chunks past two spills, cropped (into the device tail, to a block
+    edge, into a spilled block that must come back to the device, as a negative count), then
+    fed again: every layer's keys and values equal DynamicCache's doing the same, and a crop's
+    disk slots are reused before the scratch file grows."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    cache = PagedKVCache(model.config, max_context=200, batch=2, block_tokens=8,
+                         device_blocks=1, spill_dir=tmp_path)
+    ref = DynamicCache(config=model.config)
+    bt = cache.block_tokens   # 32: raised for 4096-byte rows
+    g = torch.Generator().manual_seed(3)
+
+    def feed(n):
+        """Each layer's keys and values as returned, compared at once (the paged cache
+        returns views of a gather buffer the layer after next reuses)."""
+        same = []
+        for layer in range(3):
+            k, v = (torch.randn(2, 2, n, 32, generator=g) for _ in range(2))
+            (pk, pv), (rk, rv) = cache.update(k, v, layer), ref.update(k, v, layer)
+            same.append(torch.equal(pk, rk) and torch.equal(pv, rv))
+        return same
+
+    for n in (50, 40, 30):   # 120 positions: blocks 0-1 spilled in every layer
+        assert feed(n) == [True] * 3
+    assert cache.stats.spilled_blocks == 3 * 2 and cache.get_seq_length() == 120
+    kept = crop_to % 120
+    cache.crop(crop_to)
+    ref.crop(kept - 120)   # this transformers' DynamicCache takes a count to drop
+    assert cache.get_seq_length() == ref.get_seq_length() == kept
+    slots = cache._spill.slots
+    assert feed(45) == [True] * 3   # past the crop again, across spills
+    assert cache._spill.slots <= max(slots, -(-(kept + 45) // bt) * 3)
+    cache.close()

@@ -250,8 +250,7 @@ class Conversation:
 
     def _held(self, ids: list[int]) -> int:
         """Positions of ``ids`` the cache holds: their common prefix with the cached tokens,
-        the cache cropped to it (or dropped where it cannot be cropped); at least one token is
-        left to feed."""
+        the cache cropped to it; at least one token is left to feed."""
         if self.cache is None:
             return 0
         cached = int(self.cache.get_seq_length())
@@ -262,9 +261,5 @@ class Conversation:
             same += 1
         same = min(same, len(ids) - 1)
         if same < cached:
-            try:
-                self.cache.crop(same)
-            except (NotImplementedError, AttributeError):   # a paged cache: prefill again
-                self.cache = None
-                return 0
+            self.cache.crop(same - cached)   # a count to drop: every transformers takes it
         return same

@@ -176,15 +176,24 @@ class PagedKVCache(Cache):
         self.wait_all()
         for layer in self.layers:
             layer.reset()
-        self._spill.slots = 0
+        self._spill.reset()
 
     def wait_all(self) -> None:
         for i in list(self._pending):
             self.wait(i)
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("PagedKVCache does not crop (assisted decoding); use "
-                                  "DynamicCache for that")
+        """Keep the first ``max_length`` positions of every layer (negative: drop that many
+        from the end), as ``DynamicCache.crop``: blocks past them go back to the pool or free
+        their disk slots, and a partial last block on disk is read back to the device, where
+        the next positions are appended (a chat turn that re-tokenises its history otherwise,
+        assisted decoding)."""
+        self.check_open()
+        self.wait_all()
+        if max_length < 0:
+            max_length = max(0, self.get_seq_length() + max_length)
+        for layer in self.layers:
+            layer.crop(max_length)
 
 
 class PagedLayer(CacheLayerMixin):
@@ -254,6 +263,26 @@ class PagedLayer(CacheLayerMixin):
         for j in full[:max(0, len(full) - c.device_blocks)]:
             self.blocks[j] = ("disk", c.spill(self.blocks[j][1]))
 
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` positions (``PagedKVCache.crop``)."""
+        if n >= self.length:
+            return
+        c, bt = self.cache, self.cache.block_tokens
+        keep = -(-n // bt)
+        for where, held in self.blocks[keep:]:
+            if where == "device":
+                c.give_block(held)
+            else:
+                c._spill.release(held)
+        del self.blocks[keep:]
+        self.length = n
+        if n % bt and self.blocks[-1][0] == "disk":   # the tail must be on the device
+            slot = self.blocks[-1][1]
+            k, v = c.take_block()
+            c._spill.read(slot, [_bytes(k), _bytes(v)])
+            c._spill.release(slot)
+            self.blocks[-1] = ("device", (k, v))
+
     def get_seq_length(self) -> int:
         return self.length
 
@@ -293,16 +322,26 @@ class _SpillFile:
         os.unlink(path)   # nothing left behind, even if the process dies
         self.slot_bytes = slot_bytes
         self.slots = 0
+        self.free: list[int] = []   # slots a crop released, reused before the file grows
 
     def write(self, k: np.ndarray, v: np.ndarray) -> int:
-        slot = self.slots
-        self.slots += 1
+        if self.free:
+            slot = self.free.pop()
+        else:
+            slot = self.slots
+            self.slots += 1
         off = slot * self.slot_bytes
         if os.pwritev(self.fd, [k, v], off) != self.slot_bytes:
             raise OSError(errno.ENOSPC, "short write to the KV scratch file (disk full?)")
         if not self.direct:
             os.posix_fadvise(self.fd, off, self.slot_bytes, os.POSIX_FADV_DONTNEED)
         return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def reset(self) -> None:
+        self.slots, self.free = 0, []
 
     def read(self, slot: int, dests: list[np.ndarray]) -> None:
         off = slot * self.slot_bytes
