@@ -5,7 +5,7 @@ its process dies and a dead process's lock file is simply taken over (it holds a
 name the holder in the waiting message):
 
 - ``exclusive(path)``: one process packs a store; the others wait for it, then reuse it.
-- ``disk_users(dir)``: every process that reads an offload dir's stores holds it shared while it
+- ``DiskUsers(dir)``: every process that reads an offload dir's stores holds it shared while it
   runs; ``disk_idle(dir)`` asks whether any other process holds it, so a hardware profile is
   never measured (and cached) while another run competes for the same disk.
 
