@@ -429,7 +429,9 @@ def make_plan(prep: "Prepared", budget, request: Request = Request(),
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
                     heat=load_heat(manifest.path))
     release_free_heap()   # the planner's probes: back to the OS before the budget is taken
-    return dataclasses.replace(plan, profile=profile.source)
+    return dataclasses.replace(plan, profile=profile.source, disk_bps=profile.disk_read_bps,
+                               h2d_bps=profile.h2d_bps, compute_bps=profile.compute_bps,
+                               itemsize=DTYPES[manifest.dtype].itemsize)
 
 
 def _profile_device(profile: HardwareProfile, asked) -> torch.device:

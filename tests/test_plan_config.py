@@ -107,3 +107,24 @@ def test_the_cli_plans_a_preset_without_weights(tmp_path):
     assert r.returncode == 2 and "--device and --profile" in r.stderr
     r = offload_cli("run", "llama-3-70b")
     assert r.returncode == 2 and "no model at llama-3-70b" in r.stderr
+
+
+def test_the_plan_says_what_would_change_it():
+    """Llama-3-70B in bf16 at 20 GB on the 24 GB GPU profile is disk-bound; each suggestion's
+    figure is the cost model's arithmetic on the plan's own numbers."""
+    from offload.sizes import format_bytes
+
+    p = offload.plan("llama-3-70b", "20GB", profile="pcie4-nvme-24gb-gpu")
+    lines = p.advice()
+    assert lines[1].startswith("what would change it")
+    compute = p.weight_bytes / 0.9e12
+    assert f"a budget of {format_bytes(p.weight_bytes + p.reserve_bytes)} keeps every Unit" \
+        in lines[2] and f"~{1 / compute:.2f} tok/s" in lines[2]
+    link = p.streamed_bytes / 25e9
+    assert f"a host tier of {format_bytes(p.streamed_bytes)}" in lines[3]
+    assert f"~{1 / max(compute, link):.2f} tok/s" in lines[3]
+    q4 = p.streamed_bytes * 144 / 256 / 2   # bf16 -> Q4_K
+    assert f"~{format_bytes(q4)} a step: ~{1 / max(compute, q4 / 6.5e9):.2f} tok/s" in lines[4]
+    assert "\n".join(lines) in p.table()
+    small = offload.plan("llama-3-8b", "40GB", profile="pcie4-nvme-24gb-gpu")
+    assert small.bottleneck == "compute" and "compute-bound" in small.advice()[1]

@@ -104,6 +104,8 @@ class Plan:
             head's chunks give other bits than the whole matrix on this machine (empty when
             the head is resident, or its chunks are exact here).
         profile: where the hardware figures the prediction rests on come from.
+        disk_bps / h2d_bps / compute_bps: those figures (bytes per second; 0: not given), and
+            ``itemsize`` the bytes of a weight in memory: what ``advice`` estimates from.
     """
 
     budget_bytes: int
@@ -132,6 +134,10 @@ class Plan:
     kv: KVPlan = field(default_factory=KVPlan)
     head_inexact_rows: tuple[int, ...] = ()
     profile: str = ""
+    disk_bps: float = 0.0
+    h2d_bps: float = 0.0
+    compute_bps: float = 0.0
+    itemsize: int = 0
 
     @property
     def home(self) -> dict[str, str]:
@@ -153,7 +159,33 @@ class Plan:
         width = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in width))
-        return "\n".join(lines + ["", *self._summary(), *self._notes()])
+        return "\n".join(lines + ["", *self._summary(), *self._notes(), *self.advice()])
+
+    def advice(self) -> list[str]:
+        """What would change the prediction, each an estimate from the same cost model: a
+        budget that keeps every Unit resident; on a GPU without a host tier, one holding the
+        streamed Units; a 4-bit store of a dense one (lossy). Empty without the figures."""
+        if not self.compute_bps:
+            return []
+        if self.bottleneck == "compute":
+            return ["", "what would change it: nothing the budget or the disk can do (compute-"
+                        "bound); a batch of sequences shares each step's weights"]
+        rate = lambda s: f"{1 / max(s, 1e-9):.2f} tok/s"   # noqa: E731
+        compute = self.weight_bytes / self.compute_bps
+        lines = ["", "what would change it (estimates, same cost model):",
+                 f"  a budget of {format_bytes(self.weight_bytes + self.reserve_bytes)} keeps "
+                 f"every Unit in memory: compute-bound, ~{rate(compute)}"]
+        if self.h2d_bps and not any(t == HOST for _, t, _ in self.homes):
+            link = self.streamed_bytes / self.h2d_bps
+            lines.append(f"  a host tier of {format_bytes(self.streamed_bytes)} (--host-budget, "
+                         "host_budget=) holds the streamed Units in pinned RAM, read once: "
+                         f"{format_bytes(self.streamed_bytes)} over the host link a step, "
+                         f"~{rate(max(compute, link))}")
+        if self.stored_bytes == self.weight_bytes and self.itemsize and self.disk_bps:
+            q4 = self.streamed_bytes * (144 / 256) / self.itemsize   # Q4_K: 144 B / 256
+            lines.append(f"  a 4-bit store (Q4_K, LOSSY) reads ~{format_bytes(q4)} a step: "
+                         f"~{rate(max(compute, q4 / self.disk_bps))}")
+        return lines
 
     def _rows(self) -> list[tuple[str, str, str]]:
         """(tier, what, bytes) for each tier, the staging and the reserve."""
