@@ -213,9 +213,8 @@ def prepare(model, out=None, *, offload_dir=None, progress: bool = True, force: 
     if options.quantize:   # LOSSY, opt-in: every tensor float32, projections quantized
         source = quantized_source(source)
     adapter = adapter_for(source.config)
-    base = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
-    store_dir = Path(out).expanduser() if out else \
-        base / f"{source.name}{options.suffix()}.offload"
+    base, store_dir = _store_location(source, options, offload_dir)
+    store_dir = Path(out).expanduser() if out else store_dir
     # One process packs a store; another asking for the same store waits, then reuses it.
     with lock.exclusive(store_dir):
         clean_partials(store_dir.parent, store_dir.name)
@@ -228,6 +227,13 @@ def prepare(model, out=None, *, offload_dir=None, progress: bool = True, force: 
             finally:
                 users.close()
     return Prepared.of(source, manifest, store_dir.parent if out else base, packed=packed)
+
+
+def _store_location(source: Source, options: "PackOptions", offload_dir) -> tuple[Path, Path]:
+    """The offload dir (``offload_dir``, else the default) and the store ``source`` packed
+    with ``options`` has there."""
+    base = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
+    return base, base / f"{source.name}{options.suffix()}.offload"
 
 
 def _reusable(store_dir: Path, source: Source, options: "PackOptions") -> Manifest | None:
@@ -476,8 +482,7 @@ def plan(model, budget, *, offload_dir=None, sparse=None, dtype=None, profile=No
     if source.module is not None or options.sparse is not None:
         prep = prepare(model, offload_dir=offload_dir, options=options)
         return make_plan(prep, budget, request, described)
-    base = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
-    store_dir = base / f"{source.name}{options.suffix()}.offload"
+    base, store_dir = _store_location(source, options, offload_dir)
     manifest = None if header_only else _reusable(store_dir, source, options)
     if manifest is None:
         adapter = adapter_for(source.config)
