@@ -16,6 +16,7 @@ from gguf_files import write_llama_gguf
 from offload.errors import ModelError, StoreError
 from offload.kernels import cpu
 from offload.kernels import gguf as G
+from offload.units import align
 
 # fp16 bit patterns a scale can hold: zeros, infinities, NaNs (quiet, signalling), the
 # smallest subnormal, the largest subnormal, the largest normal.
@@ -116,6 +117,10 @@ def test_default_model_is_bitwise_transformers_on_the_quantized_store(smollm2, t
     off = offload.run(path, budget="20%", offload_dir=tmp_path, max_tokens=64, progress=False)
     rt = off._offload_runtime
     assert rt.plan.stream and any(u.encoded for u in rt.manifest.units)
+    # At 20% the plan holds quantized Units as stored (decoded at each use), streams others.
+    assert rt.plan.held and set(rt.plan.held) < set(rt.plan.stream)
+    assert offload.stats(off)["held_bytes"] == sum(
+        align(rt.units[k].stored_bytes, 4096) for k in rt.plan.held)
     with torch.no_grad():
         logits = off(**enc).logits
         tokens = off.generate(**enc, max_new_tokens=8, do_sample=False,
@@ -123,6 +128,22 @@ def test_default_model_is_bitwise_transformers_on_the_quantized_store(smollm2, t
     assert torch.equal(logits, ref)
     assert torch.equal(tokens, ref_tokens)
     offload.close(off)
+
+
+def test_a_corrupt_unit_held_as_stored_is_refused_at_load_naming_it(tmp_path):
+    """A Unit held as stored is checksummed when it is loaded, as a decoded resident one is."""
+    path = smollm2_path()
+    m = offload.pack(path, offload_dir=tmp_path, progress=False)
+    held = offload.plan(path, "20%", offload_dir=tmp_path, max_tokens=64).held
+    assert held
+    u = m.unit(held[len(held) // 2])
+    with open(m.path / "units.bin", "r+b") as f:
+        f.seek(u.offset + 7)
+        byte = f.read(1)
+        f.seek(u.offset + 7)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(StoreError, match=f"checksum mismatch in unit {u.key}"):
+        offload.run(path, budget="20%", offload_dir=tmp_path, max_tokens=64, progress=False)
 
 
 def _reference_config(path):

@@ -175,3 +175,45 @@ def test_the_decode_thread_is_costed_and_picks_what_stays_resident():
     q = make_plan(us, keys, budget, 1 << 20, 64, unmeasured)
     assert q.decode_s == 0
     assert {k for k, t in q.home.items() if t == "device"}.isdisjoint(quantized)
+
+
+def test_quantized_units_are_held_as_stored_then_decoded_as_the_budget_grows():
+    """On the CPU a quantized Unit can stay resident in its encoding (stored bytes in memory,
+    decoded at each use): that saves its read for 1/7 of the memory. Checked against hand
+    arithmetic: a budget of the slots and every Unit as stored holds them all so (nothing
+    read); each further (dense - stored) bytes decodes one more (saving its decode); a budget
+    of the dense model holds every Unit decoded."""
+    from offload.planner.placement import BLOCK
+    from offload.units import align
+
+    layer, n = 32 << 20, 6
+    us = [_quantized(f"layer.{i}.q", i, layer) for i in range(n)]
+    keys = [u.key for u in us]
+    fast = HardwareProfile("cpu", disk_read_bps=1.4e9, h2d_bps=0.0, compute_bps=10e9,
+                           dtype="float32", decode_bps={"gguf.Q4_0": 10e9})
+    stored = align(us[0].stored_bytes, BLOCK)
+    slots = 2 * (layer + stored)   # prefetch 1: two slots with their landing buffers
+    reserve = 1 << 20
+
+    p = make_plan(us, keys, slots + n * stored + reserve, reserve, 64, fast, prefetch=1)
+    assert set(p.held) == set(keys) and p.streamed_bytes == 0 and p.slots == 2
+    assert all(t == "device" and b == stored for _, t, b in p.homes)
+    assert p.resident_bytes == n * stored
+    assert p.decode_s == pytest.approx(n * layer / 10e9) and p.io_s == 0
+    assert "as stored" in p.table()
+
+    extra = 2 * (layer - stored) + (layer - stored) // 2   # room to decode two of them
+    q = make_plan(us, keys, slots + n * stored + extra + reserve, reserve, 64, fast, prefetch=1)
+    decoded = [k for k, t in q.home.items() if t == "device" and k not in q.held]
+    assert len(q.held) == n - 2 and len(decoded) == 2
+    assert q.decode_s == pytest.approx((n - 2) * layer / 10e9)
+
+    r = make_plan(us, keys, n * layer + reserve, reserve, 64, fast)
+    assert not r.held and not r.stream and r.resident_bytes == n * layer
+
+    # Not held: a decode it cannot price (it would look free), or a GPU (decoded on the CPU).
+    for profile in (HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "float32"),
+                    HardwareProfile("cuda:0", 1.4e9, 25e9, 1e12, "float32",
+                                    decode_bps={"gguf.Q4_0": 10e9})):
+        s = make_plan(us, keys, slots + n * stored + reserve, reserve, 64, profile, prefetch=1)
+        assert not s.held

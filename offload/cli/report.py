@@ -9,9 +9,7 @@ def summary(runtime, timings: dict, first_token=(None, None), pack=(None, 0, Fal
     s = runtime.stats()
     plan = runtime.plan
     rows = [
-        ("placement", ", ".join(f"{tier} {format_bytes(sum(n for _, t, n in plan.homes if t == tier))}"
-                                for tier in ("device", "host", "disk")
-                                if any(t == tier for _, t, _ in plan.homes))),
+        ("placement", _placement_line(plan, s)),
         ("tokens/s", f"{s['tokens_per_s']:.2f} ({s['decode_tokens']} tokens decoded, "
                      f"{s['prefill_tokens']} prefilled)"),
         ("vs the plan", _prediction_line(s)),
@@ -42,6 +40,18 @@ def summary(runtime, timings: dict, first_token=(None, None), pack=(None, 0, Fal
         rows.insert(3, ("experts", "streamed with their layers (every expert, every pass)"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def _placement_line(plan, s: dict) -> str:
+    parts = []
+    for tier in ("device", "host", "disk"):
+        if any(t == tier for _, t, _ in plan.homes):
+            part = f"{tier} {format_bytes(sum(n for _, t, n in plan.homes if t == tier))}"
+            if tier == "device" and s.get("held_bytes"):
+                part += (f" ({format_bytes(s['held_bytes'])} of it {len(plan.held)} Units as "
+                         "stored, decoded at each use)")
+            parts.append(part)
+    return ", ".join(parts)
 
 
 def _prediction_line(s: dict) -> str:

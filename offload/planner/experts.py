@@ -102,9 +102,9 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
             top_k: int, moe_layers: int, experts_per_layer: int, minimum: int,
             profile: HardwareProfile) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
-    home = base.home
-    homes = tuple((u.key, home.get(u.key, DEVICE if u.key in resident else DISK), size[u.key])
-                  for u in units)
+    home = {k: (t, n) for k, t, n in base.homes}   # a held Unit takes its stored bytes
+    homes = tuple((u.key, *home.get(u.key, (DEVICE if u.key in resident else DISK,
+                                            size[u.key]))) for u in units)
     hit = min(1.0, (len(resident) + protected) / max(moe_layers, 1) / experts_per_layer)
     per_step = int(moe_layers * top_k * (1 - hit) * expert_bytes)
     weight_bytes = sum(u.nbytes for u in units)

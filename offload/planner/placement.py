@@ -8,10 +8,16 @@ fills the rest of the budget greedily with the Units that save the most bytes pe
 evenly over the pass), and keeps the placement with the least predicted time per decode step
 (ties: fewer bytes streamed, fewer slots), so the same inputs always give the same Plan.
 
-Encoded Units (``bitmap`` tensors) take their dense size in memory but move their stored size:
-each slot then has a landing buffer for the stored bytes, and keeping such a Unit resident
-saves fewer bytes per pass per byte of budget than keeping a dense one, so dense Units are
-preferred for residency.
+Encoded Units (``bitmap`` or GGUF-block tensors) take their dense size in memory but move
+their stored size: each slot then has a landing buffer for the stored bytes, and keeping such a
+Unit resident decoded saves fewer bytes per pass per byte of budget than keeping a dense one.
+On the CPU, an encoded Unit whose decode speed the profile measured may also be *held as
+stored*: resident in its encoding (its stored bytes in memory), decoded into a staging slot at
+each use. It saves the read but not the decode, for a fraction of the memory (a Q4 Unit holds
+about 1/7 of its float32 size), so at the same budget several times more of a quantized model
+stays in memory. The fill weighs the three forms of such a Unit as two steps, each by the
+seconds per pass it saves per byte of budget: held as stored (its read), then decoded (its
+decode, for the dense bytes beyond the stored ones).
 """
 from __future__ import annotations
 
@@ -76,12 +82,31 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
             f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} tokens); "
             f"raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
             budget_bytes=budget_bytes, minimum_bytes=minimum)
-    _, _, n_slots, _, _, resident = best
+    _, _, n_slots, _, _, resident, held = best
     resident = set(resident)
     slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
     return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
                  reserve_bytes, max_tokens, minimum, profile, host_budget_bytes,
-                 kv=kv, experts=experts, head=head)
+                 kv=kv, experts=experts, head=head, held=set(held))
+
+
+def held_candidates(units, profile: HardwareProfile) -> frozenset[str]:
+    """Encoded Units that may be held as stored: on the CPU (decoded by the decode thread from
+    memory), every encoded tensor of an encoding whose decode speed the profile measured (a
+    decode it cannot price would look free)."""
+    if not profile.device.startswith("cpu"):
+        return frozenset()
+    return frozenset(u.key for u in units if u.encoded and all(
+        t.encoding == "dense" or profile.decode_bps.get(t.encoding, 0) > 0 for t in u.tensors))
+
+
+@dataclass(frozen=True)
+class _Hold:
+    """What the fill needs to weigh holding Units as stored."""
+
+    keys: frozenset[str]
+    decode: dict
+    disk_bps: float
 
 
 def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
@@ -93,6 +118,7 @@ def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
     stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
     encoded = {u.key for u in units if u.encoded}
     decode = {u.key: profile.decode_seconds(u) for u in units}
+    holdable = held_candidates(units, profile)
     weight_bytes = sum(u.nbytes for u in units)
     small = max(size.values()) // SMALL_FRACTION   # independent of the budget: so is the minimum
     best, minimum = None, None
@@ -108,7 +134,8 @@ def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
         for slots in range(deepest, 0 if streamable else -1, -1):
             option = _fill(forced, streamable, size, stored, reads, slots,
                            slot_bytes + landing, budget_bytes - reserve_bytes,
-                           saved=_seconds_saved(stored, decode, profile))
+                           saved=_seconds_saved(stored, decode, profile),
+                           hold=_Hold(holdable, decode, profile.disk_read_bps))
             if option is None:
                 continue
             cost = _cost(weight_bytes, option[0], option[1], profile,
@@ -155,30 +182,50 @@ def _seconds_saved(stored: dict, decode: dict, profile: HardwareProfile):
     return lambda k: stored[k] / bps + decode[k]
 
 
-def _fill(forced, streamable, size, stored, reads, slots, slot_bytes, room, saved=None):
+def _fill(forced, streamable, size, stored, reads, slots, slot_bytes, room, saved=None,
+          hold: _Hold | None = None):
     """Greedy: after forced Units and slots (each ``slot_bytes`` with its landing buffer),
     keep the Units that save the most time per pass per byte of budget (``saved(k)``: seconds
-    per read; default the bytes read)."""
+    per read; default the bytes read). A Unit in ``hold.keys`` is weighed in two steps: held
+    as stored (saves its read, costs its stored bytes), then decoded (saves its decode, costs
+    the rest of its dense bytes), unless decoding saves more per byte than the read (then it
+    is one step, as a Unit that cannot be held)."""
     saved = saved or stored.__getitem__
     used = sum(size[k] for k in forced) + slots * slot_bytes
     if used > room:
         return None
-    resident = set(forced)
+    resident, held = set(forced), set()
     # Among Units that save as much, spread the resident ones evenly over the pass (bit-reversed
     # positions: 0, n/2, n/4, 3n/4, ...): a long run of resident compute would leave the disk
     # idle once the slots are full, while scattered ones let each wait overlap a fetch.
     spread = _bit_reversed_ranks(len(streamable))
-    for k in sorted(streamable, key=lambda k: (-reads[k] * saved(k) / size[k],
-                                               -reads[k] * size[k],
-                                               spread[streamable.index(k)])):
-        if used + size[k] <= room:
+    steps = []   # (rank key, key, form, bytes): form "dense", "held" or "decoded" (held -> dense)
+    for i, k in enumerate(streamable):
+        tie = (-reads[k] * size[k], spread[i])
+        if hold is not None and k in hold.keys and stored[k] < size[k]:
+            read_s = reads[k] * stored[k] / max(hold.disk_bps, 1.0)
+            decode_s = reads[k] * hold.decode[k]
+            if decode_s / (size[k] - stored[k]) < read_s / stored[k]:
+                steps.append(((-read_s / stored[k], *tie), k, "held", stored[k]))
+                steps.append(((-decode_s / (size[k] - stored[k]), *tie), k, "decoded",
+                              size[k] - stored[k]))
+                continue
+        steps.append(((-reads[k] * saved(k) / size[k], *tie), k, "dense", size[k]))
+    for _, k, form, nbytes in sorted(steps, key=lambda s: s[0]):
+        if used + nbytes > room or (form == "decoded" and k not in held):
+            continue
+        used += nbytes
+        if form == "held":
+            held.add(k)
+        else:
+            held.discard(k)
             resident.add(k)
-            used += size[k]
     if slots == 0 and any(k not in resident for k in reads):
         return None
-    streamed = sum(reads[k] * stored[k] for k in reads if k not in resident)
-    resident_bytes = sum(size[k] for k in resident)
-    return (streamed, slots if streamed else 0, resident_bytes, slot_bytes, tuple(sorted(resident)))
+    streamed = sum(reads[k] * stored[k] for k in reads if k not in resident and k not in held)
+    resident_bytes = sum(size[k] for k in resident) + sum(stored[k] for k in held)
+    return (streamed, slots if streamed or held else 0, resident_bytes, slot_bytes,
+            tuple(sorted(resident)), tuple(sorted(held)))
 
 
 def _bit_reversed_ranks(n: int) -> list[int]:
@@ -193,22 +240,24 @@ def _bit_reversed_ranks(n: int) -> list[int]:
 
 
 def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens, minimum,
-          profile: HardwareProfile, host_budget: int = 0, *, kv: KVPlan, experts, head) -> Plan:
+          profile: HardwareProfile, host_budget: int = 0, *, kv: KVPlan, experts, head,
+          held: set[str] = frozenset()) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
     encoded = {u.key for u in units if u.encoded}
-    stream = tuple(k for k in order if k not in resident)
+    stream = tuple(k for k in order if k not in resident)   # held Units too: decoded into slots
     slots = min(slots, len(stream))
-    streamed = sum(stored[k] for k in stream)
+    streamed = sum(stored[k] for k in stream if k not in held)
     weight_bytes = sum(u.nbytes for u in units)
-    reads = Counter(stream)
+    reads = Counter(k for k in stream if k not in held)
     host, used = set(), 0
     for k in sorted(reads, key=lambda k: (-reads[k] * stored[k], stream.index(k))):
         if used + stored[k] <= host_budget:   # the host tier keeps Units as stored
             host.add(k)
             used += stored[k]
-    from_disk = sum(stored[k] for k in stream if k not in host)
-    landing = max((stored[k] for k in stream if k in encoded), default=0) if slots else 0
+    from_disk = sum(stored[k] for k in stream if k not in host and k not in held)
+    landing = max((stored[k] for k in stream if k in encoded and k not in held),
+                  default=0) if slots else 0
     decode = {u.key: profile.decode_seconds(u) for u in units}
     cost = _cost(weight_bytes, streamed, slots, profile, from_disk,
                  decode_s=sum(decode[k] for k in stream))
@@ -217,13 +266,16 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
     compute_s, io_s, link_s = cost["compute"], cost["disk"], cost["host link"]
     return Plan(
         budget_bytes=budget, device=profile.device,
-        homes=tuple((u.key, DEVICE if u.key in resident else HOST if u.key in host else DISK,
-                     size[u.key]) for u in units),
+        homes=tuple((u.key, DEVICE if u.key in resident or u.key in held else
+                     HOST if u.key in host else DISK,
+                     stored[u.key] if u.key in held else size[u.key]) for u in units),
         order=tuple(order), stream=stream, slots=slots, slot_bytes=slot_bytes,
         landing_bytes=landing, stored_bytes=sum(u.stored_bytes for u in units),
         encoded_units=tuple((u.key, u.nbytes, u.stored_bytes, decode[u.key])
                             for u in units if u.encoded),
-        resident_bytes=sum(size[k] for k in resident), reserve_bytes=reserve,
+        resident_bytes=sum(size[k] for k in resident) + sum(stored[k] for k in held),
+        held=tuple(sorted(held)),
+        reserve_bytes=reserve,
         max_tokens=max_tokens, weight_bytes=weight_bytes, streamed_bytes=streamed,
         minimum_bytes=minimum, compute_s=compute_s, io_s=io_s, link_s=link_s,
         decode_s=cost["decode"],

@@ -1,6 +1,7 @@
 """The Plan: pure, printable, serialisable data saying where every Unit lives and why."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from ..sizes import format_bytes
@@ -77,22 +78,26 @@ class Plan:
     Attributes:
         budget_bytes: the compute tier's budget.
         device: the compute device.
-        homes: ``(unit key, tier, nbytes)`` in store order; tier is device, host or disk.
+        homes: ``(unit key, tier, nbytes)`` in store order; tier is device, host or disk;
+            nbytes what the Unit takes there (a held Unit's stored bytes).
         order: unit keys in the order a forward pass consumes them.
-        stream: the non-resident keys of ``order``: what the pipeline fetches each pass.
+        stream: the keys of ``order`` not resident decoded: what the pipeline fetches each
+            pass into its slots (read from disk or the host tier, or decoded from memory).
+        held: resident Units held as stored (their encoding, on the compute device), decoded
+            into a slot at each use: in ``stream``, not in ``streamed_bytes``.
         slots: staging slots in the ring (the prefetch depth is ``slots - 1``).
         slot_bytes: bytes of one slot (the largest streamed Unit, 4096-aligned).
         landing_bytes: bytes of each slot's landing buffer for encoded Units' stored bytes
             (the largest streamed encoded Unit as stored; 0 without encoded Units).
         stored_bytes: the store's Units as stored (``weight_bytes`` when none is encoded).
-        resident_bytes: bytes of Units kept on the compute device.
+        resident_bytes: bytes of Units kept on the compute device (held ones as stored).
         reserve_bytes: KV cache and activations reserved for ``max_tokens`` cached tokens.
         max_tokens: batch x context the reserve is sized for.
         weight_bytes: all weights.
-        streamed_bytes: bytes fetched per forward pass (as stored).
+        streamed_bytes: bytes read per forward pass from disk or the host tier (as stored).
         minimum_bytes: the smallest budget any placement of this model fits.
         compute_s / io_s / link_s / decode_s: predicted seconds per decode step for each
-            resource (decode: the decode thread, for streamed encoded Units).
+            resource (decode: the decode thread, for streamed and held encoded Units).
         predicted_s: predicted seconds per decode step.
         bottleneck: the resource that sets ``predicted_s``.
         encoded_units: ``(key, dense bytes, stored bytes, decode seconds)`` of each encoded
@@ -138,6 +143,7 @@ class Plan:
     h2d_bps: float = 0.0
     compute_bps: float = 0.0
     itemsize: int = 0
+    held: tuple[str, ...] = ()
 
     @property
     def home(self) -> dict[str, str]:
@@ -194,7 +200,9 @@ class Plan:
             keys = [k for k, t, _ in self.homes if t == tier]
             if keys:
                 nbytes = sum(n for _, t, n in self.homes if t == tier)
-                rows.append((tier, _span(keys), format_bytes(nbytes)))
+                held = f"; {len(self.held)} of them as stored" if tier == DEVICE and \
+                    self.held else ""
+                rows.append((tier, _span(keys) + held, format_bytes(nbytes)))
         rows.append(("staging", f"{self.slots} slots", format_bytes(self.slots * self.slot_bytes)))
         if self.landing_bytes:
             rows.append(("landing", f"{self.slots} buffers (encoded Units as stored)",
@@ -241,21 +249,25 @@ class Plan:
     def _notes(self) -> list[str]:
         lines = []
         if self.encoded_units:
-            lines += ["", "encoded Units: in memory (decoded) -> on disk and moved (as stored), "
-                          "decode time per use where streamed (resident ones are held decoded):"]
+            lines += ["", "encoded Units: dense size -> stored size (on disk, moved, and in memory "
+                          "where held as stored), decode time per use; where each is:"]
             groups: dict[str, list] = {}
-            home = self.home
+            home, held = self.home, set(self.held)
             for key, dense, stored, decode in self.encoded_units:
                 label = ".".join("*" if p.isdigit() else p for p in key.split("."))
-                groups.setdefault(label, []).append((dense, stored, decode, home.get(key)))
+                form = "held" if key in held else "decoded" if home.get(key) == DEVICE else \
+                    home.get(key, DISK)
+                groups.setdefault(label, []).append((dense, stored, decode, form))
             for label, rows in groups.items():
                 n = len(rows)
                 dense, stored = sum(r[0] for r in rows), sum(r[1] for r in rows)
-                decode, resident = sum(r[2] for r in rows) / n, sum(r[3] == DEVICE for r in rows)
+                decode = sum(r[2] for r in rows) / n
+                forms = Counter(r[3] for r in rows)
+                where = ", ".join(f"{forms[f]} {_FORMS[f]}" for f in _FORMS if forms[f])
                 lines.append(f"  {label} x{n}: {format_bytes(dense // n)} -> "
                              f"{format_bytes(stored // n)} each ({stored / dense:.2f}x)"
                              + (f", decode {decode * 1000:.2g} ms" if decode else "")
-                             + (f"; {resident} resident" if resident else ""))
+                             + f"; {where}")
         if self.head_inexact_rows:
             lines.append("LM head: streamed in chunks, which this machine's matmul rounds "
                          "otherwise than the whole matrix at "
@@ -270,6 +282,10 @@ class Plan:
         elif ex is not None:
             lines.append("experts: streamed with their layer (every expert, every pass)")
         return lines
+
+
+_FORMS = {"decoded": "resident decoded", "held": "resident as stored (decoded at each use)",
+          HOST: "in the host tier", DISK: "streamed from disk"}
 
 
 def _span(keys: list[str]) -> str:

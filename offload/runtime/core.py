@@ -26,7 +26,7 @@ from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
 from ..tiers.transport import Transport
 from ..units import DTYPES, Unit
-from .startup import load_resident
+from .startup import load_held, load_resident
 from .stats import Counters, SparseStats, cache_bytes, report
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,13 @@ class Runtime:
                                      if plan.home.get(u.key) == "host"])
             self.counters.checksummed.update(self.staging.homed)
             hooks = {"on_ready": self.staging.on_ready, "on_release": self.staging.on_release}
-        keys = [k for k, tier, _ in plan.homes if tier == "device"]
+        held = set(plan.held)
+        keys = [k for k, tier, _ in plan.homes if tier == "device" and k not in held]
         self.resident = load_resident(keys, self.units, self.disk, device,
                                       self.device_tier.alloc, self._landing, self._members)
-        self.counters.checksummed.update(keys)
+        self.held = load_held([k for k, _, _ in plan.homes if k in held], self.units,
+                              self.disk, self.device_tier.alloc)
+        self.counters.checksummed.update(keys, held)
         self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit,
                                  lambda t: self.transport.wait(t, "layers"), **hooks)
         if hasattr(self.adapter, "moe_shape"):
@@ -168,8 +171,12 @@ class Runtime:
 
     def _submit(self, unit: Unit, slot: Slot):
         """Start moving a streamed Unit into its slot (the pipeline calls this)."""
-        verify = self.first_read(unit.key)
         t = self.transport
+        stored = self.held.get(unit.key)
+        if stored is not None:   # held as stored: decoded from memory into the slot
+            return t.decode(self._decode, unit, stored, slot.buffer, key=unit.key,
+                            nbytes=unit.stored_bytes)
+        verify = self.first_read(unit.key)
         if self.staging is not None:
             return t.submit(self.staging.move, unit, slot, verify, key=unit.key,
                             nbytes=unit.stored_bytes, consumer="layers")
@@ -688,7 +695,7 @@ class Runtime:
         self.transport.close()
         self.disk.close()
         self._disk_users.close()
-        self.resident, self.slots, self.pipeline = {}, None, None
+        self.resident, self.held, self.slots, self.pipeline = {}, {}, None, None
 
 
 def _io_threads(plan: Plan, adapter, config) -> int:

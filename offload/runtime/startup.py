@@ -54,6 +54,25 @@ def load_resident(keys: list[str], units: dict[str, Unit], disk: DiskTier,
     return views
 
 
+def load_held(keys: list[str], units: dict[str, Unit], disk: DiskTier,
+              alloc: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read the encoded Units ``keys`` as stored into one arena (4 KiB-aligned, in order),
+    checksummed and validated; returns each one's stored bytes (uint8) by key, decoded into
+    a staging slot at each use (``Plan.held``, CPU only)."""
+    total = sum(align(units[k].stored_bytes, 4096) for k in keys)
+    arena = alloc(total) if total else None
+    held, off = {}, 0
+    for k in keys:
+        unit = units[k]
+        n = align(unit.stored_bytes, 4096)
+        dest = arena[off:off + n]
+        disk.read(unit, dest.numpy(), verify=True)
+        validate_unit(unit, dest)
+        held[k] = dest
+        off += n
+    return held
+
+
 def _load_host(unit: Unit, dest: torch.Tensor, disk: DiskTier, landing, members) -> None:
     if unit.encoded:
         buf = landing(align(unit.stored_bytes, 4096))

@@ -64,6 +64,7 @@ def report(rt) -> dict:
         "workspace_bytes": rt.meter.workspace_bytes,
         "allocated_bytes": rt.device_tier.allocated_bytes,
         "resident_bytes": rt.plan.resident_bytes,
+        "held_bytes": sum(t.numel() for t in rt.held.values()),
         "staging_bytes": rt.plan.slots * rt.plan.slot_bytes,
         "kv_bytes": c.kv_bytes,
         "host_bytes": rt.staging.host_bytes if rt.staging else 0,

@@ -106,6 +106,13 @@ class Transport:
         ticket._future.add_done_callback(after)
         return Ticket(ticket.key, ticket.nbytes, done)
 
+    def decode(self, fn: Callable, *args, key: str, nbytes: int) -> Ticket:
+        """Run ``fn(*args)`` (a decode from memory: nothing to read) on the decode thread, in
+        order with the decodes that follow reads; the Ticket's I/O seconds are 0."""
+        read: Future = Future()
+        read.set_result(0.0)
+        return self.then(Ticket(key, nbytes, read), fn, *args)
+
     # -- waiting --------------------------------------------------------------------------
     def wait(self, ticket: Ticket, consumer: str) -> float:
         """Block until ``ticket`` is done; the seconds blocked count as ``consumer``'s stall.
