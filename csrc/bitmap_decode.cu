@@ -1,5 +1,7 @@
-// Bitmap-encoded tensor decode, CUDA: C ABI, loaded with ctypes (offload/kernels/_build.py).
-// The encoding is described in bitmap_decode_cpu.cpp and offload/kernels/bitmap.py.
+// Bitmap-encoded tensor decode, CUDA. The encoding is described in bitmap_decode_cpu.cpp and
+// offload/kernels/bitmap.py. Built like gguf_dequant.cu (offload/kernels/cuda.py): by NVRTC
+// through CuPy, which launches the two C-named kernels below, or by nvcc into a library whose
+// C launcher, offload_bitmap_decode_cuda, ctypes calls.
 //
 // One warp decodes one group of 32 tiles (2048 elements): lane l reads tile l's mask, a warp
 // scan of the popcounts gives each tile's first value, then the warp walks the 32 tiles with
@@ -9,10 +11,7 @@
 // The host validates a bitmap against its offsets before the copy (offload_bitmap_validate on
 // the pinned buffer); the kernel still never reads past nnz values: a group whose offsets
 // disagree with its popcounts is written as zeros and raises *error.
-#include <cstdint>
-
 #include "bitmap_layout.h"
-#include <cuda_runtime.h>
 
 namespace {
 
@@ -26,8 +25,9 @@ struct alignas(2 * sizeof(T)) Pair {
 };
 
 template <typename T>
-__global__ void decode_kernel(const uint8_t* __restrict__ enc, T* __restrict__ out, int64_t n,
-                              int64_t nnz, Layout l, int* error) {
+__device__ __forceinline__ void decode_groups(const uint8_t* __restrict__ enc,
+                                              T* __restrict__ out, int64_t n, int64_t nnz,
+                                              Layout l, int* error) {
   const int lane = threadIdx.x & 31;
   const int64_t first = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
   const int64_t step = ((int64_t)gridDim.x * blockDim.x) >> 5;
@@ -72,11 +72,28 @@ __global__ void decode_kernel(const uint8_t* __restrict__ enc, T* __restrict__ o
 
 }  // namespace
 
+// One tensor of 2-byte or 4-byte elements; ``ntiles``, ``ngroups`` and ``values_off`` are its
+// layout (offload_bitmap::layout(n)). *error (device memory) is set to 1 when a group
+// disagrees with its offsets.
+#define OFFLOAD_BITMAP_KERNEL(BITS)                                                          \
+  extern "C" __global__ void offload_bitmap_decode_u##BITS(                                  \
+      const uint8_t* __restrict__ enc, uint8_t* __restrict__ out, int64_t n, int64_t nnz,    \
+      int64_t ntiles, int64_t ngroups, int64_t values_off, int* error) {                     \
+    decode_groups<uint##BITS##_t>(enc, reinterpret_cast<uint##BITS##_t*>(out), n, nnz,      \
+                                  Layout{ntiles, ngroups, values_off}, error);               \
+  }
+
+OFFLOAD_BITMAP_KERNEL(16)
+OFFLOAD_BITMAP_KERNEL(32)
+
+#if !defined(__CUDACC_RTC__)
+#include <cuda_runtime.h>
+
 extern "C" {
 
 // Launch the decode of one tensor on `stream` (a cudaStream_t; 0 for the legacy stream).
-// enc and out are device pointers; out must be aligned to 2 * elem bytes. *error (device
-// memory) is set to 1 when a group disagrees with its offsets. Returns a cudaError_t.
+// enc and out are device pointers; out must be aligned to 2 * elem bytes. Returns a
+// cudaError_t.
 int offload_bitmap_decode_cuda(const uint8_t* enc, uint8_t* out, int64_t n, int64_t nnz, int elem,
                                void* stream, int* error) {
   if (n == 0) return 0;
@@ -86,11 +103,11 @@ int offload_bitmap_decode_cuda(const uint8_t* enc, uint8_t* out, int64_t n, int6
   if (blocks > 65535) blocks = 65535;            // grid-stride beyond that
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (elem == 2) {
-    decode_kernel<uint16_t><<<(unsigned)blocks, threads, 0, s>>>(
-        enc, reinterpret_cast<uint16_t*>(out), n, nnz, l, error);
+    offload_bitmap_decode_u16<<<(unsigned)blocks, threads, 0, s>>>(
+        enc, out, n, nnz, l.ntiles, l.ngroups, l.values_off, error);
   } else if (elem == 4) {
-    decode_kernel<uint32_t><<<(unsigned)blocks, threads, 0, s>>>(
-        enc, reinterpret_cast<uint32_t*>(out), n, nnz, l, error);
+    offload_bitmap_decode_u32<<<(unsigned)blocks, threads, 0, s>>>(
+        enc, out, n, nnz, l.ntiles, l.ngroups, l.values_off, error);
   } else {
     return (int)cudaErrorInvalidValue;
   }
@@ -98,3 +115,4 @@ int offload_bitmap_decode_cuda(const uint8_t* enc, uint8_t* out, int64_t n, int6
 }
 
 }  // extern "C"
+#endif

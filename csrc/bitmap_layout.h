@@ -2,7 +2,7 @@
 // offload/kernels/bitmap.py: masks uint64[ntiles], offsets int64[ngroups + 1], then the values
 // from values_off, 64-aligned).
 #pragma once
-#include <cstdint>
+#include "int_types.h"
 
 namespace offload_bitmap {
 
@@ -13,6 +13,8 @@ struct Layout {
   int64_t ntiles, ngroups, values_off;
 };
 
+#if !defined(__CUDACC_RTC__)   // host code: NVRTC compiles device code only (the caller
+                               // passes the layout to its kernels)
 inline Layout layout(int64_t n) {
   Layout l;
   l.ntiles = (n + TILE - 1) / TILE;
@@ -21,5 +23,6 @@ inline Layout layout(int64_t n) {
   l.values_off = (head + 63) / 64 * 64;
   return l;
 }
+#endif
 
 }  // namespace offload_bitmap

@@ -144,18 +144,16 @@ def measurable(encoding: str) -> bool:
 
 
 def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = None) -> float:
-    """Dense bytes per second one thread decodes ``encoding`` into a buffer larger than the
-    caches (at most 32 MB out, within ``max_bytes``; ``gguf.sample_blocks``)."""
+    """Dense bytes per second one thread (a GPU: one kernel) decodes ``encoding`` into a buffer
+    larger than the caches (at most 32 MB out, within ``max_bytes``; ``gguf.sample_blocks``)."""
     from .kernels import gguf
 
     name = gguf.type_of(encoding)
-    if device.type != "cpu":
-        return 0.0   # decoded on the CPU only for now (kernels.decode.prepare refuses a GPU)
     out_bytes = 32 << 20 if max_bytes is None else max(1 << 20, min(32 << 20, max_bytes // 2))
     numel = out_bytes // 4 // 256 * 256
-    out = torch.empty(numel * 4, dtype=torch.uint8)
-    return numel * 4 / gguf.time_decode(gguf.sample_blocks(name, numel), out, name, numel,
-                                        reps=3)
+    out = torch.empty(numel * 4, dtype=torch.uint8, device=device)
+    src = gguf.sample_blocks(name, numel).to(device)   # a GPU: its kernel (kernels.cuda)
+    return numel * 4 / gguf.time_decode(src, out, name, numel, reps=3)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,31 @@ from pathlib import Path
 
 import numpy as np
 
+from offload.kernels import gguf as G
+
 BLOCKS = {"Q4_0": (32, 18), "Q8_0": (32, 34)}
+
+# fp16 bit patterns a scale can hold: zeros, infinities, NaNs (quiet, signalling), the
+# smallest subnormal, the largest subnormal, the largest normal.
+SPECIAL_HALVES = (0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x0001, 0x03FF, 0x7BFF,
+                  0xFBFF)
+
+
+def edge_blocks(name: str, nblocks: int, seed: int) -> np.ndarray:
+    """Random blocks (every bit pattern of the quants), a quarter with realistic scales, and
+    one block per special scale value."""
+    rng = np.random.default_rng(seed)
+    _, _, nbytes = G.TYPES[name]
+    raw = rng.integers(0, 256, size=(nblocks, nbytes), dtype=np.uint8)
+    for i in range(0, nblocks, 4):   # small normal scales (exponent 0x3000-0x3bff)
+        for at in G.SCALE_OFFSETS[name]:
+            raw[i, at:at + 2] = np.frombuffer(
+                np.uint16(0x3000 + rng.integers(0, 0xBFF)).tobytes(), np.uint8)
+    for i, half in enumerate(SPECIAL_HALVES):
+        for at in G.SCALE_OFFSETS[name]:
+            raw[(2 * i + 1) % nblocks, at:at + 2] = np.frombuffer(np.uint16(half).tobytes(),
+                                                                  np.uint8)
+    return raw
 
 
 def random_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:

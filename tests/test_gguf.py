@@ -12,39 +12,18 @@ import torch
 
 import offload
 from conftest import smollm2_path
-from gguf_files import write_llama_gguf
+from gguf_files import edge_blocks, write_llama_gguf
 from offload.errors import ModelError, StoreError
 from offload.kernels import cpu
 from offload.kernels import gguf as G
 from offload.units import align
-
-# fp16 bit patterns a scale can hold: zeros, infinities, NaNs (quiet, signalling), the
-# smallest subnormal, the largest subnormal, the largest normal.
-SPECIAL_HALVES = (0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x0001, 0x03FF, 0x7BFF,
-                  0xFBFF)
-def _blocks(name: str, nblocks: int, seed: int) -> np.ndarray:
-    """Random blocks (every bit pattern of the quants), a quarter with realistic scales, and
-    one block per special scale value."""
-    rng = np.random.default_rng(seed)
-    _, _, nbytes = G.TYPES[name]
-    raw = rng.integers(0, 256, size=(nblocks, nbytes), dtype=np.uint8)
-    for i in range(0, nblocks, 4):   # small normal scales (exponent 0x3000-0x3bff)
-        for at in G.SCALE_OFFSETS[name]:
-            raw[i, at:at + 2] = np.frombuffer(
-                np.uint16(0x3000 + rng.integers(0, 0xBFF)).tobytes(), np.uint8)
-    for i, half in enumerate(SPECIAL_HALVES):
-        for at in G.SCALE_OFFSETS[name]:
-            raw[(2 * i + 1) % nblocks, at:at + 2] = np.frombuffer(np.uint16(half).tobytes(),
-                                                                  np.uint8)
-    return raw
-
 
 @pytest.mark.parametrize("name", list(G.TYPES))
 def test_decoder_is_bitwise_gguf_dequantize_on_every_path(name):
     """Every block type, every CPU path (threaded, and into a destination not 32-byte aligned:
     ordinary stores instead of streaming ones), against the gguf package itself, bit for bit
     (NaN payloads included), rows not a multiple of anything."""
-    raw = _blocks(name, 203, seed=len(name))
+    raw = edge_blocks(name, 203, seed=len(name))
     with np.errstate(all="ignore"):
         want = G.reference(raw, name).view(np.uint32)
     src = torch.from_numpy(raw.reshape(-1).copy())
@@ -59,6 +38,58 @@ def test_decoder_is_bitwise_gguf_dequantize_on_every_path(name):
             bad = np.nonzero(got != want)[0]
             assert not bad.size, (isa, threads, shift, bad[:5], got[bad[:1]], want[bad[:1]])
             assert (buf[at + want.size * 4:] == 0xA5).all(), "wrote past the destination"
+
+
+def test_cuda_decoders_compile_to_unfused_kernels(tmp_path):
+    """The CUDA decoders (every GGUF type, both bitmap widths) compile with the command offload
+    builds them with, and its --fmad=false keeps every multiply and add rounded on its own as
+    the gguf package's numpy does: no fused multiply-add in the PTX, where the same source
+    built without the flag has them. (Bitwise equality on a GPU: tests/test_gpu.py.)"""
+    import shutil
+    import subprocess
+
+    from offload.kernels import _build, cuda
+
+    if shutil.which(_build.nvcc()) is None:
+        pytest.skip("no nvcc on this machine")
+    ptx = {}
+    for name, kernels in cuda.SOURCES.items():
+        cmd = _build.nvcc_command(_build.CSRC / f"{name}.cu", tmp_path / f"{name}.ptx", "sm_90",
+                                  ptx=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        ptx[name] = (tmp_path / f"{name}.ptx").read_text()
+        for kernel in kernels:
+            assert f".entry {kernel}(" in ptx[name], kernel
+    assert "fma.rn.f32" not in ptx["gguf_dequant"]
+    fused = [c for c in _build.nvcc_command(_build.CSRC / "gguf_dequant.cu",
+                                            tmp_path / "fused.ptx", "sm_90", ptx=True)
+             if c != "--fmad=false"]
+    assert subprocess.run(fused, capture_output=True).returncode == 0
+    assert "fma.rn.f32" in (tmp_path / "fused.ptx").read_text(), "the check above cannot fail"
+
+
+def test_cuda_decoders_compile_with_nvrtc():
+    """NVRTC (CuPy's, the run-time path on a GPU machine without a toolkit) compiles both CUDA
+    sources with offload's options, every kernel present, no fused multiply-add. Needs no GPU,
+    only CuPy's NVRTC library (the ``cuda`` extra)."""
+    from offload.kernels import _build, cuda
+
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
+                                reason="CuPy (the cuda extra) is not installed")
+    try:
+        nvrtc.getVersion()
+    except Exception as e:   # CuPy without its NVRTC library: the GPU path falls back to nvcc
+        pytest.skip(f"CuPy is installed but not its NVRTC library ({type(e).__name__})")
+    for name, kernels in cuda.SOURCES.items():
+        prog = nvrtc.createProgram((_build.CSRC / f"{name}.cu").read_text(), f"{name}.cu", [], [])
+        try:
+            nvrtc.compileProgram(prog, [*cuda.OPTIONS, f"-I{_build.CSRC}", "-arch=compute_90"])
+        except Exception as e:
+            pytest.fail(f"{name}.cu: {e}\n{nvrtc.getProgramLog(prog)}")
+        ptx = nvrtc.getPTX(prog)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        assert all(f".entry {k}(" in ptx for k in kernels) and "fma.rn.f32" not in ptx
 
 
 def test_a_store_of_too_few_bytes_is_refused():
@@ -77,7 +108,7 @@ def test_missing_compiler_falls_back_to_the_reference(tmp_path, monkeypatch):
     _build.cpu_library.cache_clear()
     G._library.cache_clear()
     try:
-        raw = _blocks("Q6_K", 9, seed=1)
+        raw = edge_blocks("Q6_K", 9, seed=1)
         with pytest.warns(_build.KernelBuildWarning):
             out = torch.empty(9 * 256 * 4, dtype=torch.uint8)
             G.dequantize(torch.from_numpy(raw.reshape(-1).copy()), out, "Q6_K", 9 * 256)

@@ -125,3 +125,49 @@ def test_gpu_pruned_bitmap_model_is_bitwise_and_under_budget(fraction, offload_d
         assert s["sparse"]["units_decoded"] > 0
         assert s["bytes_read"]["host_to_device"] < s["sparse"]["dense_bytes"] + 10 * 4096 * 60
     offload.close(off)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
+                                  "Q4_K", "Q5_K", "Q6_K"])
+def test_cuda_gguf_decoders_are_bitwise_gguf_dequantize(name):
+    """Each CUDA GGUF decoder (NVRTC through CuPy where installed, else nvcc) against the gguf
+    package's dequantize, bit for bit: random blocks, special fp16 scales (zeros, infinities,
+    NaN payloads, subnormals), an odd block count, nothing written past the destination."""
+    import numpy as np
+
+    from gguf_files import edge_blocks
+    from offload.kernels import cuda, gguf
+
+    device = torch.device("cuda")
+    assert cuda.kernels(device) is not None, "CuPy or nvcc must build the decoders on a GPU"
+    raw = edge_blocks(name, 4099, seed=len(name))
+    with np.errstate(all="ignore"):
+        want = torch.from_numpy(gguf.reference(raw, name).view(np.int32).copy())
+    src = torch.from_numpy(raw.reshape(-1).copy()).to(device)
+    out = torch.full((want.numel() * 4 + 256,), 0xA5, dtype=torch.uint8, device=device)
+    gguf.dequantize(src, out, name, want.numel())
+    got = out[:want.numel() * 4].cpu().view(torch.int32)
+    bad = torch.nonzero(got != want)
+    assert not bad.numel(), (bad[:5], got[bad[:1]], want[bad[:1]])
+    assert (out[want.numel() * 4:] == 0xA5).all().item(), "wrote past the destination"
+
+
+def test_gpu_quantized_gguf_is_bitwise_transformers(offload_dir):
+    """The default SmolLM2 GGUF on the GPU, its quantized Units streamed as stored and decoded
+    there: logits and greedy tokens bitwise transformers' model of the same file on the GPU."""
+    from conftest import smollm2_path
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_path()
+    ids = torch.randint(3, 3000, (2, 9))
+    resident = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                    dtype=torch.float32).eval()
+    ref, ref_tokens = _gpu_reference(resident, ids)
+    budget = 120 << 20
+    off = offload.run(path, budget=budget, offload_dir=offload_dir, device="cuda",
+                      max_tokens=64)
+    rt = off._offload_runtime
+    assert any(rt.units[k].encoded for k in rt.plan.stream)
+    _check_bitwise_under_budget(off, ids, ref, ref_tokens, budget)
+    assert offload.stats(off)["sparse"]["units_decoded"] > 0
+    offload.close(off)

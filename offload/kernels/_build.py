@@ -48,10 +48,13 @@ def nvcc() -> str:
     return os.environ.get("OFFLOAD_NVCC") or "nvcc"
 
 
-def nvcc_command(source: Path, out: Path, arch: str, *, compile_only: bool = False) -> list[str]:
-    """The nvcc command line for ``source`` (CI runs it with ``compile_only``)."""
-    mode = ["-c"] if compile_only else ["-shared", "-Xcompiler", "-fPIC"]
-    return [nvcc(), "-O3", "-std=c++17", f"-arch={arch}", *mode, "-o", str(out), str(source)]
+def nvcc_command(source: Path, out: Path, arch: str, *, compile_only: bool = False,
+                 ptx: bool = False) -> list[str]:
+    """The nvcc command line for ``source`` (the tests run it with ``compile_only`` or
+    ``ptx``). ``--fmad=false``: no fused multiply-add, as ``-ffp-contract=off`` on the CPU."""
+    mode = ["--ptx"] if ptx else ["-c"] if compile_only else ["-shared", "-Xcompiler", "-fPIC"]
+    return [nvcc(), "-O3", "-std=c++17", "--fmad=false", f"-arch={arch}", *mode, "-o", str(out),
+            str(source)]
 
 
 @functools.lru_cache(maxsize=None)

@@ -118,16 +118,11 @@ def decode(enc: torch.Tensor, out: torch.Tensor, n: int, nnz: int, elem: int, *,
         if bad:
             raise _corrupt(enc, n, nnz)
         return
-    lib = cuda_kernel(enc.device)
-    if lib is None:
+    kernels = cuda_kernel(enc.device)
+    if kernels is None:
         return decode_reference(enc, out, n, nnz, elem)
     stream = stream if stream is not None else torch.cuda.current_stream(enc.device)
-    flag = _error_flag(enc.device)
-    err = lib.offload_bitmap_decode_cuda(_ptr(enc), _ptr(out), ctypes.c_int64(n),
-                                         ctypes.c_int64(nnz), elem,
-                                         ctypes.c_void_p(stream.cuda_stream), _ptr(flag))
-    if err:
-        raise RuntimeError(f"bitmap decode kernel launch failed (cudaError {err})")
+    kernels.bitmap(enc, out, n, nnz, elem, layout(n), _error_flag(enc.device), stream)
 
 
 def prepare(device: torch.device) -> None:
@@ -141,8 +136,11 @@ def prepare(device: torch.device) -> None:
 
 
 def cuda_kernel(device: torch.device):
-    major, minor = torch.cuda.get_device_capability(device)
-    return _build.cuda_library(f"sm_{major}{minor}")
+    """The CUDA decoders for ``device`` (``kernels.cuda``: NVRTC through CuPy, else nvcc), or
+    None."""
+    from . import cuda
+
+    return cuda.kernels(device)
 
 
 def decode_cpu(enc: torch.Tensor, out: torch.Tensor, n: int, nnz: int, elem: int, *,

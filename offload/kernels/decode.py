@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import HardwareError, StoreError
+from ..errors import StoreError
 from ..units import Unit
 from . import bitmap, gguf
 
@@ -36,7 +36,7 @@ def decode_unit(unit: Unit, stored: torch.Tensor, dest: torch.Tensor, *, stream=
         src, out = stored[at:at + n], dest[t.offset:t.offset + t.nbytes]
         qtype = gguf.type_of(t.encoding)
         if qtype is not None:
-            gguf.dequantize(src, out, qtype, t.numel)
+            gguf.dequantize(src, out, qtype, t.numel, stream=stream)
         elif t.encoding == "bitmap":
             try:
                 bitmap.decode(src, out, t.numel, t.nnz, t.torch_dtype.itemsize, stream=stream)
@@ -51,15 +51,11 @@ def prepare(units, device: torch.device) -> None:
     (a first build runs a compiler of ~100 MB).
 
     Raises:
-        HardwareError: GGUF-quantized Units on a GPU, whose CUDA dequantizers are not built.
+        HardwareError: GGUF-quantized Units on a GPU where no CUDA decoder can be built.
     """
     encodings = {t.encoding for u in units if u.encoded for t in u.tensors}
     if any(gguf.type_of(e) for e in encodings):
-        if device.type != "cpu":
-            raise HardwareError("this store keeps GGUF-quantized tensors, which offload "
-                                "dequantizes on the CPU only for now (the CUDA decoders are not "
-                                "built): pass device='cpu'")
-        gguf.prepare()
+        gguf.prepare(device)
     if "bitmap" in encodings:
         bitmap.prepare(device)
 

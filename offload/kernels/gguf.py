@@ -33,6 +33,7 @@ import time
 import numpy as np
 import torch
 
+from ..errors import HardwareError
 from . import _build, cpu
 
 # name -> (ggml type id, elements per block, bytes per block)
@@ -81,15 +82,20 @@ def _library():
 
 
 def dequantize(src: torch.Tensor, out: torch.Tensor, name: str, numel: int, *,
-               threads: int = 1, isa: str | None = None) -> None:
-    """Decode ``numel`` elements of type ``name`` from ``src`` (uint8, CPU) into ``out``
-    (``numel * 4`` bytes, CPU): the C++ kernel on path ``isa`` (default: the selected one),
-    or the reference where it cannot be built."""
+               threads: int = 1, isa: str | None = None, stream=None) -> None:
+    """Decode ``numel`` elements of type ``name`` from ``src`` (uint8) into ``out``
+    (``numel * 4`` bytes, same device). On the CPU: the C++ kernel on path ``isa`` (default:
+    the selected one), or the reference where it cannot be built. On a GPU: the CUDA kernel
+    on ``stream`` (default: the current one; ``HardwareError`` where it cannot be built)."""
     type_id, block, _ = TYPES[name]
     n = stored_bytes(name, numel)
     if src.numel() < n or out.numel() < numel * 4:
         raise ValueError(f"{name}: {numel} elements need {n} stored and {numel * 4} output "
                          f"bytes, got {src.numel()} and {out.numel()}")
+    if src.device.type == "cuda":
+        stream = stream if stream is not None else torch.cuda.current_stream(src.device)
+        _cuda_kernels(src.device).gguf(name, type_id, src, out, numel // block, stream)
+        return
     lib = _library()
     if lib is None:
         dense = reference(src[:n].numpy(), name)
@@ -118,17 +124,38 @@ def sample_blocks(name: str, numel: int, seed: int = 0) -> torch.Tensor:
 
 def time_decode(src: torch.Tensor, out: torch.Tensor, name: str, numel: int, *, reps: int,
                 isa: str | None = None) -> float:
-    """Median seconds of ``reps`` one-thread decodes (after one untimed)."""
+    """Median seconds of ``reps`` one-thread decodes (a GPU: kernels, synchronized), after one
+    untimed."""
+    sync = torch.cuda.synchronize if src.device.type == "cuda" else (lambda: None)
     dequantize(src, out, name, numel, isa=isa)
     times = []
     for _ in range(reps):
+        sync()   # syncs: a measurement, off the hot path
         t0 = time.perf_counter()
         dequantize(src, out, name, numel, isa=isa)
+        sync()
         times.append(time.perf_counter() - t0)
     return max(sorted(times)[reps // 2], 1e-9)
 
 
-def prepare() -> None:
-    """Build (or load) the CPU decoder now, before a budget is taken."""
+def prepare(device: torch.device = torch.device("cpu")) -> None:
+    """Build (or load) the decoder for ``device`` now, before a budget is taken.
+
+    Raises:
+        HardwareError: a GPU for which neither CuPy (NVRTC) nor nvcc builds the decoders.
+    """
     _library()
     cpu.selected()
+    if device.type == "cuda":
+        _cuda_kernels(device)
+
+
+def _cuda_kernels(device: torch.device):
+    from . import cuda
+
+    kernels = cuda.kernels(device)
+    if kernels is None:
+        raise HardwareError("this store keeps GGUF-quantized tensors, decoded on the GPU by "
+                            f"kernels built at run time, and none could be built here: "
+                            f"{cuda.missing_hint()}; or pass device='cpu'")
+    return kernels

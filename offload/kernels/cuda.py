@@ -1,0 +1,134 @@
+"""The CUDA decoders (``csrc/gguf_dequant.cu``, ``csrc/bitmap_decode.cu``), built once per GPU
+architecture: at run time by NVRTC through CuPy (the ``cuda`` extra; no CUDA toolkit needed),
+else by ``nvcc`` into a library loaded with ``ctypes`` (``_build.cuda_library``). Both builds
+keep multiply-adds unfused (``--fmad=false``): the GGUF decoders are bitwise the ``gguf``
+package's numpy dequantization, as on the CPU. Without either, the caller says what to install.
+
+Launches go on the caller's CUDA stream (torch's current one by default) and read and write
+device memory by raw pointer, so torch's allocator owns every buffer.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import torch
+
+from . import _build
+
+log = logging.getLogger(__name__)
+
+# Each source and the C-named kernels NVRTC builds of it.
+SOURCES = {"gguf_dequant": tuple(f"offload_gguf_{t}" for t in (
+               "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")),
+           "bitmap_decode": ("offload_bitmap_decode_u16", "offload_bitmap_decode_u32")}
+OPTIONS = ("--std=c++17", "--fmad=false")
+THREADS = 256
+MAX_GRID = 65535
+
+
+class Kernels:
+    """One device's decoders: ``gguf(...)`` and ``bitmap(...)`` launch on a stream."""
+
+    def __init__(self, how: str, modules: dict):
+        self.how = how   # "nvrtc" or "nvcc"
+        self._modules = modules
+
+    def gguf(self, type_name: str, type_id: int, src: torch.Tensor, dst: torch.Tensor,
+             nblocks: int, stream: torch.cuda.Stream) -> None:
+        if nblocks <= 0:
+            return
+        if self.how == "nvrtc":
+            grid = min(MAX_GRID, -(-nblocks // THREADS))
+            self._launch("gguf_dequant", f"offload_gguf_{type_name.lower()}", grid, stream,
+                         _ptr(src), _ptr(dst), _i64(nblocks))
+            return
+        err = self._modules["gguf_dequant"].offload_gguf_dequant_cuda(
+            type_id, ctypes.c_void_p(src.data_ptr()), ctypes.c_void_p(dst.data_ptr()),
+            ctypes.c_int64(nblocks), ctypes.c_void_p(stream.cuda_stream))
+        if err:
+            raise RuntimeError(f"GGUF {type_name} decode kernel launch failed (cudaError {err})")
+
+    def bitmap(self, enc: torch.Tensor, out: torch.Tensor, n: int, nnz: int, elem: int,
+               layout, error: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        if n == 0:
+            return
+        if elem not in (2, 4):
+            raise ValueError(f"bitmap elements of {elem} bytes: the CUDA decoder moves 2 or 4")
+        if self.how == "nvrtc":
+            grid = min(MAX_GRID, -(-layout.ngroups // 8))   # 8 warps a block, a group each
+            self._launch("bitmap_decode", f"offload_bitmap_decode_u{8 * elem}", grid, stream,
+                         _ptr(enc), _ptr(out), _i64(n), _i64(nnz), _i64(layout.ntiles),
+                         _i64(layout.ngroups), _i64(layout.values_off), _ptr(error))
+            return
+        err = self._modules["bitmap_decode"].offload_bitmap_decode_cuda(
+            ctypes.c_void_p(enc.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(n),
+            ctypes.c_int64(nnz), elem, ctypes.c_void_p(stream.cuda_stream),
+            ctypes.c_void_p(error.data_ptr()))
+        if err:
+            raise RuntimeError(f"bitmap decode kernel launch failed (cudaError {err})")
+
+    def _launch(self, module: str, name: str, grid: int, stream, *args) -> None:
+        import cupy
+
+        fn = self._modules[module].get_function(name)
+        with cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index):
+            fn((grid,), (THREADS,), args)
+
+
+def kernels(device: torch.device) -> Kernels | None:
+    """The decoders for ``device`` (built on first use, then cached), or None where neither
+    CuPy nor nvcc can build them (a warning says why)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return _kernels(device.index if device.index is not None else torch.cuda.current_device(),
+                    f"{major}{minor}")
+
+
+def missing_hint() -> str:
+    return ("install CuPy for this CUDA version (pip install 'offload[cuda]', which brings "
+            "cupy-cuda12x: NVRTC compiles the decoders at run time) or a CUDA toolkit with nvcc")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(index: int, arch: str) -> Kernels | None:
+    nvrtc = _nvrtc_modules(index, arch)
+    if nvrtc is not None:
+        return Kernels("nvrtc", nvrtc)
+    libs = {name: _build.cuda_library(f"sm_{arch}", name) for name in SOURCES}
+    if all(lib is not None for lib in libs.values()):
+        return Kernels("nvcc", libs)
+    return None
+
+
+def _nvrtc_modules(index: int, arch: str) -> dict | None:
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        with cupy.cuda.Device(index):
+            modules = {name: cupy.RawModule(code=(_build.CSRC / f"{name}.cu").read_text(),
+                                            options=(*OPTIONS, f"-I{_build.CSRC}"),
+                                            backend="nvrtc")
+                       for name in SOURCES}
+            for name, module in modules.items():   # compiled now, before a budget is taken
+                for kernel in SOURCES[name]:
+                    module.get_function(kernel)
+        return modules
+    except Exception as e:   # CuPy without NVRTC, an NVRTC error: nvcc may still build them
+        log.warning("NVRTC could not compile the CUDA decoders for sm_%s (%s); trying nvcc",
+                    arch, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+
+
+def _ptr(t: torch.Tensor):
+    import numpy as np
+
+    return np.uint64(t.data_ptr())
+
+
+def _i64(v: int):
+    import numpy as np
+
+    return np.int64(v)
