@@ -430,7 +430,7 @@ def make_plan(prep: "Prepared", budget, request: Request = Request(),
                                   DTYPES[manifest.dtype], prep.shape.hidden,
                                   max_bytes=options.budget_bytes // 2,
                                   encodings={t.encoding for u in manifest.units if u.encoded
-                                             for t in u.tensors})
+                                             for t in u.tensors}, family=prep.config)
         release_free_heap()   # the measurement's buffers, before the planner's probes
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
                     heat=load_heat(manifest.path))

@@ -8,6 +8,7 @@ inputs. It times the tiers, so it sits just above them in the import order.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -32,11 +33,12 @@ PROFILE_VERSION = 2
 
 def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.device, dtype: torch.dtype,
                     hidden: int, max_bytes: int | None = None,
-                    encodings: Iterable[str] = ()) -> HardwareProfile:
+                    encodings: Iterable[str] = (), family=None) -> HardwareProfile:
     """The cached profile for this device and dtype, measuring it on first use (reading
     ``data_file``, or a scratch file in ``cache_dir`` where there is none yet) with at most
-    ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too), and
-    the decode speed of each of ``encodings`` it lacks (the store's: ``gguf.Q4_K`` ...)."""
+    ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too), the
+    decode speed of each of ``encodings`` it lacks (the store's: ``gguf.Q4_K`` ...), and the
+    per-layer time of ``family`` (a transformers config) if it lacks it."""
     key = f"{device}|{DTYPE_NAMES[dtype]}|{os.stat(cache_dir).st_dev}"
     path = cache_dir / "profile.json"
     cached, profile = {}, None
@@ -48,8 +50,11 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
         cached = {}
     missing = sorted(e for e in set(encodings) if measurable(e) and
                      (profile is None or e not in profile.decode_bps))
+    model_type = getattr(family, "model_type", None)
+    new_family = model_type is not None and (profile is None or model_type not in
+                                             profile.layer_s)
     cached_in = f"measured on this machine, cached in {path}"
-    if profile is not None and not missing:
+    if profile is not None and not missing and not new_family:
         return replace(profile, source=cached_in)
     quiet = disk_idle(cache_dir)   # another offload process reading here skews the figures
     if profile is None:
@@ -63,6 +68,9 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     if missing:
         profile = replace(profile, decode_bps={
             **profile.decode_bps, **{e: measure_decode(e, device, max_bytes) for e in missing}})
+    if new_family:
+        profile = replace(profile, layer_s={**profile.layer_s,
+                                            model_type: measure_layer_time(family, dtype, device)})
     if not (quiet and disk_idle(cache_dir)):
         log.warning("the hardware profile was measured while another offload process was "
                     "using %s: this run uses it, but it is not cached (the next run measures "
@@ -95,7 +103,9 @@ def described(spec: str | os.PathLike) -> HardwareProfile:
     with ``device``, ``disk_read_bps`` (O_DIRECT reads of the offload dir's disk),
     ``compute_bps`` (weight bytes a batch-1 decode step streams through compute per second),
     ``h2d_bps`` (pinned host-to-device copies; required for a GPU), and optionally ``dtype``
-    (what compute was measured in), ``decode_bps`` (per encoding) and ``description``.
+    (what compute was measured in), ``decode_bps`` (per encoding), ``layer_s`` (per model
+    family, ``[seconds per layer, seconds per step]`` of a decode step beyond its weight bytes)
+    and ``description``.
 
     Raises:
         HardwareError: no such file or profile, unreadable JSON, or missing or non-positive
@@ -127,6 +137,7 @@ def described(spec: str | os.PathLike) -> HardwareProfile:
                            float(d.get("h2d_bps", 0.0)), float(d["compute_bps"]),
                            str(d.get("dtype", "float32")),
                            {k: float(v) for k, v in d.get("decode_bps", {}).items()},
+                           {k: (float(v[0]), float(v[1])) for k, v in d.get("layer_s", {}).items()},
                            source=f"described in {path}"
                            + (f": {d['description']}" if d.get("description") else ""))
 
@@ -154,6 +165,39 @@ def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = 
     out = torch.empty(numel * 4, dtype=torch.uint8, device=device)
     src = gguf.sample_blocks(name, numel).to(device)   # a GPU: its kernel (kernels.cuda)
     return numel * 4 / gguf.time_decode(src, out, name, numel, reps=3)
+
+
+def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
+                       depths: tuple[int, int] = (2, 10), steps: int = 12) -> tuple[float, float]:
+    """Seconds a decode step of ``config``'s family spends beyond its weights: ``(per layer,
+    per step)``, from the median decode-step time of miniatures (``workspace.miniature``: 64
+    wide, their weights too small to matter) of two depths: the difference per layer, the rest
+    per step. Cost: ~0.5 s here, once per family (cached with the profile)."""
+    from .kernels.workspace import miniature
+
+    spec = config.to_json_string(use_diff=False)
+    times = []
+    for layers in depths:
+        model = miniature(spec, dtype, layers).to(device)
+        ids = torch.tensor([[1, 2, 3, 4]], device=device)
+        step, samples = torch.tensor([[5]], device=device), []
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else \
+            "past_key_values"   # transformers 5.2 renamed it
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            past = {key: getattr(out, key, None) or out.past_key_values}
+            for i in range(steps + 2):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # syncs: a measurement, off the hot path
+                t0 = time.perf_counter()
+                model(step, use_cache=True, logits_to_keep=1, **past)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= 2:   # the first steps warm the caches and the allocator
+                    samples.append(time.perf_counter() - t0)
+        times.append(sorted(samples)[len(samples) // 2])
+    per_layer = max(0.0, (times[1] - times[0]) / (depths[1] - depths[0]))
+    return per_layer, max(0.0, times[0] - depths[0] * per_layer)
 
 
 @contextlib.contextmanager

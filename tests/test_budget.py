@@ -74,10 +74,11 @@ def test_rss_stays_under_budget_smollm2(smollm2, tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     growth = r["peak"] - r["base"]
     assert r["stats"]["accounted_peak_bytes"] <= budget
-    assert r["stats"]["bytes_read"]["disk"] > weight_bytes(resident)   # it really streamed
+    s = r["stats"]   # it really streamed: every forward read what the plan streams
+    assert s["predicted"]["bytes_per_step"] > 0 and s["forwards"] >= 12
+    assert s["bytes_read"]["disk"] >= s["forwards"] * s["predicted"]["bytes_per_step"]
     print(out.stderr.strip().splitlines()[-1])
     # measured: the peak RSS since run() began above its baseline (skeleton, kernels'
     # workspaces: the growth from before run() includes them)
-    s = r["stats"]
     print(f"measured {s['measured_peak_bytes']} above {s['baseline_bytes']}; growth {growth}")
     assert s["allocated_bytes"] <= s["measured_peak_bytes"] <= budget, s

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import offload
 from offload.errors import HardwareError, ModelError, OffloadError, StoreError
@@ -47,6 +48,33 @@ def test_a_config_alone_is_planned_as_hand_arithmetic_says(tmp_path, machine):
     assert p.budget_bytes == 4_000_000 and p.total_bytes <= p.budget_bytes
     assert "hardware profile: described in" in p.table() and "a test machine" in p.table()
     assert not list(d.glob("*.offload")) and not (d / "profile.json").exists()   # nothing
+
+
+def test_the_families_per_layer_time_is_charged_to_compute(tmp_path, machine):
+    """A profile that gives a family's per-layer and per-step time (what a decode step spends
+    beyond its weight bytes) adds layers x per-layer + per-step to the compute estimate; one
+    measured here has it for the family it planned, from miniatures of that family."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    d = json.loads(machine.read_text())
+    d["layer_s"] = {"llama": [0.002, 0.005], "mixtral": [1.0, 1.0]}
+    machine.write_text(json.dumps(d))
+    p = offload.plan(tmp_path / "config.json", "64MB", profile=machine, max_tokens=16,
+                     offload_dir=tmp_path / "offload")
+    assert p.overhead_s == pytest.approx(4 * 0.002 + 0.005)
+    assert p.compute_s == pytest.approx(p.weight_bytes / 4e9 + 4 * 0.002 + 0.005)
+    assert "per-layer work" in p.table()
+
+    from offload.hardware import load_or_measure
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**{k: v for k, v in TINY.items() if k != "torch_dtype"})
+    measured = load_or_measure(None, tmp_path, torch.device("cpu"), torch.float32, 256,
+                               max_bytes=16 << 20, family=config)
+    per_layer, per_step = measured.layer_s["llama"]
+    assert per_layer > 0 and per_step >= 0
+    again = load_or_measure(None, tmp_path, torch.device("cpu"), torch.float32, 256,
+                            family=config)   # cached with the profile
+    assert tuple(again.layer_s["llama"]) == (per_layer, per_step)
 
 
 def test_a_4_bit_config_stores_its_projections_in_blocks(tmp_path, machine):

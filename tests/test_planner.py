@@ -200,6 +200,8 @@ def test_quantized_units_are_held_as_stored_then_decoded_as_the_budget_grows():
     assert all(t == "device" and b == stored for _, t, b in p.homes)
     assert p.resident_bytes == n * stored
     assert p.decode_s == pytest.approx(n * layer / 10e9) and p.io_s == 0
+    # On a CPU the decode thread shares the cores with compute: their seconds add.
+    assert p.predicted_s == pytest.approx(p.compute_s + p.decode_s)
     assert "as stored" in p.table()
 
     extra = 2 * (layer - stored) + (layer - stored) // 2   # room to decode two of them
@@ -217,3 +219,6 @@ def test_quantized_units_are_held_as_stored_then_decoded_as_the_budget_grows():
                                     decode_bps={"gguf.Q4_0": 10e9})):
         s = make_plan(us, keys, slots + n * stored + reserve, reserve, 64, profile, prefetch=1)
         assert not s.held
+    # A GPU decodes beside compute (its own stream): the largest of them, not their sum.
+    assert s.predicted_s == pytest.approx(max(s.compute_s, s.decode_s, s.io_s, s.link_s))
+    assert s.decode_s > s.compute_s

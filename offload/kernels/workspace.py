@@ -75,24 +75,31 @@ def library_workspace(shape, dtype: torch.dtype, device: str = "cpu", *,
     return _measure(shapes, shape.heads, shape.head_dim, dtype, torch.get_num_threads())
 
 
-@functools.lru_cache(maxsize=None)
-def _warm_family(config_json: str, dtype: torch.dtype) -> None:
+def miniature(config_json: str, dtype: torch.dtype, layers: int = 2):
+    """A model of ``config_json``'s family with ``layers`` layers 64 wide (two attention heads,
+    tiny experts and vocabulary): its weights too small to matter, so its forward is the
+    family's framework work alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = json.loads(config_json)
     kv = 1 if d.get("num_key_value_heads", 1) != d.get("num_attention_heads", 1) else 2
     small = dict(hidden_size=64, intermediate_size=64, num_attention_heads=2,
                  num_key_value_heads=kv, head_dim=32, vocab_size=256,
-                 num_hidden_layers=min(2, d.get("num_hidden_layers", 2)))
+                 num_hidden_layers=min(layers, d.get("num_hidden_layers", layers)))
     for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
         if key in d:
             small[key] = 32
     d.update(small)
     if isinstance(d.get("layer_types"), list):
-        d["layer_types"] = d["layer_types"][:small["num_hidden_layers"]]
+        d["layer_types"] = (d["layer_types"] * layers)[:small["num_hidden_layers"]]
     config = AutoConfig.for_model(d.pop("model_type"), **{
         k: v for k, v in d.items() if k not in ("architectures", "transformers_version")})
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _warm_family(config_json: str, dtype: torch.dtype) -> None:
+    model = miniature(config_json, dtype)
     ids = torch.tensor([[1, 2, 3], [0, 4, 5]])
     with torch.no_grad():
         model.generate(ids, attention_mask=(ids > 0).long(), max_new_tokens=2,

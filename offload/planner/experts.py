@@ -28,7 +28,7 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
                   prefetch: int | None = None, host_budget_bytes: int = 0,
                   policy: str = "lru", predict_depth: int = 1, predict_width: int | None = None,
                   heat: dict[str, float] | None = None, kv: KVPlan = KVPlan(),
-                  head: HeadCheck = HeadCheck()) -> Plan:
+                  head: HeadCheck = HeadCheck(), overhead_s: float = 0.0) -> Plan:
     """Place an MoE model whose experts are fetched as routed (``experts="cache"``).
 
     Args:
@@ -38,7 +38,7 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
         moe_layers / experts_per_layer: the model's MoE layers and experts in each.
         predict_depth / predict_width: the predictor's reach (0 depth: off).
         heat: expert key -> measured share of tokens that used it (a previous run's).
-        kv / head: as for ``make_plan``.
+        kv / head / overhead_s: as for ``make_plan``.
 
     Raises:
         BudgetError: the budget cannot hold one layer's non-expert working set plus top_k
@@ -56,7 +56,7 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
     try:
         base = make_plan(others, order, budget_bytes - working, reserve_bytes, max_tokens,
                          profile, prefetch=prefetch, host_budget_bytes=host_budget_bytes,
-                         pinned=pinned, kv=kv, head=head)
+                         pinned=pinned, kv=kv, head=head, overhead_s=overhead_s)
     except BudgetError as e:
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the minimum working set of this MoE "
@@ -110,7 +110,7 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
     weight_bytes = sum(u.nbytes for u in units)
     active = (weight_bytes - sum(u.nbytes for u in experts)
               + moe_layers * top_k * expert_bytes)
-    compute = active / max(profile.compute_bps, 1.0)
+    compute = active / max(profile.compute_bps, 1.0) + base.overhead_s
     disk = (base.streamed_bytes + per_step) / max(profile.disk_read_bps, 1.0)
     link = (base.streamed_bytes + per_step) / profile.h2d_bps if profile.h2d_bps else 0.0
     # A layer waits for the experts it misses (guesses hide some of that, but cost reads of

@@ -156,7 +156,9 @@ def _place(manifest, adapter, config, moe, profile, options: PlanOptions, kv: KV
     stream = moe is not None and ex.experts == "stream"
     order = adapter.execution_order(config, manifest.groups(), stream_experts=stream)
     common = dict(prefetch=options.prefetch, host_budget_bytes=options.host_budget_bytes,
-                  pinned=frozenset(adapter.always_resident(units)) | pins, kv=kv, head=check)
+                  pinned=frozenset(adapter.always_resident(units)) | pins, kv=kv, head=check,
+                  overhead_s=profile.step_overhead(getattr(config, "model_type", None),
+                                                   int(getattr(config, "num_hidden_layers", 0))))
     if moe is None:
         return make_plan(units, order, options.budget_bytes, reserve, tokens, profile, **common)
     if stream:

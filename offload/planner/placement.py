@@ -50,7 +50,7 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
               max_tokens: int, profile: HardwareProfile, *, prefetch: int | None = None,
               host_budget_bytes: int = 0, pinned: frozenset[str] = frozenset(),
               kv: KVPlan = KVPlan(), experts: ExpertPlan | None = None,
-              head: HeadCheck = HeadCheck()) -> Plan:
+              head: HeadCheck = HeadCheck(), overhead_s: float = 0.0) -> Plan:
     """Place ``units`` under ``budget_bytes``, minimising the predicted time per decode step.
 
     Args:
@@ -68,13 +68,16 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
             its layer to predict the experts).
         kv / experts: the KV and expert parts the Plan carries (the reserve holds the KV).
         head: the head's Units; the Plan records ``head.inexact_rows`` if any of them streams.
+        overhead_s: compute seconds per decode step beyond the weight bytes
+            (``HardwareProfile.step_overhead``: the framework's work per layer).
 
     Raises:
         BudgetError: no placement fits; the message states the minimum budget.
     """
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     reads = Counter(order)
-    best, minimum = _search(units, reads, budget_bytes, reserve_bytes, profile, prefetch, pinned)
+    best, minimum = _search(units, reads, budget_bytes, reserve_bytes, profile, prefetch, pinned,
+                            overhead_s)
     if best is None:
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the minimum working set of this model "
@@ -87,7 +90,7 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
     slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
     return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
                  reserve_bytes, max_tokens, minimum, profile, host_budget_bytes,
-                 kv=kv, experts=experts, head=head, held=set(held))
+                 kv=kv, experts=experts, head=head, held=set(held), overhead_s=overhead_s)
 
 
 def held_candidates(units, profile: HardwareProfile) -> frozenset[str]:
@@ -110,7 +113,8 @@ class _Hold:
 
 
 def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
-            profile: HardwareProfile, prefetch: int | None, pinned: frozenset[str]):
+            profile: HardwareProfile, prefetch: int | None, pinned: frozenset[str],
+            overhead_s: float = 0.0):
     """Each distinct Unit size as the slot size, with the deepest prefetch that fits: the best
     placement found (a key ``(predicted s, streamed, slots, resident bytes, slot bytes,
     resident keys)``, or None) and the smallest budget any placement needs."""
@@ -140,7 +144,7 @@ def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
                 continue
             cost = _cost(weight_bytes, option[0], option[1], profile,
                          decode_s=sum(reads[k] * decode[k] for k in reads
-                                      if k not in option[4]))
+                                      if k not in option[4]), overhead_s=overhead_s)
             key = (cost["predicted"], *option)
             if best is None or key < best:
                 best = key
@@ -164,15 +168,37 @@ def _auto_depth(slot_bytes: int, landing_bytes: int = 0) -> int:
 
 
 def _cost(weight_bytes: int, streamed: int, slots: int, profile: HardwareProfile,
-          from_disk: int | None = None, decode_s: float = 0.0) -> dict:
-    """Seconds per decode step: compute, disk, host link and the decode thread (decoding the
-    streamed encoded Units) overlap only with 2+ slots."""
-    c = {"compute": weight_bytes / max(profile.compute_bps, 1.0),
+          from_disk: int | None = None, decode_s: float = 0.0, overhead_s: float = 0.0) -> dict:
+    """Seconds per decode step: compute (the weight bytes, and the framework's work per layer),
+    disk, host link and the decode thread (decoding the streamed and held encoded Units)
+    overlap only with 2+ slots. On a CPU the decode thread runs on the cores compute uses
+    (torch's threads take them all): their seconds add, and only the reads overlap them
+    (measured on SmolLM2 at 20%, 2 cores: the decode thread ran at half its speed alone while
+    the model computed)."""
+    c = {"compute": weight_bytes / max(profile.compute_bps, 1.0) + overhead_s,
          "disk": (streamed if from_disk is None else from_disk) / max(profile.disk_read_bps, 1.0),
          "host link": streamed / profile.h2d_bps if profile.h2d_bps else 0.0,
          "decode": decode_s}
-    c["predicted"] = max(c.values()) if slots > 1 else sum(c.values())
+    if slots <= 1:
+        c["predicted"] = sum(c.values())
+    elif _decode_shares_cores(profile):
+        c["predicted"] = max(c["compute"] + c["decode"], c["disk"], c["host link"])
+    else:
+        c["predicted"] = max(c.values())
     return c
+
+
+def _decode_shares_cores(profile: HardwareProfile) -> bool:
+    return profile.device.startswith("cpu")
+
+
+def _bottleneck(cost: dict, profile: HardwareProfile) -> str:
+    """The resource that sets the prediction: on a CPU, compute and decode together (the larger
+    of the two named) against the disk."""
+    if _decode_shares_cores(profile) and cost["compute"] + cost["decode"] >= max(
+            cost["disk"], cost["host link"]):
+        return "compute" if cost["compute"] >= cost["decode"] else "decode"
+    return max(cost, key=cost.get)
 
 
 def _seconds_saved(stored: dict, decode: dict, profile: HardwareProfile):
@@ -241,7 +267,7 @@ def _bit_reversed_ranks(n: int) -> list[int]:
 
 def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens, minimum,
           profile: HardwareProfile, host_budget: int = 0, *, kv: KVPlan, experts, head,
-          held: set[str] = frozenset()) -> Plan:
+          held: set[str] = frozenset(), overhead_s: float = 0.0) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
     encoded = {u.key for u in units if u.encoded}
@@ -260,9 +286,9 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
                   default=0) if slots else 0
     decode = {u.key: profile.decode_seconds(u) for u in units}
     cost = _cost(weight_bytes, streamed, slots, profile, from_disk,
-                 decode_s=sum(decode[k] for k in stream))
+                 decode_s=sum(decode[k] for k in stream), overhead_s=overhead_s)
     predicted = cost.pop("predicted")
-    bottleneck = max(cost, key=cost.get)
+    bottleneck = _bottleneck(cost, profile)
     compute_s, io_s, link_s = cost["compute"], cost["disk"], cost["host link"]
     return Plan(
         budget_bytes=budget, device=profile.device,
@@ -278,6 +304,6 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
         reserve_bytes=reserve,
         max_tokens=max_tokens, weight_bytes=weight_bytes, streamed_bytes=streamed,
         minimum_bytes=minimum, compute_s=compute_s, io_s=io_s, link_s=link_s,
-        decode_s=cost["decode"],
+        decode_s=cost["decode"], overhead_s=overhead_s,
         predicted_s=predicted, bottleneck=bottleneck, experts=experts, kv=kv,
         head_inexact_rows=head.inexact_rows if any(k in stream for k in head.keys) else ())

@@ -85,6 +85,8 @@ class Plan:
             pass into its slots (read from disk or the host tier, or decoded from memory).
         held: resident Units held as stored (their encoding, on the compute device), decoded
             into a slot at each use: in ``stream``, not in ``streamed_bytes``.
+        overhead_s: the part of ``compute_s`` beyond the weight bytes (the framework's work per
+            layer, ``HardwareProfile.step_overhead``).
         slots: staging slots in the ring (the prefetch depth is ``slots - 1``).
         slot_bytes: bytes of one slot (the largest streamed Unit, 4096-aligned).
         landing_bytes: bytes of each slot's landing buffer for encoded Units' stored bytes
@@ -144,6 +146,7 @@ class Plan:
     compute_bps: float = 0.0
     itemsize: int = 0
     held: tuple[str, ...] = ()
+    overhead_s: float = 0.0
 
     @property
     def home(self) -> dict[str, str]:
@@ -177,7 +180,7 @@ class Plan:
             return ["", "what would change it: nothing the budget or the disk can do (compute-"
                         "bound); a batch of sequences shares each step's weights"]
         rate = lambda s: f"{1 / max(s, 1e-9):.2f} tok/s"   # noqa: E731
-        compute = self.weight_bytes / self.compute_bps
+        compute = self.weight_bytes / self.compute_bps + self.overhead_s
         lines = ["", "what would change it (estimates, same cost model):",
                  f"  a budget of {format_bytes(self.weight_bytes + self.reserve_bytes)} keeps "
                  f"every Unit in memory: compute-bound, ~{rate(compute)}"]
@@ -240,7 +243,9 @@ class Plan:
               if self.stored_bytes != self.weight_bytes else []),
             f"predicted per decode step: {self.predicted_s * 1000:.1f} ms "
             f"({1 / max(self.predicted_s, 1e-9):.2f} tok/s at batch 1) — bottleneck: "
-            f"{self.bottleneck} (compute {self.compute_s * 1000:.1f} ms, disk "
+            f"{self.bottleneck} (compute {self.compute_s * 1000:.1f} ms"
+            + (f" of which {self.overhead_s * 1000:.1f} ms per-layer work" if self.overhead_s
+               else "") + ", disk "
             f"{self.io_s * 1000:.1f} ms, host link {self.link_s * 1000:.1f} ms"
             + (f", decode {self.decode_s * 1000:.1f} ms" if self.decode_s else "") + ")",
             *([f"hardware profile: {self.profile}"] if self.profile else []),

@@ -19,6 +19,11 @@ class HardwareProfile:
         dtype: the dtype compute was measured in.
         decode_bps: dense (decoded) bytes per second one thread decodes, per encoding
             measured (``gguf.Q4_K`` ...); an encoding missing here is not charged.
+        layer_s: per model family (``llama``, ``qwen2_moe`` ...), the seconds a decode step
+            spends beyond moving its weight bytes through compute: ``(per decoder layer, per
+            step)``, measured on a miniature of the family whose weights are too small to
+            matter (the framework's work per module: launches, norms, rotary, attention over
+            a short cache); a family missing here is not charged.
         contended: measured while another offload process read the same offload dir: used
             by the run that measured it, never cached.
         source: where the figures come from (measured here, or the file describing a machine),
@@ -31,8 +36,15 @@ class HardwareProfile:
     compute_bps: float
     dtype: str
     decode_bps: dict[str, float] = field(default_factory=dict)
+    layer_s: dict[str, tuple[float, float]] = field(default_factory=dict)
     contended: bool = False
     source: str = ""
+
+    def step_overhead(self, family: str | None, layers: int) -> float:
+        """Seconds a decode step of ``layers`` layers of ``family`` spends beyond its weight
+        bytes (0 where the family was not measured)."""
+        per_layer, per_step = self.layer_s.get(family or "", (0.0, 0.0))
+        return layers * per_layer + per_step
 
     def decode_seconds(self, unit) -> float:
         """Seconds one decode of ``unit``'s encoded tensors takes (0 for a dense Unit, or an
