@@ -170,7 +170,7 @@ def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = 
 def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
                        depths: tuple[int, int] = (2, 10), steps: int = 12) -> tuple[float, float]:
     """Seconds a decode step of ``config``'s family spends beyond its weights: ``(per layer,
-    per step)``, from the median decode-step time of miniatures (``workspace.miniature``: 64
+    per step)``, from the fastest decode-step time of miniatures (``workspace.miniature``: 64
     wide, their weights too small to matter) of two depths: the difference per layer, the rest
     per step. Cost: ~0.5 s here, once per family (cached with the profile)."""
     from .kernels.workspace import miniature
@@ -195,7 +195,7 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
                     torch.cuda.synchronize(device)
                 if i >= 2:   # the first steps warm the caches and the allocator
                     samples.append(time.perf_counter() - t0)
-        times.append(sorted(samples)[len(samples) // 2])
+        times.append(min(samples))   # the least disturbed step (other work only adds)
     per_layer = max(0.0, (times[1] - times[0]) / (depths[1] - depths[0]))
     return per_layer, max(0.0, times[0] - depths[0] * per_layer)
 

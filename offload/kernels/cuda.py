@@ -73,7 +73,8 @@ class Kernels:
         import cupy
 
         fn = self._modules[module].get_function(name)
-        with cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index):
+        index = stream.device.index if stream.device.index is not None else 0
+        with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
             fn((grid,), (THREADS,), args)
 
 
