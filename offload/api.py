@@ -414,10 +414,10 @@ class Request:
 
 
 def make_plan(prep: "Prepared", budget, request: Request = Request(),
-              profile: HardwareProfile | None = None) -> Plan:
+              profile: HardwareProfile | None = None, *, probe_head: bool = True) -> Plan:
     """The Plan for ``prep`` under ``budget``: on ``profile`` (a machine described,
     ``hardware.described``), else the hardware profile measured (or read from the offload
-    dir's cache) within the budget, then ``planner.plan_for``."""
+    dir's cache) within the budget, then ``planner.plan_for`` (``probe_head`` passed on)."""
     device = resolve_device(request.device) if profile is None else _profile_device(
         profile, request.device)
     options = request.options(budget, prep, device)
@@ -433,7 +433,7 @@ def make_plan(prep: "Prepared", budget, request: Request = Request(),
                                              for t in u.tensors}, family=prep.config)
         release_free_heap()   # the measurement's buffers, before the planner's probes
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
-                    heat=load_heat(manifest.path))
+                    heat=load_heat(manifest.path), probe_head=probe_head)
     release_free_heap()   # the planner's probes: back to the OS before the budget is taken
     return dataclasses.replace(plan, profile=profile.source, disk_bps=profile.disk_read_bps,
                                h2d_bps=profile.h2d_bps, compute_bps=profile.compute_bps,
@@ -493,7 +493,8 @@ def plan(model, budget, *, offload_dir=None, sparse=None, dtype=None, profile=No
                             _store_dtype(specs), {"fingerprint": source.fingerprint},
                             tuple(units), tied, sum(align(u.stored_bytes, BLOCK) for u in units))
     base.mkdir(parents=True, exist_ok=True)   # the hardware profile's cache
-    return make_plan(Prepared.of(source, manifest, base), budget, request, described)
+    return make_plan(Prepared.of(source, manifest, base), budget, request, described,
+                     probe_head=not header_only)   # a config alone: nothing runs
 
 
 _FLOAT_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float16,

@@ -176,17 +176,17 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
     from .kernels.workspace import miniature
 
     spec = config.to_json_string(use_diff=False)
-    times = []
-    for layers in depths:
-        model = miniature(spec, dtype, layers).to(device)
-        ids = torch.tensor([[1, 2, 3, 4]], device=device)
-        step, samples = torch.tensor([[5]], device=device), []
-        key = "cache" if "cache" in inspect.signature(model.forward).parameters else \
-            "past_key_values"   # transformers 5.2 renamed it
-        with torch.no_grad():
-            out = model(ids, use_cache=True)
-            past = {key: getattr(out, key, None) or out.past_key_values}
-            for i in range(steps + 2):
+    runs = []
+    with torch.no_grad():
+        for layers in depths:
+            model = miniature(spec, dtype, layers).to(device)
+            key = "cache" if "cache" in inspect.signature(model.forward).parameters else \
+                "past_key_values"   # transformers 5.2 renamed it
+            out = model(torch.tensor([[1, 2, 3, 4]], device=device), use_cache=True)
+            runs.append((model, {key: getattr(out, key, None) or out.past_key_values}, []))
+        step = torch.tensor([[5]], device=device)
+        for i in range(steps + 2):   # the depths alternate: a slow moment slows both
+            for model, past, samples in runs:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # syncs: a measurement, off the hot path
                 t0 = time.perf_counter()
@@ -195,7 +195,7 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
                     torch.cuda.synchronize(device)
                 if i >= 2:   # the first steps warm the caches and the allocator
                     samples.append(time.perf_counter() - t0)
-        times.append(min(samples))   # the least disturbed step (other work only adds)
+    times = [min(samples) for _, _, samples in runs]   # the least disturbed step of each
     per_layer = max(0.0, (times[1] - times[0]) / (depths[1] - depths[0]))
     return per_layer, max(0.0, times[0] - depths[0] * per_layer)
 

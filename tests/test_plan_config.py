@@ -77,6 +77,22 @@ def test_the_families_per_layer_time_is_charged_to_compute(tmp_path, machine):
     assert tuple(again.layer_s["llama"]) == (per_layer, per_step)
 
 
+def test_a_config_alone_runs_no_head_probe(tmp_path, machine, monkeypatch):
+    """A plan from a config alone runs nothing: not the head-chunk probe (a whole-head matmul
+    per probed row count: 18 s for Llama-3-70B here), which the run makes; it says so."""
+    from offload.kernels import head
+
+    def probe(*args, **kwargs):
+        raise AssertionError("a config-only plan probed the head")
+
+    monkeypatch.setattr(head, "chunking_mismatches", probe)
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    p = offload.plan(tmp_path / "config.json", "4MB", profile=machine, max_tokens=16,
+                     offload_dir=tmp_path / "offload")
+    assert not p.head_probed and any(k.startswith("head.") for k in p.stream)
+    assert "checked by the run" in p.table()
+
+
 def test_a_4_bit_config_stores_its_projections_in_blocks(tmp_path, machine):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     p = offload.plan(tmp_path / "config.json", "8MB", dtype="q4_k", profile=machine,

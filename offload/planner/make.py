@@ -7,6 +7,7 @@ MoE with every expert streamed with its layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from ..errors import BudgetError, HardwareError
@@ -27,11 +28,15 @@ SPILL_MARGIN = 64 << 20   # free space a full KV spill file leaves on its filesy
 
 
 def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanOptions, *,
-             heat: dict[str, float] | None = None) -> Plan:
+             heat: dict[str, float] | None = None, probe_head: bool = True) -> Plan:
     """The Plan for running ``manifest``'s model (``adapter``, ``config``) under ``options``.
 
     Args:
         heat: an MoE model's measured expert heat from an earlier run (``store.heat``).
+        probe_head: check whether this CPU's matmul rounds the streamed head's chunks as the
+            whole matrix (``head_check``: one whole-head matmul per probed row count, 18 s for
+            Llama-3-70B's 2 GB head here); False for a plan from a config alone, which runs
+            nothing (the run that follows checks it).
 
     Raises:
         BudgetError: no placement fits the budget (the message states the minimum).
@@ -47,12 +52,15 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
     head_rows = head_chunk_rows(manifest, shape)
     kv, reserve, tokens = kv_part(config, shape, dtype, options, head_rows=head_rows,
                                   overhead=bookkeeping(len(manifest.units)))
-    check = head_check(manifest, shape, dtype, options.device)
+    check = head_check(manifest, shape, dtype, options.device) if probe_head else \
+        HeadCheck(frozenset(manifest.groups()[manifest.tied.get("head", "head")]))
 
     def place(pins: frozenset[str]) -> Plan:
         return _place(manifest, adapter, config, moe, profile, options, kv, reserve, tokens,
                       pins, check, heat)
 
+    if not probe_head:
+        return dataclasses.replace(place(frozenset()), head_probed=False)
     if not any(m <= head.DECODE_ROWS for m in check.inexact_rows):
         return place(frozenset())
     try:   # whole and resident: bitwise at every batch, if the budget holds it

@@ -87,6 +87,8 @@ class Plan:
             into a slot at each use: in ``stream``, not in ``streamed_bytes``.
         overhead_s: the part of ``compute_s`` beyond the weight bytes (the framework's work per
             layer, ``HardwareProfile.step_overhead``).
+        head_probed: whether ``head_inexact_rows`` was probed (a plan from a config alone
+            runs nothing: not probed).
         slots: staging slots in the ring (the prefetch depth is ``slots - 1``).
         slot_bytes: bytes of one slot (the largest streamed Unit, 4096-aligned).
         landing_bytes: bytes of each slot's landing buffer for encoded Units' stored bytes
@@ -147,6 +149,7 @@ class Plan:
     itemsize: int = 0
     held: tuple[str, ...] = ()
     overhead_s: float = 0.0
+    head_probed: bool = True
 
     @property
     def home(self) -> dict[str, str]:
@@ -273,6 +276,11 @@ class Plan:
                              f"{format_bytes(stored // n)} each ({stored / dense:.2f}x)"
                              + (f", decode {decode * 1000:.2g} ms" if decode else "")
                              + f"; {where}")
+        if not self.head_probed and self.device.startswith("cpu") and any(
+                k.startswith("head.") for k in self.stream):
+            lines.append("LM head: streamed in chunks; whether this CPU's matmul rounds them as "
+                         "the whole matrix is checked by the run (a plan from a config alone "
+                         "runs nothing)")
         if self.head_inexact_rows:
             lines.append("LM head: streamed in chunks, which this machine's matmul rounds "
                          "otherwise than the whole matrix at "
