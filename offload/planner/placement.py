@@ -117,7 +117,7 @@ def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
             overhead_s: float = 0.0):
     """Each distinct Unit size as the slot size, with the deepest prefetch that fits: the best
     placement found (a key ``(predicted s, streamed, slots, resident bytes, slot bytes,
-    resident keys)``, or None) and the smallest budget any placement needs."""
+    resident keys, held keys)``, or None) and the smallest budget any placement needs."""
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
     encoded = {u.key for u in units if u.encoded}
