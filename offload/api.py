@@ -672,7 +672,8 @@ def stats(model) -> dict:
     (prompt positions
     per forward in the last ``generate()``);
     ``allocated_bytes`` (weights buffers actually allocated); ``resident_bytes``,
-    ``staging_bytes``, ``kv_bytes``; ``bytes_read`` per tier (``disk``, ``host_to_device``);
+    ``held_bytes`` (the part of it held as stored, decoded at each use), ``staging_bytes``,
+    ``kv_bytes``; ``bytes_read`` per tier (``disk``, ``host_to_device``);
     ``direct_io`` (False where the filesystem refused O_DIRECT); ``fetches``; ``io_seconds``
     (wall time with a disk read in flight); ``stall_seconds`` (compute waiting for a Unit);
     ``overlap`` (1 - stall / io: the share of I/O hidden behind compute); ``forwards``,
