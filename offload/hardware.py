@@ -8,7 +8,6 @@ inputs. It times the tiers, so it sits just above them in the import order.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -173,6 +172,7 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
     per step)``, from the fastest decode-step time of miniatures (``workspace.miniature``: 64
     wide, their weights too small to matter) of two depths: the difference per layer, the rest
     per step. Cost: ~0.5 s here, once per family (cached with the profile)."""
+    from .hooks import cache_keyword
     from .kernels.workspace import miniature
 
     spec = config.to_json_string(use_diff=False)
@@ -180,8 +180,7 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
     with torch.no_grad():
         for layers in depths:
             model = miniature(spec, dtype, layers).to(device)
-            key = "cache" if "cache" in inspect.signature(model.forward).parameters else \
-                "past_key_values"   # transformers 5.2 renamed it
+            key = cache_keyword(model)
             out = model(torch.tensor([[1, 2, 3, 4]], device=device), use_cache=True)
             runs.append((model, {key: getattr(out, key, None) or out.past_key_values}, []))
         step = torch.tensor([[5]], device=device)

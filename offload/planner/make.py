@@ -52,8 +52,7 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
     head_rows = head_chunk_rows(manifest, shape)
     kv, reserve, tokens = kv_part(config, shape, dtype, options, head_rows=head_rows,
                                   overhead=bookkeeping(len(manifest.units)))
-    check = head_check(manifest, shape, dtype, options.device) if probe_head else \
-        HeadCheck(frozenset(manifest.groups()[manifest.tied.get("head", "head")]))
+    check = head_check(manifest, shape, dtype, options.device, probe=probe_head)
 
     def place(pins: frozenset[str]) -> Plan:
         return _place(manifest, adapter, config, moe, profile, options, kv, reserve, tokens,
@@ -146,11 +145,11 @@ def paged_bookkeeping(layers: int, pool_blocks: int) -> int:
     return (16 << 10) * layers + (2 << 10) * pool_blocks
 
 
-def head_check(manifest, shape, dtype, device: str) -> HeadCheck:
-    """The head's Units and, on a CPU, the row counts at which its chunks are not bitwise the
-    whole matrix here (a zero-page probe: ``kernels.head.chunking_mismatches``)."""
+def head_check(manifest, shape, dtype, device: str, *, probe: bool = True) -> HeadCheck:
+    """The head's Units and, on a CPU (``probe``), the row counts at which its chunks are not
+    bitwise the whole matrix here (a zero-page probe: ``kernels.head.chunking_mismatches``)."""
     keys = manifest.groups()[manifest.tied.get("head", "head")]
-    if len(keys) < 2 or not device.startswith("cpu"):
+    if not probe or len(keys) < 2 or not device.startswith("cpu"):
         return HeadCheck(frozenset(keys))
     rows = tuple(manifest.unit(k).rows for k in keys)
     return HeadCheck(frozenset(keys),

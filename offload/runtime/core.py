@@ -2,7 +2,6 @@
 model, and reports where the bytes and the milliseconds went."""
 from __future__ import annotations
 
-import inspect
 import logging
 import shutil
 import time
@@ -10,8 +9,8 @@ import time
 import torch
 
 from ..errors import BudgetError, HardwareError, StoreError
-from ..hooks import (attach_unit, detach, embedding_forward, linear_forward, replace_forward,
-                     wrap_forward, wrap_generate, wrap_model)
+from ..hooks import (attach_unit, cache_keyword, detach, embedding_forward, linear_forward,
+                     replace_forward, wrap_forward, wrap_generate, wrap_model)
 from ..kernels import decode, gguf, head
 from ..planner.plan import Plan
 from ..planner.kv import kv_geometry
@@ -75,9 +74,7 @@ class Runtime:
         self._owned_kv = None   # the PagedKVCache kv="paged" hands to generate()
         self._chunk_next = None   # a direct forward _begin found too large: chunked (_forward)
         self._skip_end = False    # the chunked call's own end: its chunks were counted
-        # transformers >= 5.2x names the forward's cache argument ``cache``
-        self._cache_kw = "cache" if "cache" in inspect.signature(
-            type(model).forward).parameters else "past_key_values"
+        self._cache_kw = cache_keyword(model)
         try:
             self._start()
         except BaseException:
