@@ -172,7 +172,7 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
     per step)``, from the fastest decode-step time of miniatures (``workspace.miniature``: 64
     wide, their weights too small to matter) of two depths: the difference per layer, the rest
     per step. Cost: ~0.5 s here, once per family (cached with the profile)."""
-    from .hooks import cache_keyword
+    from .adapters.base import cache_keyword
     from .kernels.workspace import miniature
 
     spec = config.to_json_string(use_diff=False)

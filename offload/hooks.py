@@ -11,20 +11,12 @@ the prefill and the cache to the reserve (``wrap_generate``). Each returns its u
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .kernels import head
-
-
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The name of ``model``'s forward argument for its KV cache: ``cache`` from transformers
-    5.2x, ``past_key_values`` before."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def submodule_param(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:

@@ -145,8 +145,9 @@ def test_two_processes_packing_one_store_wait_for_each_other(checkpoint, tmp_pat
             assert all(p.poll() is None for p in procs), lines   # nobody went ahead
             time.sleep(0.2)
         assert not out.exists()
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for t in readers:
+    outs = [p.stdout.read() for p in procs]   # stderr stays with its reader thread
+    for p, t in zip(procs, readers):
+        p.wait(timeout=300)
         t.join(timeout=10)
     assert [p.returncode for p in procs] == [0, 0], lines
     for acc in lines:

@@ -1,6 +1,7 @@
 """What an adapter tells the rest of offload about a model family."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -8,6 +9,13 @@ import torch
 
 from ..memory import MMAP_THRESHOLD
 from ..units import UnitSpec
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name of ``model``'s forward argument for its KV cache: ``cache`` from transformers
+    5.2x, ``past_key_values`` before."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass(frozen=True)

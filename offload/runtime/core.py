@@ -8,8 +8,9 @@ import time
 
 import torch
 
+from ..adapters.base import cache_keyword
 from ..errors import BudgetError, HardwareError, StoreError
-from ..hooks import (attach_unit, cache_keyword, detach, embedding_forward, linear_forward,
+from ..hooks import (attach_unit, detach, embedding_forward, linear_forward,
                      replace_forward, wrap_forward, wrap_generate, wrap_model)
 from ..kernels import decode, gguf, head
 from ..planner.plan import Plan
