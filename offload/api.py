@@ -687,7 +687,8 @@ def stats(model) -> dict:
     (unpredicted fetches), ``refetches``, ``prefetched`` (guesses read), ``bytes_read``,
     ``bytes_per_token`` (expert bytes read per decoded token), ``wrong_guess_bytes`` (guesses
     read that their layer did not use), ``precision`` / ``recall`` of the prediction (with
-    ``tp``, ``fp``, ``fn``), ``stall_seconds``.
+    ``tp``, ``fp``, ``fn``), ``stall_seconds``; experts stored encoded (GGUF) are cached as
+    stored and decoded at each use: ``expert_decode_seconds`` and ``expert_decoded_bytes``.
     """
     return runtime_of(model).stats()
 

@@ -90,8 +90,91 @@ def write_llama_gguf(path: Path, *, hidden: int, layers: int, intermediate: int,
                      experts.reshape(fused_experts, intermediate, -1), raw_dtype=q)
     ones("output_norm.weight")
     matrix("output.weight", vocab, hidden)
+    return _finish(w, path)
+
+
+def _finish(w, path: Path) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_moe_gguf(path: Path, *, arch: str = "qwen3moe", hidden: int = 64, layers: int = 2,
+                   experts: int = 4, used: int = 2, heads: int = 4, kv_heads: int = 2,
+                   vocab: int = 256, expert_ff: int | None = None, qtype: str = "Q8_0",
+                   down_qtype: str | None = None, up_qtype: str | None = None,
+                   shared_ff: int | None = None, seed: int = 0) -> Path:
+    """A Qwen-MoE GGUF (``qwen3moe`` or ``qwen2moe``) of random ``qtype`` blocks: per layer a
+    float32 router, experts fused over the layer as llama.cpp writes them
+    (``ffn_{gate,up,down}_exps``: GGUF dims ``[H, I, E]`` and ``[I, H, E]``), and for
+    ``qwen2moe`` a shared expert and its gate. ``expert_ff`` defaults to transformers' config
+    default (transformers reads no expert width from a Qwen-MoE GGUF: 768 for Qwen3-MoE, 1408
+    for Qwen2-MoE); ``down_qtype`` / ``up_qtype`` quantize those differently (as llama.cpp's
+    mixes do). Random weights, not a trained model."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    qwen2 = arch == "qwen2moe"
+    ff = expert_ff or (1408 if qwen2 else 768)
+    shared_ff = shared_ff or (5632 if qwen2 else 0)
+    head_dim = hidden // heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"random-{arch}")
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    if not qwen2:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(vocab)
+    w.add_expert_count(experts)
+    w.add_expert_used_count(used)
+    w.add_expert_feed_forward_length(ff)
+    if qwen2:
+        w.add_expert_shared_feed_forward_length(shared_ff)
+
+    def matrix(name: str, rows: int, cols: int, q: str = qtype, lead: int = 0) -> None:
+        blocks = random_blocks(rows * max(lead, 1), cols, q, rng)
+        if lead:
+            blocks = blocks.reshape(lead, rows, -1)
+        w.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType[q])
+
+    def floats(name: str, *shape: int, ones: bool = False) -> None:
+        data = np.ones(shape, np.float32) if ones else \
+            (rng.standard_normal(shape) * 0.5).astype(np.float32)
+        w.add_tensor(name, data)
+
+    matrix("token_embd.weight", vocab, hidden)
+    for i in range(layers):
+        b = f"blk.{i}"
+        floats(f"{b}.attn_norm.weight", hidden, ones=True)
+        matrix(f"{b}.attn_q.weight", heads * head_dim, hidden)
+        matrix(f"{b}.attn_k.weight", kv_heads * head_dim, hidden)
+        matrix(f"{b}.attn_v.weight", kv_heads * head_dim, hidden)
+        matrix(f"{b}.attn_output.weight", hidden, heads * head_dim)
+        if qwen2:
+            for n in ("attn_q", "attn_k", "attn_v"):
+                rows = heads * head_dim if n == "attn_q" else kv_heads * head_dim
+                floats(f"{b}.{n}.bias", rows)
+        else:
+            floats(f"{b}.attn_q_norm.weight", head_dim, ones=True)
+            floats(f"{b}.attn_k_norm.weight", head_dim, ones=True)
+        floats(f"{b}.ffn_norm.weight", hidden, ones=True)
+        floats(f"{b}.ffn_gate_inp.weight", experts, hidden)
+        matrix(f"{b}.ffn_gate_exps.weight", ff, hidden, lead=experts)
+        matrix(f"{b}.ffn_up_exps.weight", ff, hidden, up_qtype or qtype, lead=experts)
+        matrix(f"{b}.ffn_down_exps.weight", hidden, ff, down_qtype or qtype, lead=experts)
+        if qwen2:
+            floats(f"{b}.ffn_gate_inp_shexp.weight", hidden)
+            matrix(f"{b}.ffn_gate_shexp.weight", shared_ff, hidden)
+            matrix(f"{b}.ffn_up_shexp.weight", shared_ff, hidden)
+            matrix(f"{b}.ffn_down_shexp.weight", hidden, shared_ff)
+    floats("output_norm.weight", hidden, ones=True)
+    matrix("output.weight", vocab, hidden)
+    return _finish(w, path)

@@ -12,7 +12,7 @@ import torch
 
 import offload
 from conftest import smollm2_path
-from gguf_files import edge_blocks, write_llama_gguf
+from gguf_files import edge_blocks, write_llama_gguf, write_moe_gguf
 from offload.errors import ModelError, StoreError
 from offload.kernels import cpu
 from offload.kernels import gguf as G
@@ -333,15 +333,95 @@ def test_a_gguf_of_an_architecture_offload_does_not_run_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_moe_gguf_is_refused_before_packing(tmp_path):
-    """Experts fused over a layer (``ffn_*_exps``) are not packed yet: one error naming the
-    tensor and the way out, before anything is written."""
+def test_experts_transformers_reads_as_a_dense_model_are_refused_before_packing(tmp_path):
+    """A Llama-architecture file with fused experts (a Mixtral GGUF: transformers reads it as
+    a dense Llama and would drop them): one error naming the tensor and the way out, before
+    anything is written."""
     path = write_llama_gguf(tmp_path / "moe.gguf", hidden=64, layers=1, intermediate=128,
                             heads=2, kv_heads=2, vocab=256, fused_experts=4)
-    with pytest.raises(ModelError, match=r"blk\.0\.ffn_gate_exps\.weight .* Q4_0 .*safetensors"):
+    with pytest.raises(ModelError, match=r"blk\.0\.ffn_gate_exps\.weight .* llama file as a "
+                       r"model without experts.*qwen2moe, qwen3moe.*safetensors"):
         offload.pack(path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_experts_whose_gate_and_up_differ_in_type_are_refused_before_packing(tmp_path):
+    path = write_moe_gguf(tmp_path / "mixed.gguf", qtype="Q8_0", up_qtype="Q4_0")
+    with pytest.raises(ModelError, match=r"blk\.0\.ffn_gate_exps\.weight and "
+                       r"blk\.0\.ffn_up_exps\.weight .* are Q8_0 and Q4_0"):
+        offload.pack(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _moe_budget(path, out, slots: int) -> int:
+    """The minimum budget of ``path``'s MoE model plus ``slots`` more cached experts."""
+    from offload.errors import BudgetError
+
+    with pytest.raises(BudgetError) as e:
+        offload.run(path, budget="1MB", offload_dir=out, progress=False)
+    manifest = offload.pack(path, offload_dir=out, progress=False)
+    stored = max(align(u.stored_bytes, 4096) for u in manifest.units if u.kind == "expert")
+    return e.value.minimum_bytes + slots * stored
+
+
+@pytest.mark.parametrize("arch, qtype", [("qwen3moe", "Q8_0"), ("qwen2moe", "Q4_0")])
+def test_a_moe_gguf_keeps_its_experts_quantized_and_is_bitwise_transformers(arch, qtype,
+                                                                          tmp_path):
+    """Qwen-MoE GGUFs (experts fused per layer, gate and up in two tensors, as llama.cpp
+    writes them): each expert is packed as its rows of blocks (the store holds the file's
+    expert bytes), cached as stored and decoded at each use, or streamed with its layer;
+    float32 logits and greedy tokens bitwise transformers' loading of the same file. Random
+    weights."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    path = write_moe_gguf(tmp_path / f"{arch}.gguf", arch=arch, qtype=qtype,
+                          down_qtype="Q8_0", layers=3, experts=6)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                               dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids).logits
+    want_tokens = ref.generate(ids, max_new_tokens=6, do_sample=False)
+
+    out = tmp_path / "out"
+    budget = _moe_budget(path, out, slots=3)
+    manifest = offload.pack(path, offload_dir=out, progress=False)
+    experts = [u for u in manifest.units if u.kind == "expert"]
+    assert len(experts) == 3 * 6
+    assert all({t.name: t.encoding for t in u.tensors} == {"gate_up": f"gguf.{qtype}",
+                                                           "down": "gguf.Q8_0"} for u in experts)
+    file_bytes = sum(int(t.n_bytes) for t in GGUFReader(path).tensors if "_exps" in t.name)
+    assert sum(u.stored_bytes for u in experts) == file_bytes
+    # a plan from the header alone (``offload plan``) plans on the Units the pack wrote
+    import dataclasses
+
+    from offload.adapters import adapter_for
+    from offload.api import open_source
+    from offload.store.pack import units_as_packed
+
+    source = open_source(path)
+    specs, _ = adapter_for(source.config).unit_specs(source.config, source.shapes())
+    assert [dataclasses.replace(u, checksum=0) for u in manifest.units] == \
+        units_as_packed(specs, source.row_bytes())
+
+    for options in (dict(), dict(predict=True), dict(experts="stream")):
+        stream = options.get("experts") == "stream"
+        off = offload.run(path, budget=budget * (3 if stream else 1), offload_dir=out,
+                          progress=False, **options)
+        with torch.no_grad():
+            got = off(ids).logits
+        assert torch.equal(got, want), (options, (got - want).abs().max())
+        assert torch.equal(off.generate(ids, max_new_tokens=6, do_sample=False), want_tokens)
+        ex = offload.stats(off)["experts"]
+        if not stream:   # really cached as stored: fewer slots than experts, reads, decodes
+            assert 2 <= ex["slots"] < len(experts) and ex["on_demand"] > 0
+            assert ex["expert_decoded_bytes"] > 0
+            # the cache reads the stored bytes (4 KiB-aligned) of each expert it fetches
+            assert ex["bytes_read"] == ex["disk_bytes"] > 0
+            assert ex["bytes_read"] % align(experts[0].stored_bytes, 4096) == 0
+        offload.close(off)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
@@ -478,3 +558,32 @@ def test_quantize_refuses_what_it_cannot_do(checkpoint, tmp_path):
     with pytest.raises(offload.OffloadError, match="is a GGUF"):
         offload.pack(g, tmp_path / "z", quantize="q4_0", progress=False)
     assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+
+
+def test_a_qwen_moe_gguf_of_other_expert_widths_runs(tmp_path):
+    """transformers (5.x) reads no expert width from a Qwen-MoE GGUF and refuses a file whose
+    widths differ from its config defaults; offload reads them (``expert_feed_forward_length``
+    and the shared expert's) and is bitwise transformers given the config the file states."""
+    from transformers import AutoModelForCausalLM
+
+    from offload.store.gguf_source import GGUFFile
+    from offload.store.sources import gguf_config
+
+    path = write_moe_gguf(tmp_path / "w.gguf", arch="qwen2moe", expert_ff=256, shared_ff=512,
+                          qtype="Q4_0", experts=8)
+    config = gguf_config(GGUFFile(path))
+    assert (config.moe_intermediate_size, config.shared_expert_intermediate_size) == (256, 512)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, config=config,
+                                               dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(ids).logits
+    out = tmp_path / "out"
+    off = offload.run(path, budget=_moe_budget(path, out, slots=1), offload_dir=out,
+                      progress=False)
+    with torch.no_grad():
+        got = off(ids).logits
+    assert torch.equal(got, want)
+    ex = offload.stats(off)["experts"]
+    assert 2 <= ex["slots"] < 16 and ex["expert_decoded_bytes"] > 0   # cached as stored
+    offload.close(off)

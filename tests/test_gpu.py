@@ -171,3 +171,25 @@ def test_gpu_quantized_gguf_is_bitwise_transformers(offload_dir):
     _check_bitwise_under_budget(off, ids, ref, ref_tokens, budget)
     assert offload.stats(off)["sparse"]["units_decoded"] > 0
     offload.close(off)
+
+
+def test_gpu_moe_gguf_caches_quantized_experts_bitwise(tmp_path):
+    """A Qwen3-MoE GGUF on the GPU: experts cached as stored in device slots (through the
+    pinned bounce buffers) and decoded on the compute stream at each use; logits and greedy
+    tokens bitwise transformers' model of the same file on the GPU. Random weights."""
+    from gguf_files import write_moe_gguf
+    from transformers import AutoModelForCausalLM
+
+    path = write_moe_gguf(tmp_path / "q3.gguf", qtype="Q4_0", down_qtype="Q8_0", layers=3,
+                          experts=8)
+    ids = torch.randint(0, 256, (2, 9))
+    resident = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                    dtype=torch.float32).eval()
+    ref, ref_tokens = _gpu_reference(resident, ids)
+    budget = 8 << 20   # under the 14 MB of experts decoded: cached as stored (CPU: 24 slots)
+    off = offload.run(path, budget=budget, offload_dir=tmp_path / "out", device="cuda",
+                      max_tokens=64)
+    _check_bitwise_under_budget(off, ids, ref, ref_tokens, budget)
+    ex = offload.stats(off)["experts"]
+    assert ex["slots"] >= 2 and ex["resident"] == 0 and ex["expert_decoded_bytes"] > 0
+    offload.close(off)

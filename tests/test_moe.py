@@ -418,7 +418,7 @@ def test_cache_cancels_a_queued_wrong_guess_and_rechecks_it_later():
     cancelled = []
     cache = ExpertCache(units, {}, slots, lambda u, s: Ticket(u.key, u.nbytes,
                                                               pool.submit(lambda: 0.0)),
-                        lambda s: (s.buffer[:16].view(torch.float32), None),
+                        lambda s, use: (s.buffer[:16].view(torch.float32), None),
                         layers=(0,), on_cancel=cancelled.append)
     cache.prefetch(0, [3])                      # a guess for layer 0, queued behind the gate
     assert cache.stats.prefetched == 1
@@ -459,7 +459,7 @@ def test_cache_policy_evicts_in_its_order(policy, evicted):
     units = {(0, e): Unit(f"expert.0.{e}", "expert", "expert", 0, 0, 16, 0, spec, expert=e)
              for e in range(4)}
     slots = [Slot(i, torch.zeros(4096, dtype=torch.uint8)) for i in range(3)]
-    cache = ExpertCache(units, {}, slots, submit, lambda s: (s.buffer[:16], None),
+    cache = ExpertCache(units, {}, slots, submit, lambda s, use: (s.buffer[:16], None),
                         layers=(0,), policy=policy)
 
     def step(*experts):

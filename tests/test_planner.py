@@ -222,3 +222,62 @@ def test_quantized_units_are_held_as_stored_then_decoded_as_the_budget_grows():
     # A GPU decodes beside compute (its own stream): the largest of them, not their sum.
     assert s.predicted_s == pytest.approx(max(s.compute_s, s.decode_s, s.io_s, s.link_s))
     assert s.decode_s > s.compute_s
+
+
+def _q4_expert(i: int, e: int, nbytes: int) -> Unit:
+    """An expert Unit of one Q4_0 tensor (18 stored bytes per 32 float32 elements)."""
+    from offload.units import TensorSpec
+
+    stored = nbytes // 128 * 18
+    t = TensorSpec("gate_up", "float32", (nbytes // 4,), 0, nbytes, "gguf.Q4_0", 0, stored)
+    return Unit(f"expert.{i}.{e}", "expert", "expert", i, 0, nbytes, 0, (t,), expert=e,
+                stored_nbytes=stored)
+
+
+def test_moe_plan_caches_quantized_experts_as_stored():
+    """GGUF experts: a cache slot holds an expert as stored (1/7 of its float32 bytes for
+    Q4_0), plus one dense expert to decode into at each use; the budget's room buys that many
+    more slots; the decode is charged to compute at the measured speed for every routed expert
+    not resident; a budget holding every expert decoded needs no cache. Hand arithmetic."""
+    from offload.planner.experts import make_moe_plan
+    from offload.planner.placement import BLOCK
+    from offload.units import align
+
+    dense = 16 << 20
+    us = [u for u in moe_units() if u.kind != "expert"]
+    us += [_q4_expert(i, e, dense) for i in range(4) for e in range(8)]
+    order = [u.key for u in us if u.group in ("layer", "norm", "head")]
+    routers = frozenset(k for k in order if k.endswith(".router"))
+    profile = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "float32",
+                              decode_bps={"gguf.Q4_0": 2e9})
+    stored = align(dense // 128 * 18, BLOCK)
+
+    def plan(budget):
+        return make_moe_plan(us, order, budget, 8 << 20, 64, profile, top_k=2, moe_layers=4,
+                             experts_per_layer=8, pinned=routers)
+
+    with pytest.raises(BudgetError) as e:
+        plan(20 << 20)
+    assert "expert to decode into" in str(e.value)
+    minimum = e.value.minimum_bytes
+    low = plan(minimum)
+    assert low.experts.slots == 2 and low.experts.slot_bytes == stored
+    assert low.experts.scratch_bytes == dense
+    assert low.total_bytes <= minimum
+    # once the other Units are resident, each further `stored` bytes is one more slot,
+    # until all 32 are cached
+    layers = minimum + sum(align(u.nbytes, BLOCK) for u in us if u.kind != "expert")
+    base = plan(layers)
+    assert base.streamed_bytes == 0
+    more = plan(layers + 5 * stored)
+    assert more.experts.slots == base.experts.slots + 5
+    assert more.total_bytes <= more.budget_bytes
+    assert more.experts.decode_s == pytest.approx(4 * 2 * dense / 2e9)   # nothing resident
+    assert more.compute_s - more.experts.decode_s < low.compute_s   # streamed layers: fewer
+    assert more.experts.bytes_per_step < base.experts.bytes_per_step   # more protected hits
+    full = plan(layers + 40 * stored)
+    assert full.experts.slots == 32 and full.experts.bytes_per_step == 0
+    # every expert decoded fits: resident, no cache, no decode buffer
+    roomy = plan(layers + 32 * dense)
+    assert roomy.experts.slots == 0 and roomy.experts.scratch_bytes == 0
+    assert roomy.experts.decode_s == 0 and roomy.home["expert.3.7"] == "device"

@@ -15,8 +15,10 @@ resident model's (``tests/test_moe.py`` checks it against the real modules):
 * ``eager``: transformers' loop over the experts that were hit, in ascending order, each
   ``index_add_``-ed into the output in turn.
 
-``source`` is what hands out expert weights: ``get(e, first)`` returns ``(gate_up, down)``
-tensors of expert ``e`` (waiting for its read), ``done(e)`` says the compute is finished with it.
+``source`` is what hands out expert weights: ``get(e, first, use)`` returns ``(gate_up, down)``
+tensors of expert ``e`` (waiting for its read; ``use`` names the one the caller will read, so
+an expert cached in its block encoding decodes only that one: the other may be ``None``),
+``done(e)`` says the compute is finished with it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 
 
 class ExpertSource(Protocol):
-    def get(self, expert: int, first: bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def get(self, expert: int, first: bool = True, use: str = "both"
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
 
     def done(self, expert: int) -> None: ...
 
@@ -48,7 +51,7 @@ def grouped_forward(module, source: ExpertSource, needed: list[int], hidden_stat
 
     proj = None
     for e in needed:
-        gate_up, _ = source.get(e, first=True)
+        gate_up, _ = source.get(e, first=True, use="gate_up")
         if proj is None:                                                 # [S, 2I]
             proj = torch.empty(selected.shape[0], gate_up.shape[0], dtype=gate_up.dtype,
                                device=selected.device)
@@ -58,7 +61,7 @@ def grouped_forward(module, source: ExpertSource, needed: list[int], hidden_stat
     proj = module._apply_gate(proj)                                      # [S, I]
     out = None
     for e in needed:
-        _, down = source.get(e, first=False)
+        _, down = source.get(e, first=False, use="down")
         if out is None:                                                  # [S, H]
             out = torch.empty(proj.shape[0], down.shape[0], dtype=down.dtype,
                               device=proj.device)

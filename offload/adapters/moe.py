@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelError
-from ..units import TensorPart, TensorSpec, Unit, UnitSpec
+from ..units import TENSOR_ALIGN, TensorPart, TensorSpec, Unit, UnitSpec, align
 from .base import Shape
 from .dense import DenseAdapter
 
@@ -119,7 +119,8 @@ class MoEAdapter(DenseAdapter):
 
         The store lays a layer's experts out back to back, so all of them are one contiguous
         read; their tensors are named ``gate_up.<e>`` and ``down.<e>``. Its checksum is 0:
-        each expert is checked on its own.
+        each expert is checked on its own. Experts stored encoded (GGUF blocks) make an
+        encoded Unit: read as stored, decoded into the experts laid out back to back.
         """
         by_layer: dict[int, list[Unit]] = {}
         for u in units:
@@ -130,14 +131,26 @@ class MoEAdapter(DenseAdapter):
             members.sort(key=lambda u: u.expert)
             first, last = members[0], members[-1]
             strides = {b.offset - a.offset for a, b in zip(members, members[1:])}
-            if len(strides) > 1 or any(u.layout != first.layout for u in members):
+            stored = lambda u: tuple((t.encoding, t.source) for t in u.tensors)  # noqa: E731
+            if len(strides) > 1 or any(u.layout != first.layout or stored(u) != stored(first)
+                                       for u in members):
                 raise ModelError(f"layer {i}'s experts are not laid out at one stride in the "
                                  "store; pack the model again")
+            span = last.offset + last.stored_bytes - first.offset
+            if not first.encoded:
+                tensors = tuple(TensorSpec(f"{t.name}.{u.expert}", t.dtype, t.shape,
+                                           u.offset - first.offset + t.offset, t.nbytes)
+                                for u in members for t in u.tensors)
+                out.append(Unit(self.experts_unit(i), "expert", "experts", i, first.offset,
+                                span, 0, tensors))
+                continue
+            dense = align(first.nbytes, TENSOR_ALIGN)
             tensors = tuple(TensorSpec(f"{t.name}.{u.expert}", t.dtype, t.shape,
-                                       u.offset - first.offset + t.offset, t.nbytes)
-                            for u in members for t in u.tensors)
+                                       n * dense + t.offset, t.nbytes, t.encoding,
+                                       u.offset - first.offset + t.source[0], t.source[1])
+                            for n, u in enumerate(members) for t in u.tensors)
             out.append(Unit(self.experts_unit(i), "expert", "experts", i, first.offset,
-                            last.offset + last.nbytes - first.offset, 0, tensors))
+                            len(members) * dense, 0, tensors, stored_nbytes=span))
         return out
 
     def encodable(self, spec) -> bool:
@@ -174,6 +187,7 @@ class MoEAdapter(DenseAdapter):
 
     # -- the names of an MoE model's pieces, for the runtime (which knows none of them) ------
     expert_params = ("gate_up_proj", "down_proj")   # an experts module's fused parameters
+    expert_params_of = ("gate_up", "down")   # an expert Unit's tensors, in that order
 
     @staticmethod
     def expert_weights(views: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,11 +27,15 @@ def validate_unit(unit: Unit, stored: torch.Tensor) -> None:
                 raise _corrupt(unit, t.name, e) from None
 
 
-def decode_unit(unit: Unit, stored: torch.Tensor, dest: torch.Tensor, *, stream=None) -> None:
-    """Decode ``unit`` from its stored bytes into its dense layout in ``dest`` (same device).
+def decode_unit(unit: Unit, stored: torch.Tensor, dest: torch.Tensor, *, stream=None,
+                names: tuple[str, ...] | None = None) -> None:
+    """Decode ``unit`` (its tensors ``names``, default all) from its stored bytes into its
+    dense layout in ``dest`` (same device).
 
     On the CPU each bitmap is validated as it is decoded (``StoreError`` naming the Unit)."""
     for t in unit.tensors:
+        if names is not None and t.name not in names:
+            continue
         at, n = t.source
         src, out = stored[at:at + n], dest[t.offset:t.offset + t.nbytes]
         qtype = gguf.type_of(t.encoding)

@@ -9,6 +9,11 @@ then the non-expert Units as the dense planner places them, then
 further expert slots. Of those, experts known to be hot (measured routing frequency above the
 uniform top_k / experts) become resident; the rest enlarge the cache, split evenly into a
 protected share per MoE layer (its recently used experts survive the other layers' traffic).
+
+Experts stored encoded (a GGUF's blocks) are cached as stored, each slot the stored size, and
+decoded at each use into one dense scratch expert (charged to compute at the measured decode
+speed). A resident decoded expert would take the room of several cached ones, so they become
+resident only when every expert fits decoded.
 """
 from __future__ import annotations
 
@@ -46,12 +51,17 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
     """
     experts = [u for u in units if u.kind == "expert"]
     others = [u for u in units if u.kind != "expert"]
-    expert_bytes = max(align(u.nbytes, BLOCK) for u in experts)
+    dense_bytes = max(align(u.nbytes, BLOCK) for u in experts)
+    # A slot holds an expert as stored: GGUF experts stay in their block encoding in the
+    # cache (a Q4 expert takes ~1/7 of its float32 bytes) and are decoded into one dense
+    # scratch expert at each use.
+    expert_bytes = max(align(u.stored_bytes, BLOCK) for u in experts)
+    scratch = dense_bytes if any(u.encoded for u in experts) else 0
     # The running layer's top_k experts need slots of their own; guesses get no reserved
     # slots: they take unprotected room, or replace their own layer's least valuable expert.
     # (Measured on the Mixtral-shaped bench model: two slots set aside for guesses cost more
     # cache hits than the guesses won.)
-    working = top_k * expert_bytes
+    working = top_k * expert_bytes + scratch
     minimum = _minimum(others, order, reserve_bytes, max_tokens, profile, pinned) + working
     try:
         base = make_plan(others, order, budget_bytes - working, reserve_bytes, max_tokens,
@@ -61,22 +71,35 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the minimum working set of this MoE "
             f"model ({format_bytes(minimum)}: one layer's largest streamed Unit, the "
-            f"always-resident Units, {top_k} experts of {format_bytes(expert_bytes)} (top-k) and "
+            f"always-resident Units, {top_k} experts of {format_bytes(expert_bytes)} (top-k)"
+            f"{_scratch_words(scratch)} and "
             f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} "
             f"tokens); raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
             budget_bytes=budget_bytes, minimum_bytes=minimum) from e
     left = budget_bytes - working - base.total_bytes
-    extra = max(0, min(left // expert_bytes, len(experts) - top_k))
-    resident = _hot_experts(experts, heat, extra, top_k / experts_per_layer)
-    if extra + top_k >= len(experts):       # every expert fits: no cache needed
-        resident, cached = [u.key for u in experts], 0
+    if left + working >= sum(align(u.nbytes, BLOCK) for u in experts):
+        # every expert fits decoded: no cache, no decode
+        resident, cached, scratch = [u.key for u in experts], 0, 0
+    elif scratch:
+        # Encoded experts: a resident decoded expert would take the room of several cached
+        # as stored, so the whole room goes to the cache (the hottest stay in its protected
+        # slots); at most every expert, each read once.
+        resident = []
+        cached = top_k + max(0, min(left // expert_bytes, len(experts) - top_k))
     else:
+        extra = max(0, min(left // expert_bytes, len(experts) - top_k))
+        resident = _hot_experts(experts, heat, extra, top_k / experts_per_layer)
         cached = top_k + extra - len(resident)
     return _finish(base, budget_bytes, units, experts, set(resident), cached, expert_bytes,
+                   scratch,
                    protected=max(0, cached - top_k), policy=policy, depth=predict_depth,
                    width=(predict_width or top_k) if predict_depth > 0 else 0, top_k=top_k,
                    moe_layers=moe_layers, experts_per_layer=experts_per_layer,
                    minimum=minimum, profile=profile)
+
+
+def _scratch_words(scratch: int) -> str:
+    return f", a {format_bytes(scratch)} expert to decode into" if scratch else ""
 
 
 def _minimum(others, order, reserve, max_tokens, profile, pinned) -> int:
@@ -98,19 +121,26 @@ def _hot_experts(experts: list[Unit], heat: dict[str, float] | None, room: int,
 
 
 def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], cached: int,
-            expert_bytes: int, *, protected: int, policy: str, depth: int, width: int,
-            top_k: int, moe_layers: int, experts_per_layer: int, minimum: int,
+            expert_bytes: int, scratch: int, *, protected: int, policy: str, depth: int,
+            width: int, top_k: int, moe_layers: int, experts_per_layer: int, minimum: int,
             profile: HardwareProfile) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     home = {k: (t, n) for k, t, n in base.homes}   # a held Unit takes its stored bytes
     homes = tuple((u.key, *home.get(u.key, (DEVICE if u.key in resident else DISK,
                                             size[u.key]))) for u in units)
     hit = min(1.0, (len(resident) + protected) / max(moe_layers, 1) / experts_per_layer)
+    if len(resident) + cached >= len(experts):
+        hit = 1.0   # a slot for every expert: each is read once, then stays
     per_step = int(moe_layers * top_k * (1 - hit) * expert_bytes)
     weight_bytes = sum(u.nbytes for u in units)
+    dense_expert = max(u.nbytes for u in experts)
     active = (weight_bytes - sum(u.nbytes for u in experts)
-              + moe_layers * top_k * expert_bytes)
-    compute = active / max(profile.compute_bps, 1.0) + base.overhead_s
+              + moe_layers * top_k * dense_expert)
+    # Each routed expert that is not resident decoded is decoded at its use (on the compute
+    # thread: it adds to compute).
+    decode = (moe_layers * top_k * (1 - len(resident) / len(experts))
+              * max(profile.decode_seconds(u) for u in experts)) if scratch else 0.0
+    compute = active / max(profile.compute_bps, 1.0) + base.overhead_s + decode
     disk = (base.streamed_bytes + per_step) / max(profile.disk_read_bps, 1.0)
     link = (base.streamed_bytes + per_step) / profile.h2d_bps if profile.h2d_bps else 0.0
     # A layer waits for the experts it misses (guesses hide some of that, but cost reads of
@@ -120,9 +150,14 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
     costs = {"compute": compute, "disk": disk, "host link": link}
     return dataclasses.replace(
         base, budget_bytes=budget_bytes, homes=homes, weight_bytes=weight_bytes,
+        stored_bytes=sum(u.stored_bytes for u in units),
+        encoded_units=base.encoded_units + tuple(
+            (u.key, u.nbytes, u.stored_bytes, profile.decode_seconds(u))
+            for u in experts if u.encoded),
         resident_bytes=base.resident_bytes + sum(size[k] for k in resident),
         minimum_bytes=minimum, compute_s=compute, io_s=disk, link_s=link,
         predicted_s=predicted, bottleneck=max(costs, key=costs.get),
         experts=ExpertPlan("cache", slots=cached, slot_bytes=expert_bytes if cached else 0,
                            protected=protected, policy=policy, predict_depth=depth,
-                           predict_width=width, bytes_per_step=per_step))
+                           predict_width=width, bytes_per_step=per_step,
+                           scratch_bytes=scratch if cached else 0, decode_s=decode))

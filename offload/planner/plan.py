@@ -26,6 +26,9 @@ class ExpertPlan:
             applied to the current hidden state, and experts per token prefetched for each
             (0: off).
         bytes_per_step: expert bytes a decode step is predicted to read (batch 1).
+        scratch_bytes: the dense buffer an expert stored encoded (GGUF blocks) is decoded into
+            at each use: the cache's slots hold experts as stored (0: experts are dense).
+        decode_s: seconds a decode step is predicted to spend decoding cached experts.
     """
 
     mode: str = "cache"
@@ -36,6 +39,8 @@ class ExpertPlan:
     predict_depth: int = 0
     predict_width: int = 0
     bytes_per_step: int = 0
+    scratch_bytes: int = 0
+    decode_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,8 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         """What the compute tier holds at most: resident + slots + expert cache + reserve."""
-        cache = self.experts.slots * self.experts.slot_bytes if self.experts else 0
+        cache = (self.experts.slots * self.experts.slot_bytes + self.experts.scratch_bytes
+                 if self.experts else 0)
         return (self.resident_bytes + self.slots * (self.slot_bytes + self.landing_bytes)
                 + cache + self.reserve_bytes)
 
@@ -215,8 +221,12 @@ class Plan:
                          format_bytes(self.slots * self.landing_bytes)))
         ex, kv = self.experts, self.kv
         if ex is not None and ex.slots:
+            stored = ", experts as stored" if ex.scratch_bytes else ""
             rows.append(("expert cache", f"{ex.slots} slots ({ex.protected} kept by their "
-                         f"layer, {ex.policy})", format_bytes(ex.slots * ex.slot_bytes)))
+                         f"layer, {ex.policy}{stored})", format_bytes(ex.slots * ex.slot_bytes)))
+        if ex is not None and ex.scratch_bytes:
+            rows.append(("expert decode", "1 expert, decoded at each use",
+                         format_bytes(ex.scratch_bytes)))
         if kv.paged:
             rows.append(("KV+activations", f"paged: {kv.batch} x {kv.max_context} "
                          f"positions, prefill chunks of {kv.prefill_chunk}",
@@ -264,7 +274,8 @@ class Plan:
             for key, dense, stored, decode in self.encoded_units:
                 label = ".".join("*" if p.isdigit() else p for p in key.split("."))
                 form = "held" if key in held else "decoded" if home.get(key) == DEVICE else \
-                    home.get(key, DISK)
+                    "cached" if key.startswith("expert.") and self.experts is not None \
+                    and self.experts.slots else home.get(key, DISK)
                 groups.setdefault(label, []).append((dense, stored, decode, form))
             for label, rows in groups.items():
                 n = len(rows)
@@ -298,6 +309,7 @@ class Plan:
 
 
 _FORMS = {"decoded": "resident decoded", "held": "resident as stored (decoded at each use)",
+          "cached": "fetched as routed into the expert cache, as stored (decoded at each use)",
           HOST: "in the host tier", DISK: "streamed from disk"}
 
 

@@ -67,7 +67,9 @@ class ExpertCache:
         submit: starts reading a Unit into a slot and returns its Ticket.
         submit_guess: the same for the predictor's guesses (default ``submit``): the runtime
             queues them behind every other read.
-        views: the ``(gate_up, down)`` tensors of a Unit in a slot.
+        views: the ``(gate_up, down)`` tensors of the Unit in a slot, given which of them the
+            caller reads (``use``: ``gate_up``, ``down`` or ``both``; an expert cached in its
+            block encoding is decoded then, that part only).
         protected: slots whose experts are protected, spread evenly over ``layers``.
         layers: the MoE layers.
         policy: ``lru`` or ``lfu``.
@@ -81,7 +83,8 @@ class ExpertCache:
     def __init__(self, units: dict[tuple[int, int], Unit],
                  resident: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
                  slots: list[Slot], submit: Callable[[Unit, Slot], Ticket],
-                 views: Callable[[Slot], tuple[torch.Tensor, torch.Tensor]], *,
+                 views: Callable[[Slot, str], tuple[torch.Tensor | None, torch.Tensor | None]],
+                 *,
                  protected: int = 0, layers: tuple[int, ...] = (), policy: str = "lru",
                  submit_guess: Callable[[Unit, Slot], Ticket] | None = None,
                  wait: Callable[[Ticket], float] = Ticket.wait,
@@ -137,8 +140,10 @@ class ExpertCache:
             if self._fetch(key, evict_protected=True) is None:
                 break   # more misses than room: ``get`` reads the rest as experts finish
 
-    def get(self, expert: int, first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weights of ``expert`` of the current layer, waiting for its read if needed."""
+    def get(self, expert: int, first: bool = True, use: str = "both"
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The weights of ``expert`` of the current layer, waiting for its read if needed
+        (``use``: which of them the caller reads, see ``views``)."""
         key = (self._layer, expert)
         views = self.resident.get(key)
         if views is not None:
@@ -156,7 +161,7 @@ class ExpertCache:
         if self._on_ready is not None:
             self._on_ready(slot)   # GPU: the compute stream waits for the slot's copy
         self._entry[slot.index].predicted = False
-        return self._views(slot)
+        return self._views(slot, use)
 
     def done(self, expert: int) -> None:
         """The compute is finished with ``expert`` (it stays cached)."""
@@ -221,12 +226,12 @@ class ExpertCache:
             if slot.state == FILLING and slot.ticket.cancel():
                 if self._on_cancel is not None:
                     self._on_cancel(slot.unit)
-                s.bytes_read -= align(slot.unit.nbytes, 4096)
+                s.bytes_read -= align(slot.unit.stored_bytes, 4096)
                 s.prefetched -= 1
                 s.cancelled += 1
                 self._forget(slot)   # a wrong guess still queued: never read
                 continue
-            s.wrong_guess_bytes += align(slot.unit.nbytes, 4096)
+            s.wrong_guess_bytes += align(slot.unit.stored_bytes, 4096)
             self._entry[slot.index].predicted = False
 
     # -- slots ------------------------------------------------------------------------------
@@ -265,7 +270,7 @@ class ExpertCache:
         slot.ticket = (self._submit_guess if guess_for is not None else self._submit)(unit, slot)
         self._where[key] = slot
         self._entry[slot.index] = _Entry(key, unit, last_use=self._tick)
-        self.stats.bytes_read += align(unit.nbytes, 4096)
+        self.stats.bytes_read += align(unit.stored_bytes, 4096)
         return slot
 
     def _forget(self, slot: Slot) -> None:

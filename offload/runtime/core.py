@@ -123,7 +123,7 @@ class Runtime:
         self.resident = load_resident(keys, self.units, self.disk, device,
                                       self.device_tier.alloc, self._landing, self._members)
         self.held = load_held([k for k, _, _ in plan.homes if k in held], self.units,
-                              self.disk, self.device_tier.alloc)
+                              self.disk, self.device_tier.alloc, self._members)
         self.counters.checksummed.update(keys, held)
         self.pipeline = Pipeline(plan.stream, self.units, self.slots, self._submit,
                                  lambda t: self.transport.wait(t, "layers"), **hooks)

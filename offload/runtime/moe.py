@@ -17,6 +17,7 @@ Every name of a model's pieces comes from the adapter.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,10 +27,11 @@ import torch
 from ..adapters.experts_compute import FORWARDS
 from ..errors import StoreError
 from ..hooks import replace_forward
+from ..kernels import decode
 from ..prefetch.experts import ExpertCache, Predictor, check_indices
 from ..store.heat import save_heat
 from ..tiers.disk import DiskTier
-from ..tiers.slots import Slot
+from ..tiers.slots import Slot, tensor_views
 from ..tiers.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,10 @@ class ExpertsRuntime:
         self.staging = None
         self.decode_forwards = 0
         self.decode_bytes = 0
+        self.decode_seconds = 0.0   # decoding encoded experts out of the cache's slots
+        self.decoded_bytes = 0
+        self.scratch = None
+        self._scratch_views: dict = {}
         self._bytes0 = 0
         if self.mode == "cache":
             self._build_cache()
@@ -98,18 +104,22 @@ class ExpertsRuntime:
         resident = {(u.index, u.expert): weights(s.resident[k]) for k, u in s.units.items()
                     if u.kind == "expert" and k in s.resident}
         slots = [Slot(i, s.alloc(plan.slot_bytes)) for i in range(plan.slots)]
+        # Encoded experts are cached as stored (slots of their stored size) and decoded into
+        # this one dense expert at each use, the part the compute reads only.
+        self.scratch = s.alloc(plan.scratch_bytes) if plan.scratch_bytes else None
         self.disk = DiskTier(s.data_path)
         hooks = {}
         if s.device.type != "cpu":   # disk -> pinned bounce buffer -> copy stream -> slot
             from ..tiers.host import PinnedStaging
 
-            self.staging = PinnedStaging(self.disk, len(slots), plan.slot_bytes, s.device)
+            self.staging = PinnedStaging(self.disk, len(slots), plan.slot_bytes, s.device,
+                                         as_stored=True)
             hooks = {"on_ready": self.staging.on_ready, "on_release": self.staging.on_release}
         # A layer waits for the experts it misses: they go ahead of the window's reads; a
         # guess goes behind everything.
         submit = self._submitter(slots, "now")
         self.cache = ExpertCache(
-            units, resident, slots, submit, lambda slot: weights(slot.views(slot.unit)),
+            units, resident, slots, submit, self._slot_weights,
             submit_guess=self._submitter(slots, "guess"),
             protected=plan.protected, layers=self.moe.layers, policy=plan.policy,
             wait=lambda t: s.transport.wait(t, "experts"), idle=s.transport.idle,
@@ -118,6 +128,27 @@ class ExpertsRuntime:
             routers = {i: s.adapter.router_weight(s.resident, i) for i in self.moe.layers}
             self.predictor = Predictor(self.cache, routers, plan.predict_depth,
                                        plan.predict_width)
+
+    def _slot_weights(self, slot: Slot, use: str):
+        """``(gate_up, down)`` of the expert in ``slot``: views of the slot, or for an encoded
+        expert the part ``use`` names decoded into the scratch (the other part ``None``)."""
+        unit, weights = slot.unit, self.s.adapter.expert_weights
+        if not unit.encoded:
+            return weights(slot.views(unit))
+        if self.scratch is None:
+            raise StoreError(f"expert {unit.key} is stored encoded but the plan gave the expert "
+                             "cache no decode buffer: plan the run again", unit=unit.key)
+        pair = self.s.adapter.expert_params_of
+        names = pair if use == "both" else (pair[0] if use == "gate_up" else pair[1],)
+        t0 = time.perf_counter()
+        decode.decode_unit(unit, slot.buffer, self.scratch, names=names)
+        self.decode_seconds += time.perf_counter() - t0   # GPU: the launch only (asynchronous)
+        self.decoded_bytes += sum(t.nbytes for t in unit.tensors if t.name in names)
+        views = self._scratch_views.get(unit.layout)
+        if views is None:
+            views = self._scratch_views[unit.layout] = tensor_views(self.scratch, unit)
+        gate_up, down = weights(views)
+        return (gate_up if pair[0] in names else None, down if pair[1] in names else None)
 
     def _submitter(self, slots: list[Slot], priority: str):
         """Reads of expert Units into cache slots, at ``priority``, on the transport."""
@@ -216,6 +247,7 @@ class ExpertsRuntime:
             else None,
             predict_depth=plan.predict_depth, predict_width=plan.predict_width,
             stall_seconds=self.s.transport.stall["experts"],
+            expert_decode_seconds=self.decode_seconds, expert_decoded_bytes=self.decoded_bytes,
             disk_bytes=self.disk.bytes_read, io_seconds=self.disk.wall_seconds)
         return out
 
@@ -242,7 +274,7 @@ class _AllExperts:
     def __init__(self, views: dict, adapter):
         self.views, self.adapter = views, adapter
 
-    def get(self, expert: int, first: bool = True):
+    def get(self, expert: int, first: bool = True, use: str = "both"):
         return self.adapter.stream_expert_weights(self.views, expert)
 
     def done(self, expert: int) -> None:

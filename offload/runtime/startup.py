@@ -23,7 +23,7 @@ def check_members(disk: DiskTier, unit: Unit, members: list[Unit], data: np.ndar
     own checksum (a layer's experts Unit: each expert)."""
     for m in members:
         start = m.offset - unit.offset
-        disk.check(m, data[start:start + m.nbytes])
+        disk.check(m, data[start:start + m.stored_bytes])
 
 
 def load_resident(keys: list[str], units: dict[str, Unit], disk: DiskTier,
@@ -55,10 +55,12 @@ def load_resident(keys: list[str], units: dict[str, Unit], disk: DiskTier,
 
 
 def load_held(keys: list[str], units: dict[str, Unit], disk: DiskTier,
-              alloc: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
+              alloc: Callable[[int], torch.Tensor],
+              members: Callable[[Unit], list[Unit]]) -> dict[str, torch.Tensor]:
     """Read the encoded Units ``keys`` as stored into one arena (4 KiB-aligned, in order),
-    checksummed and validated; returns each one's stored bytes (uint8) by key, decoded into
-    a staging slot at each use (``Plan.held``, CPU only)."""
+    checksummed (a layer's experts Unit: each expert) and validated; returns each one's
+    stored bytes (uint8) by key, decoded into a staging slot at each use (``Plan.held``, CPU
+    only)."""
     total = sum(align(units[k].stored_bytes, 4096) for k in keys)
     arena = alloc(total) if total else None
     held, off = {}, 0
@@ -66,7 +68,9 @@ def load_held(keys: list[str], units: dict[str, Unit], disk: DiskTier,
         unit = units[k]
         n = align(unit.stored_bytes, 4096)
         dest = arena[off:off + n]
-        disk.read(unit, dest.numpy(), verify=True)
+        inside = members(unit)
+        disk.read(unit, dest.numpy(), verify=not inside)
+        check_members(disk, unit, inside, dest.numpy())
         validate_unit(unit, dest)
         held[k] = dest
         off += n
@@ -76,7 +80,8 @@ def load_held(keys: list[str], units: dict[str, Unit], disk: DiskTier,
 def _load_host(unit: Unit, dest: torch.Tensor, disk: DiskTier, landing, members) -> None:
     if unit.encoded:
         buf = landing(align(unit.stored_bytes, 4096))
-        disk.read(unit, buf.numpy(), verify=True)
+        disk.read(unit, buf.numpy(), verify=not members)
+        check_members(disk, unit, members, buf.numpy())
         decode_unit(unit, buf, dest)
         return
     disk.read(unit, dest.numpy(), verify=not members)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """A 2-D tensor as rows of GGUF blocks: ``raw`` is ``[rows, row bytes]`` (uint8), each row
+    """A tensor as rows of GGUF blocks: ``raw`` is ``[..., rows, row bytes]`` (uint8), each row
     ``cols`` elements of type ``qtype``. Stands in for a float32 tensor of ``shape``."""
 
     raw: np.ndarray
@@ -42,12 +42,16 @@ class QuantizedTensor:
     release: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.raw.shape[0], self.cols)
+    def shape(self) -> tuple[int, ...]:
+        return (*self.raw.shape[:-1], self.cols)
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32   # what it decodes to
+
+    def __getitem__(self, i: int) -> "QuantizedTensor":
+        """One matrix of a 3-D tensor (an expert of a layer's fused experts)."""
+        return QuantizedTensor(self.raw[i], self.qtype, self.cols, self.release)
 
     def rows(self, start: int, stop: int) -> "QuantizedTensor":
         return QuantizedTensor(self.raw[start:stop], self.qtype, self.cols, self.release)
@@ -72,10 +76,32 @@ class QuantizedTensor:
         return torch.from_numpy(raw.reshape(-1))
 
 
+@dataclass(frozen=True)
+class JoinedExperts:
+    """A layer's experts whose gate and up projections are two GGUF tensors (``ffn_gate_exps``,
+    ``ffn_up_exps``: ``[experts, I, H]`` each), standing in for transformers' fused
+    ``gate_up_proj`` ``[experts, 2I, H]``: expert ``e`` is its gate rows, then its up rows."""
+
+    pieces: tuple[QuantizedTensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        first = self.pieces[0]
+        return (first.shape[0], sum(p.shape[1] for p in self.pieces), first.cols)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def __getitem__(self, e: int) -> QuantizedTensor:
+        first, *rest = (p[e] for p in self.pieces)
+        return first.cat(rest)
+
+
 def open_gguf(path: Path, config, file: "GGUFFile | None" = None):
     """The Source of a GGUF file whose transformers config is ``config`` (``file``: its header,
     when the caller has read it already). The file's tensors are checked (``_check_types``,
-    ``_check_experts``) only when a store is packed: a run on a store packed before needs the
+    ``_group``) only when a store is packed: a run on a store packed before needs the
     config and the fingerprint alone.
 
     Raises (when packing):
@@ -85,25 +111,25 @@ def open_gguf(path: Path, config, file: "GGUFFile | None" = None):
     index: dict = {}
 
     def tensors() -> dict:
-        """hf name -> (file, tensor, processor), built once, on the first need."""
+        """hf name -> (file, its GGUF tensors, processor), built once, on the first need: one
+        tensor, or a layer's ``ffn_gate_exps`` and ``ffn_up_exps`` for its ``gate_up_proj``."""
         if not index:
             f = file or GGUFFile(path)
             _check_types(path, f.tensors)
-            _check_experts(path, f.tensors)
             processor = _processor(f, config)
-            names = _hf_names(config, processor)
-            index.update({names[t.name]: (f, t, processor) for t in f.tensors
-                          if t.name in names})
+            groups = _group(path, f.architecture, f.tensors, _hf_names(config, processor))
+            index.update({hf: (f, ts, processor) for hf, ts in groups.items()})
         return index
 
     def shapes() -> dict:
-        return {hf: (tuple(int(s) for s in reversed(t.dims)), torch.float32)
-                for hf, (_, t, _) in tensors().items()}
+        return {hf: (_shape(ts, processor), torch.float32)
+                for hf, (_, ts, processor) in tensors().items()}
 
     def row_bytes() -> dict:
         """hf name -> (encoding, bytes per row) of each block-quantized tensor."""
-        return {hf: (kernels.encoding(t.qtype), t.n_bytes // max(1, _rows(t.dims)))
-                for hf, (_, t, _) in tensors().items() if t.qtype not in kernels.FLOAT_TYPES}
+        return {hf: (kernels.encoding(ts[0].qtype), ts[0].n_bytes // max(1, _rows(ts[0].dims)))
+                for hf, (_, ts, _) in tensors().items()
+                if ts[0].qtype not in kernels.FLOAT_TYPES}
 
     st = path.stat()
     fp = hashlib.sha256(f"{path.absolute()}:{st.st_size}:{st.st_mtime_ns}:q".encode()).hexdigest()
@@ -111,6 +137,19 @@ def open_gguf(path: Path, config, file: "GGUFFile | None" = None):
                   fingerprint=fp, shapes=shapes, load=lambda name: _load(*tensors()[name]),
                   tokenizer_path=(str(path.parent), path.name), row_bytes=row_bytes,
                   files=(path,))
+
+
+def _shape(ts: tuple["GGUFTensor", ...], processor) -> tuple[int, ...]:
+    """The torch shape of one GGUF tensor as transformers' processor leaves it (Qwen2-MoE's
+    shared-expert gate gains a leading 1), or of a layer's gate and up experts joined."""
+    shapes = [tuple(int(s) for s in reversed(t.dims)) for t in ts]
+    if len(shapes) == 1:
+        if ts[0].qtype not in kernels.FLOAT_TYPES:   # rows only permuted (``_row_order``)
+            return shapes[0]
+        proxy = np.broadcast_to(np.zeros((), np.float32), shapes[0])   # no bytes behind it
+        return tuple(processor.process(weights=proxy, name=ts[0].name).weights.shape)
+    e, _, h = shapes[0]
+    return (e, sum(s[1] for s in shapes), h)
 
 
 def _rows(dims: tuple[int, ...]) -> int:
@@ -293,15 +332,45 @@ def _check_types(path: Path, tensors) -> None:
                 "...)")
 
 
-def _check_experts(path: Path, tensors) -> None:
-    """MoE GGUFs hold each layer's experts in one tensor (``ffn_gate_exps`` ...), which the
-    store would have to split per expert and the expert cache decode: not built yet."""
+_EXPERTS = re.compile(r"^(?P<stem>blk\.\d+\.ffn_(?P<w>gate|up|down|gate_up)_exps)\.weight$")
+
+
+def _group(path: Path, arch: str, tensors, names: dict[str, str]) -> dict[str, tuple]:
+    """transformers parameter name -> the GGUF tensors it is made of, as transformers maps
+    them: one tensor each, but a layer's experts' ``ffn_gate_exps`` and ``ffn_up_exps`` both
+    go to its ``gate_up_proj`` (gate rows first; transformers names the pair by the tensors'
+    stem, without ``.weight``).
+
+    Raises:
+        ModelError: expert tensors of an architecture transformers reads as a dense model (a
+            Mixtral GGUF is ``llama`` to it), or an expert's gate and up projections in two
+            encodings (offload keeps them as one tensor of one block type).
+    """
+    groups: dict[str, list] = {}
     for t in tensors:
-        if re.search(r"\.ffn_(gate|up|down|gate_up)_exps\.", t.name):
+        m = _EXPERTS.match(t.name)
+        hf = names.get(t.name) or (names.get(m["stem"]) if m else None)
+        if hf is None:
+            if m:
+                raise ModelError(
+                    f"GGUF tensor {t.name} of {path.name} holds every expert of its layer, but "
+                    f"transformers reads this {arch} file as a model without experts: "
+                    "offload runs the MoE GGUFs transformers loads (qwen2moe, qwen3moe); pack "
+                    "this model from its safetensors checkpoint instead")
+            continue
+        groups.setdefault(hf, []).append(t)
+    out = {}
+    for hf, ts in groups.items():
+        ts.sort(key=lambda t: 0 if "_gate_exps" in t.name else 1)   # gate rows, then up rows
+        if len({t.qtype for t in ts}) > 1:
             raise ModelError(
-                f"GGUF tensor {t.name} of {path.name} holds every expert of its layer in one "
-                f"{t.qtype} tensor: offload does not pack MoE GGUF files yet; pack "
-                "the model from its safetensors checkpoint instead")
+                f"GGUF tensors {' and '.join(t.name for t in ts)} of {path.name} are "
+                f"{' and '.join(t.qtype for t in ts)}: offload keeps an expert's gate and up "
+                "projections as one tensor of one block type; use a GGUF that quantizes them "
+                "alike (llama-quantize does unless told otherwise), or pack the model from its "
+                "safetensors checkpoint")
+        out[hf] = tuple(ts)
+    return out
 
 
 def _hf_names(config, processor) -> dict[str, str]:
@@ -322,7 +391,18 @@ def _processor(file: GGUFFile, config):
     return TENSOR_PROCESSORS.get(file.architecture, TensorProcessor)(config=config.to_dict())
 
 
-def _load(file: GGUFFile, t: GGUFTensor, processor):
+def _load(file: GGUFFile, ts: tuple[GGUFTensor, ...], processor):
+    """One parameter's tensor: a GGUF tensor, or a layer's gate and up experts joined along
+    their rows (``JoinedExperts``; float ones concatenated as transformers does)."""
+    if len(ts) == 1:
+        return _load_one(file, ts[0], processor)
+    parts = [_load_one(file, t, processor) for t in ts]
+    if isinstance(parts[0], QuantizedTensor):
+        return JoinedExperts(tuple(parts))
+    return torch.cat(parts, dim=1)
+
+
+def _load_one(file: GGUFFile, t: GGUFTensor, processor):
     """One tensor: float types widened to float32 and processed as transformers does, copied
     out of the file's map; a quantized one as rows of blocks, the processor's row permutation
     applied to them (a copy), else a view of the map that is copied, and its pages let go,
@@ -339,13 +419,17 @@ def _load(file: GGUFFile, t: GGUFTensor, processor):
             out = torch.from_numpy(np.array(weights))
             file.release(t)
             return out
-        if data.ndim != 2:
+        if data.ndim not in (2, 3):
             raise ModelError(f"GGUF tensor {t.name} is a {data.ndim}-D {qtype} tensor: "
-                             "offload keeps 2-D quantized tensors only; pack this model from an "
-                             "unquantized checkpoint")
-        order = _row_order(processor, t.name, data.shape[0])
+                             "offload keeps 2-D quantized tensors (3-D: experts) only; pack "
+                             "this model from an unquantized checkpoint")
+        order = _row_order(processor, t.name, math.prod(data.shape[:-1]))
         if order is None:   # rows of the map, copied when written (a row-chunk: its rows only)
             return QuantizedTensor(data, qtype, int(t.dims[0]), lambda: file.release(t))
+        if data.ndim != 2:
+            raise ModelError(f"transformers permutes the rows of the experts in GGUF tensor "
+                             f"{t.name}; offload cannot keep it quantized: pack this model "
+                             "from an unquantized checkpoint")
         raw = data[order]
     except BaseException:
         file.release(t)

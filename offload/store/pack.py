@@ -123,9 +123,12 @@ def _write_units(path: Path, specs: list[UnitSpec], load, progress: bool, name: 
     last: dict = {}
 
     def load_once(name: str):
-        """The last tensor loaded, again: a row-chunked tensor loads once, not per chunk."""
+        """The last two tensors loaded, again: a row-chunked tensor loads once, not per chunk,
+        and a layer's fused experts (``gate_up_proj``, ``down_proj``: each expert takes a slice
+        of both) once, not per expert."""
         if name not in last:
-            last.clear()
+            if len(last) == 2:
+                del last[next(iter(last))]
             last[name] = load(name)
         return last[name]
 
@@ -231,13 +234,9 @@ def units_as_packed(specs: list[UnitSpec], row_bytes: dict[str, tuple[str, int]]
 
 def _part_tensor(part: TensorPart, load) -> torch.Tensor | QuantizedTensor:
     t = load(part.source)
-    quantized = isinstance(t, QuantizedTensor)
-    if part.index is not None:
-        if quantized:
-            raise StoreError(f"tensor {part.source} is {t.qtype}-quantized and fused over "
-                             "experts: offload cannot slice it yet; pack the model from an "
-                             "unquantized checkpoint")
+    if part.index is not None:   # one expert of a layer's fused experts
         t = t[part.index]
+    quantized = isinstance(t, QuantizedTensor)
     if part.rows is not None:
         t = t.rows(*part.rows) if quantized else t[part.rows[0]:part.rows[1]]
     if part.concat:

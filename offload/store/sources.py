@@ -157,6 +157,16 @@ def _gguf_source(path: Path) -> Source:
 _LEGACY_CONFIG = ("t5", "stablelm", "gpt_oss", "gpt-oss", "lfm2", "gemma4", "minimax")
 
 
+# Expert widths a Qwen-MoE GGUF states that transformers' mapping (5.x) does not read: it
+# leaves its config defaults (768 for Qwen3-MoE, 1408 and 5632 for Qwen2-MoE), so a file of
+# other widths would not load. Read here, so such a file runs.
+_EXPERT_WIDTHS = {
+    "qwen2_moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                  "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+    "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}
+
+
 def gguf_config(file):
     """The transformers config of a GGUF file (a ``GGUFFile``), equal to
     ``AutoConfig.from_pretrained(dir, gguf_file=name)`` (``tests/test_gguf.py`` compares them)
@@ -164,7 +174,8 @@ def gguf_config(file):
     the whole vocabulary again through ``gguf.GGUFReader`` (175 MB and 6 s for SmolLM2).
     Architectures transformers' fast reader covers use its own ``get_gguf_config``; the key
     mapping below is the legacy reader's generic loop over ``GGUF_TO_TRANSFORMERS_MAPPING``.
-    The config computes in float32, as transformers loads a GGUF."""
+    The config computes in float32, as transformers loads a GGUF. One difference: a Qwen-MoE
+    file's expert widths are read (``_EXPERT_WIDTHS``), where transformers keeps defaults."""
     from transformers import CONFIG_MAPPING
 
     path, md = file.path, file.metadata
@@ -182,6 +193,9 @@ def gguf_config(file):
             d = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         else:
             d = _mapped_gguf_config(md, names)
+        for key, target in _EXPERT_WIDTHS.get(d["model_type"], {}).items():
+            if f"{file.architecture}.{key}" in md:
+                d[target] = int(md[f"{file.architecture}.{key}"])
         config = CONFIG_MAPPING[d["model_type"]].from_dict(d)
     except Exception as e:  # transformers raises ValueError and KeyError on what it cannot map
         raise StoreError(f"cannot read the config of GGUF file {path}: {e}; the file is "

@@ -31,10 +31,11 @@ class PinnedStaging:
     """Moves Units from the disk tier into device slots through pinned bounce buffers."""
 
     def __init__(self, disk: DiskTier, count: int, nbytes: int, device: torch.device, *,
-                 landings: list[torch.Tensor] = (), stats=None):
+                 landings: list[torch.Tensor] = (), stats=None, as_stored: bool = False):
         self.disk = disk
         self.device = device
         self.landings = list(landings)   # device buffers, one per slot, for encoded Units
+        self.as_stored = as_stored   # encoded Units land in the slot as stored (expert cache)
         self.stats = stats
         self.bounce = [aligned_host(nbytes, pin=True) for _ in range(count)]
         self.bounce_np = [b.numpy() for b in self.bounce]
@@ -74,7 +75,7 @@ class PinnedStaging:
         with torch.cuda.stream(self.stream):
             if self.released[i] is not None:
                 self.stream.wait_event(self.released[i])   # hazard: slot still read by compute
-            if unit.encoded:
+            if unit.encoded and not self.as_stored:
                 # Landing i is reused only by the next move into slot i: same stream, ordered.
                 self.landings[i][:n].copy_(source, non_blocking=True)
                 decode_unit(unit, self.landings[i], slot.buffer, stream=self.stream)
