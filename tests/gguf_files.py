@@ -105,30 +105,35 @@ def write_moe_gguf(path: Path, *, arch: str = "qwen3moe", hidden: int = 64, laye
                    experts: int = 4, used: int = 2, heads: int = 4, kv_heads: int = 2,
                    vocab: int = 256, expert_ff: int | None = None, qtype: str = "Q8_0",
                    down_qtype: str | None = None, up_qtype: str | None = None,
-                   shared_ff: int | None = None, seed: int = 0) -> Path:
-    """A Qwen-MoE GGUF (``qwen3moe`` or ``qwen2moe``) of random ``qtype`` blocks: per layer a
-    float32 router, experts fused over the layer as llama.cpp writes them
-    (``ffn_{gate,up,down}_exps``: GGUF dims ``[H, I, E]`` and ``[I, H, E]``), and for
-    ``qwen2moe`` a shared expert and its gate. ``expert_ff`` defaults to transformers' config
-    default (transformers reads no expert width from a Qwen-MoE GGUF: 768 for Qwen3-MoE, 1408
-    for Qwen2-MoE); ``down_qtype`` / ``up_qtype`` quantize those differently (as llama.cpp's
-    mixes do). Random weights, not a trained model."""
+                   shared_ff: int | None = None, per_expert: bool = False,
+                   seed: int = 0) -> Path:
+    """An MoE GGUF of random ``qtype`` blocks: ``qwen3moe``, ``qwen2moe`` or ``llama`` (how
+    llama.cpp writes Mixtral: a Llama with ``expert_count``). Per layer a float32 router,
+    experts fused over the layer as llama.cpp writes them (``ffn_{gate,up,down}_exps``: GGUF
+    dims ``[H, I, E]`` and ``[I, H, E]``; ``per_expert``: one tensor per expert,
+    ``ffn_gate.<e>``, as Mixtral files converted before 2024 hold them), and for ``qwen2moe``
+    a shared expert and its gate. ``expert_ff`` defaults to transformers' config default
+    (transformers reads no expert width from a Qwen-MoE GGUF: 768 for Qwen3-MoE, 1408 for
+    Qwen2-MoE; 256 for the Llama file); ``down_qtype`` / ``up_qtype`` quantize those
+    differently (as llama.cpp's mixes do). Random weights, not a trained model."""
     import gguf
 
     rng = np.random.default_rng(seed)
-    qwen2 = arch == "qwen2moe"
-    ff = expert_ff or (1408 if qwen2 else 768)
+    qwen2, mixtral = arch == "qwen2moe", arch == "llama"
+    ff = expert_ff or (1408 if qwen2 else 256 if mixtral else 768)
     shared_ff = shared_ff or (5632 if qwen2 else 0)
     head_dim = hidden // heads
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"random-{arch}")
+    w.add_name("random-mixtral" if mixtral else f"random-{arch}")
     w.add_context_length(2048)
     w.add_embedding_length(hidden)
     w.add_block_count(layers)
     w.add_feed_forward_length(ff)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    if not qwen2:
+    if mixtral:
+        w.add_rope_dimension_count(head_dim)
+    elif not qwen2:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(1e-6)
@@ -162,14 +167,20 @@ def write_moe_gguf(path: Path, *, arch: str = "qwen3moe", hidden: int = 64, laye
             for n in ("attn_q", "attn_k", "attn_v"):
                 rows = heads * head_dim if n == "attn_q" else kv_heads * head_dim
                 floats(f"{b}.{n}.bias", rows)
-        else:
+        elif not mixtral:
             floats(f"{b}.attn_q_norm.weight", head_dim, ones=True)
             floats(f"{b}.attn_k_norm.weight", head_dim, ones=True)
         floats(f"{b}.ffn_norm.weight", hidden, ones=True)
         floats(f"{b}.ffn_gate_inp.weight", experts, hidden)
-        matrix(f"{b}.ffn_gate_exps.weight", ff, hidden, lead=experts)
-        matrix(f"{b}.ffn_up_exps.weight", ff, hidden, up_qtype or qtype, lead=experts)
-        matrix(f"{b}.ffn_down_exps.weight", hidden, ff, down_qtype or qtype, lead=experts)
+        if per_expert:
+            for e in range(experts):
+                matrix(f"{b}.ffn_gate.{e}.weight", ff, hidden)
+                matrix(f"{b}.ffn_down.{e}.weight", hidden, ff, down_qtype or qtype)
+                matrix(f"{b}.ffn_up.{e}.weight", ff, hidden, up_qtype or qtype)
+        else:
+            matrix(f"{b}.ffn_gate_exps.weight", ff, hidden, lead=experts)
+            matrix(f"{b}.ffn_up_exps.weight", ff, hidden, up_qtype or qtype, lead=experts)
+            matrix(f"{b}.ffn_down_exps.weight", hidden, ff, down_qtype or qtype, lead=experts)
         if qwen2:
             floats(f"{b}.ffn_gate_inp_shexp.weight", hidden)
             matrix(f"{b}.ffn_gate_shexp.weight", shared_ff, hidden)

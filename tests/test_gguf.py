@@ -333,14 +333,14 @@ def test_a_gguf_of_an_architecture_offload_does_not_run_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_experts_transformers_reads_as_a_dense_model_are_refused_before_packing(tmp_path):
-    """A Llama-architecture file with fused experts (a Mixtral GGUF: transformers reads it as
-    a dense Llama and would drop them): one error naming the tensor and the way out, before
-    anything is written."""
+def test_experts_in_a_file_that_declares_none_are_refused_before_packing(tmp_path):
+    """A Llama-architecture file with fused experts but no ``llama.expert_count`` (how many
+    are routed is unknown; transformers would silently drop them): one error naming the
+    tensor and the way out, before anything is written."""
     path = write_llama_gguf(tmp_path / "moe.gguf", hidden=64, layers=1, intermediate=128,
                             heads=2, kv_heads=2, vocab=256, fused_experts=4)
-    with pytest.raises(ModelError, match=r"blk\.0\.ffn_gate_exps\.weight .* llama file as a "
-                       r"model without experts.*qwen2moe, qwen3moe.*safetensors"):
+    with pytest.raises(ModelError, match=r"blk\.0\.ffn_gate_exps\.weight .* declares no "
+                       r"experts \(llama\.expert_count\).*safetensors"):
         offload.pack(path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -586,4 +586,76 @@ def test_a_qwen_moe_gguf_of_other_expert_widths_runs(tmp_path):
     assert torch.equal(got, want)
     ex = offload.stats(off)["experts"]
     assert 2 <= ex["slots"] < 16 and ex["expert_decoded_bytes"] > 0   # cached as stored
+    offload.close(off)
+
+
+def _mixtral_reference(path, config):
+    """transformers' MixtralForCausalLM holding a Mixtral GGUF's weights as transformers loads
+    a Llama GGUF (``gguf.dequantize`` to float32, its Llama q/k row permutation), the experts
+    stacked as its fused parameters: transformers itself reads such a file as a dense Llama."""
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    processor = LlamaTensorProcessor(config=config.to_dict())
+    names = {"token_embd": "model.embed_tokens.weight", "output": "lm_head.weight",
+             "output_norm": "model.norm.weight", "attn_norm": "input_layernorm.weight",
+             "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
+             "attn_v": "self_attn.v_proj.weight", "attn_output": "self_attn.o_proj.weight",
+             "ffn_norm": "post_attention_layernorm.weight", "ffn_gate_inp": "mlp.gate.weight"}
+    state, experts = {}, {}
+    for t in GGUFReader(path).tensors:
+        w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+        w = processor.process(weights=w, name=t.name).weights
+        parts = t.name.split(".")
+        if parts[0] != "blk":
+            state[names[parts[0]]] = torch.from_numpy(np.array(w))
+            continue
+        layer, what = f"model.layers.{parts[1]}.", parts[2]
+        if what in names:
+            state[layer + names[what]] = torch.from_numpy(np.array(w))
+        else:   # ffn_gate_exps [E, I, H] or ffn_gate.<e> [I, H]
+            role = what.split("_")[1]
+            w = torch.from_numpy(np.array(w))
+            experts.setdefault((layer, role), []).append(w if w.ndim == 3 else w[None])
+    for (layer, role), ws in experts.items():
+        experts[(layer, role)] = torch.cat(ws)
+    for layer in {k[0] for k in experts}:
+        state[layer + "mlp.experts.gate_up_proj"] = torch.cat(
+            [experts[(layer, "gate")], experts[(layer, "up")]], dim=1)
+        state[layer + "mlp.experts.down_proj"] = experts[(layer, "down")]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(state, strict=True)   # every parameter, nothing else
+    return model
+
+
+@pytest.mark.parametrize("per_expert", [False, True], ids=["fused", "per-expert"])
+def test_a_mixtral_gguf_runs_as_mixtral_with_quantized_experts(per_expert, tmp_path):
+    """llama.cpp writes Mixtral as a Llama file with experts (fused ``ffn_*_exps``, or one
+    tensor per expert in files converted before 2024); transformers reads it as a dense Llama
+    and drops them. offload reads it as Mixtral, experts kept quantized and cached as stored:
+    float32 logits and greedy tokens bitwise transformers' Mixtral holding the file's weights
+    as transformers dequantizes them (its q/k permutation applied). Random weights."""
+    from offload.store.gguf_source import GGUFFile
+    from offload.store.sources import gguf_config
+
+    path = write_moe_gguf(tmp_path / "mixtral.gguf", arch="llama", qtype="Q4_0",
+                          down_qtype="Q8_0", experts=8, layers=3, per_expert=per_expert)
+    config = gguf_config(GGUFFile(path))
+    assert (config.model_type, config.num_local_experts, config.num_experts_per_tok) == \
+        ("mixtral", 8, 2)
+    ref = _mixtral_reference(path, config)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(ids).logits
+    want_tokens = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    out = tmp_path / "out"
+    off = offload.run(path, budget=_moe_budget(path, out, slots=4), offload_dir=out,
+                      progress=False)
+    with torch.no_grad():
+        got = off(ids).logits
+    assert torch.equal(got, want), (got - want).abs().max()
+    assert torch.equal(off.generate(ids, max_new_tokens=6, do_sample=False), want_tokens)
+    ex = offload.stats(off)["experts"]
+    assert 2 <= ex["slots"] < 24 and ex["expert_decoded_bytes"] > 0
     offload.close(off)

@@ -117,7 +117,8 @@ def open_gguf(path: Path, config, file: "GGUFFile | None" = None):
             f = file or GGUFFile(path)
             _check_types(path, f.tensors)
             processor = _processor(f, config)
-            groups = _group(path, f.architecture, f.tensors, _hf_names(config, processor))
+            groups = _group(path, f.architecture, f.tensors,
+                            _hf_names(config, processor, f.architecture))
             index.update({hf: (f, ts, processor) for hf, ts in groups.items()})
         return index
 
@@ -342,9 +343,9 @@ def _group(path: Path, arch: str, tensors, names: dict[str, str]) -> dict[str, t
     stem, without ``.weight``).
 
     Raises:
-        ModelError: expert tensors of an architecture transformers reads as a dense model (a
-            Mixtral GGUF is ``llama`` to it), or an expert's gate and up projections in two
-            encodings (offload keeps them as one tensor of one block type).
+        ModelError: expert tensors in a file whose header declares no experts, or an
+            expert's gate and up projections in two encodings (offload keeps them as one
+            tensor of one block type).
     """
     groups: dict[str, list] = {}
     for t in tensors:
@@ -354,9 +355,9 @@ def _group(path: Path, arch: str, tensors, names: dict[str, str]) -> dict[str, t
             if m:
                 raise ModelError(
                     f"GGUF tensor {t.name} of {path.name} holds every expert of its layer, but "
-                    f"transformers reads this {arch} file as a model without experts: "
-                    "offload runs the MoE GGUFs transformers loads (qwen2moe, qwen3moe); pack "
-                    "this model from its safetensors checkpoint instead")
+                    f"the file's header declares no experts ({arch}.expert_count): offload "
+                    "cannot tell how they are routed; use a GGUF written by a current "
+                    "llama.cpp converter, or pack the model from its safetensors checkpoint")
             continue
         groups.setdefault(hf, []).append(t)
     out = {}
@@ -373,15 +374,29 @@ def _group(path: Path, arch: str, tensors, names: dict[str, str]) -> dict[str, t
     return out
 
 
-def _hf_names(config, processor) -> dict[str, str]:
-    """GGUF tensor name -> transformers parameter name, as transformers maps them."""
+def _hf_names(config, processor, arch: str) -> dict[str, str]:
+    """GGUF tensor name -> transformers parameter name, as transformers maps them; for a
+    Mixtral file (``llama`` with experts, which transformers does not load as Mixtral) its
+    Llama names plus the experts': fused (``ffn_{gate,up,down}_exps``) or one tensor per
+    expert (``ffn_gate.<e>.weight``: files converted before llama.cpp fused them)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
-    return get_gguf_hf_weights_map(skeleton, processor)
+    if config.model_type != "mixtral":
+        return get_gguf_hf_weights_map(skeleton, processor)
+    names = get_gguf_hf_weights_map(skeleton, processor, model_type=arch)
+    for i in range(config.num_hidden_layers):
+        experts = f"model.layers.{i}.mlp.experts"
+        names.update({f"blk.{i}.ffn_gate_exps": f"{experts}.gate_up_proj",
+                      f"blk.{i}.ffn_up_exps": f"{experts}.gate_up_proj",
+                      f"blk.{i}.ffn_down_exps": f"{experts}.down_proj"})
+        for e in range(config.num_local_experts):
+            for w in ("gate", "up", "down"):
+                names[f"blk.{i}.ffn_{w}.{e}.weight"] = f"{experts}.{e}.{w}_proj.weight"
+    return names
 
 
 def _processor(file: GGUFFile, config):

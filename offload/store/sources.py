@@ -167,6 +167,15 @@ _EXPERT_WIDTHS = {
 }
 
 
+def _as_mixtral(d: dict, md: dict, arch: str) -> dict:
+    """A Llama-architecture GGUF with experts (llama.cpp writes Mixtral so) as the Mixtral
+    config it is: transformers reads it as a dense Llama and would drop its experts."""
+    d = {k: v for k, v in d.items() if k not in ("attention_bias", "mlp_bias", "pretraining_tp")}
+    d.update(model_type="mixtral", num_local_experts=int(md[f"{arch}.expert_count"]),
+             num_experts_per_tok=int(md.get(f"{arch}.expert_used_count", 2)))
+    return d
+
+
 def gguf_config(file):
     """The transformers config of a GGUF file (a ``GGUFFile``), equal to
     ``AutoConfig.from_pretrained(dir, gguf_file=name)`` (``tests/test_gguf.py`` compares them)
@@ -174,8 +183,9 @@ def gguf_config(file):
     the whole vocabulary again through ``gguf.GGUFReader`` (175 MB and 6 s for SmolLM2).
     Architectures transformers' fast reader covers use its own ``get_gguf_config``; the key
     mapping below is the legacy reader's generic loop over ``GGUF_TO_TRANSFORMERS_MAPPING``.
-    The config computes in float32, as transformers loads a GGUF. One difference: a Qwen-MoE
-    file's expert widths are read (``_EXPERT_WIDTHS``), where transformers keeps defaults."""
+    The config computes in float32, as transformers loads a GGUF. Two differences: a Qwen-MoE
+    file's expert widths are read (``_EXPERT_WIDTHS``), where transformers keeps defaults, and
+    a Llama file with experts is Mixtral (``_as_mixtral``), where transformers sees a Llama."""
     from transformers import CONFIG_MAPPING
 
     path, md = file.path, file.metadata
@@ -196,6 +206,9 @@ def gguf_config(file):
         for key, target in _EXPERT_WIDTHS.get(d["model_type"], {}).items():
             if f"{file.architecture}.{key}" in md:
                 d[target] = int(md[f"{file.architecture}.{key}"])
+        if d["model_type"] in ("llama", "mistral") and md.get(
+                f"{file.architecture}.expert_count"):
+            d = _as_mixtral(d, md, file.architecture)
         config = CONFIG_MAPPING[d["model_type"]].from_dict(d)
     except Exception as e:  # transformers raises ValueError and KeyError on what it cannot map
         raise StoreError(f"cannot read the config of GGUF file {path}: {e}; the file is "
