@@ -17,7 +17,7 @@ from .hardware import load_or_measure
 from .kernels import workspace
 from .memory import PeakMeter, release_free_heap, release_library_buffers
 from .planner import ExpertOptions, KVOptions, Plan, PlanOptions, plan_for
-from .planner.profile import HardwareProfile
+from .planner.profile import HardwareProfile, decode_key
 from .planner.make import head_check, head_chunk_rows
 from .runtime import Runtime
 from .sizes import parse_size
@@ -429,8 +429,9 @@ def make_plan(prep: "Prepared", budget, request: Request = Request(),
         profile = load_or_measure(data, prep.offload_dir, device,
                                   DTYPES[manifest.dtype], prep.shape.hidden,
                                   max_bytes=options.budget_bytes // 2,
-                                  encodings={t.encoding for u in manifest.units if u.encoded
-                                             for t in u.tensors}, family=prep.config)
+                                  encodings={decode_key(t) for u in manifest.units
+                                             if u.encoded for t in u.tensors},
+                                  family=prep.config)
         release_free_heap()   # the measurement's buffers, before the planner's probes
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
                     heat=load_heat(manifest.path), probe_head=probe_head)

@@ -11,6 +11,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Iterable
 import torch
 
 from .errors import HardwareError
-from .planner.profile import HardwareProfile
+from .planner.profile import BATCH, HardwareProfile
 from .store.lock import disk_idle
 from .tiers.device import aligned_host
 from .tiers.disk import BLOCK, CHUNK_BYTES
@@ -27,7 +29,7 @@ from .units import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3   # 3: disk measured as a run reads (spread, 4 readers, beside compute)
 
 
 def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.device, dtype: torch.dtype,
@@ -52,8 +54,9 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     model_type = getattr(family, "model_type", None)
     new_family = model_type is not None and (profile is None or model_type not in
                                              profile.layer_s)
+    no_batch = profile is None or not profile.measured_batches(model_type)
     cached_in = f"measured on this machine, cached in {path}"
-    if profile is not None and not missing and not new_family:
+    if profile is not None and not missing and not new_family and not no_batch:
         return replace(profile, source=cached_in)
     quiet = disk_idle(cache_dir)   # another offload process reading here skews the figures
     if profile is None:
@@ -70,6 +73,16 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     if new_family:
         profile = replace(profile, layer_s={**profile.layer_s,
                                             model_type: measure_layer_time(family, dtype, device)})
+    if no_batch:   # the batch figures: compute and the family's per-layer time at batch 8
+        batch = str(BATCH)
+        measured = dict(profile.batch_compute_bps)
+        if batch not in measured:
+            measured[batch] = measure_compute(device, dtype, hidden, max_bytes, batch=BATCH)
+        layer_s = dict(profile.layer_s)
+        if model_type is not None and f"{model_type}@{batch}" not in layer_s:
+            layer_s[f"{model_type}@{batch}"] = measure_layer_time(family, dtype, device,
+                                                                  batch=BATCH)
+        profile = replace(profile, batch_compute_bps=measured, layer_s=layer_s)
     if not (quiet and disk_idle(cache_dir)):
         log.warning("the hardware profile was measured while another offload process was "
                     "using %s: this run uses it, but it is not cached (the next run measures "
@@ -103,7 +116,8 @@ def described(spec: str | os.PathLike) -> HardwareProfile:
     ``compute_bps`` (weight bytes a batch-1 decode step streams through compute per second),
     ``h2d_bps`` (pinned host-to-device copies; required for a GPU), and optionally ``dtype``
     (what compute was measured in), ``decode_bps`` (per encoding), ``layer_s`` (per model
-    family, ``[seconds per layer, seconds per step]`` of a decode step beyond its weight bytes)
+    family, ``[seconds per layer, seconds per step]`` of a decode step beyond its weight bytes;
+    ``<family>@8`` at batch 8), ``batch_compute_bps`` (``{"8": ...}``: compute at batch 8)
     and ``description``.
 
     Raises:
@@ -137,6 +151,7 @@ def described(spec: str | os.PathLike) -> HardwareProfile:
                            str(d.get("dtype", "float32")),
                            {k: float(v) for k, v in d.get("decode_bps", {}).items()},
                            {k: (float(v[0]), float(v[1])) for k, v in d.get("layer_s", {}).items()},
+                           {k: float(v) for k, v in d.get("batch_compute_bps", {}).items()},
                            source=f"described in {path}"
                            + (f": {d['description']}" if d.get("description") else ""))
 
@@ -146,32 +161,68 @@ def _positive(v) -> bool:
 
 
 def measurable(encoding: str) -> bool:
-    """Encodings whose decode speed does not depend on the data: the GGUF block types (a
-    bitmap's depends on its density, and is not charged)."""
+    """Decode keys (``planner.profile.decode_key``) whose speed can be measured on samples:
+    the GGUF block types, and bitmaps of an element size and density."""
     from .kernels import gguf
 
-    return gguf.type_of(encoding) is not None
+    return gguf.type_of(encoding) is not None or _BITMAP_KEY.fullmatch(encoding) is not None
+
+
+_BITMAP_KEY = re.compile(r"bitmap\.(\d)@(\d+)")
 
 
 def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = None) -> float:
-    """Dense bytes per second one thread (a GPU: one kernel) decodes ``encoding`` into a buffer
-    larger than the caches (at most 32 MB out, within ``max_bytes``; ``gguf.sample_blocks``)."""
+    """Dense bytes per second one thread (a GPU: one kernel) decodes ``encoding`` (a decode
+    key) into a buffer larger than the caches (at most 32 MB out, within ``max_bytes``;
+    ``gguf.sample_blocks``, or random values at the bitmap's density)."""
     from .kernels import gguf
 
-    name = gguf.type_of(encoding)
     out_bytes = 32 << 20 if max_bytes is None else max(1 << 20, min(32 << 20, max_bytes // 2))
+    m = _BITMAP_KEY.fullmatch(encoding)
+    if m is not None:
+        return _measure_bitmap(int(m[1]), int(m[2]) / 100, out_bytes, device)
+    name = gguf.type_of(encoding)
     numel = out_bytes // 4 // 256 * 256
     out = torch.empty(numel * 4, dtype=torch.uint8, device=device)
     src = gguf.sample_blocks(name, numel).to(device)   # a GPU: its kernel (kernels.cuda)
     return numel * 4 / gguf.time_decode(src, out, name, numel, reps=3)
 
 
+def _measure_bitmap(itemsize: int, density: float, out_bytes: int,
+                    device: torch.device) -> float:
+    """Dense bytes per second one thread decodes a bitmap of ``itemsize`` values at
+    ``density`` (random positions), as the runtime's decode thread does."""
+    from .kernels import bitmap
+
+    numel = out_bytes // itemsize
+    dtype = {2: torch.bfloat16, 4: torch.float32}.get(itemsize, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(numel, generator=g).add_(0.5).to(dtype)
+    values[torch.rand(numel, generator=g) >= density] = 0
+    enc, nnz = bitmap.encode(values)
+    del values
+    enc = enc.to(device)
+    out = torch.empty(numel * itemsize, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # syncs: a measurement, off the hot path
+        t0 = time.perf_counter()
+        bitmap.decode(enc, out, numel, nnz, itemsize)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return numel * itemsize / max(best, 1e-9)
+
+
 def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
-                       depths: tuple[int, int] = (2, 10), steps: int = 12) -> tuple[float, float]:
-    """Seconds a decode step of ``config``'s family spends beyond its weights: ``(per layer,
-    per step)``, from the fastest decode-step time of miniatures (``workspace.miniature``: 64
-    wide, their weights too small to matter) of two depths: the difference per layer, the rest
-    per step. Cost: ~0.5 s here, once per family (cached with the profile)."""
+                       depths: tuple[int, int] = (2, 10), steps: int = 12,
+                       batch: int = 1) -> tuple[float, float]:
+    """Seconds a decode step of ``batch`` sequences of ``config``'s family spends beyond its
+    weights: ``(per layer, per step)``, from the fastest decode-step time of miniatures
+    (``workspace.miniature``: 64 wide, their weights too small to matter) of two depths: the
+    difference per layer, the rest per step. Cost: ~0.5 s here, once per family and batch
+    (cached with the profile)."""
     from .adapters.base import cache_keyword
     from .kernels.workspace import miniature
 
@@ -181,9 +232,9 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
         for layers in depths:
             model = miniature(spec, dtype, layers).to(device)
             key = cache_keyword(model)
-            out = model(torch.tensor([[1, 2, 3, 4]], device=device), use_cache=True)
+            out = model(torch.tensor([[1, 2, 3, 4]] * batch, device=device), use_cache=True)
             runs.append((model, {key: getattr(out, key, None) or out.past_key_values}, []))
-        step = torch.tensor([[5]], device=device)
+        step = torch.tensor([[5]] * batch, device=device)
         for i in range(steps + 2):   # the depths alternate: a slow moment slows both
             for model, past, samples in runs:
                 if device.type == "cuda":
@@ -220,29 +271,55 @@ def _readable(data_file: Path | None, cache_dir: Path, nbytes: int = 256 << 20):
 
 
 def measure_disk(data_file: Path, max_bytes: int = 512 << 20,
-                 chunk_bytes: int = CHUNK_BYTES) -> float:
-    """O_DIRECT read bandwidth over the first ``max_bytes`` of ``data_file``, in reads of at
-    most ``chunk_bytes`` (the runtime's own reads' size; less under a small budget, at least
-    1 MiB)."""
+                 chunk_bytes: int = CHUNK_BYTES, readers: int = 4) -> float:
+    """O_DIRECT read bandwidth as a run reads: ``max_bytes`` in reads of at most
+    ``chunk_bytes`` (the runtime's own reads' size; less under a small budget, at least
+    1 MiB) spread evenly over ``data_file`` (a store's first bytes are its embedding, which a
+    run gathers rather than streams), ``readers`` threads at once (the runtime's reads in
+    flight), while a matmul holds the cores as a run's compute does. Measured on this
+    project's VM: a run streaming TinyLlama read its store at 2.08-2.26 GB/s where one
+    sequential reader of the file's head measured 2.52 GB/s, and this figure 2.0-2.3."""
     chunk = max(1 << 20, min(CHUNK_BYTES, chunk_bytes)) // BLOCK * BLOCK
     size = os.path.getsize(data_file) // BLOCK * BLOCK
-    length = min(size, max_bytes)
-    if length < chunk:
+    count = min(size, max_bytes) // chunk
+    if count < 2:
         return 1.0e9  # too small to time; a nominal NVMe figure
-    buf = aligned_host(chunk).numpy()
+    offsets = [(size - chunk) * i // (count - 1) // BLOCK * BLOCK for i in range(count)]
     flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     try:
         fd = os.open(data_file, flags)
     except OSError:
         fd = os.open(data_file, os.O_RDONLY)
-    try:
-        t0 = time.perf_counter()
-        for off in range(0, length - chunk + 1, chunk):
+    done = threading.Event()
+
+    def read(mine: list[int]) -> None:
+        buf = aligned_host(chunk).numpy()
+        for off in mine:
             os.preadv(fd, [buf], off)
+
+    def compute() -> None:   # a decode step's matmuls: a weight streamed from RAM
+        w = torch.empty(2048, 4096, dtype=torch.float32).uniform_()
+        x = torch.ones(1, 4096)
+        while not done.is_set():
+            torch.nn.functional.linear(x, w)
+
+    busy = threading.Thread(target=compute, daemon=True)
+    busy.start()
+    try:
+        readers = max(1, min(readers, count))
+        threads = [threading.Thread(target=read, args=(offsets[i::readers],))
+                   for i in range(readers)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         elapsed = time.perf_counter() - t0
     finally:
+        done.set()
+        busy.join()
         os.close(fd)
-    return (length // chunk * chunk) / max(elapsed, 1e-9)
+    return count * chunk / max(elapsed, 1e-9)
 
 
 def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
@@ -261,14 +338,14 @@ def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
 
 
 def measure_compute(device: torch.device, dtype: torch.dtype, hidden: int,
-                    max_bytes: int | None = None) -> float:
-    """Weight bytes per second a batch-1 matmul streams through compute (decode speed), with a
-    weight of at most ``max_bytes`` (default 64 MB)."""
+                    max_bytes: int | None = None, batch: int = 1) -> float:
+    """Weight bytes per second a decode matmul of ``batch`` rows streams through compute, with
+    a weight of at most ``max_bytes`` (default 64 MB)."""
     # A weight larger than the caches, as a decoder layer is: batch-1 decode streams it from RAM.
     target = 64 << 20 if max_bytes is None else max(1 << 20, min(64 << 20, max_bytes))
     rows = max(1, target // (hidden * dtype.itemsize))
     w = torch.randn(rows, hidden, device=device, dtype=dtype)   # one buffer, no fp32 copy
-    x = torch.randn(1, hidden, device=device, dtype=dtype)
+    x = torch.randn(batch, hidden, device=device, dtype=dtype)
     torch.nn.functional.linear(x, w)
     reps = 8
     if device.type == "cuda":

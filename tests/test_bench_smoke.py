@@ -84,3 +84,22 @@ def test_toy_quant_bench_runs_every_contender(tmp_path):
     rows = [r for r in result["rows"] if r["key"] in ("quant", "f32")]
     assert len(rows) == 8 and all(r["tokens_match"] is True for r in rows), rows
     assert set(result["decode_rates"]) >= {"Q4_0", "Q8_0", "Q4_K", "Q6_K"}
+
+
+def test_toy_plan_bench_compares_each_row_with_its_prediction(tmp_path):
+    """``bench_plan.py --toy``: each row runs at batch 1 and 8 and is set against the plan's
+    prediction for that batch (the bytes it predicted to read are the bytes read)."""
+    out = tmp_path / "bench_plan.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benches" / "bench_plan.py"), "--toy",
+                        "--quiet", "--wait-quiet", "0", "--rows", "dense,gguf-q4_0",
+                        "--work-dir", str(tmp_path / "bench"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "every row within 15% of its prediction" in r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {(x["row"], x["batch"]) for x in rows} == {(k, b) for k in ("dense", "gguf-q4_0")
+                                                      for b in (1, 8)}
+    for x in rows:
+        assert x["measured_s"] > 0 and x["predicted_s"] > 0
+        predicted = x["streamed_bytes"] + x["expert_bytes"]
+        assert abs(x["read_per_step"] - predicted) <= 0.1 * predicted + (1 << 20), x

@@ -43,7 +43,9 @@ def test_a_config_alone_is_planned_as_hand_arithmetic_says(tmp_path, machine):
     assert p.weight_bytes == weights == 24_126_464
     assert p.compute_s == pytest.approx(weights / 4e9)
     assert p.io_s == pytest.approx(p.streamed_bytes / 1e9)
-    assert p.predicted_s == pytest.approx(max(p.compute_s, p.io_s)) and p.slots > 1
+    # compute and reads overlap, sharing the cores: their 4-norm (placement.overlap)
+    assert p.predicted_s == pytest.approx((p.compute_s ** 4 + p.io_s ** 4) ** 0.25)
+    assert p.slots > 1
     assert p.bottleneck == "disk" and p.device == "cpu"
     assert p.budget_bytes == 4_000_000 and p.total_bytes <= p.budget_bytes
     assert "hardware profile: described in" in p.table() and "a test machine" in p.table()
@@ -72,9 +74,32 @@ def test_the_families_per_layer_time_is_charged_to_compute(tmp_path, machine):
                                max_bytes=16 << 20, family=config)
     per_layer, per_step = measured.layer_s["llama"]
     assert per_layer > 0 and per_step >= 0
+    # and the batch figures: compute and the family's per-layer time at batch 8
+    assert measured.batch_compute_bps["8"] > 0 and len(measured.layer_s["llama@8"]) == 2
     again = load_or_measure(None, tmp_path, torch.device("cpu"), torch.float32, 256,
                             family=config)   # cached with the profile
     assert tuple(again.layer_s["llama"]) == (per_layer, per_step)
+    assert again.batch_compute_bps == measured.batch_compute_bps
+
+
+def test_a_described_machine_predicts_the_planned_batch(tmp_path, machine):
+    """``--batch 8`` on a profile that gives compute and per-layer time at batch 8: the
+    prediction is for 8 sequences a step (compute at its batch-8 speed, the same bytes read)
+    and the plan says so."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    d = json.loads(machine.read_text())
+    d.update(layer_s={"llama": [0.002, 0.005], "llama@8": [0.003, 0.006]},
+             batch_compute_bps={"8": 1e9})
+    machine.write_text(json.dumps(d))
+    plans = {b: offload.plan(tmp_path / "config.json", "64MB", profile=machine, batch=b,
+                             max_tokens=16 * b, offload_dir=tmp_path / "offload")
+             for b in (1, 8)}
+    assert plans[1].compute_s == pytest.approx(plans[1].weight_bytes / 4e9 + 4 * 0.002 + 0.005)
+    assert plans[8].compute_s == pytest.approx(plans[8].weight_bytes / 1e9 + 4 * 0.003 + 0.006)
+    assert plans[8].batch == 8 and "tok/s at batch 8" in plans[8].table()
+    r = offload_cli("plan", tmp_path / "config.json", "--budget", "64MB", "--profile", machine,
+                    "--batch", "8", "--max-tokens", "128", "--offload-dir", tmp_path / "o")
+    assert r.returncode == 0 and "tok/s at batch 8" in r.stdout, r.stderr[-2000:]
 
 
 def test_a_config_alone_runs_no_head_probe(tmp_path, machine, monkeypatch):

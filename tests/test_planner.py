@@ -281,3 +281,72 @@ def test_moe_plan_caches_quantized_experts_as_stored():
     roomy = plan(layers + 32 * dense)
     assert roomy.experts.slots == 0 and roomy.experts.scratch_bytes == 0
     assert roomy.experts.decode_s == 0 and roomy.home["expert.3.7"] == "device"
+
+
+def test_the_prediction_is_for_the_planned_batch():
+    """Compute time at batch B: measured at 1 and 8 (a CPU without native bf16 takes 8x at
+    batch 8), linear between; the per-layer time likewise; the bytes read do not change. An
+    MoE batch routes to E(1 - (1 - k/E)^B) distinct experts per layer, and those beyond the
+    slots the running layer holds are read twice (up pass, down pass). Hand arithmetic."""
+    from offload.planner.experts import make_moe_plan
+
+    profile = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "bfloat16",
+                              layer_s={"llama": (1e-3, 2e-3), "llama@8": (2e-3, 4e-3)},
+                              batch_compute_bps={"8": 2.5e9})
+    us = units()
+    weights = sum(u.nbytes for u in us)
+    keys = order(us)
+    for batch in (1, 4, 8):
+        overhead = profile.step_overhead("llama", 10, batch)
+        assert overhead == pytest.approx(10 * 1e-3 + 2e-3 + (batch - 1) / 7 * (
+            10 * 2e-3 + 4e-3 - 10 * 1e-3 - 2e-3))
+        p = make_plan(us, keys, 500 << 20, 8 << 20, 256, profile, overhead_s=overhead,
+                      batch=batch)
+        one, eight = weights / 10e9, weights / 2.5e9
+        assert p.compute_s == pytest.approx(one + (eight - one) * (batch - 1) / 7 + overhead)
+        assert p.batch == batch and f"at batch {batch}" in p.table()
+        assert p.streamed_bytes == make_plan(us, keys, 500 << 20, 8 << 20, 256,
+                                             profile).streamed_bytes
+    # unmeasured batch figures: a batch costs what one sequence does
+    flat = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "bfloat16")
+    assert flat.compute_seconds(1e9, 8) == flat.compute_seconds(1e9, 1) == 0.1
+    # MoE: 8 experts, top 2, batch 4 -> 8 (1 - (3/4)^4) = 5.47 experts a layer
+    ms = moe_units()
+    moe_order = [u.key for u in ms if u.group in ("layer", "norm", "head")]
+    plans = {b: make_moe_plan(ms, moe_order, 120 << 20, 8 << 20, 64, profile, top_k=2,
+                              moe_layers=4, experts_per_layer=8, batch=b,
+                              pinned=frozenset(k for k in moe_order if k.endswith(".router")))
+             for b in (1, 4)}
+    for b, used in ((1, 2.0), (4, 8 * (1 - 0.75 ** 4))):
+        ex = plans[b].experts
+        hit = ex.protected / 32   # one protected share per layer, no expert resident
+        own = ex.slots - ex.protected * 3 / 4   # the running layer's slots: the rest protected
+        reads = used * (1 - hit) + max(0.0, used - own)   # beyond its slots: read again
+        assert ex.bytes_per_step == int(4 * reads * ex.slot_bytes)
+    assert plans[4].experts.slots - plans[4].experts.protected * 3 / 4 < 5.47   # refetches
+
+
+def test_a_bitmap_units_decode_is_charged_at_its_density():
+    """A bitmap's decode speed depends on its element size and density: the profile keys it
+    so (``bitmap.2@50``: bf16, half non-zero, to the nearest 10%) and the plan charges the
+    decode thread at that speed; bitmap Units are never held as stored."""
+    from offload.planner.placement import held_candidates
+    from offload.planner.profile import decode_key
+    from offload.units import TensorSpec
+
+    n = 8 << 20   # bf16 values
+    t = TensorSpec("weight", "bfloat16", (n,), 0, 2 * n, "bitmap", 0, n + n // 8, nnz=n // 2)
+    u = Unit("layer.0", "layer", "layer", 0, 0, 2 * n, 0, (t,), stored_nbytes=n + n // 8)
+    assert decode_key(t) == "bitmap.2@50"
+    assert decode_key(TensorSpec("w", "float32", (10,), 0, 40, "bitmap", 0, 20, nnz=3)) == \
+        "bitmap.4@30"
+    profile = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "bfloat16",
+                              decode_bps={"bitmap.2@50": 4e9, "bitmap.2@30": 1e9})
+    assert profile.decode_seconds(u) == pytest.approx(2 * n / 4e9)
+    assert not held_candidates([u], profile)
+    us = [u] + [Unit(f"layer.{i}", "layer", "layer", i, 0, 2 * n, 0, ()) for i in (1, 2)]
+    # room for one slot with its landing buffer and one resident Unit: a dense one saves
+    # more per byte (16 MB read) than the bitmap (9 MB read and its decode)
+    p = make_plan(us, [x.key for x in us], 2 * (2 * n) + (n + n // 8) + (2 << 20), 1 << 20,
+                  16, profile, prefetch=0)
+    assert "layer.0" in p.stream and p.decode_s == pytest.approx(2 * n / 4e9)

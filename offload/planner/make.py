@@ -162,10 +162,12 @@ def _place(manifest, adapter, config, moe, profile, options: PlanOptions, kv: KV
     ex = options.experts
     stream = moe is not None and ex.experts == "stream"
     order = adapter.execution_order(config, manifest.groups(), stream_experts=stream)
+    batch = options.kv.batch
     common = dict(prefetch=options.prefetch, host_budget_bytes=options.host_budget_bytes,
                   pinned=frozenset(adapter.always_resident(units)) | pins, kv=kv, head=check,
                   overhead_s=profile.step_overhead(getattr(config, "model_type", None),
-                                                   int(getattr(config, "num_hidden_layers", 0))))
+                                                   int(getattr(config, "num_hidden_layers", 0)),
+                                                   batch), batch=batch)
     if moe is None:
         return make_plan(units, order, options.budget_bytes, reserve, tokens, profile, **common)
     if stream:

@@ -50,7 +50,8 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
               max_tokens: int, profile: HardwareProfile, *, prefetch: int | None = None,
               host_budget_bytes: int = 0, pinned: frozenset[str] = frozenset(),
               kv: KVPlan = KVPlan(), experts: ExpertPlan | None = None,
-              head: HeadCheck = HeadCheck(), overhead_s: float = 0.0) -> Plan:
+              head: HeadCheck = HeadCheck(), overhead_s: float = 0.0,
+              batch: int = 1) -> Plan:
     """Place ``units`` under ``budget_bytes``, minimising the predicted time per decode step.
 
     Args:
@@ -70,6 +71,8 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
         head: the head's Units; the Plan records ``head.inexact_rows`` if any of them streams.
         overhead_s: compute seconds per decode step beyond the weight bytes
             (``HardwareProfile.step_overhead``: the framework's work per layer).
+        batch: sequences per decode step the prediction is for (compute grows with it; the
+            bytes read do not).
 
     Raises:
         BudgetError: no placement fits; the message states the minimum budget.
@@ -77,7 +80,7 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     reads = Counter(order)
     best, minimum = _search(units, reads, budget_bytes, reserve_bytes, profile, prefetch, pinned,
-                            overhead_s)
+                            overhead_s, batch)
     if best is None:
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the minimum working set of this model "
@@ -90,17 +93,19 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
     slot_bytes = max((size[k] for k in reads if k not in resident), default=0)
     return _plan(units, order, resident, n_slots if slot_bytes else 0, slot_bytes, budget_bytes,
                  reserve_bytes, max_tokens, minimum, profile, host_budget_bytes,
-                 kv=kv, experts=experts, head=head, held=set(held), overhead_s=overhead_s)
+                 kv=kv, experts=experts, head=head, held=set(held), overhead_s=overhead_s,
+                 batch=batch)
 
 
 def held_candidates(units, profile: HardwareProfile) -> frozenset[str]:
     """Encoded Units that may be held as stored: on the CPU (decoded by the decode thread from
-    memory), every encoded tensor of an encoding whose decode speed the profile measured (a
-    decode it cannot price would look free)."""
+    memory), every encoded tensor of a GGUF type whose decode speed the profile measured (a
+    decode it cannot price would look free; bitmaps, priced by density, are not held)."""
     if not profile.device.startswith("cpu"):
         return frozenset()
     return frozenset(u.key for u in units if u.encoded and all(
-        t.encoding == "dense" or profile.decode_bps.get(t.encoding, 0) > 0 for t in u.tensors))
+        t.encoding == "dense" or t.encoding != "bitmap"
+        and profile.decode_bps.get(t.encoding, 0) > 0 for t in u.tensors))
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class _Hold:
 
 def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
             profile: HardwareProfile, prefetch: int | None, pinned: frozenset[str],
-            overhead_s: float = 0.0):
+            overhead_s: float = 0.0, batch: int = 1):
     """Each distinct Unit size as the slot size, with the deepest prefetch that fits: the best
     placement found (a key ``(predicted s, streamed, slots, resident bytes, slot bytes,
     resident keys, held keys)``, or None) and the smallest budget any placement needs."""
@@ -144,7 +149,8 @@ def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
                 continue
             cost = _cost(weight_bytes, option[0], option[1], profile,
                          decode_s=sum(reads[k] * decode[k] for k in reads
-                                      if k not in option[4]), overhead_s=overhead_s)
+                                      if k not in option[4]), overhead_s=overhead_s,
+                         batch=batch)
             key = (cost["predicted"], *option)
             if best is None or key < best:
                 best = key
@@ -168,24 +174,38 @@ def _auto_depth(slot_bytes: int, landing_bytes: int = 0) -> int:
 
 
 def _cost(weight_bytes: int, streamed: int, slots: int, profile: HardwareProfile,
-          from_disk: int | None = None, decode_s: float = 0.0, overhead_s: float = 0.0) -> dict:
+          from_disk: int | None = None, decode_s: float = 0.0, overhead_s: float = 0.0,
+          batch: int = 1) -> dict:
     """Seconds per decode step: compute (the weight bytes, and the framework's work per layer),
     disk, host link and the decode thread (decoding the streamed and held encoded Units)
     overlap only with 2+ slots. On a CPU the decode thread runs on the cores compute uses
-    (torch's threads take them all): their seconds add, and only the reads overlap them
-    (measured on SmolLM2 at 20%, 2 cores: the decode thread ran at half its speed alone while
-    the model computed)."""
-    c = {"compute": weight_bytes / max(profile.compute_bps, 1.0) + overhead_s,
+    (torch's threads take them all): their seconds add, and the reads overlap them only in
+    part (``overlap``; measured on SmolLM2 at 20%, 2 cores: the decode thread ran at half its
+    speed alone while the model computed)."""
+    c = {"compute": profile.compute_seconds(weight_bytes, batch) + overhead_s,
          "disk": (streamed if from_disk is None else from_disk) / max(profile.disk_read_bps, 1.0),
          "host link": streamed / profile.h2d_bps if profile.h2d_bps else 0.0,
          "decode": decode_s}
     if slots <= 1:
         c["predicted"] = sum(c.values())
     elif _decode_shares_cores(profile):
-        c["predicted"] = max(c["compute"] + c["decode"], c["disk"], c["host link"])
+        c["predicted"] = overlap(c["compute"] + c["decode"], c["disk"])
     else:
         c["predicted"] = max(c.values())
     return c
+
+
+OVERLAP_NORM = 4
+
+
+def overlap(cpu_s: float, disk_s: float) -> float:
+    """Seconds a CPU step takes whose compute (and decode) overlaps its reads: more than the
+    larger of them, as the two share the cores (a read's system time, the page pinning of an
+    O_DIRECT read) and the memory bus. Modelled as their 4-norm: equal halves take 1.19x
+    either. Fitted on ``benches/bench_plan.py`` (2-core AMD EPYC VM, 12-06): a Llama-3-70B
+    slice at batch 8 (compute = disk = 2.9 s) took 4.0 s where max() said 2.9, the TinyLlama
+    rows 0.87-0.88 s where it said 0.82; batch-1 rows where one side dominates are unchanged."""
+    return (cpu_s ** OVERLAP_NORM + disk_s ** OVERLAP_NORM) ** (1 / OVERLAP_NORM)
 
 
 def _decode_shares_cores(profile: HardwareProfile) -> bool:
@@ -267,7 +287,7 @@ def _bit_reversed_ranks(n: int) -> list[int]:
 
 def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens, minimum,
           profile: HardwareProfile, host_budget: int = 0, *, kv: KVPlan, experts, head,
-          held: set[str] = frozenset(), overhead_s: float = 0.0) -> Plan:
+          held: set[str] = frozenset(), overhead_s: float = 0.0, batch: int = 1) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     stored = {u.key: align(u.stored_bytes, BLOCK) for u in units}
     encoded = {u.key for u in units if u.encoded}
@@ -286,7 +306,7 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
                   default=0) if slots else 0
     decode = {u.key: profile.decode_seconds(u) for u in units}
     cost = _cost(weight_bytes, streamed, slots, profile, from_disk,
-                 decode_s=sum(decode[k] for k in stream), overhead_s=overhead_s)
+                 decode_s=sum(decode[k] for k in stream), overhead_s=overhead_s, batch=batch)
     predicted = cost.pop("predicted")
     bottleneck = _bottleneck(cost, profile)
     compute_s, io_s, link_s = cost["compute"], cost["disk"], cost["host link"]
@@ -304,6 +324,6 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
         reserve_bytes=reserve,
         max_tokens=max_tokens, weight_bytes=weight_bytes, streamed_bytes=streamed,
         minimum_bytes=minimum, compute_s=compute_s, io_s=io_s, link_s=link_s,
-        decode_s=cost["decode"], overhead_s=overhead_s,
+        decode_s=cost["decode"], overhead_s=overhead_s, batch=batch,
         predicted_s=predicted, bottleneck=bottleneck, experts=experts, kv=kv,
         head_inexact_rows=head.inexact_rows if any(k in stream for k in head.keys) else ())

@@ -25,7 +25,7 @@ class ExpertPlan:
         predict_depth / predict_width: predictive loading: layers ahead whose router is
             applied to the current hidden state, and experts per token prefetched for each
             (0: off).
-        bytes_per_step: expert bytes a decode step is predicted to read (batch 1).
+        bytes_per_step: expert bytes a decode step is predicted to read (at the planned batch).
         scratch_bytes: the dense buffer an expert stored encoded (GGUF blocks) is decoded into
             at each use: the cache's slots hold experts as stored (0: experts are dense).
         decode_s: seconds a decode step is predicted to spend decoding cached experts.
@@ -90,6 +90,7 @@ class Plan:
             pass into its slots (read from disk or the host tier, or decoded from memory).
         held: resident Units held as stored (their encoding, on the compute device), decoded
             into a slot at each use: in ``stream``, not in ``streamed_bytes``.
+        batch: the sequences per decode step the prediction is for.
         overhead_s: the part of ``compute_s`` beyond the weight bytes (the framework's work per
             layer, ``HardwareProfile.step_overhead``).
         head_probed: whether ``head_inexact_rows`` was probed (a plan from a config alone
@@ -154,6 +155,7 @@ class Plan:
     itemsize: int = 0
     held: tuple[str, ...] = ()
     overhead_s: float = 0.0
+    batch: int = 1
     head_probed: bool = True
 
     @property
@@ -189,7 +191,7 @@ class Plan:
             return ["", "what would change it: nothing the budget or the disk can do (compute-"
                         "bound); a batch of sequences shares each step's weights"]
         rate = lambda s: f"{1 / max(s, 1e-9):.2f} tok/s"   # noqa: E731
-        compute = self.weight_bytes / self.compute_bps + self.overhead_s
+        compute = self.compute_s   # placement does not change it (but a MoE's decode)
         lines = ["", "what would change it (estimates, same cost model):",
                  f"  a budget of {format_bytes(self.weight_bytes + self.reserve_bytes)} keeps "
                  f"every Unit in memory: compute-bound, ~{rate(compute)}"]
@@ -255,7 +257,8 @@ class Plan:
                f"({self.stored_bytes / max(self.weight_bytes, 1):.2f}x)"]
               if self.stored_bytes != self.weight_bytes else []),
             f"predicted per decode step: {self.predicted_s * 1000:.1f} ms "
-            f"({1 / max(self.predicted_s, 1e-9):.2f} tok/s at batch 1) — bottleneck: "
+            f"({self.batch / max(self.predicted_s, 1e-9):.2f} tok/s at batch {self.batch}) — "
+            "bottleneck: "
             f"{self.bottleneck} (compute {self.compute_s * 1000:.1f} ms"
             + (f" of which {self.overhead_s * 1000:.1f} ms per-layer work" if self.overhead_s
                else "") + ", disk "

@@ -16,14 +16,19 @@ class HardwareProfile:
         disk_read_bps: O_DIRECT sequential read bandwidth of the offload dir's filesystem.
         h2d_bps: pinned host-to-device copy bandwidth (0 on CPU: no link to cross).
         compute_bps: weight bytes per second one decode step (batch 1) consumes in compute.
+        batch_compute_bps: the same at a larger batch (``{"8": ...}``): on a CPU a batch of 8
+            can take 4-8x the time of one sequence (bf16 without native support: 8x, measured
+            here); missing, a batch is charged as one sequence.
         dtype: the dtype compute was measured in.
         decode_bps: dense (decoded) bytes per second one thread decodes, per encoding
-            measured (``gguf.Q4_K`` ...); an encoding missing here is not charged.
+            measured (``gguf.Q4_K`` ..., ``bitmap.2@50``: see ``decode_key``); an encoding
+            missing here is not charged.
         layer_s: per model family (``llama``, ``qwen2_moe`` ...), the seconds a decode step
             spends beyond moving its weight bytes through compute: ``(per decoder layer, per
             step)``, measured on a miniature of the family whose weights are too small to
             matter (the framework's work per module: launches, norms, rotary, attention over
-            a short cache); a family missing here is not charged.
+            a short cache); a family missing here is not charged. ``<family>@8``: the same at
+            batch 8.
         contended: measured while another offload process read the same offload dir: used
             by the run that measured it, never cached.
         source: where the figures come from (measured here, or the file describing a machine),
@@ -37,17 +42,56 @@ class HardwareProfile:
     dtype: str
     decode_bps: dict[str, float] = field(default_factory=dict)
     layer_s: dict[str, tuple[float, float]] = field(default_factory=dict)
+    batch_compute_bps: dict[str, float] = field(default_factory=dict)
     contended: bool = False
     source: str = ""
 
-    def step_overhead(self, family: str | None, layers: int) -> float:
-        """Seconds a decode step of ``layers`` layers of ``family`` spends beyond its weight
-        bytes (0 where the family was not measured)."""
-        per_layer, per_step = self.layer_s.get(family or "", (0.0, 0.0))
-        return layers * per_layer + per_step
+    def step_overhead(self, family: str | None, layers: int, batch: int = 1) -> float:
+        """Seconds a decode step of ``batch`` sequences through ``layers`` layers of ``family``
+        spends beyond its weight bytes (0 where the family was not measured)."""
+        def at(key: str) -> float | None:
+            per = self.layer_s.get(key)
+            return None if per is None else layers * per[0] + per[1]
+
+        return _between(at(family or ""), at(f"{family}@{BATCH}"), batch) or 0.0
+
+    def compute_seconds(self, nbytes: float, batch: int = 1) -> float:
+        """Seconds a decode step of ``batch`` sequences spends multiplying ``nbytes`` of
+        weights: measured at batch 1 and ``BATCH``, linear in the batch between and beyond."""
+        one = nbytes / max(self.compute_bps, 1.0)
+        at = self.batch_compute_bps.get(str(BATCH))
+        return _between(one, nbytes / at if at else None, batch)
+
+    def measured_batches(self, family: str | None) -> bool:
+        """Whether the batch figures (compute, and ``family``'s per-layer time) are here."""
+        return str(BATCH) in self.batch_compute_bps and (
+            family is None or f"{family}@{BATCH}" in self.layer_s)
 
     def decode_seconds(self, unit) -> float:
         """Seconds one decode of ``unit``'s encoded tensors takes (0 for a dense Unit, or an
         encoding not measured)."""
-        return sum(t.nbytes / self.decode_bps[t.encoding] for t in unit.tensors
-                   if t.encoding in self.decode_bps)
+        keys = [(t, decode_key(t)) for t in unit.tensors]
+        return sum(t.nbytes / self.decode_bps[k] for t, k in keys if k in self.decode_bps)
+
+
+BATCH = 8   # the larger batch a profile measures
+
+
+def decode_key(t) -> str:
+    """The ``decode_bps`` key of a tensor's encoding: a GGUF type as named (its speed does not
+    depend on the data), a bitmap by element size and density to the nearest 10%
+    (``bitmap.2@50``: bf16 values, half of them non-zero; its speed depends on both)."""
+    if t.encoding != "bitmap":
+        return t.encoding
+    density = (t.nnz or 0) / max(1, t.nbytes // max(1, _ITEMSIZE.get(t.dtype, 4)))
+    return f"bitmap.{_ITEMSIZE.get(t.dtype, 4)}@{int(round(density * 10)) * 10}"
+
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _between(one: float | None, big: float | None, batch: int) -> float | None:
+    """Seconds at ``batch`` from those at 1 and at ``BATCH`` (linear; one alone: unchanged)."""
+    if one is None or big is None or batch == 1:
+        return one
+    return max(0.0, one + (big - one) * (batch - 1) / (BATCH - 1))
