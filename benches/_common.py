@@ -567,6 +567,18 @@ def greedy_decode(model, prompts, n_tokens: int, *, warmup_tokens: int = 1,
 
 
 # -- output --------------------------------------------------------------------------------------
+def offload_decode(model, prompts, n_tokens: int, warmup: int) -> tuple[dict, dict, dict]:
+    """``greedy_decode`` of an offload model (last logits only, as generate() does): its
+    result, and ``offload.stats`` just before the timed steps and after them."""
+    import offload
+
+    before: dict = {}
+    res = greedy_decode(model, prompts, n_tokens, warmup_tokens=warmup,
+                        before_timed=lambda: before.update(offload.stats(model)),
+                        last_logits_only=True)
+    return res, before, offload.stats(model)
+
+
 def format_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
     cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
     width = [max(len(r[i]) for r in cells) for i in range(len(headers))]

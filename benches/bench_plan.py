@@ -41,7 +41,7 @@ import bench_quant  # noqa: E402
 import bench_sparse  # noqa: E402
 from _common import (  # noqa: E402
     Machine, Report, bench_defaults, bench_entry, bench_parser, emit_result, fmt_bytes,
-    greedy_decode, launch_contender, positions_for, random_prompts, result_of,
+    launch_contender, offload_decode, positions_for, random_prompts, result_of,
     save_random_checkpoint, system_info)
 
 SCRIPT = Path(__file__).resolve()
@@ -145,14 +145,7 @@ def contender_main(a: argparse.Namespace) -> None:
                         max_tokens=a.max_tokens, batch=a.batch_size, progress=False,
                         **json.loads(a.options))
     load_s = time.perf_counter() - t0
-    snap = {}
-
-    def before_timed():
-        snap.update(offload.stats(model))
-
-    res = greedy_decode(model, prompts, a.n_tokens, warmup_tokens=a.warmup,
-                        before_timed=before_timed, last_logits_only=True)
-    st = offload.stats(model)
+    res, snap, st = offload_decode(model, prompts, a.n_tokens, a.warmup)
     steps = max(res["tokens"], 1)
     plan = model._offload_runtime.plan
     emit_result({

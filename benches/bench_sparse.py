@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_dense  # noqa: E402
 from _common import (  # noqa: E402
     Machine, Report, bench_defaults, bench_entry, bench_parser, emit_result, fmt_bytes,
-    greedy_decode, launch_contender, positions_for, random_prompts, result_of, same_tokens,
+    launch_contender, offload_decode, positions_for, random_prompts, result_of, same_tokens,
     system_info)
 
 SCRIPT = Path(__file__).resolve()
@@ -120,14 +120,7 @@ def contender_main(a: argparse.Namespace) -> None:
     model = offload.run(a.store, budget=int(a.budget_bytes), offload_dir=a.offload_dir,
                         max_tokens=a.max_tokens, progress=False, device="cpu")
     base = {"contender": a.contender, "batch": a.batch_size, "load_s": time.perf_counter() - t0}
-    snap = {}
-
-    def before_timed():
-        snap.update(offload.stats(model))
-
-    res = greedy_decode(model, prompts, a.n_tokens, warmup_tokens=a.warmup,
-                        before_timed=before_timed, last_logits_only=True)
-    st = offload.stats(model)
+    res, snap, st = offload_decode(model, prompts, a.n_tokens, a.warmup)
     steps = max(res["tokens"], 1)
     timed = {"bytes_read_per_step": (st["bytes_read"]["disk"] - snap["bytes_read"]["disk"]) / steps,
              "stall_s_per_step": (st["stall_seconds"] - snap["stall_seconds"]) / steps}
