@@ -431,7 +431,7 @@ def make_plan(prep: "Prepared", budget, request: Request = Request(),
                                   max_bytes=options.budget_bytes // 2,
                                   encodings={decode_key(t) for u in manifest.units
                                              if u.encoded for t in u.tensors},
-                                  family=prep.config)
+                                  family=prep.config, batch=options.kv.batch)
         release_free_heap()   # the measurement's buffers, before the planner's probes
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
                     heat=load_heat(manifest.path), probe_head=probe_head)

@@ -34,12 +34,14 @@ PROFILE_VERSION = 3   # 3: disk measured as a run reads (spread, 4 readers, besi
 
 def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.device, dtype: torch.dtype,
                     hidden: int, max_bytes: int | None = None,
-                    encodings: Iterable[str] = (), family=None) -> HardwareProfile:
+                    encodings: Iterable[str] = (), family=None,
+                    batch: int = 1) -> HardwareProfile:
     """The cached profile for this device and dtype, measuring it on first use (reading
     ``data_file``, or a scratch file in ``cache_dir`` where there is none yet) with at most
     ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too), the
-    decode speed of each of ``encodings`` it lacks (the store's: ``gguf.Q4_K`` ...), and the
-    per-layer time of ``family`` (a transformers config) if it lacks it."""
+    decode speed of each of ``encodings`` it lacks (the store's: ``gguf.Q4_K`` ...), the
+    per-layer time of ``family`` (a transformers config) if it lacks it, and for a ``batch``
+    over 1 the batch-8 figures (compute, the family's per-layer time) if it lacks them."""
     key = f"{device}|{DTYPE_NAMES[dtype]}|{os.stat(cache_dir).st_dev}"
     path = cache_dir / "profile.json"
     cached, profile = {}, None
@@ -54,7 +56,9 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     model_type = getattr(family, "model_type", None)
     new_family = model_type is not None and (profile is None or model_type not in
                                              profile.layer_s)
-    no_batch = profile is None or not profile.measured_batches(model_type)
+    # batch figures only for a batch plan: a batched matmul keeps packing buffers (2-4 MB
+    # here) that a batch-1 run would carry over its budget
+    no_batch = batch > 1 and (profile is None or not profile.measured_batches(model_type))
     cached_in = f"measured on this machine, cached in {path}"
     if profile is not None and not missing and not new_family and not no_batch:
         return replace(profile, source=cached_in)
@@ -70,19 +74,19 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     if missing:
         profile = replace(profile, decode_bps={
             **profile.decode_bps, **{e: measure_decode(e, device, max_bytes) for e in missing}})
-    if new_family:
-        profile = replace(profile, layer_s={**profile.layer_s,
-                                            model_type: measure_layer_time(family, dtype, device)})
-    if no_batch:   # the batch figures: compute and the family's per-layer time at batch 8
-        batch = str(BATCH)
-        measured = dict(profile.batch_compute_bps)
-        if batch not in measured:
-            measured[batch] = measure_compute(device, dtype, hidden, max_bytes, batch=BATCH)
-        layer_s = dict(profile.layer_s)
-        if model_type is not None and f"{model_type}@{batch}" not in layer_s:
-            layer_s[f"{model_type}@{batch}"] = measure_layer_time(family, dtype, device,
-                                                                  batch=BATCH)
-        profile = replace(profile, batch_compute_bps=measured, layer_s=layer_s)
+    if no_batch and str(BATCH) not in profile.batch_compute_bps:   # compute at batch 8
+        profile = replace(profile, batch_compute_bps={
+            **profile.batch_compute_bps,
+            str(BATCH): measure_compute(device, dtype, hidden, max_bytes, batch=BATCH)})
+    # the family's per-layer time, at batch 1 and 8, on one pair of miniatures
+    batches = tuple(b for b, k in ((1, model_type), (BATCH, f"{model_type}@{BATCH}"))
+                    if model_type is not None and k not in profile.layer_s
+                    and (b == 1 or batch > 1))
+    if batches:
+        per = measure_layer_time(family, dtype, device, batches=batches)
+        profile = replace(profile, layer_s={
+            **profile.layer_s, **{model_type if b == 1 else f"{model_type}@{b}": per[b]
+                                  for b in batches}})
     if not (quiet and disk_idle(cache_dir)):
         log.warning("the hardware profile was measured while another offload process was "
                     "using %s: this run uses it, but it is not cached (the next run measures "
@@ -179,8 +183,10 @@ def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = 
 
     out_bytes = 32 << 20 if max_bytes is None else max(1 << 20, min(32 << 20, max_bytes // 2))
     m = _BITMAP_KEY.fullmatch(encoding)
-    if m is not None:
-        return _measure_bitmap(int(m[1]), int(m[2]) / 100, out_bytes, device)
+    if m is not None:   # the sample, its mask and its encoding: ~4x the output, all in bound
+        bitmap_out = out_bytes if max_bytes is None else max(1 << 20, min(out_bytes,
+                                                                          max_bytes // 8))
+        return _measure_bitmap(int(m[1]), int(m[2]) / 100, bitmap_out, device)
     name = gguf.type_of(encoding)
     numel = out_bytes // 4 // 256 * 256
     out = torch.empty(numel * 4, dtype=torch.uint8, device=device)
@@ -197,8 +203,8 @@ def _measure_bitmap(itemsize: int, density: float, out_bytes: int,
     numel = out_bytes // itemsize
     dtype = {2: torch.bfloat16, 4: torch.float32}.get(itemsize, torch.float32)
     g = torch.Generator().manual_seed(0)
-    values = torch.rand(numel, generator=g).add_(0.5).to(dtype)
-    values[torch.rand(numel, generator=g) >= density] = 0
+    values = torch.empty(numel, dtype=dtype).uniform_(0.5, 1.5, generator=g)
+    values.mul_(torch.empty(numel, dtype=torch.uint8).bernoulli_(density, generator=g))
     enc, nnz = bitmap.encode(values)
     del values
     enc = enc.to(device)
@@ -217,37 +223,45 @@ def _measure_bitmap(itemsize: int, density: float, out_bytes: int,
 
 def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
                        depths: tuple[int, int] = (2, 10), steps: int = 12,
-                       batch: int = 1) -> tuple[float, float]:
-    """Seconds a decode step of ``batch`` sequences of ``config``'s family spends beyond its
-    weights: ``(per layer, per step)``, from the fastest decode-step time of miniatures
+                       batches: tuple[int, ...] = (1,)) -> dict[int, tuple[float, float]]:
+    """Seconds a decode step of ``config``'s family spends beyond its weights, per batch of
+    ``batches``: ``(per layer, per step)``, from the fastest decode-step time of miniatures
     (``workspace.miniature``: 64 wide, their weights too small to matter) of two depths: the
-    difference per layer, the rest per step. Cost: ~0.5 s here, once per family and batch
-    (cached with the profile)."""
+    difference per layer, the rest per step. The same two miniatures serve every batch (a
+    first run measures inside its budget). Cost: ~0.5 s a batch here, once per family (cached
+    with the profile)."""
     from .adapters.base import cache_keyword
     from .kernels.workspace import miniature
 
     spec = config.to_json_string(use_diff=False)
-    runs = []
+    models = [miniature(spec, dtype, layers).to(device) for layers in depths]
+    key = cache_keyword(models[0])
+    out = {}
     with torch.no_grad():
-        for layers in depths:
-            model = miniature(spec, dtype, layers).to(device)
-            key = cache_keyword(model)
-            out = model(torch.tensor([[1, 2, 3, 4]] * batch, device=device), use_cache=True)
-            runs.append((model, {key: getattr(out, key, None) or out.past_key_values}, []))
-        step = torch.tensor([[5]] * batch, device=device)
-        for i in range(steps + 2):   # the depths alternate: a slow moment slows both
-            for model, past, samples in runs:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # syncs: a measurement, off the hot path
-                t0 = time.perf_counter()
-                model(step, use_cache=True, logits_to_keep=1, **past)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i >= 2:   # the first steps warm the caches and the allocator
-                    samples.append(time.perf_counter() - t0)
-    times = [min(samples) for _, _, samples in runs]   # the least disturbed step of each
-    per_layer = max(0.0, (times[1] - times[0]) / (depths[1] - depths[0]))
-    return per_layer, max(0.0, times[0] - depths[0] * per_layer)
+        for batch in batches:
+            runs = []
+            for model in models:
+                first = model(torch.tensor([[1, 2, 3, 4]] * batch, device=device),
+                              use_cache=True)
+                runs.append((model, {key: getattr(first, key, None) or first.past_key_values},
+                             []))
+                del first
+            step = torch.tensor([[5]] * batch, device=device)
+            for i in range(steps + 2):   # the depths alternate: a slow moment slows both
+                for model, past, samples in runs:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # syncs: a measurement, off the hot path
+                    t0 = time.perf_counter()
+                    model(step, use_cache=True, logits_to_keep=1, **past)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    if i >= 2:   # the first steps warm the caches and the allocator
+                        samples.append(time.perf_counter() - t0)
+            times = [min(samples) for _, _, samples in runs]   # the least disturbed step
+            per_layer = max(0.0, (times[1] - times[0]) / (depths[1] - depths[0]))
+            out[batch] = (per_layer, max(0.0, times[0] - depths[0] * per_layer))
+            del runs
+    return out
 
 
 @contextlib.contextmanager
@@ -271,15 +285,19 @@ def _readable(data_file: Path | None, cache_dir: Path, nbytes: int = 256 << 20):
 
 
 def measure_disk(data_file: Path, max_bytes: int = 512 << 20,
-                 chunk_bytes: int = CHUNK_BYTES, readers: int = 4) -> float:
-    """O_DIRECT read bandwidth as a run reads: ``max_bytes`` in reads of at most
-    ``chunk_bytes`` (the runtime's own reads' size; less under a small budget, at least
-    1 MiB) spread evenly over ``data_file`` (a store's first bytes are its embedding, which a
+                 chunk_bytes: int | None = None, readers: int = 4) -> float:
+    """O_DIRECT read bandwidth as a run reads: ``max_bytes`` in reads of the runtime's own
+    reads' size (``CHUNK_BYTES``; smaller, and fewer readers, where the readers' buffers and
+    the matmul's weight would not fit ``chunk_bytes`` together; at least 1 MiB) spread over
+    ``data_file`` (a store's first bytes are its embedding, which a
     run gathers rather than streams), ``readers`` threads at once (the runtime's reads in
     flight), while a matmul holds the cores as a run's compute does. Measured on this
     project's VM: a run streaming TinyLlama read its store at 2.08-2.26 GB/s where one
     sequential reader of the file's head measured 2.52 GB/s, and this figure 2.0-2.3."""
-    chunk = max(1 << 20, min(CHUNK_BYTES, chunk_bytes)) // BLOCK * BLOCK
+    # the readers' buffers and the matmul's weight: within ``chunk_bytes`` all together
+    bound = (readers + 1) * CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    chunk = max(1 << 20, min(CHUNK_BYTES, bound // (readers + 1))) // BLOCK * BLOCK
+    readers = max(1, min(readers, bound // chunk - 1))
     size = os.path.getsize(data_file) // BLOCK * BLOCK
     count = min(size, max_bytes) // chunk
     if count < 2:
@@ -298,7 +316,7 @@ def measure_disk(data_file: Path, max_bytes: int = 512 << 20,
             os.preadv(fd, [buf], off)
 
     def compute() -> None:   # a decode step's matmuls: a weight streamed from RAM
-        w = torch.empty(2048, 4096, dtype=torch.float32).uniform_()
+        w = torch.empty(chunk // (4 * 4096), 4096, dtype=torch.float32).uniform_()
         x = torch.ones(1, 4096)
         while not done.is_set():
             torch.nn.functional.linear(x, w)
@@ -343,6 +361,8 @@ def measure_compute(device: torch.device, dtype: torch.dtype, hidden: int,
     a weight of at most ``max_bytes`` (default 64 MB)."""
     # A weight larger than the caches, as a decoder layer is: batch-1 decode streams it from RAM.
     target = 64 << 20 if max_bytes is None else max(1 << 20, min(64 << 20, max_bytes))
+    if batch > 1:   # a batched matmul packs a copy of the weight: all within max_bytes
+        target //= 4   # (measured: a copy and more at batch 8 on this CPU)
     rows = max(1, target // (hidden * dtype.itemsize))
     w = torch.randn(rows, hidden, device=device, dtype=dtype)   # one buffer, no fp32 copy
     x = torch.randn(batch, hidden, device=device, dtype=dtype)
