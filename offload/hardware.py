@@ -54,13 +54,16 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     missing = sorted(e for e in set(encodings) if measurable(e) and
                      (profile is None or e not in profile.decode_bps))
     model_type = getattr(family, "model_type", None)
-    new_family = model_type is not None and (profile is None or model_type not in
-                                             profile.layer_s)
     # batch figures only for a batch plan: a batched matmul keeps packing buffers (2-4 MB
     # here) that a batch-1 run would carry over its budget
-    no_batch = batch > 1 and (profile is None or not profile.measured_batches(model_type))
+    compute_at_batch = batch > 1 and (profile is None or
+                                      str(BATCH) not in profile.batch_compute_bps)
+    layer_keys = {1: model_type, BATCH: f"{model_type}@{BATCH}"}
+    batches = tuple(b for b in ((1, BATCH) if batch > 1 else (1,))
+                    if model_type is not None
+                    and (profile is None or layer_keys[b] not in profile.layer_s))
     cached_in = f"measured on this machine, cached in {path}"
-    if profile is not None and not missing and not new_family and not no_batch:
+    if profile is not None and not missing and not batches and not compute_at_batch:
         return replace(profile, source=cached_in)
     quiet = disk_idle(cache_dir)   # another offload process reading here skews the figures
     if profile is None:
@@ -74,19 +77,14 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     if missing:
         profile = replace(profile, decode_bps={
             **profile.decode_bps, **{e: measure_decode(e, device, max_bytes) for e in missing}})
-    if no_batch and str(BATCH) not in profile.batch_compute_bps:   # compute at batch 8
+    if compute_at_batch:
         profile = replace(profile, batch_compute_bps={
             **profile.batch_compute_bps,
             str(BATCH): measure_compute(device, dtype, hidden, max_bytes, batch=BATCH)})
-    # the family's per-layer time, at batch 1 and 8, on one pair of miniatures
-    batches = tuple(b for b, k in ((1, model_type), (BATCH, f"{model_type}@{BATCH}"))
-                    if model_type is not None and k not in profile.layer_s
-                    and (b == 1 or batch > 1))
-    if batches:
+    if batches:   # the family's per-layer time, each batch on one pair of miniatures
         per = measure_layer_time(family, dtype, device, batches=batches)
-        profile = replace(profile, layer_s={
-            **profile.layer_s, **{model_type if b == 1 else f"{model_type}@{b}": per[b]
-                                  for b in batches}})
+        profile = replace(profile, layer_s={**profile.layer_s,
+                                            **{layer_keys[b]: per[b] for b in batches}})
     if not (quiet and disk_idle(cache_dir)):
         log.warning("the hardware profile was measured while another offload process was "
                     "using %s: this run uses it, but it is not cached (the next run measures "
@@ -199,6 +197,7 @@ def _measure_bitmap(itemsize: int, density: float, out_bytes: int,
     """Dense bytes per second one thread decodes a bitmap of ``itemsize`` values at
     ``density`` (random positions), as the runtime's decode thread does."""
     from .kernels import bitmap
+    from .kernels.timing import median_seconds
 
     numel = out_bytes // itemsize
     dtype = {2: torch.bfloat16, 4: torch.float32}.get(itemsize, torch.float32)
@@ -209,16 +208,8 @@ def _measure_bitmap(itemsize: int, density: float, out_bytes: int,
     del values
     enc = enc.to(device)
     out = torch.empty(numel * itemsize, dtype=torch.uint8, device=device)
-    best = float("inf")
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # syncs: a measurement, off the hot path
-        t0 = time.perf_counter()
-        bitmap.decode(enc, out, numel, nnz, itemsize)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return numel * itemsize / max(best, 1e-9)
+    return numel * itemsize / median_seconds(
+        lambda: bitmap.decode(enc, out, numel, nnz, itemsize), device, reps=3)
 
 
 def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
@@ -297,11 +288,11 @@ def measure_disk(data_file: Path, max_bytes: int = 512 << 20,
     # the readers' buffers and the matmul's weight: within ``chunk_bytes`` all together
     bound = (readers + 1) * CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     chunk = max(1 << 20, min(CHUNK_BYTES, bound // (readers + 1))) // BLOCK * BLOCK
-    readers = max(1, min(readers, bound // chunk - 1))
     size = os.path.getsize(data_file) // BLOCK * BLOCK
     count = min(size, max_bytes) // chunk
     if count < 2:
         return 1.0e9  # too small to time; a nominal NVMe figure
+    readers = max(1, min(readers, bound // chunk - 1, count))
     offsets = [(size - chunk) * i // (count - 1) // BLOCK * BLOCK for i in range(count)]
     flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     try:
@@ -324,7 +315,6 @@ def measure_disk(data_file: Path, max_bytes: int = 512 << 20,
     busy = threading.Thread(target=compute, daemon=True)
     busy.start()
     try:
-        readers = max(1, min(readers, count))
         threads = [threading.Thread(target=read, args=(offsets[i::readers],))
                    for i in range(readers)]
         t0 = time.perf_counter()

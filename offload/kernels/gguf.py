@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import time
 
 import numpy as np
 import torch
@@ -126,16 +125,9 @@ def time_decode(src: torch.Tensor, out: torch.Tensor, name: str, numel: int, *, 
                 isa: str | None = None) -> float:
     """Median seconds of ``reps`` one-thread decodes (a GPU: kernels, synchronized), after one
     untimed."""
-    sync = torch.cuda.synchronize if src.device.type == "cuda" else (lambda: None)
-    dequantize(src, out, name, numel, isa=isa)
-    times = []
-    for _ in range(reps):
-        sync()   # syncs: a measurement, off the hot path
-        t0 = time.perf_counter()
-        dequantize(src, out, name, numel, isa=isa)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return max(sorted(times)[reps // 2], 1e-9)
+    from .timing import median_seconds
+
+    return median_seconds(lambda: dequantize(src, out, name, numel, isa=isa), src.device, reps)
 
 
 def prepare(device: torch.device = torch.device("cpu")) -> None:

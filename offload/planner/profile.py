@@ -62,11 +62,6 @@ class HardwareProfile:
         at = self.batch_compute_bps.get(str(BATCH))
         return _between(one, nbytes / at if at else None, batch)
 
-    def measured_batches(self, family: str | None) -> bool:
-        """Whether the batch figures (compute, and ``family``'s per-layer time) are here."""
-        return str(BATCH) in self.batch_compute_bps and (
-            family is None or f"{family}@{BATCH}" in self.layer_s)
-
     def decode_seconds(self, unit) -> float:
         """Seconds one decode of ``unit``'s encoded tensors takes (0 for a dense Unit, or an
         encoding not measured)."""
