@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 
 from .adapters import adapter_for
+from .adapters.base import linear_weights
 from .errors import BudgetError, HardwareError, OffloadError, StoreError
 from . import hardware
 from .hardware import load_or_measure
-from .kernels import workspace
+from .kernels import gguf, qmatmul, workspace
 from .memory import PeakMeter, release_free_heap, release_library_buffers
 from .planner import ExpertOptions, KVOptions, Plan, PlanOptions, plan_for
-from .planner.profile import HardwareProfile, decode_key
+from .planner.compute import MODES as COMPUTE_MODES, fused_count, fused_units
+from .planner.profile import HardwareProfile, decode_key, fused_type
 from .planner.make import head_check, head_chunk_rows
 from .runtime import Runtime
 from .sizes import parse_size
@@ -372,17 +374,22 @@ class Request:
     prefetch: int | None = None
     max_tokens: int | None = None
     logits: str = "last"
+    compute: str = "exact"
     experts: ExpertOptions = dataclasses.field(default_factory=ExpertOptions)
     kv: KVOptions = dataclasses.field(default_factory=KVOptions)
 
     @classmethod
     def of(cls, kwargs: dict) -> "Request":
         """From ``run``/``plan`` keyword arguments; an unknown one is named with the known."""
-        plain = {"device", "host_budget", "prefetch", "max_tokens", "logits"}
+        plain = {"device", "host_budget", "prefetch", "max_tokens", "logits", "compute"}
         unknown = sorted(set(kwargs) - plain - set(_NAMES))
         if unknown:
             raise OffloadError(f"unknown option {unknown[0]}=: the options are "
                                f"{', '.join(sorted(plain | set(_NAMES)))}")
+        if kwargs.get("compute", "exact") not in COMPUTE_MODES:
+            raise OffloadError(f"compute={kwargs['compute']!r}: use 'exact' (default: bitwise "
+                               "transformers' model) or 'fast' (GGUF weights multiplied from "
+                               "their blocks, lossy)")
         parts: dict[str, dict] = {"experts": {}, "kv": {}}
         for name, value in kwargs.items():
             if name in _NAMES:
@@ -414,14 +421,18 @@ class Request:
 
 
 def make_plan(prep: "Prepared", budget, request: Request = Request(),
-              profile: HardwareProfile | None = None, *, probe_head: bool = True) -> Plan:
+              profile: HardwareProfile | None = None, *, probe_head: bool = True,
+              skeleton=None) -> Plan:
     """The Plan for ``prep`` under ``budget``: on ``profile`` (a machine described,
     ``hardware.described``), else the hardware profile measured (or read from the offload
-    dir's cache) within the budget, then ``planner.plan_for`` (``probe_head`` passed on)."""
+    dir's cache) within the budget, then ``planner.plan_for`` (``probe_head`` passed on).
+    ``compute="fast"``: on ``for_compute``'s Units (``skeleton``: the model's, else one built
+    on the meta device); a percentage budget stays a share of the decoded weights."""
     device = resolve_device(request.device) if profile is None else _profile_device(
         profile, request.device)
     options = request.options(budget, prep, device)
     options.check()
+    prep = for_compute(prep, request.compute, device, skeleton)
     manifest = prep.manifest
     if profile is None:
         data = manifest.data_path if manifest.data_path.is_file() else max(
@@ -431,6 +442,8 @@ def make_plan(prep: "Prepared", budget, request: Request = Request(),
                                   max_bytes=options.budget_bytes // 2,
                                   encodings={decode_key(t) for u in manifest.units
                                              if u.encoded for t in u.tensors},
+                                  fused={fused_type(t.encoding) for u in manifest.units
+                                         for t in u.tensors} - {None},
                                   family=prep.config, batch=options.kv.batch)
         release_free_heap()   # the measurement's buffers, before the planner's probes
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
@@ -439,6 +452,39 @@ def make_plan(prep: "Prepared", budget, request: Request = Request(),
     return dataclasses.replace(plan, profile=profile.source, disk_bps=profile.disk_read_bps,
                                h2d_bps=profile.h2d_bps, compute_bps=profile.compute_bps,
                                itemsize=DTYPES[manifest.dtype].itemsize)
+
+
+def for_compute(prep: "Prepared", compute: str, device: torch.device,
+                skeleton=None) -> "Prepared":
+    """``prep`` with its Units as ``compute`` multiplies them: unchanged for ``exact``; for
+    ``fast``, each GGUF-quantized linear weight (and the embedding's rows) kept in its blocks
+    (``planner.compute.fused_units``).
+
+    Raises:
+        OffloadError: an unknown mode. HardwareError: ``fast`` on a GPU (its CUDA kernels are
+            not built yet), or where the fused kernel could not be compiled.
+    """
+    if compute not in COMPUTE_MODES:
+        raise OffloadError(f"compute={compute!r}: use 'exact' (default: bitwise transformers' "
+                           "model) or 'fast' (GGUF weights multiplied from their blocks, "
+                           "lossy)")
+    if compute == "exact" or fused_count(prep.manifest.units):
+        return prep
+    if device.type != "cpu":
+        raise HardwareError("compute='fast' runs on the CPU for now (the fused kernels' CUDA "
+                            "versions are not built): use compute='exact' on a GPU, or "
+                            "device='cpu'")
+    if not any(gguf.type_of(t.encoding) for u in prep.manifest.units for t in u.tensors):
+        log.warning("compute='fast' multiplies GGUF-quantized weights and this store has "
+                    "none: it runs exact")
+        return prep
+    if not qmatmul.available():
+        raise HardwareError("compute='fast' needs the fused GGUF kernel, which could not be "
+                            "built here (see the KernelBuildWarning): install g++ or use "
+                            "compute='exact'")
+    model = skeleton if skeleton is not None else build_skeleton(prep.manifest, device)
+    units = fused_units(prep.manifest.units, linear_weights(prep.adapter, model))
+    return dataclasses.replace(prep, manifest=dataclasses.replace(prep.manifest, units=units))
 
 
 def _profile_device(profile: HardwareProfile, asked) -> torch.device:
@@ -624,10 +670,11 @@ def run_prepared(prep: "Prepared", budget="25%", request: Request = Request()
     meter = PeakMeter(device)
     meter.workspace_bytes = kernels
     meter.start()
-    the_plan = make_plan(prep, budget, request)
+    the_plan = make_plan(prep, budget, request, skeleton=skeleton)
     old = getattr(skeleton, _ATTR, None)
     if old is not None:
         old.close()
+    prep = for_compute(prep, request.compute, device, skeleton)   # the Units the plan placed
     runtime = Runtime(skeleton, prep.manifest, the_plan, prep.adapter, device, prep.shape,
                       meter=meter)
     setattr(skeleton, _ATTR, runtime)

@@ -35,13 +35,14 @@ PROFILE_VERSION = 3   # 3: disk measured as a run reads (spread, 4 readers, besi
 def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.device, dtype: torch.dtype,
                     hidden: int, max_bytes: int | None = None,
                     encodings: Iterable[str] = (), family=None,
-                    batch: int = 1) -> HardwareProfile:
+                    batch: int = 1, fused: Iterable[str] = ()) -> HardwareProfile:
     """The cached profile for this device and dtype, measuring it on first use (reading
     ``data_file``, or a scratch file in ``cache_dir`` where there is none yet) with at most
     ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too), the
     decode speed of each of ``encodings`` it lacks (the store's: ``gguf.Q4_K`` ...), the
     per-layer time of ``family`` (a transformers config) if it lacks it, and for a ``batch``
-    over 1 the batch-8 figures (compute, the family's per-layer time) if it lacks them."""
+    over 1 the batch-8 figures (compute, the family's per-layer time) if it lacks them, and
+    the fused kernel's speed for each GGUF type in ``fused`` (``compute="fast"``) it lacks."""
     key = f"{device}|{DTYPE_NAMES[dtype]}|{os.stat(cache_dir).st_dev}"
     path = cache_dir / "profile.json"
     cached, profile = {}, None
@@ -62,8 +63,12 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     batches = tuple(b for b in ((1, BATCH) if batch > 1 else (1,))
                     if model_type is not None
                     and (profile is None or layer_keys[b] not in profile.layer_s))
+    fused_keys = sorted(f"{q}@{b}" if b > 1 else q for q in set(fused)
+                        for b in ((1, BATCH) if batch > 1 else (1,)))
+    fused_keys = [k for k in fused_keys if profile is None or k not in profile.fused_bps]
     cached_in = f"measured on this machine, cached in {path}"
-    if profile is not None and not missing and not batches and not compute_at_batch:
+    if profile is not None and not missing and not batches and not compute_at_batch \
+            and not fused_keys:
         return replace(profile, source=cached_in)
     quiet = disk_idle(cache_dir)   # another offload process reading here skews the figures
     if profile is None:
@@ -77,6 +82,9 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     if missing:
         profile = replace(profile, decode_bps={
             **profile.decode_bps, **{e: measure_decode(e, device, max_bytes) for e in missing}})
+    if fused_keys:
+        profile = replace(profile, fused_bps={
+            **profile.fused_bps, **{k: measure_fused(k, max_bytes) for k in fused_keys}})
     if compute_at_batch:
         profile = replace(profile, batch_compute_bps={
             **profile.batch_compute_bps,
@@ -190,6 +198,28 @@ def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = 
     out = torch.empty(numel * 4, dtype=torch.uint8, device=device)
     src = gguf.sample_blocks(name, numel).to(device)   # a GPU: its kernel (kernels.cuda)
     return numel * 4 / gguf.time_decode(src, out, name, numel, reps=3)
+
+
+def measure_fused(key: str, max_bytes: int | None = None) -> float:
+    """Stored bytes per second the fused GGUF matmul multiplies (``key``: a type, ``Q4_K``,
+    or a type at a batch, ``Q4_K@8``), with the pool of threads a run without streaming
+    gets: a weight of at most 8 MB stored (within ``max_bytes / 4``), larger than the
+    caches of this class of machine, against random activations."""
+    from .kernels import gguf, qmatmul
+    from .kernels.timing import median_seconds
+
+    qtype, _, b = key.partition("@")
+    _, block, nbytes = gguf.TYPES[qtype]
+    stored = 8 << 20 if max_bytes is None else max(1 << 20, min(8 << 20, max_bytes // 4))
+    cols = 4096 // block * block
+    rows = max(1, stored // (cols // block * nbytes))
+    blocks = gguf.sample_blocks(qtype, rows * cols).view(rows, -1)
+    x = torch.randn(int(b or 1), cols)
+    out = torch.empty(x.shape[0], rows)
+    with qmatmul.Pool(qmatmul.threads_for(0)) as pool:
+        seconds = median_seconds(lambda: qmatmul.matmul(x, blocks, qtype, out, pool=pool),
+                                 torch.device("cpu"), reps=5)
+    return blocks.numel() / seconds
 
 
 def _measure_bitmap(itemsize: int, density: float, out_bytes: int,

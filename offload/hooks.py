@@ -147,17 +147,27 @@ class StreamedBindHook:
 
 
 def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dtype, device,
-                      resident: dict, gather: Callable) -> Callable:
+                      resident: dict, gather: Callable,
+                      decode_rows: Callable | None = None) -> Callable:
     """A forward for an embedding whose rows live in chunks: resident chunks are indexed in
-    memory; for the others ``gather(key, rows)`` reads just the rows the ids name."""
+    memory; for the others ``gather(key, rows)`` reads just the rows the ids name. A resident
+    chunk kept in GGUF blocks (``compute="fast"``: uint8 rows of blocks) has the rows the ids
+    name decoded by ``decode_rows(blocks)``."""
+
+    starts = torch.tensor([start for _, (start, _) in chunks], device=device)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         out = torch.empty(*ids.shape, hidden, dtype=dtype, device=device)   # [B, T, H]
-        for key, (start, stop) in chunks:
+        # only the chunks some id falls in (a decode step: one of ~50 for a 49k vocabulary)
+        present = torch.unique(torch.bucketize(ids, starts, right=True) - 1)
+        for i in present.tolist():   # syncs on a GPU: a few ints, once per forward
+            key, (start, stop) = chunks[i]
             hit = (ids >= start) & (ids < stop)
             views = resident.get(key)
             if views is not None:
-                out[hit] = F.embedding(ids[hit] - start, views["weight"])
+                weight = views["weight"]
+                out[hit] = F.embedding(ids[hit] - start, weight) if weight.dtype != torch.uint8 \
+                    else decode_rows(weight[ids[hit] - start])
                 continue
             wanted = ids[hit]
             if wanted.numel():
@@ -168,9 +178,24 @@ def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dt
     return forward
 
 
+def fused_linear(module: torch.nn.Module, matmul: Callable) -> list[Callable[[], None]]:
+    """Run ``module`` (an ``nn.Linear`` whose bound weight is uint8 GGUF blocks:
+    ``compute="fast"``) as ``matmul(x, weight)`` plus its bias, with an instance-level
+    forward (the class is left alone). Returns the undo steps."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = matmul(x, module._parameters["weight"])
+        bias = module._parameters.get("bias")
+        return y if bias is None else y.add_(bias)
+
+    module.forward = forward
+    return [lambda: module.__dict__.pop("forward", None)]
+
+
 def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire: Callable,
                    release: Callable, *, fold: bool = True, half_paths="auto",
-                   whole: torch.Tensor | None = None) -> Callable:
+                   whole: torch.Tensor | None = None,
+                   matmul: Callable | None = None) -> Callable:
     """A forward for a bias-free linear whose output rows live in chunks (the LM head).
 
     ``fold``: the model's own weight required grad. torch's CPU linear then folds a strided
@@ -181,11 +206,15 @@ def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire
     weight copies (``kernels.head.HalfPaths``); ``"auto"``: ``head.choose`` on this CPU.
     ``whole``: the whole ``[rows, H]`` weight, when every chunk is resident and contiguous:
     one matmul of the model's own shape, so its bits are the model's whatever the BLAS does
-    with a smaller problem (``kernels.head.chunking_mismatches``)."""
+    with a smaller problem (``kernels.head.chunking_mismatches``).
+    ``matmul``: ``matmul(h, weight)`` for a weight kept in GGUF blocks (``compute="fast"``)
+    instead of torch's linear."""
 
     def forward(h: torch.Tensor) -> torch.Tensor:
         if fold and h.dim() > 2:   # torch folds every input when the weight requires grad
             return forward(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], rows)
+        if matmul is not None:
+            return fused(h)
         strided_half = head.needs_choice(h)
         if strided_half:
             paths = head.choose(h.dtype, h.shape[-1]) if half_paths == "auto" else half_paths
@@ -200,6 +229,17 @@ def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire
                     head.linear(h, weight, path, out=out[..., start:stop])
                 else:
                     out[..., start:stop] = F.linear(h, weight)
+            finally:
+                release(key)
+        return out
+
+    def fused(h: torch.Tensor) -> torch.Tensor:
+        if whole is not None:
+            return matmul(h, whole)
+        out = torch.empty(*h.shape[:-1], rows, dtype=h.dtype, device=h.device)   # [B, T, V]
+        for key, (start, stop) in chunks:
+            try:
+                out[..., start:stop] = matmul(h, acquire(key)["weight"])
             finally:
                 release(key)
         return out

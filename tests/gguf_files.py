@@ -36,10 +36,13 @@ def edge_blocks(name: str, nblocks: int, seed: int) -> np.ndarray:
 def random_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
     """``rows`` rows of random ``qtype`` blocks with small fp16 scales (activations stay
     finite through many layers)."""
-    block, nbytes = BLOCKS[qtype]
+    _, block, nbytes = G.TYPES[qtype]
     raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
-    scales = (rng.random((rows, cols // block)) * 0.01 + 0.002).astype(np.float16)
-    raw[..., :2] = scales.view(np.uint8).reshape(rows, cols // block, 2)
+    for at in G.SCALE_OFFSETS[qtype]:
+        scales = (rng.random((rows, cols // block)) * 0.01 + 0.002).astype(np.float16)
+        if qtype.endswith("_K"):   # times 6-bit (Q6_K: int8, of quants to 31) sub-block scales
+            scales = (scales / (512 if qtype == "Q6_K" else 32)).astype(np.float16)
+        raw[..., at:at + 2] = scales.view(np.uint8).reshape(rows, cols // block, 2)
     return raw.reshape(rows, cols // block * nbytes)
 
 

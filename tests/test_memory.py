@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent("""
     if case == "sparse":
         store = offload.pack(model, offload_dir=work, prune=0.6, sparse="bitmap",
                              progress=False).path
-    elif case == "quantized":
+    elif case in ("quantized", "fast"):
         store = offload.pack(model, offload_dir=work, quantize="q4_0", progress=False).path
     else:
         store = offload.pack(model, offload_dir=work, progress=False).path
@@ -50,6 +50,8 @@ SCRIPT = textwrap.dedent("""
     batch = 3 if case == "batch" else 1
     prompt = {{"long": 800}}.get(case, 24)
     opts = {{}} if case == "long" else dict(max_tokens=64)   # long: the default reserve
+    if case == "fast":   # the fused kernel multiplies the Q4_0 blocks as stored
+        opts.update(compute="fast")
     if case == "paged":
         opts = dict(kv="paged", max_context=prompt + 40, batch=batch, prefill_chunk=16,
                     kv_device_blocks=1)
@@ -72,7 +74,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", ["dense", "moe", "paged", "sparse", "quantized", "batch",
+@pytest.mark.parametrize("case", ["dense", "moe", "paged", "sparse", "quantized", "fast", "batch",
                                   "long"])
 def test_measured_peak_stays_under_the_budget(case, tmp_path):
     script = SCRIPT.format(tests=str(Path(__file__).parent))

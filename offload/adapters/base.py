@@ -107,3 +107,23 @@ class Adapter(Protocol):
 # ``stream_units(units)`` and the names of an MoE model's pieces: ``expert_params``,
 # ``expert_weights``, ``stream_expert_weights``, ``router_weight``, ``experts_unit`` (see
 # ``adapters/moe.py``); the runtime checks for ``moe_shape``.
+
+
+def linear_weights(adapter, model):
+    """A predicate ``(unit, tensor) -> bool``: the tensor is the ``weight`` of an
+    ``nn.Linear`` that ``adapter`` binds in ``model`` (its forward can be replaced by a fused
+    quantized matmul), or the weight of a row-chunked embedding or head (their forwards are
+    the runtime's own). Experts never are (their compute is the MoE block's)."""
+    points = adapter.bind_points(model)
+    rows = adapter.row_points(model)
+
+    def linear(unit, tensor) -> bool:
+        if unit.kind == "expert":
+            return False
+        if unit.key in points:
+            path, _, attr = tensor.name.rpartition(".")
+            module = points[unit.key].get_submodule(path) if path else points[unit.key]
+            return attr == "weight" and type(module) is torch.nn.Linear
+        return unit.group in rows and tensor.name == "weight"
+
+    return linear

@@ -80,7 +80,7 @@ def _cmd_plan(args) -> int:
                     max_tokens=args.max_tokens, kv=args.kv, max_context=args.max_context,
                     batch=args.batch, experts=args.experts, predict=args.predict,
                     predict_depth=args.predict_depth, predict_width=args.predict_width,
-                    expert_cache=args.expert_cache)
+                    expert_cache=args.expert_cache, compute=args.compute)
     print(plan.table())
     return 0
 

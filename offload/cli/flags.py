@@ -112,6 +112,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                         "flight, 1 to 3)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="compute threads (default: torch's, one per core)")
+    p.add_argument("--compute", choices=("exact", "fast"), default="exact",
+                   help="exact: weights decoded to float32, bitwise transformers' model; fast: "
+                        "GGUF-quantized weights multiplied from their blocks by fused kernels "
+                        "(activations rounded to 8 bits per block, as llama.cpp: lossy, faster)")
     p.add_argument("--tokenizer", type=Path, metavar="PATH",
                    help="a tokenizer directory or .gguf, for a model without one")
     k = p.add_argument_group("KV cache")

@@ -55,7 +55,8 @@ class Session:
             device=args.device, host_budget=args.host_budget, prefetch=args.prefetch,
             max_tokens=max_tokens, kv=args.kv, max_context=args.max_context, batch=batch,
             experts=args.experts, predict=args.predict, predict_depth=args.predict_depth,
-            predict_width=args.predict_width, expert_cache=args.expert_cache)))
+            predict_width=args.predict_width, expert_cache=args.expert_cache,
+            compute=args.compute)))
         self.timings["plan+load"] = time.perf_counter() - t0
         self.runtime = api.runtime_of(self.model)
 

@@ -18,6 +18,9 @@ def summary(runtime, timings: dict, first_token=(None, None), pack=(None, 0, Fal
         ("read from disk", f"{format_bytes(s['bytes_read']['disk'])} "
                            f"({'O_DIRECT' if s['direct_io'] else 'buffered'})"),
         ("peak memory", _memory_line(s, *pack)),
+        ("compute", "fast: " + f"{plan.fused_tensors} quantized weights multiplied from their "
+                    "GGUF blocks (lossy: 8-bit activations)" if plan.compute == "fast" else
+                    "exact (bitwise transformers' float32 model)"),
         ("start-up", _startup_line(timings, *first_token, pack[2])),
     ]
     kv = s.get("kv")

@@ -148,7 +148,9 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
     decode = (moe_layers * used * (1 - len(resident) / len(experts))
               * max(profile.decode_seconds(u) for u in experts)) if scratch else 0.0
     # Each used expert multiplies its share of the batch's tokens (top_k of them each).
-    compute = (profile.compute_seconds(weight_bytes - sum(u.nbytes for u in experts), batch)
+    expert_keys = {u.key for u in experts}
+    compute = (profile.units_compute_seconds([u for u in units if u.key not in expert_keys],
+                                             batch)
                + profile.compute_seconds(moe_layers * used * dense_expert,
                                          max(1, round(batch * top_k / used)))
                + base.overhead_s + decode)

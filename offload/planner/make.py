@@ -11,9 +11,10 @@ import dataclasses
 import logging
 
 from ..errors import BudgetError, HardwareError
-from ..kernels import head
+from ..kernels import head, qmatmul
 from ..sizes import format_bytes
 from ..units import DTYPES, align
+from .compute import fused_count
 from .experts import make_moe_plan
 from .kv import kv_geometry
 from .options import PlanOptions
@@ -50,13 +51,16 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
     if moe is not None:
         options.experts.check(moe.top_k, moe.experts)
     head_rows = head_chunk_rows(manifest, shape)
+    fused = fused_count(manifest.units)   # compute="fast": the fused kernel's prefill scratch
     kv, reserve, tokens = kv_part(config, shape, dtype, options, head_rows=head_rows,
-                                  overhead=bookkeeping(len(manifest.units)))
+                                  overhead=bookkeeping(len(manifest.units))
+                                  + (qmatmul.CHUNK_BYTES if fused else 0))
     check = head_check(manifest, shape, dtype, options.device, probe=probe_head)
 
     def place(pins: frozenset[str]) -> Plan:
-        return _place(manifest, adapter, config, moe, profile, options, kv, reserve, tokens,
-                      pins, check, heat)
+        return dataclasses.replace(
+            _place(manifest, adapter, config, moe, profile, options, kv, reserve, tokens, pins,
+                   check, heat), compute="fast" if fused else "exact", fused_tensors=fused)
 
     if not probe_head:
         return dataclasses.replace(place(frozenset()), head_probed=False)

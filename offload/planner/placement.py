@@ -128,7 +128,7 @@ def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
     encoded = {u.key for u in units if u.encoded}
     decode = {u.key: profile.decode_seconds(u) for u in units}
     holdable = held_candidates(units, profile)
-    weight_bytes = sum(u.nbytes for u in units)
+    compute_s = profile.units_compute_seconds(units, batch)
     small = max(size.values()) // SMALL_FRACTION   # independent of the budget: so is the minimum
     best, minimum = None, None
     for slot_bytes in sorted({size[k] for k in reads} | {0}):
@@ -147,10 +147,9 @@ def _search(units, reads: Counter, budget_bytes: int, reserve_bytes: int,
                            hold=_Hold(holdable, decode, profile.disk_read_bps))
             if option is None:
                 continue
-            cost = _cost(weight_bytes, option[0], option[1], profile,
+            cost = _cost(compute_s, option[0], option[1], profile,
                          decode_s=sum(reads[k] * decode[k] for k in reads
-                                      if k not in option[4]), overhead_s=overhead_s,
-                         batch=batch)
+                                      if k not in option[4]), overhead_s=overhead_s)
             key = (cost["predicted"], *option)
             if best is None or key < best:
                 best = key
@@ -173,16 +172,16 @@ def _auto_depth(slot_bytes: int, landing_bytes: int = 0) -> int:
     return max(1, min(MAX_AUTO_DEPTH, -(-IN_FLIGHT_BYTES // slot_bytes)))
 
 
-def _cost(weight_bytes: int, streamed: int, slots: int, profile: HardwareProfile,
-          from_disk: int | None = None, decode_s: float = 0.0, overhead_s: float = 0.0,
-          batch: int = 1) -> dict:
-    """Seconds per decode step: compute (the weight bytes, and the framework's work per layer),
+def _cost(compute_s: float, streamed: int, slots: int, profile: HardwareProfile,
+          from_disk: int | None = None, decode_s: float = 0.0, overhead_s: float = 0.0) -> dict:
+    """Seconds per decode step: compute (``compute_s`` multiplying the weights:
+    ``HardwareProfile.units_compute_seconds``; and the framework's work per layer),
     disk, host link and the decode thread (decoding the streamed and held encoded Units)
     overlap only with 2+ slots. On a CPU the decode thread runs on the cores compute uses
     (torch's threads take them all): their seconds add, and the reads overlap them only in
     part (``overlap``; measured on SmolLM2 at 20%, 2 cores: the decode thread ran at half its
     speed alone while the model computed)."""
-    c = {"compute": profile.compute_seconds(weight_bytes, batch) + overhead_s,
+    c = {"compute": compute_s + overhead_s,
          "disk": (streamed if from_disk is None else from_disk) / max(profile.disk_read_bps, 1.0),
          "host link": streamed / profile.h2d_bps if profile.h2d_bps else 0.0,
          "decode": decode_s}
@@ -305,8 +304,8 @@ def _plan(units, order, resident, slots, slot_bytes, budget, reserve, max_tokens
     landing = max((stored[k] for k in stream if k in encoded and k not in held),
                   default=0) if slots else 0
     decode = {u.key: profile.decode_seconds(u) for u in units}
-    cost = _cost(weight_bytes, streamed, slots, profile, from_disk,
-                 decode_s=sum(decode[k] for k in stream), overhead_s=overhead_s, batch=batch)
+    cost = _cost(profile.units_compute_seconds(units, batch), streamed, slots, profile,
+                 from_disk, decode_s=sum(decode[k] for k in stream), overhead_s=overhead_s)
     predicted = cost.pop("predicted")
     bottleneck = _bottleneck(cost, profile)
     compute_s, io_s, link_s = cost["compute"], cost["disk"], cost["host link"]

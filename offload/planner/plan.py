@@ -110,6 +110,8 @@ class Plan:
             resource (decode: the decode thread, for streamed and held encoded Units).
         predicted_s: predicted seconds per decode step.
         bottleneck: the resource that sets ``predicted_s``.
+        compute: ``exact`` or ``fast`` (``planner.compute``); ``fused_tensors``: how many
+            weights the fused kernel multiplies from their blocks.
         encoded_units: ``(key, dense bytes, stored bytes, decode seconds)`` of each encoded
             Unit (decode: one decode at the measured speed, 0 where not measured).
         experts: the expert part of an MoE model's plan (``ExpertPlan``), ``None`` for a
@@ -157,6 +159,8 @@ class Plan:
     overhead_s: float = 0.0
     batch: int = 1
     head_probed: bool = True
+    compute: str = "exact"
+    fused_tensors: int = 0
 
     @property
     def home(self) -> dict[str, str]:
@@ -265,6 +269,10 @@ class Plan:
             f"{self.io_s * 1000:.1f} ms, host link {self.link_s * 1000:.1f} ms"
             + (f", decode {self.decode_s * 1000:.1f} ms" if self.decode_s else "") + ")",
             *([f"hardware profile: {self.profile}"] if self.profile else []),
+            "compute: " + ("fast: " + f"{self.fused_tensors} quantized weights multiplied "
+                           "from their GGUF blocks by the fused kernel (activations rounded to "
+                           "8 bits per block; not bitwise exact)" if self.compute == "fast" else
+                           "exact: weights decoded to float, bitwise transformers' model"),
         ]
 
     def _notes(self) -> list[str]:

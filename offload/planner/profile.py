@@ -29,6 +29,9 @@ class HardwareProfile:
             matter (the framework's work per module: launches, norms, rotary, attention over
             a short cache); a family missing here is not charged. ``<family>@8``: the same at
             batch 8.
+        fused_bps: the fused GGUF matmul (``compute="fast"``): stored bytes per second it
+            multiplies at batch 1, per type (``Q4_K``), and at batch 8 (``Q4_K@8``), with the
+            kernel's thread pool; a type missing here is charged as dense bytes.
         contended: measured while another offload process read the same offload dir: used
             by the run that measured it, never cached.
         source: where the figures come from (measured here, or the file describing a machine),
@@ -43,6 +46,7 @@ class HardwareProfile:
     decode_bps: dict[str, float] = field(default_factory=dict)
     layer_s: dict[str, tuple[float, float]] = field(default_factory=dict)
     batch_compute_bps: dict[str, float] = field(default_factory=dict)
+    fused_bps: dict[str, float] = field(default_factory=dict)
     contended: bool = False
     source: str = ""
 
@@ -62,6 +66,33 @@ class HardwareProfile:
         at = self.batch_compute_bps.get(str(BATCH))
         return _between(one, nbytes / at if at else None, batch)
 
+    def units_compute_seconds(self, units, batch: int = 1) -> float:
+        """Seconds a decode step of ``batch`` sequences spends multiplying ``units``' weights:
+        dense bytes at ``compute_seconds``, tensors kept for the fused kernel at its measured
+        speed for their type (``fused_bps``)."""
+        dense, fused = 0, {}
+        for u in units:
+            dense += u.nbytes
+            for t in u.tensors:
+                qtype = fused_type(t.encoding)
+                if qtype is not None:
+                    fused[qtype] = fused.get(qtype, 0) + t.nbytes
+                    dense -= t.nbytes
+        return self.compute_seconds(dense, batch) + self.fused_seconds(fused, batch)
+
+    def fused_seconds(self, nbytes: dict[str, int], batch: int = 1) -> float:
+        """Seconds the fused kernel takes for ``nbytes`` stored bytes of each type at
+        ``batch`` (a type not measured: as dense bytes of that size)."""
+        total = 0.0
+        for qtype, n in nbytes.items():
+            one = self.fused_bps.get(qtype)
+            if one is None:
+                total += self.compute_seconds(n, batch)
+                continue
+            big = self.fused_bps.get(f"{qtype}@{BATCH}")
+            total += _between(n / one, n / big if big else None, batch)
+        return total
+
     def decode_seconds(self, unit) -> float:
         """Seconds one decode of ``unit``'s encoded tensors takes (0 for a dense Unit, or an
         encoding not measured)."""
@@ -70,6 +101,14 @@ class HardwareProfile:
 
 
 BATCH = 8   # the larger batch a profile measures
+
+
+def fused_type(encoding: str) -> str | None:
+    """The GGUF type of a tensor kept for the fused kernel (``fused.Q4_K`` -> ``Q4_K``)."""
+    return encoding[len(FUSED):] if encoding.startswith(FUSED) else None
+
+
+FUSED = "fused."
 
 
 def decode_key(t) -> str:

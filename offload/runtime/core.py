@@ -10,9 +10,9 @@ import torch
 
 from ..adapters.base import cache_keyword
 from ..errors import BudgetError, HardwareError, StoreError
-from ..hooks import (attach_unit, detach, embedding_forward, linear_forward,
-                     replace_forward, wrap_forward, wrap_generate, wrap_model)
-from ..kernels import decode, gguf, head
+from ..hooks import (attach_unit, detach, embedding_forward, fused_linear, linear_forward,
+                     replace_forward, submodule_param, wrap_forward, wrap_generate, wrap_model)
+from ..kernels import decode, gguf, head, qmatmul
 from ..planner.plan import Plan
 from ..planner.kv import kv_geometry
 from ..planner.reserve import forward_bytes, largest_chunk, scratch_bytes
@@ -76,6 +76,8 @@ class Runtime:
         self._chunk_next = None   # a direct forward _begin found too large: chunked (_forward)
         self._skip_end = False    # the chunked call's own end: its chunks were counted
         self._cache_kw = cache_keyword(model)
+        self._pool = None
+        self._threads = torch.get_num_threads()   # torch's, restored after each forward
         try:
             self._start()
         except BaseException:
@@ -100,6 +102,7 @@ class Runtime:
         release_free_heap()   # the probes' temporaries: back to the OS before the budget
         self.meter.rebase()
         map_large_allocations()
+        self._pool, self._fused_scratch = self._fused_kernel()
         self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
         # One landing buffer per slot for encoded Units' stored bytes (plan.landing_bytes).
         self.landings = [self.device_tier.alloc(plan.landing_bytes)
@@ -132,6 +135,18 @@ class Runtime:
 
             self.experts = ExpertsRuntime(self._moe_services())
         self._attach()
+
+    def _fused_kernel(self):
+        """``compute="fast"``: the fused kernel's thread pool (the cores the I/O threads
+        leave, at most torch's threads) and its prefill scratch (in the plan's reserve)."""
+        if not any(qmatmul.type_of(t.encoding) for u in self.units.values() for t in u.tensors):
+            return None, None
+        threads = min(torch.get_num_threads(), qmatmul.threads_for(
+            self.transport.io_threads if self.plan.stream else 0))
+        return qmatmul.Pool(threads), aligned_host(qmatmul.CHUNK_BYTES)
+
+    def _fused_matmul(self, qtype: str) -> qmatmul.Fused:
+        return qmatmul.Fused(qtype, self._pool, self._fused_scratch)
 
     def _members(self, unit: Unit) -> list[Unit]:
         return self.adapter.members(self.manifest.units, unit)
@@ -199,6 +214,11 @@ class Runtime:
             undo += attach_unit(module, [t.name for t in self.units[key].tensors], self.device,
                                 resident=self.resident.get(key), key=key,
                                 acquire=self._acquire, release=self._release)
+            for t in self.units[key].tensors:
+                qtype = qmatmul.type_of(t.encoding)
+                if qtype is not None:
+                    undo += fused_linear(submodule_param(module, t.name)[0],
+                                         self._fused_matmul(qtype))
         groups, tied = self.manifest.groups(), self.manifest.tied
         for group, (module, op) in adapter.row_points(model).items():
             keys = groups[tied.get(group, group)]
@@ -222,16 +242,34 @@ class Runtime:
                 self.disk.verify(self.units[k], self._verify_buffer())
                 self.counters.checksummed.add(k)
         return embedding_forward(chunks, self.shape.hidden, DTYPES[self.manifest.dtype],
-                                 self.device, self.resident, self._gather)
+                                 self.device, self.resident, self._gather,
+                                 decode_rows=self._rows_decoder(chunks))
+
+    def _rows_decoder(self, chunks):
+        """For a row-chunked weight kept in GGUF blocks: rows of blocks -> float32 rows."""
+        qtype = qmatmul.type_of(self.units[chunks[0][0]].tensors[0].encoding)
+        if qtype is None:
+            return None
+
+        def decode_rows(blocks: torch.Tensor) -> torch.Tensor:   # [n, row_bytes] -> [n, H]
+            cols = qmatmul.cols_of(qtype, blocks.shape[1])
+            out = torch.empty(blocks.shape[0], cols, dtype=torch.float32)
+            gguf.dequantize(blocks.contiguous().view(-1), out.view(-1).view(torch.uint8), qtype,
+                            out.numel())
+            return out
+
+        return decode_rows
 
     def _head(self, chunks, module):
         # torch's linear takes another kernel for a strided input when the weight requires
         # grad (even under no_grad): the head mirrors what the model's own weight did.
         fold = bool(getattr(getattr(module, "weight", None), "requires_grad", False))
         self._head_rows = max(stop - start for _, (start, stop) in chunks)
+        qtype = qmatmul.type_of(self.units[chunks[0][0]].tensors[0].encoding)
         return linear_forward(chunks, self.shape.vocab, self._acquire, self._release,
                               fold=fold, half_paths=self.half_paths,
-                              whole=self._whole_weight(chunks))
+                              whole=self._whole_weight(chunks),
+                              matmul=self._fused_matmul(qtype) if qtype else None)
 
     def _check_aggregates(self) -> None:
         """Layer-only streaming: the pipeline reads a layer's experts as one Unit and never
@@ -293,10 +331,10 @@ class Runtime:
         raw = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
         self.disk.read_rows(unit, at, row_bytes, rows.tolist(),  # syncs: ids to host
                             raw.numpy(), self._scratch)
-        qtype = gguf.type_of(spec.encoding)
+        qtype = gguf.type_of(spec.encoding) or qmatmul.type_of(spec.encoding)
         if qtype is None:
             return raw.view(spec.torch_dtype).to(self.device)
-        out = torch.empty(len(rows), spec.shape[1], dtype=torch.float32)
+        out = torch.empty(len(rows), qmatmul.cols_of(qtype, row_bytes), dtype=torch.float32)
         gguf.dequantize(raw.view(-1), out.view(-1).view(torch.uint8), qtype, out.numel())
         return out.to(self.device)
 
@@ -337,6 +375,11 @@ class Runtime:
         if self.experts is not None:
             self.experts.begin_forward(new == 1)
         self._forward_t0 = time.perf_counter()
+        if self._pool is not None and self._pool.threads > 1:
+            # A decode step's matmuls run on the fused kernel's pool; torch's own threads,
+            # left on, spin between its small ops on the cores the pool needs (measured: 2
+            # torch threads beside a 2-thread pool decoded slower than one thread alone).
+            torch.set_num_threads(1 if batch * new <= qmatmul.INT_ROWS else self._threads)
         return (args, kwargs) if swapped else None
 
     def _forward_need(self, batch: int, new: int, total: int, logits_rows: int, kv: int,
@@ -645,6 +688,8 @@ class Runtime:
         return owned
 
     def _end(self, module, args, output):
+        if self._pool is not None:
+            torch.set_num_threads(self._threads)
         if self._skip_end or self._chunk_next is not None:
             self._skip_end, self._chunk_next = False, None   # counted chunk by chunk
             return
@@ -691,6 +736,8 @@ class Runtime:
         if self._owned_kv is not None:
             self._owned_kv.close()   # a cache kept past close() says so when used
         self.transport.close()
+        if self._pool is not None:
+            self._pool.close()
         self.disk.close()
         self._disk_users.close()
         self.resident, self.held, self.slots, self.pipeline = {}, {}, None, None

@@ -58,6 +58,7 @@ def report(rt) -> dict:
     disk = rt.disk.bytes_read + ((ex or {}).get("disk_bytes") or 0)
     out = {
         "budget_bytes": rt.plan.budget_bytes,
+        "compute": rt.plan.compute,
         "accounted_peak_bytes": c.accounted_peak_bytes,
         "measured_peak_bytes": rt.meter.peak(),
         "baseline_bytes": rt.meter.baseline,

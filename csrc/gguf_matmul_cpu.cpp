@@ -1,0 +1,473 @@
+// Fused GGUF matmul on the CPU (compute="fast"): y[m, n] = sum_k x[m, k] * W[n, k], reading W
+// straight from its GGUF blocks. C ABI, loaded with ctypes (offload/kernels/_build.py).
+//
+// Activations are quantized per block to 8 bits the way llama.cpp's CPU path does (one scale
+// per 32 values for the legacy types, one per 256 with sums of each 16 for the K types; here
+// the scales are float32 where llama.cpp rounds some to fp16), and each weight block is
+// unpacked in registers and multiplied with integer dot products: the weights never exist as
+// float32. The result is not bitwise anything: its error is bounded by the activations'
+// rounding (at most half a step, amax/254 per value of a block), which
+// tests/test_qmatmul.py checks against a float64 reference per output.
+//
+// Paths (csrc/cpu_isa.h): scalar (portable integer loops) and AVX2 (VPMADDUBSW/VPMADDWD
+// integer dot products, as llama.cpp's); the AVX-512 level runs the AVX2 loops (no VNNI path:
+// none of the machines this was built on had it to test). Rows are split over a persistent
+// pool of threads (thread_pool.h) owned by the caller.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "gguf_blocks.h"
+#include "thread_pool.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using namespace offload_gguf;
+
+// Activation blocks.
+struct Q8 {        // legacy types: 32 values
+  float d;         // scale: value = d * q
+  float s;         // d * sum(q): the min term of Q4_1 / Q5_1
+  int8_t q[QK];
+};
+struct Q8K {       // K types: 256 values
+  float d;
+  int16_t bsums[16];   // sum of each 16 q
+  int8_t q[QK_K];
+};
+
+bool k_type(int type) { return type >= Q2_K; }
+
+bool supported(int type) {
+  switch (type) {
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case Q4_K: case Q5_K: case Q6_K:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Round to nearest, clamped to the int8 range the dot products assume.
+inline int8_t q8(float v) {
+  const float r = std::nearbyint(v);
+  return (int8_t)std::max(-127.f, std::min(127.f, r));
+}
+
+// ``n`` values as int8 ``q`` at a step of amax / 127; returns the step.
+float round_block(const float* v, int n, int8_t* q) {
+  float amax = 0.f;
+  for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+  for (int i = 0; i < n; ++i) q[i] = q8(v[i] * id);
+  return d;
+}
+
+void quantize_row(const float* x, int64_t k, Q8* out) {
+  for (int64_t b = 0; b < k / QK; ++b) {
+    out[b].d = round_block(x + QK * b, QK, out[b].q);
+    int sum = 0;
+    for (int i = 0; i < QK; ++i) sum += out[b].q[i];
+    out[b].s = out[b].d * (float)sum;
+  }
+}
+
+void quantize_row_k(const float* x, int64_t k, Q8K* out) {
+  for (int64_t b = 0; b < k / QK_K; ++b) {
+    out[b].d = round_block(x + QK_K * b, QK_K, out[b].q);
+    for (int j = 0; j < 16; ++j) {
+      int sum = 0;
+      for (int i = 0; i < 16; ++i) sum += out[b].q[16 * j + i];
+      out[b].bsums[j] = (int16_t)sum;
+    }
+  }
+}
+
+// -- scalar rows: exact integer sums per block, scaled in float ------------------------------
+
+float row_q4_0(const uint8_t* w, const Q8* x, int64_t nb) {
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b, w += 18) {
+    const uint8_t* qs = w + 2;
+    int s = 0;
+    for (int j = 0; j < 16; ++j)
+      s += ((qs[j] & 0x0f) - 8) * x[b].q[j] + ((qs[j] >> 4) - 8) * x[b].q[j + 16];
+    sum += half(w) * x[b].d * (float)s;
+  }
+  return sum;
+}
+
+float row_q4_1(const uint8_t* w, const Q8* x, int64_t nb) {
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b, w += 20) {
+    const uint8_t* qs = w + 4;
+    int s = 0;
+    for (int j = 0; j < 16; ++j) s += (qs[j] & 0x0f) * x[b].q[j] + (qs[j] >> 4) * x[b].q[j + 16];
+    sum += half(w) * x[b].d * (float)s + half(w + 2) * x[b].s;
+  }
+  return sum;
+}
+
+template <bool Min>
+float row_q5(const uint8_t* w, const Q8* x, int64_t nb) {
+  const int bytes = Min ? 24 : 22, bias = Min ? 0 : 16;
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b, w += bytes) {
+    const uint32_t qh = load32(w + (Min ? 4 : 2));
+    const uint8_t* qs = w + (Min ? 8 : 6);
+    int s = 0;
+    for (int j = 0; j < 16; ++j) {
+      const int lo = (qs[j] & 0x0f) | (((qh >> j) & 1) << 4);
+      const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+      s += (lo - bias) * x[b].q[j] + (hi - bias) * x[b].q[j + 16];
+    }
+    sum += half(w) * x[b].d * (float)s + (Min ? half(w + 2) * x[b].s : 0.f);
+  }
+  return sum;
+}
+
+float row_q8_0(const uint8_t* w, const Q8* x, int64_t nb) {
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b, w += 34) {
+    const int8_t* qs = reinterpret_cast<const int8_t*>(w + 2);
+    int s = 0;
+    for (int j = 0; j < QK; ++j) s += qs[j] * x[b].q[j];
+    sum += half(w) * x[b].d * (float)s;
+  }
+  return sum;
+}
+
+// Q4_K and Q5_K: 8 sub-blocks of 32, value = d * sc * q - dmin * mn.
+template <bool Five>
+float row_q45_k(const uint8_t* w, const Q8K* x, int64_t nb) {
+  const int bytes = Five ? 176 : 144;
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b, w += bytes) {
+    const uint8_t* qh = w + 16;
+    const uint8_t* qs = w + (Five ? 48 : 16);
+    int64_t s = 0, mins = 0;
+    for (int j = 0; j < 8; ++j) {
+      int sc, mn;
+      scale_min(w + 4, j, &sc, &mn);
+      const uint8_t* q = qs + 32 * (j / 2);
+      const int shift = 4 * (j % 2);
+      int dot = 0;
+      for (int l = 0; l < 32; ++l) {
+        int v = (q[l] >> shift) & 0x0f;
+        if (Five) v |= ((qh[l] >> j) & 1) << 4;
+        dot += v * x[b].q[32 * j + l];
+      }
+      s += (int64_t)sc * dot;
+      mins += (int64_t)mn * (x[b].bsums[2 * j] + x[b].bsums[2 * j + 1]);
+    }
+    sum += half(w) * x[b].d * (float)s - half(w + 2) * x[b].d * (float)mins;
+  }
+  return sum;
+}
+
+float row_q6_k(const uint8_t* w, const Q8K* x, int64_t nb) {
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b, w += 210) {
+    const uint8_t* ql = w;
+    const uint8_t* qh = w + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+    int64_t s = 0;
+    for (int i = 0; i < 16; ++i) {
+      int dot = 0;
+      for (int k = 0; k < 16; ++k) {
+        const int e = 16 * i + k, g = e / 128, h = (e % 128) / 64, m = e % 64;
+        const int sh = (e % 128) / 32, l = e % 32;
+        const int lo = (ql[64 * g + m] >> (4 * h)) & 0x0f, hi = (qh[32 * g + l] >> (2 * sh)) & 3;
+        dot += ((lo | (hi << 4)) - 32) * x[b].q[e];
+      }
+      s += (int64_t)sc[i] * dot;
+    }
+    sum += half(w + 208) * x[b].d * (float)s;
+  }
+  return sum;
+}
+
+// -- AVX2 rows ---------------------------------------------------------------------------------
+#if defined(__x86_64__)
+#define OFFLOAD_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+OFFLOAD_AVX2 float f16(const uint8_t* p) { return _cvtsh_ss(load16(p)); }
+
+OFFLOAD_AVX2 float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+OFFLOAD_AVX2 __m256i load(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// Unsigned bytes (< 128) times signed bytes, summed in fours: 8 int32.
+OFFLOAD_AVX2 __m256i dot_us(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// Signed times signed: the signs moved onto the second operand.
+OFFLOAD_AVX2 __m256i dot_ss(__m256i a, __m256i b) {
+  return dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+}
+
+// 16 bytes of packed nibbles as 32 bytes: the low nibbles, then the high ones.
+OFFLOAD_AVX2 __m256i nibbles32(const uint8_t* qs) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i m = _mm_set1_epi8(0x0f);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+
+// The 32 bits of ``qh`` as 32 bytes of 0x10 (set) or 0.
+OFFLOAD_AVX2 __m256i fifth_bits(uint32_t qh) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32((int)qh),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201LL);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
+                          _mm256_set1_epi8(0x10));
+}
+
+// The legacy types' rows: each block gives 8 int32 partial sums (``dot``), its scale and its
+// min term; two accumulators, so consecutive blocks do not wait on one add chain.
+template <typename Block>
+OFFLOAD_AVX2 float legacy_row(const uint8_t* w, const Q8* x, int64_t nb, int bytes, Block block) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  float mins0 = 0.f, mins1 = 0.f;
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2, w += 2 * bytes) {
+    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[b].d),
+                           _mm256_cvtepi32_ps(block(w, x[b], &mins0)), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w + bytes) * x[b + 1].d),
+                           _mm256_cvtepi32_ps(block(w + bytes, x[b + 1], &mins1)), acc1);
+  }
+  if (b < nb)
+    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[b].d),
+                           _mm256_cvtepi32_ps(block(w, x[b], &mins0)), acc0);
+  return hsum(_mm256_add_ps(acc0, acc1)) + (mins0 + mins1);
+}
+
+// Per block: 8 int32 partial sums of the integer dot product (min terms added to ``mins``).
+struct Q4_0Block {
+  OFFLOAD_AVX2 __m256i operator()(const uint8_t* b, const Q8& xb, float*) const {
+    return dot_ss(_mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8)), load(xb.q));
+  }
+};
+
+struct Q4_1Block {
+  OFFLOAD_AVX2 __m256i operator()(const uint8_t* b, const Q8& xb, float* mins) const {
+    *mins += f16(b + 2) * xb.s;
+    return dot_us(nibbles32(b + 4), load(xb.q));
+  }
+};
+
+template <bool Min>
+struct Q5Block {
+  OFFLOAD_AVX2 __m256i operator()(const uint8_t* b, const Q8& xb, float* mins) const {
+    uint32_t qh;
+    std::memcpy(&qh, b + (Min ? 4 : 2), 4);
+    const __m256i q = _mm256_or_si256(nibbles32(b + (Min ? 8 : 6)), fifth_bits(qh));
+    if (!Min) return dot_ss(_mm256_sub_epi8(q, _mm256_set1_epi8(16)), load(xb.q));
+    *mins += f16(b + 2) * xb.s;
+    return dot_us(q, load(xb.q));
+  }
+};
+
+struct Q8_0Block {
+  OFFLOAD_AVX2 __m256i operator()(const uint8_t* b, const Q8& xb, float*) const {
+    return dot_ss(load(b + 2), load(xb.q));
+  }
+};
+
+template <bool Five>
+OFFLOAD_AVX2 float row_q45_k_v(const uint8_t* w, const Q8K* x, int64_t nb) {
+  const int bytes = Five ? 176 : 144;
+  const __m256i m4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.f;
+  for (int64_t b = 0; b < nb; ++b, w += bytes) {
+    const uint8_t* qs = w + (Five ? 48 : 16);
+    const __m256i hbits = Five ? load(w + 16) : _mm256_setzero_si256();
+    int sc[8], mn[8], msum = 0;
+    for (int j = 0; j < 8; ++j) {
+      scale_min(w + 4, j, &sc[j], &mn[j]);
+      msum += mn[j] * (x[b].bsums[2 * j] + x[b].bsums[2 * j + 1]);
+    }
+    __m256i sumi = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256i q = load(qs + 32 * j);
+      __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+      if (Five) {
+        const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one);
+        const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one);
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+      }
+      const __m256i plo = _mm256_maddubs_epi16(lo, load(x[b].q + 64 * j));
+      const __m256i phi = _mm256_maddubs_epi16(hi, load(x[b].q + 64 * j + 32));
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    mins += f16(w + 2) * x[b].d * (float)msum;
+  }
+  return hsum(acc) - mins;
+}
+
+OFFLOAD_AVX2 __m256i two_scales(const int8_t* sc) {
+  return _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
+}
+
+OFFLOAD_AVX2 float row_q6_k_v(const uint8_t* w, const Q8K* x, int64_t nb) {
+  const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += 210) {
+    const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+    int corr = 0;
+    for (int i = 0; i < 16; ++i) corr += sc[i] * x[b].bsums[i];
+    __m256i sumi = _mm256_setzero_si256();
+    for (int g = 0; g < 2; ++g) {
+      const __m256i la = load(w + 64 * g), lb = load(w + 64 * g + 32);
+      const __m256i h = load(w + 128 + 32 * g);
+      const int8_t* xq = x[b].q + 128 * g;
+      const int8_t* s = sc + 8 * g;
+      const __m256i q[4] = {
+          _mm256_or_si256(_mm256_and_si256(la, m4),
+                          _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)),
+          _mm256_or_si256(_mm256_and_si256(lb, m4),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4))};
+      for (int i = 0; i < 4; ++i) {
+        const __m256i p = _mm256_maddubs_epi16(q[i], load(xq + 32 * i));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, two_scales(s + 2 * i)));
+      }
+    }
+    const float d = f16(w + 208) * x[b].d;
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    acc = _mm256_sub_ps(acc, _mm256_setr_ps(d * 32.f * (float)corr, 0, 0, 0, 0, 0, 0, 0));
+  }
+  return hsum(acc);
+}
+#endif
+
+// One row of W against one quantized activation row, on ``level``.
+using RowFn = float (*)(const uint8_t*, const void*, int64_t);
+
+template <typename X, float (*F)(const uint8_t*, const X*, int64_t)>
+float erase(const uint8_t* w, const void* x, int64_t nb) {
+  return F(w, static_cast<const X*>(x), nb);
+}
+
+#if defined(__x86_64__)
+#define AVX2_ROW(name, X, ...)                                                            \
+  __attribute__((target("avx2,fma,f16c"))) float name(const uint8_t* w, const void* x,   \
+                                                       int64_t nb) {                     \
+    return __VA_ARGS__(w, static_cast<const X*>(x), nb);                                 \
+  }
+#define LEGACY_ROW(name, Block, bytes)                                                     \
+  __attribute__((target("avx2,fma,f16c"))) float name(const uint8_t* w, const void* x,    \
+                                                       int64_t nb) {                      \
+    return legacy_row(w, static_cast<const Q8*>(x), nb, bytes, Block());                  \
+  }
+LEGACY_ROW(avx2_q4_0, Q4_0Block, 18)
+LEGACY_ROW(avx2_q4_1, Q4_1Block, 20)
+LEGACY_ROW(avx2_q5_0, Q5Block<false>, 22)
+LEGACY_ROW(avx2_q5_1, Q5Block<true>, 24)
+LEGACY_ROW(avx2_q8_0, Q8_0Block, 34)
+AVX2_ROW(avx2_q4_k, Q8K, row_q45_k_v<false>)
+AVX2_ROW(avx2_q5_k, Q8K, row_q45_k_v<true>)
+AVX2_ROW(avx2_q6_k, Q8K, row_q6_k_v)
+#endif
+
+RowFn row_fn(int type, int level) {
+#if defined(__x86_64__)
+  if (level >= offload_isa::AVX2) {
+    switch (type) {
+      case Q4_0: return avx2_q4_0;
+      case Q4_1: return avx2_q4_1;
+      case Q5_0: return avx2_q5_0;
+      case Q5_1: return avx2_q5_1;
+      case Q8_0: return avx2_q8_0;
+      case Q4_K: return avx2_q4_k;
+      case Q5_K: return avx2_q5_k;
+      case Q6_K: return avx2_q6_k;
+      default: return nullptr;
+    }
+  }
+#endif
+  switch (type) {
+    case Q4_0: return erase<Q8, row_q4_0>;
+    case Q4_1: return erase<Q8, row_q4_1>;
+    case Q5_0: return erase<Q8, row_q5<false>>;
+    case Q5_1: return erase<Q8, row_q5<true>>;
+    case Q8_0: return erase<Q8, row_q8_0>;
+    case Q4_K: return erase<Q8K, row_q45_k<false>>;
+    case Q5_K: return erase<Q8K, row_q45_k<true>>;
+    case Q6_K: return erase<Q8K, row_q6_k>;
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// A pool of ``threads`` threads (the caller counts as one) for offload_gguf_matmul.
+void* offload_pool_new(int threads, int spin_us) {
+  return new offload_pool::Pool(std::max(1, threads), std::max(0, spin_us));
+}
+void offload_pool_free(void* pool) { delete static_cast<offload_pool::Pool*>(pool); }
+
+// Whether offload_gguf_matmul multiplies ``type``.
+int offload_gguf_matmul_supports(int type) { return supported(type) ? 1 : 0; }
+
+// y[i * ldy + j] = sum_k x[i * ldx + k] * W[j, k] for i < m, j < n, where W is n rows of k / block
+// blocks of ``type`` at ``w`` (row after row). ``pool`` (offload_pool_new) splits the rows, or
+// null: the calling thread alone. Returns 0; -1 for a type it lacks, -2 for k not a whole
+// number of blocks (nothing written).
+int offload_gguf_matmul(int type, const uint8_t* w, int64_t n, int64_t k, const float* x,
+                        int64_t ldx, int64_t m, float* y, int64_t ldy, void* pool, int isa) {
+  if (!supported(type)) return -1;
+  const Traits t = traits(type);
+  if (k % t.block) return -2;
+  const int64_t nb = k / t.block, row_bytes = nb * t.bytes;
+  const int level = offload_isa::effective(isa);
+  const RowFn fn = row_fn(type, level);
+  const size_t xbytes = k_type(type) ? sizeof(Q8K) : sizeof(Q8);
+  std::vector<uint8_t> xq((size_t)(m * nb) * xbytes);
+  for (int64_t i = 0; i < m; ++i) {
+    if (k_type(type))
+      quantize_row_k(x + i * ldx, k, reinterpret_cast<Q8K*>(xq.data()) + i * nb);
+    else
+      quantize_row(x + i * ldx, k, reinterpret_cast<Q8*>(xq.data()) + i * nb);
+  }
+  auto rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t j = r0; j < r1; ++j)
+      for (int64_t i = 0; i < m; ++i)
+        y[i * ldy + j] = fn(w + j * row_bytes, xq.data() + (size_t)(i * nb) * xbytes, nb);
+  };
+  auto* p = static_cast<offload_pool::Pool*>(pool);
+  const int64_t parts = p == nullptr ? 1 : std::min<int64_t>(p->threads(), n);
+  if (parts <= 1) {
+    rows(0, n);
+    return 0;
+  }
+  const int64_t per = (n + parts - 1) / parts;
+  p->run(parts, [&](int64_t part) { rows(part * per, std::min(n, (part + 1) * per)); });
+  return 0;
+}
+
+}  // extern "C"

