@@ -256,7 +256,8 @@ def offload_main(a: argparse.Namespace, vocab: int) -> None:
     prompts = random_prompts(a.batch_size, a.prompt_len, vocab)
     t0 = time.perf_counter()
     model = offload.run(a.store, budget=int(a.budget_bytes), offload_dir=a.offload_dir,
-                        max_tokens=a.max_tokens, progress=False, device="cpu")
+                        max_tokens=a.max_tokens, progress=False, device="cpu",
+                        compute="fast" if a.contender == "offload-fast" else "exact")
     load_s = time.perf_counter() - t0
     snap, io0 = {}, {}
 
@@ -378,6 +379,8 @@ class Kind:
 def main(a: argparse.Namespace) -> int:
     if a.quality:
         return quality_main(a)
+    if a.fast:
+        return fast_main(a)
     work = Path(a.work_dir).expanduser().absolute() / ("toy" if a.toy else "tinyllama")
     info = system_info(work)
     report = Report("quant", "offload quantized bench", a, info)
@@ -651,6 +654,168 @@ def quality_main(a: argparse.Namespace) -> int:
     return report.finish({}, {"tokens": n, "perplexity": data}, capped=True)
 
 
+# -- compute="fast": the fused kernels against llama.cpp on the default model ---------------
+FAST_BUDGETS = ("20%", "25%")
+TARGET_FAST_VS_LLAMA_CPP = 0.8
+FAST_QUALITY_TOKENS = 2048
+
+
+def fast_main(a: argparse.Namespace) -> int:
+    """SmolLM2-135M's own Q4_1/Q8_0 GGUF (real weights): offload exact and fast, resident and
+    at 20% / 25% budgets under the cap, llama.cpp resident and under the same caps; then
+    fast's quality against exact over 2,048 tokens of text."""
+    import offload
+    from offload.cli import default_model_path
+    from offload.sizes import parse_size
+
+    path = default_model_path()
+    work = Path(a.work_dir).expanduser().absolute() / "smollm2-fast"
+    info = system_info(work)
+    report = Report("quant-fast", "offload compute='fast' bench", a, info)
+    model_dir = _config_dir(path, work / "model")
+    stores = work / "stores"
+    quant = offload.pack(str(path), stores / "smollm2", progress=False)
+    peer = None if a.no_llama_cpp else llama_cpp_dir(build=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    common = ["--model-dir", str(model_dir), "--gguf", str(path), "--prompt-len",
+              str(a.prompt_len), "--warmup", str(a.warmup), "--n-tokens", str(a.tokens)]
+    max_tokens = positions_for(1, a.prompt_len, a.tokens, a.warmup)
+    whole = 2 * quant.weight_bytes   # every Unit resident, decoded, with room to spare
+    runs, cells, data = {}, [], {"rows": []}
+    budgets = [("resident", whole, None)] + [
+        (b, parse_size(b, total_bytes=quant.weight_bytes), None) for b in FAST_BUDGETS]
+    for label, budget, _ in budgets:
+        machine = Machine.measure(a, budget, quant.data_path, cgroup_idle=False)
+        cap = None if label == "resident" else machine.cap_for(True)
+        contenders = [("offload-quant", "exact"), ("offload-fast", "fast")]
+        if peer is not None:
+            contenders.append(("llama-cpp", "llama.cpp"))
+        for contender, name in contenders:
+            argv = [str(SCRIPT), "--contender", contender, *common, "--budget-bytes",
+                    str(budget)]
+            if contender.startswith("offload"):
+                argv += ["--store", str(quant.path), "--offload-dir", str(stores),
+                         "--max-tokens", str(max_tokens)]
+            else:
+                argv += ["--batch-sizes", "1", "--llama-cpp", str(peer)]
+            key = f"{name}@{label}"
+            runs[key] = launch_contender(key, argv, cap_bytes=cap, wait_quiet=a.wait_quiet,
+                                         timeout=a.timeout, quiet=a.quiet)
+        lc = result_of(runs, f"llama.cpp@{label}")
+        for name in ("exact", "fast", "llama.cpp"):
+            r, x = runs.get(f"{name}@{label}"), result_of(runs, f"{name}@{label}")
+            if r is None:
+                continue
+            if x is None:
+                cells.append([name, label, "-", "?", "-", "-", "-", "failed: see log"])
+                continue
+            st = x.get("stats") or {}
+            peak = (f"{fmt_bytes(st['measured_peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}"
+                    if st else "-")
+            cells.append([name, label, fmt_bytes(r.cap_bytes) if r.capped else "uncapped",
+                          f"{x['tok_s']:.2f}", f"{x['median_s_per_step'] * 1000:.1f}",
+                          f"{x['tok_s'] / lc['tok_s']:.2f}x" if lc else "-", peak,
+                          ", ".join(run_notes(r, x))])
+            data["rows"].append({"contender": name, "budget": label, "budget_bytes": budget,
+                                 "capped": r.capped, "tok_s": x["tok_s"],
+                                 "vs_llama_cpp": x["tok_s"] / lc["tok_s"] if lc else None,
+                                 "measured_peak_bytes": st.get("measured_peak_bytes")})
+    report.header([("model", f"{path.name}: SmolLM2-135M-Instruct, real weights (Q4_1 "
+                             "projections, Q8_0 embedding/head)"),
+                   ("llama.cpp", f"{LLAMA_CPP} from {peer}" if peer else "not run"),
+                   ("decode", f"prompt {a.prompt_len} random tokens, {a.warmup} warm-up, "
+                              f"{a.tokens} timed, greedy, batch 1, {os.cpu_count()} threads")])
+    report.table(["contender", "budget", "cap", "tok/s", "p50 ms/step", "vs llama.cpp",
+                  "measured peak", "notes"], cells, right={3, 4, 5},
+                 note="budget: a share of the decoded (float32) weights, as offload's "
+                      "percentages are; llama.cpp runs under the same cap (its mmap pages in "
+                      "what the cap lets it)")
+    data["quality"] = fast_quality(path, stores, 256 if a.toy else FAST_QUALITY_TOKENS, report)
+    fast_targets(data, runs, report)
+    return report.finish(runs, data, capped=True)
+
+
+def _config_dir(path: Path, out: Path) -> Path:
+    """A directory with the GGUF's transformers config.json (what contenders read)."""
+    if not (out / "config.json").is_file():
+        from transformers import AutoConfig
+
+        out.mkdir(parents=True, exist_ok=True)
+        AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    return out
+
+
+def teacher_forced(model, ids, chunk: int):
+    """Feed ``ids`` ([1, T]) ``chunk`` positions per forward through one cache (the fused
+    kernel's integer path: at most ``INT_ROWS`` rows per product, as in decoding): each
+    position's greedy next token, and the mean negative log-likelihood of the text."""
+    import torch
+    from transformers import DynamicCache
+
+    from offload import api
+
+    cache = DynamicCache(config=model.config)
+    kw = api.runtime_of(model).cache_argument
+    preds, nll = [], 0.0
+    with torch.no_grad():
+        for at in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, at:at + chunk], **{kw: cache}, use_cache=True).logits[0]
+            preds.append(logits.argmax(-1))
+            target = ids[0, at + 1:at + chunk + 1]
+            logp = torch.log_softmax(logits[:len(target)].double(), -1)
+            nll -= logp.gather(1, target[:, None]).sum().item()
+    return torch.cat(preds)[:-1], nll / (ids.shape[1] - 1)
+
+
+def fast_quality(path: Path, stores: Path, n: int, report: Report) -> dict:
+    """Greedy agreement and perplexity of fast against exact, teacher-forced over the first
+    ``n`` tokens of README.md then benches/RESULTS.md."""
+    import offload
+    from offload import api
+    from offload.kernels import qmatmul
+
+    tok = api.tokenizer(str(path))
+    text = (REPO_ROOT / "README.md").read_text() + (REPO_ROOT / "benches" / "RESULTS.md") \
+        .read_text()
+    ids = tok(text, return_tensors="pt").input_ids[:, :n]
+    got = {}
+    for mode in ("exact", "fast"):
+        model = offload.run(str(path), budget="1500MB", compute=mode, offload_dir=str(stores),
+                            max_tokens=n + 8, logits="all", progress=False)
+        got[mode] = teacher_forced(model, ids, qmatmul.INT_ROWS)
+        offload.close(model)
+    agree = (got["exact"][0] == got["fast"][0]).float().mean().item()
+    ppl = {m: math.exp(v[1]) for m, v in got.items()}
+    report.table(["measure", "exact", "fast", "change"], [
+        ["perplexity", f"{ppl['exact']:.3f}", f"{ppl['fast']:.3f}",
+         f"{(ppl['fast'] / ppl['exact'] - 1) * 100:+.2f}%"],
+        ["greedy next token equal to exact's", "-", f"{agree * 100:.1f}%", "-"]],
+        right={1, 2, 3}, note=f"teacher-forced over {n} tokens of README.md + RESULTS.md, "
+                              f"{qmatmul.INT_ROWS} positions per forward (the integer path)")
+    return {"tokens": n, "agreement": agree, "perplexity": ppl}
+
+
+def fast_targets(data: dict, runs: dict, report: Report) -> None:
+    rows = {(r["contender"], r["budget"]): r for r in data["rows"]}
+
+    def ratio(budget: str):
+        f, lc = rows.get(("fast", budget)), rows.get(("llama.cpp", budget))
+        return f["tok_s"] / lc["tok_s"] if f and lc else None
+
+    report.target(f"fast resident >= {TARGET_FAST_VS_LLAMA_CPP}x llama.cpp resident",
+                  ratio("resident"), TARGET_FAST_VS_LLAMA_CPP, "", runs=runs,
+                  needs=("fast@resident", "llama.cpp@resident"))
+    for b in FAST_BUDGETS:
+        report.target(f"fast ahead of llama.cpp under the {b} cap", ratio(b), 1.0, "",
+                      runs=runs, needs=(f"fast@{b}", f"llama.cpp@{b}"))
+    q = data["quality"]
+    change = q["perplexity"]["fast"] / q["perplexity"]["exact"] - 1
+    report.target("fast's greedy tokens equal exact's (share of positions)", q["agreement"],
+                  0.95, f"over {q['tokens']} tokens", runs=runs)
+    report.target("fast's perplexity change against exact (|%|)", abs(change) * 100, 1.0,
+                  f"{change * 100:+.2f}%", runs=runs, at_most=True)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = bench_parser(__doc__, tokens=6, work_dir="/tmp/offload_bench",
                      json_path="bench_out/bench_quant.json",
@@ -664,6 +829,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the llama.cpp row")
     p.add_argument("--quality", action="store_true",
                    help="measure --quantize's perplexity cost on SmolLM2 instead")
+    p.add_argument("--fast", action="store_true",
+                   help="compute='fast' on the default SmolLM2 GGUF against exact and "
+                        "llama.cpp, resident and at 20%% / 25%% budgets, and its quality")
     p.add_argument("--gguf", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--llama-cpp", help=argparse.SUPPRESS)

@@ -159,7 +159,7 @@ def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dt
     def forward(ids: torch.Tensor) -> torch.Tensor:
         out = torch.empty(*ids.shape, hidden, dtype=dtype, device=device)   # [B, T, H]
         # only the chunks some id falls in (a decode step: one of ~50 for a 49k vocabulary)
-        present = torch.unique(torch.bucketize(ids, starts, right=True) - 1)
+        present = torch.unique(torch.bucketize(ids.contiguous(), starts, right=True) - 1)
         for i in present.tolist():   # syncs on a GPU: a few ints, once per forward
             key, (start, stop) = chunks[i]
             hit = (ids >= start) & (ids < stop)

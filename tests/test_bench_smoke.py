@@ -11,13 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _toy_run(bench: str, tmp_path, timeout: int, floor: bool = True) -> dict:
+def _toy_run(bench: str, tmp_path, timeout: int, floor: bool = True, extra=()) -> dict:
     """Run ``benches/<bench>.py --toy``; it must succeed and print its targets and (``floor``)
     an I/O floor row of its table: the floor's name, then tok/s as a figure."""
     out = tmp_path / f"{bench}.json"
     r = subprocess.run([sys.executable, str(ROOT / "benches" / f"{bench}.py"), "--toy",
                         "--quiet", "--wait-quiet", "0", "--work-dir", str(tmp_path / "bench"),
-                        "--json", str(out)], capture_output=True, text=True, timeout=timeout)
+                        "--json", str(out), *extra], capture_output=True, text=True,
+                       timeout=timeout)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "targets" in r.stdout
     if floor:
@@ -103,3 +104,13 @@ def test_toy_plan_bench_compares_each_row_with_its_prediction(tmp_path):
         assert x["measured_s"] > 0 and x["predicted_s"] > 0
         predicted = x["streamed_bytes"] + x["expert_bytes"]
         assert abs(x["read_per_step"] - predicted) <= 0.1 * predicted + (1 << 20), x
+
+
+def test_toy_fast_bench_runs_every_offload_contender(tmp_path):
+    """bench_quant.py --fast at toy size (no llama.cpp row: its build takes minutes): exact and
+    fast resident and at both budgets, and the quality table over 256 tokens."""
+    result = _toy_run("bench_quant", tmp_path, timeout=900, floor=False,
+                      extra=("--fast", "--no-llama-cpp"))
+    rows = {(row["contender"], row["budget"]) for row in result["rows"]}
+    assert rows == {(c, b) for c in ("exact", "fast") for b in ("resident", "20%", "25%")}
+    assert result["quality"]["tokens"] == 256 and 0 < result["quality"]["agreement"] <= 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from offload import api
 from offload.errors import HardwareError, OffloadError
 from offload.kernels import qmatmul
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+from bench_quant import teacher_forced  # noqa: E402  (the bench's measure, 512 tokens here)
+
 
 def _path():
     path = smollm2_path()
@@ -26,32 +30,11 @@ def _path():
     return path
 
 
-def teacher_forced(model, ids: torch.Tensor, chunk: int = qmatmul.INT_ROWS):
-    """Feed ``ids`` ([1, T]) ``chunk`` positions per forward through one cache (the fused
-    kernel's integer path: at most ``INT_ROWS`` rows per product, as in decoding): each
-    position's greedy next token, and the mean negative log-likelihood of the text."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    kw = api.runtime_of(model).cache_argument
-    preds, nll = [], 0.0
-    with torch.no_grad():
-        for at in range(0, ids.shape[1], chunk):
-            logits = model(ids[:, at:at + chunk], **{kw: cache}, use_cache=True).logits[0]
-            preds.append(logits.argmax(-1))
-            target = ids[0, at + 1:at + chunk + 1]
-            logp = torch.log_softmax(logits[:len(target)].double(), -1)
-            nll -= logp.gather(1, target[:, None]).sum().item()
-    return torch.cat(preds)[:-1], nll / (ids.shape[1] - 1)
-
-
 def test_fast_agrees_with_exact_on_smollm2(tmp_path):
     """512 tokens of README.md, teacher-forced: greedy tokens of fast agree with exact's on at
     least 95% of positions, and perplexity within 1% (the bench measures 2,048 tokens)."""
     path = _path()
     tok = api.tokenizer(str(path))
-    from pathlib import Path
-
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     ids = tok(text, return_tensors="pt").input_ids[:, :512]
     got = {}
@@ -59,7 +42,7 @@ def test_fast_agrees_with_exact_on_smollm2(tmp_path):
         model = offload.run(str(path), budget="800MB", compute=mode, offload_dir=tmp_path,
                             max_tokens=520, logits="all", progress=False)
         assert api.runtime_of(model).plan.compute == mode
-        got[mode] = teacher_forced(model, ids)
+        got[mode] = teacher_forced(model, ids, qmatmul.INT_ROWS)
         offload.close(model)
     agree = (got["exact"][0] == got["fast"][0]).float().mean().item()
     ppl = {m: math.exp(v[1]) for m, v in got.items()}

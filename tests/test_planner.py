@@ -350,3 +350,32 @@ def test_a_bitmap_units_decode_is_charged_at_its_density():
     p = make_plan(us, [x.key for x in us], 2 * (2 * n) + (n + n // 8) + (2 << 20), 1 << 20,
                   16, profile, prefetch=0)
     assert "layer.0" in p.stream and p.decode_s == pytest.approx(2 * n / 4e9)
+
+
+def test_fused_units_are_read_as_stored_and_priced_by_the_fused_kernel():
+    """compute='fast': a quantized linear weight becomes its stored blocks (uint8 rows: the
+    Unit is no longer encoded, its memory is its stored bytes, read straight into a slot); a
+    tensor the predicate refuses stays decoded. Its compute is charged at the fused kernel's
+    measured speed for its type (missing: as dense bytes at compute_bps), batch-interpolated."""
+    from offload.planner.compute import fused_count, fused_units
+    from offload.units import TensorSpec
+
+    layer = 32 << 20
+    q = _quantized("layer.0.q", 0, layer)
+    q = Unit(q.key, q.kind, q.group, q.index, q.offset, q.nbytes, q.checksum,
+             (TensorSpec("weight", "float32", (4096, layer // 4 // 4096), 0, layer,
+                         "gguf.Q4_0", 0, q.stored_bytes),), stored_nbytes=q.stored_bytes)
+    (f,) = fused_units([q], lambda unit, t: True)
+    assert fused_count([f]) == 1 and not f.encoded
+    assert f.nbytes == q.stored_bytes and f.tensors[0].shape == (4096, q.stored_bytes // 4096)
+    assert f.tensors[0].encoding == "fused.Q4_0" and f.tensors[0].dtype == "uint8"
+    assert fused_units([q], lambda unit, t: False) == (q,)
+    prof = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "float32",
+                           fused_bps={"Q4_0": 5e9, "Q4_0@8": 2.5e9})
+    assert prof.units_compute_seconds([f]) == pytest.approx(f.nbytes / 5e9)
+    assert prof.units_compute_seconds([f], batch=8) == pytest.approx(f.nbytes / 2.5e9)
+    assert prof.units_compute_seconds([q]) == pytest.approx(layer / 10e9)
+    bare = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "float32")
+    assert bare.units_compute_seconds([f]) == pytest.approx(f.nbytes / 10e9)
+    p = make_plan([f], [f.key], 64 << 20, 1 << 20, 64, prof)
+    assert p.compute_s == pytest.approx(f.nbytes / 5e9) and p.decode_s == 0
