@@ -205,7 +205,8 @@ class Plan:
                          "host_budget=) holds the streamed Units in pinned RAM, read once: "
                          f"{format_bytes(self.streamed_bytes)} over the host link a step, "
                          f"~{rate(max(compute, link))}")
-        if self.stored_bytes == self.weight_bytes and self.itemsize and self.disk_bps:
+        if self.stored_bytes == self.weight_bytes and self.itemsize and self.disk_bps \
+                and not self.fused_tensors:   # fast: the weights already are blocks
             q4 = self.streamed_bytes * (144 / 256) / self.itemsize   # Q4_K: 144 B / 256
             lines.append(f"  a 4-bit store (Q4_K, LOSSY) reads ~{format_bytes(q4)} a step: "
                          f"~{rate(max(compute, q4 / self.disk_bps))}")
@@ -251,9 +252,14 @@ class Plan:
         return [
             f"compute tier: {format_bytes(self.total_bytes)} of {format_bytes(self.budget_bytes)}"
             f" budget (minimum {format_bytes(self.minimum_bytes)}); device {self.device}",
-            f"budget = {self.budget_bytes / max(self.weight_bytes, 1):.1%} of the "
-            f"{format_bytes(self.weight_bytes)} of weights as they sit in memory, decoded (what "
-            "a percentage budget is a share of, whatever the store's encoding)",
+            (f"budget = {self.budget_bytes / max(self.weight_bytes, 1):.1%} of the "
+             f"{format_bytes(self.weight_bytes)} of weights as they sit in memory, decoded (what "
+             "a percentage budget is a share of, whatever the store's encoding)"
+             if not self.fused_tensors else
+             f"budget = {self.budget_bytes / max(self.weight_bytes, 1):.1%} of the "
+             f"{format_bytes(self.weight_bytes)} of weights as compute='fast' holds them (the "
+             "quantized ones as GGUF blocks); a percentage budget is a share of the weights "
+             "decoded, as in exact"),
             f"streamed per forward: {format_bytes(self.streamed_bytes)} of "
             f"{format_bytes(self.weight_bytes)} weights; prefetch depth {max(self.slots - 1, 0)}",
             *([f"encoded store: {format_bytes(self.stored_bytes)} stored for "
