@@ -150,3 +150,37 @@ def test_cli_fast_summary_and_bad_flag(tmp_path):
     r = subprocess.run([sys.executable, "-m", "offload.cli", "run", str(path), "--compute", "quick"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "--compute" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])   # llama: a Mixtral file
+def test_fast_on_a_moe_gguf_fuses_attention_and_keeps_experts_exact(arch, tmp_path):
+    """An MoE GGUF under fast: the attention projections are multiplied from their blocks,
+    the experts (the MoE block's own compute) and the float32 routers are not; with the
+    expert cache at a budget that streams experts, fast gives fast resident's bits and
+    exact's logits within a fraction of their spread."""
+    from gguf_files import write_moe_gguf
+
+    path = write_moe_gguf(tmp_path / f"{arch}.gguf", arch=arch, qtype="Q8_0", layers=2,
+                          experts=4, hidden=64)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
+    whole = offload.plan(str(path), "64MB", compute="fast", offload_dir=tmp_path / "o",
+                         max_tokens=16)
+    tight = whole.minimum_bytes + (32 << 10)
+    logits = {}
+    for mode, budget in (("exact", "64MB"), ("fast", "64MB"), ("fast", tight)):
+        model = offload.run(str(path), budget=budget, compute=mode, offload_dir=tmp_path / "o",
+                            max_tokens=16, progress=False)
+        rt = api.runtime_of(model)
+        if mode == "fast":
+            fused = {k for k, u in rt.units.items()
+                     if any(qmatmul.type_of(t.encoding) for t in u.tensors)}
+            assert any(".attn" in k for k in fused)
+            assert not any(u.kind == "expert" for k, u in rt.units.items() if k in fused)
+        with torch.no_grad():
+            logits[mode, budget] = model(ids).logits
+            model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        offload.close(model)
+    assert torch.equal(logits["fast", "64MB"], logits["fast", tight])
+    exact, fast = logits["exact", "64MB"], logits["fast", "64MB"]
+    assert not torch.equal(exact, fast)
+    assert (fast - exact).abs().max() < 0.25 * exact.std()

@@ -56,8 +56,8 @@ def test_bound_is_tight_enough_to_catch_a_wrong_kernel():
 
 def test_zero_rows_and_the_prefill_road():
     """An all-zero activation row gives exact zeros (no 0/0 scale); more than INT_ROWS rows
-    go through dequantized chunks and torch's matmul (bitwise the dequantized product), also
-    when a chunk holds fewer rows than the weight."""
+    go through dequantized chunks of W and torch's matmul (bitwise the dequantized product),
+    chunks as large as the scratch given holds."""
     w = _weight("Q4_K", 50, 2, seed=5)
     x = torch.randn(qmatmul.INT_ROWS + 3, 512)
     x[1] = 0
@@ -65,13 +65,8 @@ def test_zero_rows_and_the_prefill_road():
         y = qmatmul.matmul(x[:4], w, "Q4_K", pool=pool)
     assert torch.equal(y[1], torch.zeros(50))
     dense = torch.from_numpy(gguf.reference(w.numpy(), "Q4_K").reshape(50, 512))
-    small = torch.empty(7 * 512 * 4, dtype=torch.uint8)   # 7 rows of W per chunk
-    old = qmatmul.CHUNK_BYTES
-    try:
-        qmatmul.CHUNK_BYTES = small.numel()
-        y = qmatmul.matmul(x, w, "Q4_K", scratch=small)
-    finally:
-        qmatmul.CHUNK_BYTES = old
+    small = torch.empty(7 * 512 * 4, dtype=torch.uint8)   # the scratch sets the chunk: 7 rows
+    y = qmatmul.matmul(x, w, "Q4_K", scratch=small)
     want = torch.cat([x @ dense[r:r + 7].t() for r in range(0, 50, 7)], 1)
     assert torch.equal(y, want)
 

@@ -175,7 +175,8 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tensor 
 def _by_chunks(x2, blocks, qtype, y2, scratch) -> None:
     rows, row_bytes = blocks.shape
     cols = x2.shape[1]
-    per = max(1, min(rows, CHUNK_BYTES // (cols * 4)))
+    room = CHUNK_BYTES if scratch is None or scratch.numel() < cols * 4 else scratch.numel()
+    per = max(1, min(rows, room // (cols * 4)))   # rows of W dequantized at a time
     if scratch is None or scratch.numel() < per * cols * 4:
         scratch = torch.empty(per * cols * 4, dtype=torch.uint8)
     for r0 in range(0, rows, per):

@@ -32,6 +32,14 @@ def fused_count(units) -> int:
     return sum(1 for u in units for t in u.tensors if qmatmul.type_of(t.encoding))
 
 
+def prefill_scratch_bytes(units) -> int:
+    """The fused kernel's prefill scratch (``qmatmul.CHUNK_BYTES``, or less: the largest
+    fused weight decoded); 0 without fused tensors."""
+    dense = [t.shape[0] * qmatmul.cols_of(qmatmul.type_of(t.encoding), t.shape[1]) * 4
+             for u in units for t in u.tensors if qmatmul.type_of(t.encoding)]
+    return min(qmatmul.CHUNK_BYTES, max(dense, default=0))
+
+
 def _fused(unit: Unit, linear) -> Unit:
     picks = {t.name: gguf.type_of(t.encoding) for t in unit.tensors
              if gguf.type_of(t.encoding) in qmatmul.TYPES and len(t.shape) == 2

@@ -11,10 +11,10 @@ import dataclasses
 import logging
 
 from ..errors import BudgetError, HardwareError
-from ..kernels import head, qmatmul
+from ..kernels import head
 from ..sizes import format_bytes
 from ..units import DTYPES, align
-from .compute import fused_count
+from .compute import fused_count, prefill_scratch_bytes
 from .experts import make_moe_plan
 from .kv import kv_geometry
 from .options import PlanOptions
@@ -54,7 +54,7 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
     fused = fused_count(manifest.units)   # compute="fast": the fused kernel's prefill scratch
     kv, reserve, tokens = kv_part(config, shape, dtype, options, head_rows=head_rows,
                                   overhead=bookkeeping(len(manifest.units))
-                                  + (qmatmul.CHUNK_BYTES if fused else 0))
+                                  + prefill_scratch_bytes(manifest.units))
     check = head_check(manifest, shape, dtype, options.device, probe=probe_head)
 
     def place(pins: frozenset[str]) -> Plan:

@@ -13,6 +13,7 @@ from ..errors import BudgetError, HardwareError, StoreError
 from ..hooks import (attach_unit, detach, embedding_forward, fused_linear, linear_forward,
                      replace_forward, submodule_param, wrap_forward, wrap_generate, wrap_model)
 from ..kernels import decode, gguf, head, qmatmul
+from ..planner.compute import prefill_scratch_bytes
 from ..planner.plan import Plan
 from ..planner.kv import kv_geometry
 from ..planner.reserve import forward_bytes, largest_chunk, scratch_bytes
@@ -143,7 +144,7 @@ class Runtime:
             return None, None
         threads = min(torch.get_num_threads(), qmatmul.threads_for(
             self.transport.io_threads if self.plan.stream else 0))
-        return qmatmul.Pool(threads), aligned_host(qmatmul.CHUNK_BYTES)
+        return qmatmul.Pool(threads), aligned_host(prefill_scratch_bytes(self.units.values()))
 
     def _fused_matmul(self, qtype: str) -> qmatmul.Fused:
         return qmatmul.Fused(qtype, self._pool, self._fused_scratch)
@@ -375,10 +376,11 @@ class Runtime:
         if self.experts is not None:
             self.experts.begin_forward(new == 1)
         self._forward_t0 = time.perf_counter()
-        if self._pool is not None and self._pool.threads > 1:
+        if self._pool is not None:
             # A decode step's matmuls run on the fused kernel's pool; torch's own threads,
-            # left on, spin between its small ops on the cores the pool needs (measured: 2
-            # torch threads beside a 2-thread pool decoded slower than one thread alone).
+            # left on, spin between its small ops on the cores the pool and the I/O threads
+            # need. One torch thread for every such step, whatever the pool's size, so the
+            # logits do not depend on the budget (torch's kernels round by their threads).
             torch.set_num_threads(1 if batch * new <= qmatmul.INT_ROWS else self._threads)
         return (args, kwargs) if swapped else None
 
