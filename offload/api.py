@@ -18,7 +18,7 @@ from .hardware import load_or_measure
 from .kernels import gguf, qmatmul, workspace
 from .memory import PeakMeter, release_free_heap, release_library_buffers
 from .planner import ExpertOptions, KVOptions, Plan, PlanOptions, plan_for
-from .planner.compute import MODES as COMPUTE_MODES, fused_count, fused_units
+from .planner.compute import check_mode, fused_count, fused_units
 from .planner.profile import HardwareProfile, decode_key, fused_type
 from .planner.make import head_check, head_chunk_rows
 from .runtime import Runtime
@@ -386,10 +386,7 @@ class Request:
         if unknown:
             raise OffloadError(f"unknown option {unknown[0]}=: the options are "
                                f"{', '.join(sorted(plain | set(_NAMES)))}")
-        if kwargs.get("compute", "exact") not in COMPUTE_MODES:
-            raise OffloadError(f"compute={kwargs['compute']!r}: use 'exact' (default: bitwise "
-                               "transformers' model) or 'fast' (GGUF weights multiplied from "
-                               "their blocks, lossy)")
+        check_mode(kwargs.get("compute", "exact"))
         parts: dict[str, dict] = {"experts": {}, "kv": {}}
         for name, value in kwargs.items():
             if name in _NAMES:
@@ -464,10 +461,7 @@ def for_compute(prep: "Prepared", compute: str, device: torch.device,
         OffloadError: an unknown mode. HardwareError: ``fast`` on a GPU (its CUDA kernels are
             not built yet), or where the fused kernel could not be compiled.
     """
-    if compute not in COMPUTE_MODES:
-        raise OffloadError(f"compute={compute!r}: use 'exact' (default: bitwise transformers' "
-                           "model) or 'fast' (GGUF weights multiplied from their blocks, "
-                           "lossy)")
+    check_mode(compute)
     if compute == "exact" or fused_count(prep.manifest.units):
         return prep
     if device.type != "cpu":
@@ -604,6 +598,10 @@ def run(model, budget="25%", *, offload_dir=None, progress=True, sparse=None,
         logits: the rows of logits the reserve holds: ``"last"`` (default; one per sequence,
             what ``generate()`` computes) or ``"all"`` (every reserved position: for forwards
             that return the whole sequence's logits, e.g. perplexity).
+        compute: ``"exact"`` (default): weights decoded to float, bitwise transformers'
+            model. ``"fast"`` (opt-in, lossy): GGUF-quantized linear weights (and the
+            embedding's rows) kept in their blocks and multiplied by fused kernels with
+            activations rounded to 8 bits per block, as llama.cpp does; CPU only.
         experts: MoE models only. ``"cache"`` (default): each expert is its own Unit, read
             when the router picks it into a device expert cache sized by the plan;
             ``"stream"``: every expert streams with its layer each pass (the baseline).

@@ -214,7 +214,7 @@ def measure_fused(key: str, max_bytes: int | None = None) -> float:
     cols = 4096 // block * block
     rows = max(1, stored // (cols // block * nbytes))
     blocks = gguf.sample_blocks(qtype, rows * cols).view(rows, -1)
-    x = torch.randn(int(b or 1), cols)
+    x = torch.randn(int(b or 1), cols, generator=torch.Generator().manual_seed(0))
     out = torch.empty(x.shape[0], rows)
     with qmatmul.Pool(qmatmul.threads_for(0)) as pool:
         seconds = median_seconds(lambda: qmatmul.matmul(x, blocks, qtype, out, pool=pool),

@@ -158,10 +158,7 @@ def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dt
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         out = torch.empty(*ids.shape, hidden, dtype=dtype, device=device)   # [B, T, H]
-        # only the chunks some id falls in (a decode step: one of ~50 for a 49k vocabulary)
-        present = torch.unique(torch.bucketize(ids.contiguous(), starts, right=True) - 1)
-        for i in present.tolist():   # syncs on a GPU: a few ints, once per forward
-            key, (start, stop) = chunks[i]
+        for key, (start, stop) in _chunks_hit(ids, chunks, starts):
             hit = (ids >= start) & (ids < stop)
             views = resident.get(key)
             if views is not None:
@@ -176,6 +173,15 @@ def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dt
         return out
 
     return forward
+
+
+def _chunks_hit(ids: torch.Tensor, chunks: list, starts: torch.Tensor) -> list:
+    """The chunks some id falls in (a decode step: one of ~50 for a 49k vocabulary); on a
+    GPU every chunk (knowing which would sync the host on the ids)."""
+    if ids.device.type != "cpu":
+        return chunks
+    present = torch.unique(torch.bucketize(ids.contiguous(), starts, right=True) - 1)
+    return [chunks[i] for i in present.tolist()]
 
 
 def fused_linear(module: torch.nn.Module, matmul: Callable) -> list[Callable[[], None]]:

@@ -14,10 +14,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from ..errors import OffloadError
 from ..kernels import gguf, qmatmul
 from ..units import TENSOR_ALIGN, TensorSpec, Unit, align
 
 MODES = ("exact", "fast")
+
+
+def check_mode(compute) -> None:
+    """Raises OffloadError for a ``compute`` that is not one of ``MODES``."""
+    if compute not in MODES:
+        raise OffloadError(f"compute={compute!r}: use 'exact' (default: bitwise transformers' "
+                           "model) or 'fast' (GGUF weights multiplied from their blocks, "
+                           "lossy)")
 
 
 def fused_units(units, linear: Callable[[Unit, TensorSpec], bool]) -> tuple[Unit, ...]:
