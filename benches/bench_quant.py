@@ -682,7 +682,6 @@ def fast_main(a: argparse.Namespace) -> int:
     stores = work / "stores"
     quant = offload.pack(str(path), stores / "smollm2", progress=False)
     peer = None if a.no_llama_cpp else llama_cpp_dir(build=True)
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     common = ["--model-dir", str(model_dir), "--gguf", str(path), "--prompt-len",
               str(a.prompt_len), "--warmup", str(a.warmup), "--n-tokens", str(a.tokens)]
     max_tokens = positions_for(1, a.prompt_len, a.tokens, a.warmup)
