@@ -606,10 +606,11 @@ def run(model, budget="25%", *, offload_dir=None, progress=True, sparse=None,
             when the router picks it into a device expert cache sized by the plan;
             ``"stream"``: every expert streams with its layer each pass (the baseline).
         predict: MoE, ``experts="cache"``: prefetch the experts the next layers' routers pick
-            on the current hidden state (pre-gating), while this layer computes. Off by
-            default: on the random-weight Mixtral bench its guesses are 64% right and it
-            costs ~10% (benches/RESULTS.md); routers of trained models agree more from layer
-            to layer, so measure it on yours.
+            on the current hidden state (pre-gating), while this layer computes. It measures
+            whether its reads pay while it runs (the share of right guesses per confidence
+            rank; decode steps' stall with reads on and off) and stops reading when they do
+            not. Off by default (benches/RESULTS.md: +15% on a trained-routing mixture at
+            batch 1, nothing to gain where the disk is never idle).
         predict_depth: MoE layers ahead to predict (default 1).
         predict_width: experts per token to prefetch for each predicted layer (default top-k).
         expert_cache: ``"lru"`` (default) or ``"lfu"`` (frequency-aware) eviction.

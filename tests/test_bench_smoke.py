@@ -44,6 +44,22 @@ def test_toy_moe_bench_runs_every_contender(tmp_path):
     assert all(row["tokens_match_resident"] is True for row in offload_rows), offload_rows
 
 
+def test_toy_moefied_moe_bench_decodes_real_text_at_batch_2(tmp_path):
+    """The trained-routing fixture (SmolLM2's first 4 layers split into experts) through the
+    MoE bench at batch 2: offload's rows decode the resident model's tokens."""
+    from conftest import require_smollm2
+
+    require_smollm2()
+    result = _toy_run("bench_moe", tmp_path, timeout=900, floor=False, extra=(
+        "--model", "moefied", "--batch", "2",
+        "--only", "resident,offload-experts,offload-predict"))
+    rows = {row["key"]: row for row in result["rows"]}
+    assert {"offload-experts", "offload-predict"} <= set(rows)
+    assert all(rows[k]["tokens_match_resident"] is True and rows[k]["batch"] == 2
+               for k in ("offload-experts", "offload-predict"))
+    assert result["model"]["dims"]["num_hidden_layers"] == 4
+
+
 def test_toy_sparse_bench_runs_every_contender(tmp_path):
     result = _toy_run("bench_sparse", tmp_path, timeout=600)
     for name in ("resident", "accelerate", "dense", "bitmap"):

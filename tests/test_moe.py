@@ -157,8 +157,8 @@ def test_wrong_guesses_are_counted_in_bytes(offload_dir, monkeypatch):
     off, _ = _run(model, 0.6, offload_dir, predict=True)
     ex = off._offload_runtime.experts
     cache = ex.cache
-    # A tiny random router is never confident, and its disk is rarely idle: read every guess.
-    ex.predictor.min_prob, cache.idle = 0.0, None
+    # A tiny random router rarely guesses right, and its disk is rarely idle: read every guess.
+    ex.predictor.gate.min_precision, cache.idle = 0.0, None
     reads: list[tuple[int, int, bool]] = []   # (layer, expert, predicted)
     real_fetch = cache._fetch
 
@@ -481,3 +481,103 @@ def test_cache_policy_evicts_in_its_order(policy, evicted):
     hits = cache.stats.hits
     step(3)
     assert cache.stats.hits == hits + 1
+
+
+def _gated_cache(slots: int = 3):
+    """An expert cache of two MoE layers x 4 experts whose reads finish at once, and a
+    predictor that guesses layer 1's expert from layer 0's hidden state (a one-hot vector: the
+    router of layer 1 is the identity, so the guess is the hot coordinate)."""
+    from concurrent.futures import Future
+
+    from offload.prefetch.experts import ExpertCache, Predictor
+    from offload.tiers.base import Ticket
+    from offload.tiers.slots import Slot
+    from offload.units import TensorSpec, Unit
+
+    def submit(u, s):
+        done = Future()
+        done.set_result(0.0)
+        return Ticket(u.key, u.nbytes, done)
+
+    spec = (TensorSpec("gate_up", "float32", (2, 2), 0, 16),)
+    units = {(layer, e): Unit(f"expert.{layer}.{e}", "expert", "expert", layer, 0, 16, 0, spec,
+                              expert=e) for layer in (0, 1) for e in range(4)}
+    cache = ExpertCache(units, {}, [Slot(i, torch.zeros(4096, dtype=torch.uint8))
+                                    for i in range(slots)],
+                        submit, lambda s, use: (s.buffer[:16], None), layers=(0, 1))
+    routers = {0: torch.eye(4), 1: torch.eye(4) * 8}
+    return cache, Predictor(cache, routers, depth=1, width=1)
+
+
+def _gated_step(cache, predictor, guess: int, used: int) -> None:
+    """One decode step: layer 0 (expert 0) predicts ``guess`` for layer 1, which uses ``used``."""
+    for layer, needed, hidden in ((0, 0, guess), (1, used, 0)):
+        cache.begin(layer, [needed])
+        predictor(layer, torch.nn.functional.one_hot(torch.tensor([hidden]), 4).float())
+        cache.get(needed)
+        cache.done(needed)
+        cache.end()
+
+
+def test_prediction_stops_reading_when_its_guesses_are_wrong_and_resumes_when_right():
+    """The read gate: a predictor that is always wrong has one guess read (before anything is
+    known), then none while it stays wrong, each guess still scored; once its guesses turn
+    right, its reads resume and every one of them is used."""
+    cache, predictor = _gated_cache()
+    for step in range(1, 21):
+        _gated_step(cache, predictor, guess=(step + 1) % 4, used=step % 4)
+    assert cache.stats.prefetched == 1, "reads after the first wrong guess was scored"
+    assert predictor.gate.withheld == 19 and not predictor.gate.open(0)
+    # layer 0's expert once, then every layer-1 use but step 2's (step 1's wrong read of it)
+    assert cache.stats.on_demand == 1 + 19
+    before = cache.stats.prefetched
+    for step in range(21, 41):
+        _gated_step(cache, predictor, guess=step % 4, used=step % 4)
+    # right guesses are scored while the rank is closed, until its share of right ones is
+    # back at 0.5 (from 0.5 * (15/16)^20: 9 of them); every later guess is read, and used
+    assert predictor.gate.withheld == 19 + 9 and predictor.gate.open(0)
+    assert cache.stats.prefetched - before == 20 - 9
+    assert cache.stats.tp == 20 - 9 and cache.stats.fp == 1
+    assert cache.stats.wrong_guess_bytes == 4096   # the one wrong read, before the gate knew
+
+
+def test_prediction_that_is_always_right_reads_every_guess():
+    cache, predictor = _gated_cache()
+    for step in range(1, 21):
+        _gated_step(cache, predictor, guess=step % 4, used=step % 4)
+    assert cache.stats.prefetched == 20 and predictor.gate.withheld == 0
+    assert cache.stats.on_demand == 1     # layer 0's expert; layer 1's were all read ahead
+    assert cache.stats.tp == 20 and cache.stats.fp == 0
+    assert predictor.gate.stats()["precision_by_rank"][0] > 0.85   # 1 - 0.5 * (15/16)^20
+
+
+def test_read_arbiter_keeps_the_arm_whose_steps_stall_less():
+    """Reads on and off alternate while exploring; after it, the arm with the lower measured
+    stall runs until the next exploration, which can reverse the choice."""
+    from offload.prefetch.experts import ReadArbiter
+
+    arb = ReadArbiter(explore=4, exploit=6, alpha=0.5, margin=0.1)
+    seen = []
+    for _ in range(10):                          # reads cost: 0.3 s a step on, 0.1 off
+        seen.append(arb.arm())
+        arb.observe(0.3 if seen[-1] else 0.1)
+    assert seen == [True, True, False, False] + [False] * 6
+    assert arb.reads is False and arb.switches == 1
+    for _ in range(10):                          # now reads pay: 0.05 on, 0.2 off
+        on = arb.arm()
+        arb.observe(0.05 if on else 0.2)
+    assert arb.reads is True and arb.switches == 2
+    st = arb.stats()
+    assert st["stall_per_step_reads_on"] < st["stall_per_step_reads_off"]
+
+
+def test_runtime_feeds_each_decode_steps_stall_to_the_arbiter(offload_dir):
+    model = tiny_model("mixtral", seed=3)
+    off, _ = _run(model, 0.6, offload_dir, predict=True)
+    ids, _ = _prompts(1)
+    off.generate(ids, max_new_tokens=5, do_sample=False)
+    arb = off._offload_runtime.experts.predictor.arbiter
+    assert arb.steps == 4    # the decode steps (the first token comes from prefill)
+    st = offload.stats(off)["experts"]["prediction_arbiter"]
+    assert st["decode_steps"] == 4 and st["stall_per_step_reads_off"] is not None
+    offload.close(off)

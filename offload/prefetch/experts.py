@@ -112,6 +112,7 @@ class ExpertCache:
         self._tick = 0
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for it
         self._layer = -1
+        self.needed: tuple[int, frozenset] = (-1, frozenset())   # the running layer's experts
         self._held: list[Slot] = []          # slots pinned by ``get`` of the running layer
         self._wanted: set[tuple[int, int]] = set()   # what the running layer needs
 
@@ -122,6 +123,7 @@ class ExpertCache:
         self._layer = layer
         self._score_prediction(layer, needed)
         self._wanted = {(layer, e) for e in needed}
+        self.needed = (layer, frozenset(needed))
         misses = []
         for e in needed:
             key = (layer, e)
@@ -363,32 +365,121 @@ def check_indices(layer: int, needed: list[int], experts: int) -> None:
                          "expert count are wrong")
 
 
+class ReadGate:
+    """Whether guesses of a given confidence rank pay for their reads, measured while running.
+
+    A guess is ranked by how sure the predictor is of it (0: the expert it scores highest for
+    a layer). For each rank (ranks past ``buckets - 1`` share the last), the gate keeps an
+    exponentially weighted share of guesses its layer then used (weight ``alpha`` on the
+    newest), starting at ``min_precision``. Guesses of a rank are read (and kept from eviction)
+    while that share is at least ``min_precision``; every guess is scored whether it was read or
+    not (a layer's routing does not depend on what was read), so a rank that stopped paying is
+    read again as soon as its guesses turn right again.
+
+    ``min_precision`` 0.5: a rank that guesses wrong more often than right is never read (a
+    wrong read costs a read and an eviction and saves nothing). Whether the reads that pass
+    pay in time is the ``ReadArbiter``'s measurement."""
+
+    def __init__(self, min_precision: float = 0.5, alpha: float = 1 / 16, buckets: int = 16):
+        self.min_precision, self.alpha = min_precision, alpha
+        self.share = [min_precision] * buckets
+        self.scored = [0] * buckets
+        self.withheld = 0        # guesses not acted on: their rank did not pay
+
+    def open(self, rank: int) -> bool:
+        return self.share[min(rank, len(self.share) - 1)] >= self.min_precision
+
+    def learn(self, rank: int, used: bool) -> None:
+        b = min(rank, len(self.share) - 1)
+        self.share[b] += self.alpha * (float(used) - self.share[b])
+        self.scored[b] += 1
+
+    def stats(self) -> dict:
+        seen = [i for i, n in enumerate(self.scored) if n]
+        return {"min_precision": self.min_precision, "withheld": self.withheld,
+                "open_ranks": [i for i in seen if self.open(i)],
+                "precision_by_rank": {i: round(self.share[i], 3) for i in seen}}
+
+
+class ReadArbiter:
+    """Whether reading guesses pays at all, measured on the decode steps themselves.
+
+    Precision alone does not say it: a right guess read early saves only the part of its read
+    that overlaps compute, while every read, right or wrong, takes disk time and evicts a cached
+    expert that the next tokens may need (on a model whose tokens reuse their experts, guesses
+    right 68% of the time made decoding 23% slower), and a read that starts while another
+    waits may use disk parallelism nobody else would have. So decode steps run in cycles of
+    ``explore`` steps that alternate reads on and off in pairs (a step's reads also change what
+    the next step finds cached), then ``exploit`` steps with the chosen arm: reads stay on
+    unless the measured stall per step (time the compute waited for reads; each arm's running
+    mean, weight ``alpha`` on the newest step) with them exceeds that without by more than
+    ``margin`` (the steps' noise: what the next token routes to varies). Reads start on;
+    prefill follows the choice. With reads off the predictor neither reads nor protects: the
+    cache alone."""
+
+    def __init__(self, explore: int = 8, exploit: int = 56, alpha: float = 0.3,
+                 margin: float = 0.1):
+        self.explore, self.exploit, self.alpha = explore, exploit, alpha
+        self.margin = margin
+        self.reads = True           # the choice outside exploration
+        self.steps = 0
+        self.mean: dict[bool, float | None] = {True: None, False: None}
+        self.switches = 0
+
+    def arm(self) -> bool:
+        """Reads on or off for the coming decode step."""
+        pos = self.steps % (self.explore + self.exploit)
+        return (pos % 4 < 2) if pos < self.explore else self.reads
+
+    def observe(self, stall_s: float) -> None:
+        """The stall of the decode step that ran with ``arm()``."""
+        arm = self.arm()
+        m = self.mean[arm]
+        self.mean[arm] = stall_s if m is None else m + self.alpha * (stall_s - m)
+        self.steps += 1
+        if self.steps % (self.explore + self.exploit) == self.explore \
+                and None not in self.mean.values():
+            choice = self.mean[True] <= self.mean[False] * (1 + self.margin)
+            self.switches += choice != self.reads
+            self.reads = choice
+
+    def stats(self) -> dict:
+        return {"reads": self.reads, "decode_steps": self.steps, "switches": self.switches,
+                "stall_per_step_reads_on": self.mean[True],
+                "stall_per_step_reads_off": self.mean[False]}
+
+
 class Predictor:
     """Pre-gating: while layer ``i`` computes, the routers of the next ``depth`` MoE layers are
     applied to layer ``i``'s hidden state (no training: the residual stream changes little from
-    one layer to the next). For each, the ``width`` experts every token ranks highest are the
-    guess: the cache keeps those it holds until that layer runs, and reads the confident ones
-    (router probability >= ``min_prob``, by default 1.5 / experts: measured on a Mixtral-shaped
-    model, guesses above it were right 69% of the time, those below 34%) while the disk has a
-    free thread, most probable first. A wrong read costs disk time and evicts a cached expert,
-    so unconfident guesses only protect, never read.
+    one layer to the next). For each, the experts are ranked by the highest probability any
+    token gives them among its ``width`` best; the guesses whose rank has paid so far (the
+    ``ReadGate``: measured share of right guesses of that rank >= its minimum) are kept in the
+    cache until that layer runs and read while the disk has a free thread, surest first. The
+    others are only scored, so prediction stops costing reads where it guesses badly and
+    starts again where it guesses well. Whether reads pay at all, right or wrong, is the
+    ``ReadArbiter``'s measurement of the decode steps' stall with reads on and off; the
+    runtime sets ``reading`` from it before each forward.
 
     Args:
         cache: where guesses are read into.
         routers: MoE layer -> its router weight ``[experts, H]`` (resident).
         depth: MoE layers ahead to predict.
         width: experts per token in the guess for each.
-        min_prob: the router probability a guess needs to be read.
+        gate: when guesses are acted on (default ``ReadGate()``).
     """
 
     def __init__(self, cache: ExpertCache, routers: dict[int, torch.Tensor], depth: int,
-                 width: int, min_prob: float | None = None):
+                 width: int, gate: ReadGate | None = None):
         self.cache, self.routers, self.depth, self.width = cache, routers, depth, width
         self.layers = sorted(routers)
-        experts = next(iter(routers.values())).shape[0] if routers else 1
-        self.min_prob = 1.5 / experts if min_prob is None else min_prob
+        self.gate = gate or ReadGate()
+        self.arbiter = ReadArbiter()
+        self.reading = True      # this forward's arm (the runtime sets it per forward)
+        self._pending: dict[int, list[int]] = {}   # layer -> its guesses, surest first
 
     def __call__(self, layer: int, hidden_states: torch.Tensor) -> None:
+        self._learn(layer)
         pos = self.layers.index(layer)
         for ahead in self.layers[pos + 1:pos + 1 + self.depth]:
             weight = self.routers[ahead]
@@ -400,5 +491,18 @@ class Predictor:
             order = torch.argsort(best, descending=True).tolist()   # syncs (CPU: free)
             score = best.tolist()
             guessed = [e for e in order if score[e] > 0]
-            self.cache.prefetch(ahead, [e for e in guessed if score[e] >= self.min_prob],
-                                guessed)
+            self._pending[ahead] = guessed      # a nearer layer's guess replaces a farther one's
+            acted = [e for r, e in enumerate(guessed) if self.gate.open(r)] \
+                if self.reading else []
+            self.gate.withheld += len(guessed) - len(acted)
+            if acted:
+                self.cache.prefetch(ahead, acted)
+
+    def _learn(self, layer: int) -> None:
+        """Score the guesses for ``layer`` against what it needs (known: ``begin`` ran)."""
+        guessed = self._pending.pop(layer, None)
+        if guessed is None or self.cache.needed[0] != layer:
+            return
+        used = self.cache.needed[1]
+        for rank, e in enumerate(guessed):
+            self.gate.learn(rank, e in used)

@@ -93,6 +93,7 @@ class ExpertsRuntime:
         self.scratch = None
         self._scratch_views: dict = {}
         self._bytes0 = 0
+        self._stall0 = 0.0
         if self.mode == "cache":
             self._build_cache()
 
@@ -218,11 +219,20 @@ class ExpertsRuntime:
         if self.cache is not None:
             self.cache.decoding = decode
             self._bytes0 = self.cache.stats.bytes_read
+        if self.predictor is not None:
+            arbiter = self.predictor.arbiter
+            self.predictor.reading = arbiter.arm() if decode else arbiter.reads
+            self._stall0 = self._stall()
 
     def end_forward(self, decode: bool) -> None:
         if self.cache is not None and decode:
             self.decode_forwards += 1
             self.decode_bytes += self.cache.stats.bytes_read - self._bytes0
+            if self.predictor is not None:
+                self.predictor.arbiter.observe(self._stall() - self._stall0)
+
+    def _stall(self) -> float:
+        return sum(self.s.transport.stall.values())
 
     # -- reporting and shutdown -------------------------------------------------------------
     def stats(self, decode_tokens: int) -> dict:
@@ -246,6 +256,8 @@ class ExpertsRuntime:
             recall=(st.tp / (st.tp + st.fn) if st.tp + st.fn else None) if self.predictor
             else None,
             predict_depth=plan.predict_depth, predict_width=plan.predict_width,
+            prediction_gate=self.predictor.gate.stats() if self.predictor else None,
+            prediction_arbiter=self.predictor.arbiter.stats() if self.predictor else None,
             stall_seconds=self.s.transport.stall["experts"],
             expert_decode_seconds=self.decode_seconds, expert_decoded_bytes=self.decoded_bytes,
             disk_bytes=self.disk.bytes_read, io_seconds=self.disk.wall_seconds)
