@@ -60,6 +60,18 @@ def test_toy_moefied_moe_bench_decodes_real_text_at_batch_2(tmp_path):
     assert result["model"]["dims"]["num_hidden_layers"] == 4
 
 
+def test_toy_serve_bench_answers_every_client(tmp_path):
+    from conftest import require_smollm2
+
+    require_smollm2()
+    result = _toy_run("bench_serve", tmp_path, timeout=900, floor=False)
+    levels = {lv["clients"]: lv for lv in result["levels"]}
+    assert set(levels) == {1, 2}
+    assert all(lv["answered"] == lv["requests"] and not lv["failures"] for lv in levels.values())
+    assert 0 < result["metrics"]["offload_measured_peak_bytes"] <= \
+        result["metrics"]["offload_budget_bytes"]
+
+
 def test_toy_sparse_bench_runs_every_contender(tmp_path):
     result = _toy_run("bench_sparse", tmp_path, timeout=600)
     for name in ("resident", "accelerate", "dense", "bitmap"):

@@ -25,7 +25,8 @@ def default_model_path() -> Path:
 def main(argv: list[str] | None = None) -> int:
     imports = _since_process_start()
     args = flags.parser(__version__, {"run": _cmd_run, "chat": _cmd_chat, "plan": _cmd_plan,
-                                      "pack": _cmd_pack}, presets(), profiles()).parse_args(argv)
+                                      "pack": _cmd_pack,
+                                      "serve": _cmd_serve}, presets(), profiles()).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="offload: %(levelname)s: %(message)s" if not args.verbose
                         else "%(levelname)s %(name)s: %(message)s")
@@ -62,6 +63,12 @@ def _cmd_run(args) -> int:
     from .generate import cmd_run
 
     return cmd_run(args, _model_path(args))
+
+
+def _cmd_serve(args) -> int:
+    from ..serve import cmd_serve
+
+    return cmd_serve(args, _model_path(args))
 
 
 def _cmd_chat(args) -> int:

@@ -83,6 +83,21 @@ def parser(version: str, commands: dict, presets=(), profiles=()) -> argparse.Ar
                          "prefill for (default: 256)")
     pl.add_argument("--batch", type=int, default=1, help="sequences per forward")
 
+    sv = command("serve", "an OpenAI-compatible HTTP server: concurrent requests decoded "
+                          "together, one pass over the weights per step for all of them")
+    _model_flags(sv)
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (loopback: only this machine)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument("--api-key", metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on every /v1 request")
+    sv.add_argument("--max-batch", type=int, default=8, metavar="N",
+                    help="sequences decoded together (their KV is planned in the budget)")
+    sv.add_argument("--queue", type=int, default=64, metavar="N",
+                    help="requests that may wait beyond the batch (more get 503)")
+    sv.add_argument("--name", help="the model name clients send (default: the model "
+                                   "file's name)")
+
     pk = command("pack", "convert a checkpoint into a packed store, once")
     pk.add_argument("model", help="a checkpoint directory (config.json + *.safetensors) or a "
                                   ".gguf file")

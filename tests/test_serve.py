@@ -1,0 +1,195 @@
+"""``offload serve``: the OpenAI-compatible server, driven by the official ``openai`` client
+against a server on 127.0.0.1 over the real SmolLM2 at 40% of its weights."""
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import torch
+
+import offload
+from offload.serve import Engine, create_app
+
+KEY = "sk-offload-test"
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Write a haiku about disks:",
+           "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, tmp_path_factory):
+    import uvicorn
+
+    path, tok, _ = smollm2
+    model = offload.run(str(path), budget="40%", offload_dir=tmp_path_factory.mktemp("serve"),
+                        max_tokens=4 * 128, batch=4, kv="dynamic", progress=False)
+    engine = Engine(model, tok, "smollm2", max_batch=4, context=128, queue=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=KEY), host="127.0.0.1",
+                                        port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the server did not start"
+    base = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(base=base, engine=engine, model=model,
+                          client=openai.OpenAI(base_url=base + "/v1", api_key=KEY,
+                                               max_retries=0, timeout=120))
+    srv.should_exit = True
+    thread.join(timeout=30)
+    engine.close()
+    offload.close(model)
+
+
+def _greedy(smollm2, ids: list[int], n: int) -> list[int]:
+    """The resident float32 model's greedy continuation of ``ids``."""
+    _, tok, model = smollm2
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def _text(tok, tokens: list[int]) -> str:
+    if tokens and tokens[-1] == tok.eos_token_id:
+        tokens = tokens[:-1]
+    return tok.decode(tokens, skip_special_tokens=True)
+
+
+def test_chat_and_completion_at_temperature_0_are_the_resident_models_tokens(server, smollm2):
+    _, tok, _ = smollm2
+    c = server.client
+    r = c.completions.create(model="smollm2", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    ids = tok(PROMPTS[1]).input_ids
+    assert r.choices[0].text == _text(tok, _greedy(smollm2, ids, 8))
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens <= 8
+    messages = [{"role": "user", "content": "Name a color."}]
+    r = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=8,
+                                  temperature=0)
+    ids = list(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    assert r.choices[0].message.content == _text(tok, _greedy(smollm2, ids, 8))
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens == len(ids)
+
+
+def test_concurrent_requests_share_forwards_and_keep_their_tokens(server, smollm2):
+    """Four requests at once decode together (fewer forwards than tokens) and each gets the
+    tokens the resident model gives its prompt alone."""
+    _, tok, _ = smollm2
+    before = offload.stats(server.model)["forwards"]
+    got: dict[int, str] = {}
+
+    def ask(i):
+        got[i] = server.client.completions.create(model="smollm2", prompt=PROMPTS[i],
+                                                  max_tokens=12, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    forwards = offload.stats(server.model)["forwards"] - before
+    assert forwards < 4 * 12, forwards      # one forward served several sequences
+    for i, prompt in enumerate(PROMPTS):
+        assert got[i] == _text(tok, _greedy(smollm2, tok(prompt).input_ids, 12)), i
+
+
+def test_streaming_chat_sends_the_same_text_in_chunks(server):
+    c = server.client
+    messages = [{"role": "user", "content": "Count to five."}]
+    full = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=10,
+                                     temperature=0).choices[0].message.content
+    chunks = list(c.chat.completions.create(model="smollm2", messages=messages, max_tokens=10,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    deltas = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
+    assert "".join(deltas) == full and len([d for d in deltas if d]) > 1
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 10
+
+
+def test_stop_strings_cut_the_text(server):
+    r = server.client.completions.create(model="smollm2", prompt=PROMPTS[1], max_tokens=12,
+                                         temperature=0, stop=["7"])
+    assert "7" not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+
+
+def test_api_key_is_required(server):
+    bad = openai.OpenAI(base_url=server.base + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert [m.id for m in server.client.models.list().data] == ["smollm2"]
+    assert httpx.get(server.base + "/health").json()["status"] == "ok"   # no key needed
+
+
+@pytest.mark.parametrize("kw, error, says", [
+    (dict(model="gpt-4"), openai.NotFoundError, "model 'gpt-4' does not exist"),
+    (dict(max_tokens=500), openai.BadRequestError, "plus max_tokens (500) is"),
+    (dict(logprobs=2), openai.BadRequestError, "parameter 'logprobs' is not supported"),
+    (dict(n=2), openai.BadRequestError, "n must be 1"),
+    (dict(temperature=3), openai.BadRequestError, "temperature=3"),
+])
+def test_bad_requests_get_openai_errors(server, kw, error, says):
+    args = {"model": "smollm2", "prompt": PROMPTS[0], "max_tokens": 4, **kw}
+    with pytest.raises(error) as e:
+        server.client.completions.create(**args)
+    assert says in str(e.value)
+
+
+def test_malformed_json_is_a_400_with_an_error_body(server):
+    r = httpx.post(server.base + "/v1/chat/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
+    engine = server.engine
+    cancelled = engine.metrics.cancelled
+    body = {"model": "smollm2", "prompt": PROMPTS[2], "max_tokens": 100, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", server.base + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                assert json.loads(line[6:])["choices"]
+                break
+    deadline = time.time() + 30
+    while (engine.in_flight or engine.metrics.cancelled == cancelled) \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    assert engine.metrics.cancelled == cancelled + 1 and engine.in_flight == 0
+
+
+def test_requests_beyond_the_queue_get_503_and_the_rest_complete(server):
+    """4 decode and 2 wait; of 9 at once, the extra ones are refused with Retry-After and every
+    admitted one gets its full answer."""
+    status: list[int] = []
+    lengths: list[int] = []
+
+    def ask():
+        r = httpx.post(server.base + "/v1/completions", timeout=120,
+                       headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "smollm2", "prompt": PROMPTS[0], "max_tokens": 16,
+                             "temperature": 0.8})
+        status.append(r.status_code)
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "server_busy"
+        else:
+            lengths.append(r.json()["usage"]["completion_tokens"])
+
+    threads = [threading.Thread(target=ask) for _ in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(set(status)) == [200, 503] and status.count(200) == 6, status
+    assert all(0 < n <= 16 for n in lengths)
+    metrics = httpx.get(server.base + "/metrics").text
+    assert "offload_requests_rejected_total" in metrics and "offload_bytes_read_total" in metrics
+    assert server.engine.in_flight == 0
