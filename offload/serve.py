@@ -20,6 +20,7 @@ shape (``{"error": {"message", "type", "param", "code"}}``) with 4xx codes for b
 """
 
 import asyncio
+import contextlib
 import json
 import math
 import threading
@@ -138,6 +139,12 @@ class Engine:
         if body.get("n", 1) != 1:
             raise RequestError("n must be 1: one completion per request", param="n")
         ids = self._prompt_ids(body, chat)
+        if len(ids) >= self.context:
+            raise RequestError(
+                f"the prompt is {len(ids)} tokens, this server plans {self.context} per "
+                "sequence (prompt + new tokens): shorten it, or restart the server with a "
+                "larger --max-context", param="messages" if chat else "prompt",
+                code="context_length_exceeded")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is None:
             max_tokens = self.context - len(ids)
@@ -256,7 +263,8 @@ class Engine:
             ("offload_requests_total", "counter", "requests admitted", m.requests),
             ("offload_requests_finished_total", "counter", "requests answered in full",
              m.finished),
-            ("offload_requests_cancelled_total", "counter", "requests whose client left",
+            ("offload_requests_cancelled_total", "counter",
+             "requests ended early (client gone, or a stop string reached)",
              m.cancelled),
             ("offload_requests_rejected_total", "counter", "requests refused with 503",
              m.rejected),
@@ -359,12 +367,13 @@ def create_app(engine: Engine, api_key: str | None = None):
                                      media_type="text/event-stream")
         try:
             tokens, stopped = [], False
-            async for tokens, _ in engine.tokens(p):
-                engine.tick(1)
-                text, stopped = _cut(engine.tok.decode(tokens, skip_special_tokens=True),
-                                     p.stop)
-                if stopped:
-                    break
+            async with contextlib.aclosing(engine.tokens(p)) as stream:   # a stop cancels
+                async for tokens, _ in stream:
+                    engine.tick(1)
+                    text, stopped = _cut(engine.tok.decode(tokens, skip_special_tokens=True),
+                                         p.stop)
+                    if stopped:
+                        break
             text, stopped = _cut(engine.tok.decode(tokens, skip_special_tokens=True), p.stop)
             reason = _reason(tokens, p, engine, stopped)
             engine.count(len(p.ids), len(tokens))
@@ -396,19 +405,20 @@ def create_app(engine: Engine, api_key: str | None = None):
         try:
             if chat:
                 yield chunk(None, None, first=True)
-            async for tokens, finished in engine.tokens(p):
-                engine.tick(1)
-                text, stopped = _cut(engine.tok.decode(tokens, skip_special_tokens=True),
-                                     p.stop)
-                ready = text if (stopped or finished) else \
-                    text[:len(text) - _held_back(text, p.stop)]
-                if ready.endswith("\ufffd") and not finished:   # half a multi-byte character
-                    ready = ready[:-1]
-                if len(ready) > len(sent) and ready.startswith(sent):
-                    yield chunk(ready[len(sent):], None)
-                    sent = ready
-                if stopped:
-                    break
+            async with contextlib.aclosing(engine.tokens(p)) as stream:   # a stop cancels
+                async for tokens, finished in stream:
+                    engine.tick(1)
+                    text, stopped = _cut(engine.tok.decode(tokens, skip_special_tokens=True),
+                                         p.stop)
+                    ready = text if (stopped or finished) else \
+                        text[:len(text) - _held_back(text, p.stop)]
+                    if ready.endswith("\ufffd") and not finished:   # half a character
+                        ready = ready[:-1]
+                    if len(ready) > len(sent) and ready.startswith(sent):
+                        yield chunk(ready[len(sent):], None)
+                        sent = ready
+                    if stopped:
+                        break
             yield chunk(None, _reason(tokens, p, engine, stopped))
             if p.include_usage:
                 yield "data: " + json.dumps({

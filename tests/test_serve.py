@@ -193,3 +193,9 @@ def test_requests_beyond_the_queue_get_503_and_the_rest_complete(server):
     metrics = httpx.get(server.base + "/metrics").text
     assert "offload_requests_rejected_total" in metrics and "offload_bytes_read_total" in metrics
     assert server.engine.in_flight == 0
+
+
+def test_a_prompt_longer_than_the_context_is_refused_with_its_length(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model="smollm2", prompt="word " * 400, max_tokens=4)
+    assert "the prompt is" in str(e.value) and "plans 128 per sequence" in str(e.value)
