@@ -109,7 +109,8 @@ class Engine:
         # temperature and top_p not at their neutral values, so per-request ones apply
         gen = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.95, top_k=0,
                                max_new_tokens=context, eos_token_id=eos,
-                               pad_token_id=tokenizer.pad_token_id or eos)
+                               pad_token_id=eos if tokenizer.pad_token_id is None
+                               else tokenizer.pad_token_id)
         cb = ContinuousBatchingConfig(
             page_size=PAGE, num_blocks=max_batch * math.ceil(context / PAGE),
             max_batch_tokens=max(context, PAGE), max_requests_per_batch=max_batch,
@@ -221,9 +222,13 @@ class Engine:
         out: asyncio.Queue = asyncio.Queue()
         rid = f"req-{uuid.uuid4().hex}"
         self.manager.register_result_handler(rid, out.put_nowait)
-        await loop.run_in_executor(None, lambda: self.manager.add_request(
+        added = await loop.run_in_executor(None, lambda: self.manager.add_request(
             p.ids, request_id=rid, max_new_tokens=p.max_tokens, streaming=True,
             temperature=max(p.temperature, GREEDY), top_p=p.top_p))
+        if added is None:   # the manager stopped (the server is shutting down) or failed
+            raise RequestError("the model is not accepting requests (shutting down)",
+                               status=503, kind="server_overloaded", code="unavailable",
+                               headers={"Retry-After": "5"})
         finished = False
         try:
             while not finished:
