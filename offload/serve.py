@@ -28,7 +28,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-GREEDY = 1e-5          # temperature 0: sampling at this temperature is the argmax (no ties)
+GREEDY = 1e-5   # temperature 0: the manager only samples; at this temperature a sample is the
+#                 argmax unless two logits lie within about 1e-4
 PAGE = 64              # KV positions per block of the request caches
 DEFAULT_CONTEXT = 1024  # positions per sequence unless --max-context says otherwise
 SUPPORTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens",
