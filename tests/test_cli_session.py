@@ -97,7 +97,7 @@ def test_a_model_without_a_tokenizer_is_refused_before_packing(tmp_path):
 def test_help_shows_every_flag_with_its_defaults():
     from offload.cli import flags
 
-    parser = flags.parser("0", {c: None for c in ("run", "chat", "plan", "pack")})
+    parser = flags.parser("0", {c: None for c in ("run", "chat", "plan", "pack", "serve")})
     commands = parser._subparsers._group_actions[0].choices
     for name, sub in commands.items():
         for action in sub._actions:

@@ -23,6 +23,7 @@ LAYERS = [
     {"runtime"},
     {"calibrate"},
     {"api"},
+    {"serve"},
     {"cli", "integrations", "offload"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

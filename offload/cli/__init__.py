@@ -66,7 +66,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from ..serve import cmd_serve
+    from .serve import cmd_serve
 
     return cmd_serve(args, _model_path(args))
 
