@@ -201,11 +201,10 @@ def split_layer(mlp, x, experts: int, top_k: int, shared: float = 0.0,
         order = torch.argsort(contrib.mean(0), descending=True)
         core = order[:n - rest].sort().values
         others = order[n - rest:].sort().values
-        groups = [others[g] for g in balanced_kmeans(contrib[:, others].T, experts)]
-        a = a[:, others]
-        down = down[:, others]
-        groups_local = [torch.searchsorted(others, g) for g in groups]
-        target = torch.stack([(a[:, g] @ down[:, g].T).norm(dim=1) for g in groups_local],
+        local = balanced_kmeans(contrib[:, others].T, experts)   # indices into ``others``
+        groups = [others[g] for g in local]
+        a, down = a[:, others], down[:, others]
+        target = torch.stack([(a[:, g] @ down[:, g].T).norm(dim=1) for g in local],
                              1)                                          # [T, E]
         xd = x.double()
         gram = xd.T @ xd
@@ -275,7 +274,7 @@ def mixture_model(model, splits, experts: int, top_k: int, temperature: float,
     from transformers import MixtralForCausalLM
 
     width = expert_width(splits[0]) * widen
-    config = mixture_config_for(model, experts, top_k, width, "float32")
+    config = mixtral_config(model.config, experts, top_k, width, "float32")
     with torch.device("meta"):
         moe = MixtralForCausalLM(config)
     state = mixture_state(model, splits, top_k, temperature, widen)
@@ -292,10 +291,6 @@ def mixture_model(model, splits, experts: int, top_k: int, temperature: float,
 
 def expert_width(split: dict) -> int:
     return split["core"].numel() + split["groups"][0].numel()
-
-
-def mixture_config_for(model, experts, top_k, width, dtype):
-    return mixtral_config(model.config, experts, top_k, width, dtype)
 
 
 def perplexity(model, ids, chunk: int = 1024) -> float:

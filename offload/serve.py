@@ -186,8 +186,7 @@ class Engine:
             msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
             if getattr(self.tok, "chat_template", None):
                 ids = self.tok.apply_chat_template(msgs, add_generation_prompt=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") \
-                    else ids
+                ids = ids["input_ids"] if hasattr(ids, "keys") else ids
             else:
                 ids = self.tok("\n".join(m["content"] for m in msgs)).input_ids
         else:
@@ -230,14 +229,17 @@ class Engine:
             raise RequestError("the model is not accepting requests (shutting down)",
                                status=503, kind="server_overloaded", code="unavailable",
                                headers={"Retry-After": "5"})
-        finished = False
+        finished, seen = False, 0
         try:
             while not finished:
                 result = await out.get()
                 if result.error:
                     raise RuntimeError(f"generation failed: {result.error}")
                 finished = result.is_finished()
-                yield list(result.generated_tokens), finished
+                tokens = list(result.generated_tokens)
+                self.tick(len(tokens) - seen)
+                seen = len(tokens)
+                yield tokens, finished
         finally:
             if not finished:
                 self.manager.cancel_request(rid)
@@ -372,26 +374,22 @@ def create_app(engine: Engine, api_key: str | None = None):
             return StreamingResponse(_stream(p, chat, rid, created, kind),
                                      media_type="text/event-stream")
         try:
-            tokens, stopped = [], False
+            tokens = []
             async with contextlib.aclosing(engine.tokens(p)) as stream:   # a stop cancels
                 async for tokens, _ in stream:
-                    engine.tick(1)
-                    text, stopped = _cut(engine.tok.decode(tokens, skip_special_tokens=True),
-                                         p.stop)
-                    if stopped:
+                    if p.stop and _cut(engine.tok.decode(tokens, skip_special_tokens=True),
+                                       p.stop)[1]:
                         break
             text, stopped = _cut(engine.tok.decode(tokens, skip_special_tokens=True), p.stop)
             reason = _reason(tokens, p, engine, stopped)
             engine.count(len(p.ids), len(tokens))
         finally:
             engine.leave()
-        usage = {"prompt_tokens": len(p.ids), "completion_tokens": len(tokens),
-                 "total_tokens": len(p.ids) + len(tokens)}
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": reason} if chat else
                   {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
         return {"id": rid, "object": kind, "created": created, "model": engine.name,
-                "choices": [choice], "usage": usage}
+                "choices": [choice], "usage": _usage(p, tokens)}
 
     async def _stream(p: Params, chat: bool, rid: str, created: int, kind: str):
         kind += ".chunk" if chat else ""
@@ -413,7 +411,6 @@ def create_app(engine: Engine, api_key: str | None = None):
                 yield chunk(None, None, first=True)
             async with contextlib.aclosing(engine.tokens(p)) as stream:   # a stop cancels
                 async for tokens, finished in stream:
-                    engine.tick(1)
                     text, stopped = _cut(engine.tok.decode(tokens, skip_special_tokens=True),
                                          p.stop)
                     ready = text if (stopped or finished) else \
@@ -429,10 +426,7 @@ def create_app(engine: Engine, api_key: str | None = None):
             if p.include_usage:
                 yield "data: " + json.dumps({
                     "id": rid, "object": kind, "created": created, "model": engine.name,
-                    "choices": [], "usage": {"prompt_tokens": len(p.ids),
-                                             "completion_tokens": len(tokens),
-                                             "total_tokens": len(p.ids) + len(tokens)}}) \
-                    + "\n\n"
+                    "choices": [], "usage": _usage(p, tokens)}) + "\n\n"
             yield "data: [DONE]\n\n"
             engine.count(len(p.ids), len(tokens))
         finally:
@@ -447,6 +441,11 @@ def create_app(engine: Engine, api_key: str | None = None):
         return await _complete(request, chat=False)
 
     return app
+
+
+def _usage(p: Params, tokens: list[int]) -> dict:
+    return {"prompt_tokens": len(p.ids), "completion_tokens": len(tokens),
+            "total_tokens": len(p.ids) + len(tokens)}
 
 
 def _reason(tokens: list[int], p: Params, engine: Engine, stopped: bool) -> str:

@@ -112,7 +112,6 @@ class ExpertCache:
         self._tick = 0
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for it
         self._layer = -1
-        self.needed: tuple[int, frozenset] = (-1, frozenset())   # the running layer's experts
         self._held: list[Slot] = []          # slots pinned by ``get`` of the running layer
         self._wanted: set[tuple[int, int]] = set()   # what the running layer needs
 
@@ -123,7 +122,6 @@ class ExpertCache:
         self._layer = layer
         self._score_prediction(layer, needed)
         self._wanted = {(layer, e) for e in needed}
-        self.needed = (layer, frozenset(needed))
         misses = []
         for e in needed:
             key = (layer, e)
@@ -141,6 +139,11 @@ class ExpertCache:
         for key in misses:
             if self._fetch(key, evict_protected=True) is None:
                 break   # more misses than room: ``get`` reads the rest as experts finish
+
+    @property
+    def needed(self) -> tuple[int, frozenset]:
+        """The running layer and the experts it needs (between ``begin`` and ``end``)."""
+        return self._layer, frozenset(e for _, e in self._wanted)
 
     def get(self, expert: int, first: bool = True, use: str = "both"
             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -384,7 +387,7 @@ class ReadGate:
         self.min_precision, self.alpha = min_precision, alpha
         self.share = [min_precision] * buckets
         self.scored = [0] * buckets
-        self.withheld = 0        # guesses not acted on: their rank did not pay
+        self.withheld = 0   # guesses not acted on: their rank did not pay, or reads were off
 
     def open(self, rank: int) -> bool:
         return self.share[min(rank, len(self.share) - 1)] >= self.min_precision
