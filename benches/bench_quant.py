@@ -21,9 +21,12 @@ vocabulary so llama.cpp loads it). Rows, all decoding the same random prompts gr
   user without the GGUF would run; its tokens are not comparable);
 - the I/O floor: the bytes the quantized store's plan streams per forward / the disk bandwidth.
 
-Budget: ``--budget-of-file`` (default 0.7) times the GGUF file's bytes, the same for every
+Budget: ``--budget-of-file`` (default 0.4) times the GGUF file's bytes, the same for every
 contender; the cap is that budget plus the idle interpreter, page cache included
-(``../shared/tools/memlimit.sh``), dropped before each contender. Threads: every contender
+(``../shared/tools/memlimit.sh``), dropped before each contender. At 0.4 the cap is smaller
+than the file (Q4_0: 597 MB for a 620 MB file): the case the issue is about, a model larger
+than the memory it runs in. At 0.7 the cap (783 MB) holds a Q4_0 file whole and llama.cpp's
+mmap keeps most of it in page cache (it re-read 150-210 MB a token on 12-06). Threads: every contender
 uses this machine's cores (torch's default; llama.cpp's ``n_threads``). Bytes per token: what
 the process had the block layer read during the timed steps (``/proc/self/io``), offload's
 own counter beside it.
@@ -34,7 +37,10 @@ float32 model's (SmolLM2's own weights are already Q4_1/Q8_0, so this measures r
 them).
 
 Targets (from the issue): the quantized store >= 3x the float32 store's tok/s, and ahead of
-llama.cpp under the cap.
+llama.cpp under the cap; each for the default exact compute and for ``compute='fast'``. Exact
+multiplies float32 weights as transformers does, so it cannot outrun transformers' own
+resident float32 model: the bench prints that ceiling (resident tok/s over the float32
+store's) beside the exact target.
 """
 from __future__ import annotations
 
@@ -544,20 +550,26 @@ def quant_targets(a: argparse.Namespace, k: Kind, runs: dict, report: Report) ->
         lcs = [x for x in (result_at(runs, key, b) for key in ("llama-cpp", "llama-cpp-norepack"))
                if x is not None]
         lc = max(lcs, key=lambda x: x["tok_s"]) if lcs else None   # its better configuration
+        ref = result_at(runs, "resident", b)
+        ceiling = (f"; exact's ceiling here {ref['tok_s'] / f['tok_s']:.2f}x (transformers' "
+                   f"resident float32 model, {ref['tok_s']:.3f} tok/s)" if ref and f else "")
         v = q["tok_s"] / f["tok_s"] if q and f else None
         report.target(f"{k.qtype} b{b}: quantized store >= {TARGET_VS_F32}x float32 store", v,
-                      TARGET_VS_F32, f"{q['tok_s']:.3f} vs {f['tok_s']:.3f} tok/s"
+                      TARGET_VS_F32, f"{q['tok_s']:.3f} vs {f['tok_s']:.3f} tok/s{ceiling}"
                       if v is not None else "", runs=runs)
         v = q["tok_s"] / lc["tok_s"] if q and lc else None
         report.target(f"{k.qtype} b{b}: quantized store ahead of llama.cpp (its best)", v,
                       TARGET_VS_LLAMA_CPP, f"{q['tok_s']:.3f} vs {lc['tok_s']:.3f} tok/s"
                       if v is not None else "", runs=runs)
         fast = result_at(runs, "fast", b)
+        v = fast["tok_s"] / f["tok_s"] if fast and f else None
+        report.target(f"{k.qtype} b{b}: compute='fast' >= {TARGET_VS_F32}x float32 store", v,
+                      TARGET_VS_F32, f"{fast['tok_s']:.3f} vs {f['tok_s']:.3f} tok/s"
+                      if v is not None else "", runs=runs)
         v = fast["tok_s"] / lc["tok_s"] if fast and lc else None
         report.target(f"{k.qtype} b{b}: compute='fast' ahead of llama.cpp under the cap", v,
                       TARGET_VS_LLAMA_CPP, f"{fast['tok_s']:.3f} vs {lc['tok_s']:.3f} tok/s"
                       if v is not None else "", runs=runs)
-        ref = result_at(runs, "resident", b)
         for key in ("quant", "f32"):
             x = result_at(runs, key, b)
             m = same_tokens(ref, x) if x else None
@@ -828,8 +840,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "accelerate")
     p.add_argument("--qtypes", default=",".join(QTYPES), help="GGUF types (default Q4_0,Q8_0)")
     p.add_argument("--budget-of-file", type=float, default=None,
-                   help="budget as a fraction of each GGUF file's bytes (default 0.7; toy 1.5, "
-                        "whose layers are small next to its float32 slots: some Units stream)")
+                   help="budget as a fraction of each GGUF file's bytes (default 0.4: the "
+                        "cap, budget + interpreter, is smaller than the file; toy 1.5, whose "
+                        "layers are small next to its float32 slots: some Units stream)")
     p.add_argument("--batch", type=int, default=8, help="the large batch (default 8)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip (and do not build) "
                    "the llama.cpp row")
@@ -846,7 +859,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = bench_defaults(p.parse_args(argv), tokens=6)
     a.batches = [1, a.batch]
     if a.budget_of_file is None:
-        a.budget_of_file = 1.5 if a.toy else 0.7
+        a.budget_of_file = 1.5 if a.toy else 0.4
     return a
 
 
