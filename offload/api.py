@@ -621,7 +621,11 @@ def run(model, budget="25%", *, offload_dir=None, progress=True, sparse=None,
             automatically); needs ``max_context``. ``"auto"`` (default): paged when
             ``max_context`` is given and a dynamic cache for it would take over half the
             budget, and, in ``generate()``, when the context asked for outgrows the reserve.
-            Lossless either way.
+            ``"batched"``: for transformers' continuous-batching manager
+            (``init_continuous_batching``, what ``offload serve`` runs): its paged cache of
+            ``batch`` sequences of ``max_context`` positions (pages of ``kv_block``) and its
+            largest forward, ``prefill_chunk`` tokens of all sequences together (its
+            ``max_batch_tokens``); a larger forward is refused. Lossless either way.
         max_context: the longest sequence (prompt + new tokens) to serve, in positions.
         batch: sequences per forward the reserve (and a paged cache) is sized for.
         prefill_chunk: with a paged cache, the prompt positions per forward the reserve's

@@ -5,7 +5,8 @@ Concurrent requests share one stream of the weights: transformers' continuous-ba
 pass over the weights, for every active sequence; a request that arrives while others decode
 joins at the next step, a finished one leaves, and its KV blocks are freed. offload adds what
 an offloaded model needs around it: the number of sequences and their context are planned
-inside the budget (the KV cache is sized from them, ``max_batch x context`` positions in pages);
+inside the budget (``kv="batched"``: the manager's paged cache for ``max_batch x context``
+positions and its largest forward, ``max_batch_tokens`` tokens of all sequences together);
 requests beyond the running batch wait in a bounded queue, and beyond it get 503 with
 ``Retry-After``; a client that disconnects has its request cancelled at the next step.
 
@@ -32,6 +33,7 @@ GREEDY = 1e-5   # temperature 0: the manager only samples; at this temperature a
 #                 argmax unless two logits lie within about 1e-4
 PAGE = 64              # KV positions per block of the request caches
 DEFAULT_CONTEXT = 1024  # positions per sequence unless --max-context says otherwise
+MAX_BATCH_TOKENS = 256  # tokens per forward (prompts are prefilled in chunks of at most this)
 SUPPORTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens",
              "temperature", "top_p", "stop", "n", "stream", "stream_options", "user"}
 # Accepted when they ask for nothing (their OpenAI default), refused otherwise, by name.
@@ -87,7 +89,8 @@ class Engine:
 
     Args:
         model: an offloaded model (``offload.run``) planned for ``max_batch`` sequences of
-            ``context`` positions.
+            ``context`` positions: with ``kv="batched"`` (``batched_options``), whose plan
+            also sets the tokens per forward, or a dynamic plan holding them all.
         tokenizer: its tokenizer.
         name: the model name clients use (``GET /v1/models``).
         max_batch: sequences decoded together.
@@ -114,7 +117,8 @@ class Engine:
                                else tokenizer.pad_token_id)
         cb = ContinuousBatchingConfig(
             page_size=PAGE, num_blocks=max_batch * math.ceil(context / PAGE),
-            max_batch_tokens=max(context, PAGE), max_requests_per_batch=max_batch,
+            max_batch_tokens=_tokens_per_forward(model, max_batch, context),
+            max_requests_per_batch=max_batch,
             use_cuda_graph=False, per_request_processors=True, seed=seed)
         self.manager = model.init_continuous_batching(generation_config=gen,
                                                       continuous_batching_config=cb)
@@ -297,6 +301,30 @@ class Engine:
         for name, kind, text, value in rows:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
+
+
+def batched_options(max_batch: int, context: int) -> dict:
+    """``offload.run`` options planning a model for this server: the manager's paged cache
+    of ``max_batch`` sequences of ``context`` positions and forwards of
+    ``MAX_BATCH_TOKENS`` tokens (fewer where the context is shorter)."""
+    return dict(kv="batched", max_context=context, batch=max_batch, kv_block=PAGE,
+                prefill_chunk=max(max_batch, min(MAX_BATCH_TOKENS, max_batch * context)))
+
+
+def _tokens_per_forward(model, max_batch: int, context: int) -> int:
+    """The manager's ``max_batch_tokens``: the plan's under ``kv="batched"`` (checked against
+    what the server is asked to hold), else the context (a dynamic plan reserved it all)."""
+    from . import api
+
+    kv = api.runtime_of(model).plan.kv
+    if kv.mode != "batched":
+        return max(context, PAGE)
+    if kv.batch < max_batch or kv.max_context < context or kv.block_tokens != PAGE:
+        raise ValueError(f"the model was planned for {kv.batch} sequences x {kv.max_context} "
+                         f"positions in pages of {kv.block_tokens}, not {max_batch} x {context}"
+                         f" in pages of {PAGE}: plan it with batched_options({max_batch}, "
+                         f"{context})")
+    return kv.prefill_chunk
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float:

@@ -225,3 +225,80 @@ def test_32_prompts_in_changing_batches_against_the_resident_model(server, smoll
     differ = [i for i, p in enumerate(prompts)
               if got[i] != _text(tok, _greedy(smollm2, tok(p).input_ids, 8))]
     assert not differ, f"{len(differ)} of 32 differ: {differ}"
+
+
+# -- kv="batched": the server planned for the manager's cache and forwards ------------------
+def test_a_batched_plan_holds_the_managers_cache_where_a_one_shot_reserve_cannot(
+        smollm2, tmp_path):
+    """At 20% the server's 8 sequences x 128 positions fit as ``kv="batched"``: the reserve
+    holds the manager's whole paged cache (1,024 positions) and one forward of 256 tokens,
+    not a one-shot prefill of every position (which 20% cannot hold)."""
+    from offload.adapters import adapter_for
+    from offload.errors import BudgetError
+    from offload.planner.reserve import batched_reserve
+    from offload.serve import batched_options
+
+    path = smollm2[0]
+    plan = offload.plan(str(path), "20%", offload_dir=tmp_path, **batched_options(8, 128))
+    assert (plan.kv.mode, plan.kv.batch, plan.kv.max_context, plan.kv.prefill_chunk,
+            plan.max_tokens) == ("batched", 8, 128, 256, 1024)
+    shape = adapter_for(smollm2[2].config).shape(smollm2[2].config)
+    assert plan.kv.device_bytes == shape.kv_bytes(1024 + 2 * 64, 4)   # 2 pages of trash
+    assert plan.reserve_bytes >= batched_reserve(shape, 4, positions=1024, chunk=256,
+                                                 logits_rows=8, page=64)
+    assert plan.total_bytes <= plan.budget_bytes
+    assert "batched: 8 sequences x 128 positions in pages of 64, 256 tokens" in plan.table()
+    with pytest.raises(BudgetError):
+        offload.plan(str(path), "20%", offload_dir=tmp_path, max_tokens=1024, batch=8,
+                     kv="dynamic")
+    with pytest.raises(offload.OffloadError, match="needs max_context"):
+        offload.plan(str(path), "20%", offload_dir=tmp_path, kv="batched")
+
+
+def test_a_batched_forward_beyond_the_planned_tokens_is_refused_not_chunked(smollm2, tmp_path):
+    """A forward needing more than the plan reserved for ``prefill_chunk`` tokens (64 tokens,
+    or 16 with every row's logits) names the manager's setting to lower (it is the manager's batch: offload cannot cut it into chunks itself); an Engine
+    asked for more sequences than the model was planned for is refused."""
+    from offload.errors import BudgetError
+    from offload.serve import batched_options
+
+    path, tok, _ = smollm2
+    model = offload.run(str(path), budget="30%", offload_dir=tmp_path, progress=False,
+                        **{**batched_options(2, 64), "prefill_chunk": 16})
+    try:
+        with torch.no_grad():
+            assert model(torch.arange(16)[None] + 100, logits_to_keep=1).logits.shape[1] == 1
+            with pytest.raises(BudgetError, match="max_batch_tokens <= 16"):
+                model(torch.arange(64)[None] + 100, logits_to_keep=1)
+            with pytest.raises(BudgetError, match="16 rows of logits"):   # 2 were planned
+                model(torch.arange(16)[None] + 100)
+        with pytest.raises(ValueError, match="planned for 2 sequences x 64"):
+            Engine(model, tok, "smollm2", max_batch=4, context=64, queue=1)
+    finally:
+        offload.close(model)
+
+
+def test_sixteen_clients_four_requests_each_at_20_percent(tmp_path):
+    """The issue's load: ``offload serve --budget 20%`` (8 sequences x 128 positions) in its
+    own process, 16 clients x 4 chat requests at once: every request answered in full,
+    nothing failed, and the server's measured peak under its budget."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import require_smollm2
+
+    require_smollm2()
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, str(root / "benches" / "bench_serve.py"), "--budget",
+                        "20%", "--levels", "16", "--requests", "4", "--max-tokens", "8",
+                        "--work-dir", str(tmp_path / "bench"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    result = json.loads(out.read_text())
+    (level,) = result["levels"]
+    assert (level["clients"], level["requests"], level["answered"]) == (16, 64, 64), level
+    assert not level["failures"], level   # a short answer (not max_tokens, no stop) counts
+    m = result["metrics"]
+    assert 0 < m["offload_measured_peak_bytes"] <= m["offload_budget_bytes"], m

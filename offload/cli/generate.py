@@ -44,19 +44,20 @@ class Session:
         self.first_token_s: float | None = None   # from generate() to the first new token
         self.first_token_at: float | None = None  # from the process's start
 
-    def start(self, *, max_tokens: int | None, batch: int) -> None:
+    def start(self, *, max_tokens: int | None, batch: int, **kv) -> None:
         """Plan and load the model for ``batch`` sequences and ``max_tokens`` positions
-        (``None``: sized from --max-context, else the default)."""
+        (``None``: sized from --max-context, else the default); ``kv``: KV options that
+        replace the flags' (``offload serve``'s)."""
         from .. import api
 
         args = self.args
         t0 = time.perf_counter()
         self.model = api.run_prepared(self.prep, args.budget, api.Request.of(dict(
             device=args.device, host_budget=args.host_budget, prefetch=args.prefetch,
-            max_tokens=max_tokens, kv=args.kv, max_context=args.max_context, batch=batch,
-            experts=args.experts, predict=args.predict, predict_depth=args.predict_depth,
-            predict_width=args.predict_width, expert_cache=args.expert_cache,
-            compute=args.compute)))
+            max_tokens=max_tokens, experts=args.experts, predict=args.predict,
+            predict_depth=args.predict_depth, predict_width=args.predict_width,
+            expert_cache=args.expert_cache, compute=args.compute,
+            **{"kv": args.kv, "max_context": args.max_context, "batch": batch, **kv})))
         self.timings["plan+load"] = time.perf_counter() - t0
         self.runtime = api.runtime_of(self.model)
 

@@ -12,14 +12,14 @@ def cmd_serve(args, model_path) -> int:
     except ImportError as e:
         raise OffloadError(f"offload serve needs FastAPI and uvicorn ({e.name} is missing): "
                            "pip install 'offload[serve]'") from None
-    from ..serve import DEFAULT_CONTEXT, Engine, create_app
+    from ..serve import DEFAULT_CONTEXT, Engine, batched_options, create_app
     from .generate import Session
 
     context = args.max_context or DEFAULT_CONTEXT
-    args.max_context, args.kv = None, "dynamic"   # the batching manager keeps its own paged KV
     session = Session(args, model_path)
+    kv = batched_options(args.max_batch, context)   # the manager's own paged KV, planned
     try:
-        session.start(max_tokens=args.max_batch * context, batch=args.max_batch)
+        session.start(max_tokens=None, batch=kv.pop("batch"), **kv)
     except OffloadError as e:
         raise OffloadError(f"{e}. offload serve plans --max-batch x --max-context = "
                            f"{args.max_batch} x {context} positions: lower either, or raise "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ..errors import BudgetError, HardwareError
+from ..errors import BudgetError, HardwareError, OffloadError
 from ..kernels import head
 from ..sizes import format_bytes
 from ..units import DTYPES, align
@@ -21,7 +21,7 @@ from .options import PlanOptions
 from .placement import HeadCheck, make_plan
 from .plan import ExpertPlan, KVPlan, Plan
 from .profile import HardwareProfile
-from .reserve import dynamic_reserve, paged_reserve
+from .reserve import TRASH_PAGES, batched_reserve, dynamic_reserve, paged_reserve
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
     paths = head.choose(dtype, shape.hidden) if options.device.startswith("cpu") else None
     extra = overhead + head.extra_bytes(paths, kvo.batch, shape.hidden, dtype.itemsize,
                                         head_rows)
+    if kvo.kv == "batched":
+        return _batched_part(shape, dtype, kvo, extra, overhead)
     rows = tokens if options.logits == "all" else kvo.batch
     reserve = dynamic_reserve(shape, dtype.itemsize, tokens, logits_rows=min(rows, tokens),
                               head_copy=extra)
@@ -124,6 +126,25 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
                   device_bytes=g["device_bytes"], disk_bytes=g["total_bytes"],
                   prefill_chunk=chunk)
     return plan, reserve, kvo.batch * kvo.max_context
+
+
+def _batched_part(shape, dtype, kvo, extra: int, overhead: int) -> tuple[KVPlan, int, int]:
+    """``kv="batched"``: a continuous-batching manager keeps ``batch`` sequences of up to
+    ``max_context`` positions in its own paged cache (pages of ``block_tokens``), allocated
+    once, and runs forwards of at most ``prefill_chunk`` tokens drawn from all of them."""
+    pages = -(-kvo.max_context // kvo.block_tokens) * kvo.block_tokens
+    positions = kvo.batch * pages
+    chunk = min(kvo.prefill_chunk, positions)
+    if chunk < kvo.batch:
+        raise OffloadError(f"prefill_chunk={chunk} is below batch={kvo.batch}: a decode step "
+                           "of every sequence is one token each; raise prefill_chunk")
+    reserve = batched_reserve(shape, dtype.itemsize, positions=positions, chunk=chunk,
+                              logits_rows=kvo.batch, head_copy=extra, page=kvo.block_tokens)
+    plan = KVPlan("batched", overhead_bytes=overhead, max_context=kvo.max_context,
+                  batch=kvo.batch, block_tokens=kvo.block_tokens, prefill_chunk=chunk,
+                  device_bytes=shape.kv_bytes(positions + TRASH_PAGES * kvo.block_tokens,
+                                              dtype.itemsize))
+    return plan, reserve, positions
 
 
 def head_chunk_rows(manifest, shape) -> int:

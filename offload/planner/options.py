@@ -46,16 +46,18 @@ class KVOptions:
     prefill_chunk: int = 256
 
     def check(self) -> None:
-        if self.kv not in ("auto", "paged", "dynamic"):
+        if self.kv not in ("auto", "paged", "dynamic", "batched"):
             raise OffloadError(f"kv={self.kv!r}: use 'auto', 'paged' (recent blocks in the "
-                               "budget, older ones on disk) or 'dynamic' (all in the budget)")
+                               "budget, older ones on disk), 'dynamic' (all in the budget) or "
+                               "'batched' (a continuous-batching manager's own paged cache)")
         for name in ("max_context", "batch", "block_tokens", "device_blocks", "prefill_chunk"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise OffloadError(f"{name}={v!r}: use a positive int")
-        if self.kv == "paged" and self.max_context is None:
-            raise OffloadError("kv='paged' needs max_context= (the longest sequence, in "
-                               "positions): it sizes the cache's buffers and its disk part")
+        if self.kv in ("paged", "batched") and self.max_context is None:
+            raise OffloadError(f"kv={self.kv!r} needs max_context= (the longest sequence, in "
+                               "positions): it sizes the cache's buffers"
+                               + (" and its disk part" if self.kv == "paged" else ""))
 
 
 @dataclass(frozen=True)

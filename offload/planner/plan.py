@@ -48,12 +48,14 @@ class KVPlan:
     """Where the KV cache lives.
 
     Attributes:
-        mode: ``dynamic`` (transformers' cache, all of it in the reserve) or ``paged``
+        mode: ``dynamic`` (transformers' cache, all of it in the reserve), ``paged``
             (``device_bytes`` of it in the reserve: the newest ``device_blocks`` blocks of
             ``block_tokens`` per layer and two gather buffers; the whole ``disk_bytes`` at
-            ``max_context`` x ``batch`` can spill to disk).
+            ``max_context`` x ``batch`` can spill to disk) or ``batched`` (a
+            continuous-batching manager's own paged cache, ``device_bytes`` for ``batch``
+            sequences of ``max_context`` in pages of ``block_tokens``: ``offload serve``).
         prefill_chunk: the prompt positions per forward the reserve's activations are sized
-            for (paged).
+            for (paged; batched: tokens per forward, all sequences together).
         auto: ``kv="auto"``: ``generate()`` may move a dynamic plan's cache to a paged one
             (spilled to disk) when its context outgrows the reserve.
         overhead_bytes: the runtime's own objects (``make.bookkeeping``), in the reserve
@@ -234,7 +236,12 @@ class Plan:
         if ex is not None and ex.scratch_bytes:
             rows.append(("expert decode", "1 expert, decoded at each use",
                          format_bytes(ex.scratch_bytes)))
-        if kv.paged:
+        if kv.mode == "batched":
+            rows.append(("KV+activations", f"batched: {kv.batch} sequences x "
+                         f"{kv.max_context} positions in pages of {kv.block_tokens}, "
+                         f"{kv.prefill_chunk} tokens per forward",
+                         format_bytes(self.reserve_bytes)))
+        elif kv.paged:
             rows.append(("KV+activations", f"paged: {kv.batch} x {kv.max_context} "
                          f"positions, prefill chunks of {kv.prefill_chunk}",
                          format_bytes(self.reserve_bytes)))

@@ -46,6 +46,31 @@ def paged_reserve(shape, itemsize: int, *, batch: int, chunk: int, max_context: 
                          head_copy=head_copy, paged=True)
 
 
+TRASH_PAGES = 2       # pages transformers' paged cache allocates beyond the requests' own
+SAMPLING_BYTES = 32   # per logits row and vocab entry: the sampler's copies (scaled and sorted
+#                       float32 logits, int64 sort indices, cumulative sums, probabilities)
+
+
+def batched_reserve(shape, itemsize: int, *, positions: int, chunk: int, logits_rows: int,
+                    head_copy: int = 0, page: int = 0) -> int:
+    """A continuous-batching manager's forward (transformers' ``init_continuous_batching``,
+    what ``offload serve`` runs): its paged cache of ``positions`` (every sequence's pages,
+    allocated once, and ``TRASH_PAGES`` pages of ``page`` positions it never hands out), and
+    one forward of ``chunk`` tokens from any of its sequences flattened into one row,
+    attending to at most every cached position, keeping ``logits_rows`` rows of logits (one
+    per sequence: the manager passes their indices as ``logits_to_keep``) and sampling each
+    with per-request temperature and top-p (``SAMPLING_BYTES``). Beside attention's own: the
+    cache's update gathers one layer's keys and values for the forward's sequences into new
+    tensors, and the manager keeps a float mask of ``chunk`` x (``positions`` + ``chunk``)."""
+    gathered = 2 * positions * shape.kv_heads * shape.head_dim * itemsize
+    mask = chunk * (positions + chunk) * itemsize
+    sampling = logits_rows * shape.vocab * SAMPLING_BYTES
+    kv = shape.kv_bytes(positions + TRASH_PAGES * page, itemsize)
+    return forward_bytes(shape, itemsize, batch=1, new=chunk, total=positions,
+                         logits_rows=logits_rows, kv_bytes=kv, head_copy=head_copy,
+                         paged=True) + gathered + mask + sampling
+
+
 def largest_chunk(need, prompt: int, reserve: int) -> int:
     """The most prompt positions per forward, up to ``prompt``, whose ``need(positions)`` fits
     ``reserve`` (0: not even one). ``need`` grows with the positions: a bisection."""

@@ -16,7 +16,7 @@ from ..kernels import decode, gguf, head, qmatmul
 from ..planner.compute import fused_count, prefill_scratch_bytes
 from ..planner.plan import Plan
 from ..planner.kv import kv_geometry
-from ..planner.reserve import forward_bytes, largest_chunk, scratch_bytes
+from ..planner.reserve import batched_reserve, forward_bytes, largest_chunk, scratch_bytes
 from ..prefetch.pipeline import Pipeline
 from ..sizes import format_bytes
 from ..store import lock
@@ -365,7 +365,8 @@ class Runtime:
         try:
             self._check_budget(batch, new, cache, kwargs.get("logits_to_keep", 0))
         except BudgetError:
-            chunk = self._chunkable(args, kwargs, batch, new, cache)
+            chunk = (None if self.plan.kv.mode == "batched"   # the manager's own batches
+                     else self._chunkable(args, kwargs, batch, new, cache))
             if chunk is None:
                 raise
             self._chunk_next = chunk   # _forward runs it as chunks that each fit
@@ -388,11 +389,14 @@ class Runtime:
                       paged: bool = False) -> int:
         """``forward_bytes`` of a forward on this runtime (its head path's copy and the
         kernels' workspace included)."""
-        head_copy = head.extra_bytes(self.half_paths, batch, self.shape.hidden, self.itemsize,
-                                     self._head_rows) + self.plan.kv.overhead_bytes
         return forward_bytes(self.shape, self.itemsize, batch=batch, new=new, total=total,
-                             logits_rows=logits_rows, kv_bytes=kv, head_copy=head_copy,
-                             paged=paged)
+                             logits_rows=logits_rows, kv_bytes=kv,
+                             head_copy=self._head_copy(batch), paged=paged)
+
+    def _head_copy(self, rows: int) -> int:
+        """What the head's path copies for ``rows`` rows, and the runtime's own objects."""
+        return head.extra_bytes(self.half_paths, rows, self.shape.hidden, self.itemsize,
+                                self._head_rows) + self.plan.kv.overhead_bytes
 
     def _chunked_need(self, batch: int, chunk: int, past: int, total: int, rows: int,
                       kv: int, paged: bool) -> int:
@@ -415,6 +419,8 @@ class Runtime:
     def _check_budget(self, batch: int, new: int, cache, keep) -> None:
         """Refuse a forward whose KV, activations and head copy exceed the plan's reserve
         (the same ``forward_bytes`` the planner sized it with)."""
+        if self.plan.kv.mode == "batched":
+            return self._check_batched(batch * new, keep)
         past = int(cache.get_seq_length()) if cache is not None and hasattr(
             cache, "get_seq_length") else 0
         rows = batch * (keep if isinstance(keep, int) and 0 < keep < new else new)
@@ -440,6 +446,27 @@ class Runtime:
                 f"{format_bytes(need)} for KV cache and activations, but the plan reserved "
                 f"{format_bytes(plan.reserve_bytes)} for max_tokens={plan.max_tokens}; {fix}",
                 budget_bytes=plan.budget_bytes)
+        c = self.counters
+        c.accounted_peak_bytes = max(c.accounted_peak_bytes,
+                                     self.device_tier.allocated_bytes + need)
+
+    def _check_batched(self, tokens: int, keep) -> None:
+        """``kv="batched"``: a continuous-batching manager's forward of ``tokens`` (all its
+        sequences' in one row) against the reserve planned for its cache and largest
+        forward; ``keep`` is the manager's logits indices (one row per sequence)."""
+        plan = self.plan
+        rows = (int(keep.numel()) if isinstance(keep, torch.Tensor) else
+                keep if isinstance(keep, int) and 0 < keep < tokens else tokens)
+        need = batched_reserve(self.shape, self.itemsize, positions=plan.max_tokens,
+                               chunk=tokens, logits_rows=rows, head_copy=self._head_copy(rows),
+                               page=plan.kv.block_tokens)
+        if need > plan.reserve_bytes:
+            raise BudgetError(
+                f"this batched forward ({tokens} tokens, {rows} rows of logits) needs "
+                f"{format_bytes(need)} for KV cache and activations, but the plan reserved "
+                f"{format_bytes(plan.reserve_bytes)} for forwards of {plan.kv.prefill_chunk} "
+                f"tokens: give the batching manager max_batch_tokens <= "
+                f"{plan.kv.prefill_chunk}", budget_bytes=plan.budget_bytes)
         c = self.counters
         c.accounted_peak_bytes = max(c.accounted_peak_bytes,
                                      self.device_tier.allocated_bytes + need)
