@@ -35,11 +35,11 @@ PAGE = 64              # KV positions per block of the request caches
 DEFAULT_CONTEXT = 1024  # positions per sequence unless --max-context says otherwise
 MAX_BATCH_TOKENS = 256  # tokens per forward (prompts are prefilled in chunks of at most this)
 SUPPORTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens",
-             "temperature", "top_p", "stop", "n", "stream", "stream_options", "user"}
+             "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "user"}
 # Accepted when they ask for nothing (their OpenAI default), refused otherwise, by name.
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": None, "top_logprobs": None,
            "logit_bias": None, "tools": None, "tool_choice": None, "response_format": None,
-           "seed": None, "echo": False, "best_of": 1, "suffix": None, "parallel_tool_calls": None}
+           "echo": False, "best_of": 1, "suffix": None, "parallel_tool_calls": None}
 
 
 class RequestError(Exception):
@@ -82,6 +82,7 @@ class Params:
     stop: list[str]
     stream: bool
     include_usage: bool
+    seed: int | None = None
 
 
 class Engine:
@@ -122,6 +123,7 @@ class Engine:
             use_cuda_graph=False, per_request_processors=True, seed=seed)
         self.manager = model.init_continuous_batching(generation_config=gen,
                                                       continuous_batching_config=cb)
+        self.seeded = SeededSampling(self.manager)
         self.manager.start()
 
     def close(self) -> None:
@@ -174,10 +176,16 @@ class Engine:
                 and len(stop) <= 4):
             raise RequestError("stop: a string or a list of up to 4 non-empty strings",
                                param="stop")
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                                 or not 0 <= seed < 2 ** 63):
+            raise RequestError(f"seed={seed!r}: use an integer from 0 to 2**63 - 1",
+                               param="seed")
         stream = bool(body.get("stream", False))
         opts = body.get("stream_options") or {}
         return Params(ids, max_tokens, temperature, top_p, stop, stream,
-                      bool(opts.get("include_usage")) if isinstance(opts, dict) else False)
+                      bool(opts.get("include_usage")) if isinstance(opts, dict) else False,
+                      seed)
 
     def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
         if chat:
@@ -225,6 +233,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         rid = f"req-{uuid.uuid4().hex}"
+        if p.seed is not None:
+            self.seeded.add(rid, p.seed)
         self.manager.register_result_handler(rid, out.put_nowait)
         added = await loop.run_in_executor(None, lambda: self.manager.add_request(
             p.ids, request_id=rid, max_new_tokens=p.max_tokens, streaming=True,
@@ -245,6 +255,7 @@ class Engine:
                 seen = len(tokens)
                 yield tokens, finished
         finally:
+            self.seeded.forget(rid)
             if not finished:
                 self.manager.cancel_request(rid)
                 self.metrics.cancelled += 1
@@ -301,6 +312,65 @@ class Engine:
         for name, kind, text, value in rows:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
+
+
+class SeededSampling:
+    """Per-request ``seed``: transformers' manager samples every sequence of a step with one
+    ``torch.multinomial`` on the global generator, so a request's tokens would depend on what
+    else ran. This replaces the manager's sampling step (on its ``ModelRunner``, when the
+    manager builds it): the rows of requests that gave a seed draw from their own generator,
+    seeded once, one draw per step, so the same prompt, settings and seed give the same
+    tokens whatever shares its batches (up to the last bits of logits that batching changes,
+    which move a draw only where it lands on a boundary between two tokens). The others draw
+    as before. Rows map to requests through the order the manager lists each step's
+    requests in (``req_id_to_new_token_position``, the order of its logits rows)."""
+
+    def __init__(self, manager):
+        self._generators: dict[str, "torch.Generator"] = {}
+        self._lock = threading.Lock()
+        create = manager._create_batch_processor
+
+        def create_and_patch():
+            processor = create()
+            self._install(processor.model_runner)
+            return processor
+
+        manager._create_batch_processor = create_and_patch
+
+    def add(self, rid: str, seed: int) -> None:
+        import torch
+
+        g = torch.Generator()
+        g.manual_seed(seed)
+        with self._lock:
+            self._generators[rid] = g
+
+    def forget(self, rid: str) -> None:
+        with self._lock:
+            self._generators.pop(rid, None)
+
+    def _install(self, runner) -> None:
+        import torch
+
+        sample = runner._sample
+        if runner.return_logprobs or not hasattr(runner.inputs_and_outputs,
+                                                  "req_id_to_new_token_position"):
+            return   # a configuration this server does not make: seeds are not honoured
+
+        def seeded(scores, output_ids):
+            rids = list(runner.inputs_and_outputs.req_id_to_new_token_position)
+            with self._lock:
+                own = {i: self._generators[r] for i, r in enumerate(rids)
+                       if r in self._generators}
+            if not own or not runner.do_sample or len(rids) != scores.shape[1]:
+                return sample(scores, output_ids)
+            probs = torch.nn.functional.softmax(scores[0], dim=-1)
+            tokens = torch.multinomial(probs, num_samples=1).squeeze(-1)
+            for i, g in own.items():
+                tokens[i] = torch.multinomial(probs[i], num_samples=1, generator=g)[0]
+            output_ids[0, :tokens.numel()].copy_(tokens)
+
+        runner._sample = seeded
 
 
 def batched_options(max_batch: int, context: int) -> dict:

@@ -100,6 +100,30 @@ def test_concurrent_requests_share_forwards_and_keep_their_tokens(server, smollm
         assert got[i] == _text(tok, _greedy(smollm2, tok(prompt).input_ids, 12)), i
 
 
+def test_a_seeded_request_samples_the_same_tokens_whatever_shares_its_batch(server):
+    """``seed``: a sampled request (temperature 1) with a seed gives the same text alone and
+    while three unseeded requests decode beside it; another seed gives another text. The
+    unseeded ones still sample (from the manager's own generator)."""
+    def ask(seed, prompt=PROMPTS[2]):
+        return server.client.completions.create(model="smollm2", prompt=prompt, max_tokens=24,
+                                                temperature=1.0, seed=seed).choices[0].text
+
+    alone = ask(11)
+    got: dict[int, str] = {}
+
+    def busy(i):
+        got[i] = ask(None, PROMPTS[i])
+
+    threads = [threading.Thread(target=busy, args=(i,)) for i in (0, 1, 3)]
+    for t in threads:
+        t.start()
+    beside = ask(11)
+    for t in threads:
+        t.join()
+    assert beside == alone and len(got) == 3
+    assert ask(12) != alone and ask(13) != alone   # 24 tokens at temperature 1: two misses
+
+
 def test_streaming_chat_sends_the_same_text_in_chunks(server):
     c = server.client
     messages = [{"role": "user", "content": "Count to five."}]
@@ -134,6 +158,7 @@ def test_api_key_is_required(server):
     (dict(logprobs=2), openai.BadRequestError, "parameter 'logprobs' is not supported"),
     (dict(n=2), openai.BadRequestError, "n must be 1"),
     (dict(temperature=3), openai.BadRequestError, "temperature=3"),
+    (dict(seed=-1), openai.BadRequestError, "seed=-1"),
 ])
 def test_bad_requests_get_openai_errors(server, kw, error, says):
     args = {"model": "smollm2", "prompt": PROMPTS[0], "max_tokens": 4, **kw}
