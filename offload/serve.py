@@ -181,6 +181,10 @@ class Engine:
                                  or not 0 <= seed < 2 ** 63):
             raise RequestError(f"seed={seed!r}: use an integer from 0 to 2**63 - 1",
                                param="seed")
+        if seed is not None and not self.seeded.supported:
+            raise RequestError("parameter 'seed' is not supported with this transformers "
+                               "version's batching manager (its sampling step was not found)",
+                               param="seed", code="unsupported_parameter")
         stream = bool(body.get("stream", False))
         opts = body.get("stream_options") or {}
         return Params(ids, max_tokens, temperature, top_p, stop, stream,
@@ -328,7 +332,10 @@ class SeededSampling:
     def __init__(self, manager):
         self._generators: dict[str, "torch.Generator"] = {}
         self._lock = threading.Lock()
-        create = manager._create_batch_processor
+        create = getattr(manager, "_create_batch_processor", None)
+        self.supported = create is not None   # False: a transformers this was not built for
+        if create is None:
+            return
 
         def create_and_patch():
             processor = create()
@@ -352,10 +359,11 @@ class SeededSampling:
     def _install(self, runner) -> None:
         import torch
 
-        sample = runner._sample
-        if runner.return_logprobs or not hasattr(runner.inputs_and_outputs,
-                                                  "req_id_to_new_token_position"):
-            return   # a configuration this server does not make: seeds are not honoured
+        sample = getattr(runner, "_sample", None)
+        if sample is None or getattr(runner, "return_logprobs", True) or not hasattr(
+                getattr(runner, "inputs_and_outputs", None), "req_id_to_new_token_position"):
+            self.supported = False   # seeds are refused from here on
+            return
 
         def seeded(scores, output_ids):
             rids = list(runner.inputs_and_outputs.req_id_to_new_token_position)
