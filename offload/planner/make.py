@@ -132,8 +132,7 @@ def _batched_part(shape, dtype, kvo, extra: int, overhead: int) -> tuple[KVPlan,
     """``kv="batched"``: a continuous-batching manager keeps ``batch`` sequences of up to
     ``max_context`` positions in its own paged cache (pages of ``block_tokens``), allocated
     once, and runs forwards of at most ``prefill_chunk`` tokens drawn from all of them."""
-    pages = -(-kvo.max_context // kvo.block_tokens) * kvo.block_tokens
-    positions = kvo.batch * pages
+    positions = kvo.batch * align(kvo.max_context, kvo.block_tokens)
     chunk = min(kvo.prefill_chunk, positions)
     if chunk < kvo.batch:
         raise OffloadError(f"prefill_chunk={chunk} is below batch={kvo.batch}: a decode step "

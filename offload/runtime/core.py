@@ -446,6 +446,10 @@ class Runtime:
                 f"{format_bytes(need)} for KV cache and activations, but the plan reserved "
                 f"{format_bytes(plan.reserve_bytes)} for max_tokens={plan.max_tokens}; {fix}",
                 budget_bytes=plan.budget_bytes)
+        self._account(need)
+
+    def _account(self, need: int) -> None:
+        """A forward that fits: its need on top of the buffers, in the accounted peak."""
         c = self.counters
         c.accounted_peak_bytes = max(c.accounted_peak_bytes,
                                      self.device_tier.allocated_bytes + need)
@@ -467,9 +471,7 @@ class Runtime:
                 f"{format_bytes(plan.reserve_bytes)} for forwards of {plan.kv.prefill_chunk} "
                 f"tokens: give the batching manager max_batch_tokens <= "
                 f"{plan.kv.prefill_chunk}", budget_bytes=plan.budget_bytes)
-        c = self.counters
-        c.accounted_peak_bytes = max(c.accounted_peak_bytes,
-                                     self.device_tier.allocated_bytes + need)
+        self._account(need)
 
     # -- a direct forward beyond the reserve -------------------------------------------------
     def _chunkable(self, args, kwargs, batch: int, new: int, cache) -> tuple | None:
