@@ -650,8 +650,9 @@ def run_prepared(prep: "Prepared", budget="25%", request: Request = Request()
     """``run`` for a store already prepared (``prepare``): plan, build, attach. The measured
     peak (``stats()["measured_peak_bytes"]``) counts from after the model's skeleton is built
     and torch's kernels have run the model's shapes once (the baseline: the workspaces MKL and
-    oneDNN keep per thread, measured in ``kernels.workspace``); the hardware profile, the
-    plan's probes and the runtime's start-up are inside it."""
+    oneDNN keep per thread, measured in ``kernels.workspace``); the hardware profile and the
+    plan's probes are its first phase (their peak counted; what they leave resident, like a
+    pack's leftovers, then part of the baseline), the runtime's start-up and run the second."""
     device = resolve_device(request.device)
     skeleton = prep.source.module if prep.source.module is not None else \
         build_skeleton(prep.manifest, device)
@@ -674,6 +675,7 @@ def run_prepared(prep: "Prepared", budget="25%", request: Request = Request()
     meter.workspace_bytes = kernels
     meter.start()
     the_plan = make_plan(prep, budget, request, skeleton=skeleton)
+    meter.restart()   # a profile measured just now: its peak counted, its leftovers the baseline's
     old = getattr(skeleton, _ATTR, None)
     if old is not None:
         old.close()

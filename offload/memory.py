@@ -155,6 +155,23 @@ class PeakMeter:
         self.baseline = rss_bytes() or 0
         self._before = 0
 
+    def restart(self) -> None:
+        """End a phase that prepares the run, such as a hardware profile measured in this
+        process: its peak stays the first phase's (``peak`` is the larger), and what it left
+        resident (the heap's fragments, the code pages its probes touched: 1-3 MiB measured)
+        joins the baseline, as a pack's leftovers do, instead of counting against the run's
+        budget. The high-water mark restarts here."""
+        if self.device.type == "cuda":
+            return
+        self._before = max(self._before, self.peak() or 0)
+        import gc
+
+        gc.collect()
+        release_free_heap()
+        self.baseline = rss_bytes() or self.baseline
+        if self.resettable:
+            _reset_high_water_mark()
+
     def rebase(self) -> None:
         """Start a second phase: what ran since ``start`` (a run's probes and builds, before
         it takes its budget) keeps its own peak above the first baseline; the high-water mark

@@ -89,3 +89,28 @@ def test_measured_peak_stays_under_the_budget(case, tmp_path):
     assert res["measured_peak_bytes"] <= res["budget"], res
     if case == "long":   # 800 positions: 3x the default reserve's 256, prefilled in chunks
         assert res["prefill_chunk"] < 800, res
+
+
+def test_a_phase_before_the_run_keeps_its_peak_and_its_leftovers_join_the_baseline():
+    """``PeakMeter.restart`` (after a first run's hardware profile): the phase's peak still
+    counts, what it left resident moves into the baseline, and the run's own growth after it
+    is measured from there."""
+    import numpy as np
+    import torch
+
+    from offload.memory import PeakMeter
+
+    meter = PeakMeter(torch.device("cpu"))
+    meter.start()
+    if meter.peak() is None:
+        pytest.skip("no VmHWM here: nothing to measure")
+    base = meter.baseline
+    probe = np.ones(24 << 20, dtype=np.uint8)      # the phase's peak: 24 MiB touched
+    left = np.ones(6 << 20, dtype=np.uint8)        # and what it leaves resident
+    del probe
+    meter.restart()
+    assert meter.peak() >= 24 << 20                # the first phase's peak counts
+    assert meter.baseline - base >= 6 << 20        # its leftovers are the baseline's now
+    run = np.ones(30 << 20, dtype=np.uint8)        # the run grows past the first phase
+    assert 30 << 20 <= meter.peak() < 33 << 20     # measured from the new baseline
+    del run, left

@@ -89,7 +89,7 @@ def _memory_line(s: dict, pack_peak, interpreter: int, packed: bool = False) -> 
     or the CUDA allocator's), the store check or pack's (above the interpreter), and the
     runtime's own accounting."""
     budget, measured = s["budget_bytes"], s["measured_peak_bytes"]
-    line = (f"{format_bytes(measured)} measured ({measured / budget * 100:.0f}% of the "
+    line = (f"{format_bytes(measured)} measured ({measured / budget * 100:.1f}% of the "
             f"{format_bytes(budget)} budget; above the {format_bytes(s['baseline_bytes'])} the "
             "process held when the run began)" if measured is not None else
             f"not measurable here; budget {format_bytes(budget)}")
