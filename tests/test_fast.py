@@ -24,16 +24,19 @@ from bench_quant import teacher_forced  # noqa: E402  (the bench's measure, 512 
 
 
 def test_fast_agrees_with_exact_on_smollm2(tmp_path):
-    """512 tokens of README.md, teacher-forced: greedy tokens of fast agree with exact's on at
-    least 95% of positions, and perplexity within 1% (the bench measures 2,048 tokens)."""
+    """2,048 tokens of README.md, teacher-forced (the issue's measure, as the bench takes it):
+    greedy tokens of fast agree with exact's on at least 95% of positions, and perplexity
+    within 1%. (A 512-token window is too short a sample: its agreement measured 94.7% on an
+    AVX-512 machine whose 2,048 tokens agree on 96.3%.)"""
     path = require_smollm2()
     tok = api.tokenizer(str(path))
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    ids = tok(text, return_tensors="pt").input_ids[:, :512]
+    ids = tok(text, return_tensors="pt").input_ids[:, :2048]
+    assert ids.shape[1] == 2048
     got = {}
     for mode in ("exact", "fast"):
         model = offload.run(str(path), budget="800MB", compute=mode, offload_dir=tmp_path,
-                            max_tokens=520, logits="all", progress=False)
+                            max_tokens=2056, logits="all", progress=False)
         assert api.runtime_of(model).plan.compute == mode
         got[mode] = teacher_forced(model, ids, qmatmul.INT_ROWS)
         offload.close(model)
