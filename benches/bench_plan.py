@@ -9,7 +9,11 @@ Rows (RANDOM weights throughout: shapes, bytes and timings are real; routing is 
 * ``llama70b-4l``: a 4-layer slice of the Llama-3-70B shape (hidden 8192, intermediate 28672,
   64/8 heads; vocab 32000 instead of 128256, so the slice is the issue's ~7 GB of bf16), 25%
 * ``dense``: the TinyLlama-shaped bf16 model of ``bench_dense.py``, 25%
-* ``moe``: the Mixtral-shaped bf16 model of ``bench_moe.py``, expert cache, 25%
+* ``moe``: the Mixtral-shaped bf16 model of ``bench_moe.py``, expert cache, 25%, a cold
+  start (no expert heat saved beside the store: each batch's run starts without it)
+* ``moe-heat``: the same, run again with the heat the previous run saved (what a user's
+  second run gets: the hottest experts resident, the cache's hits predicted from how often
+  each expert was used)
 * ``sparse``: ``bench_sparse.py``'s model pruned to 50%, bitmap store, 25%
 * ``gguf-q4_0``: ``bench_quant.py``'s Q4_0 GGUF of the TinyLlama model, quantized store, 70%
   of the file
@@ -54,7 +58,7 @@ SLICE = dict(hidden_size=8192, num_hidden_layers=4, intermediate_size=28672,
              num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)
 SLICE_TOY = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1792,
                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)
-ROWS = ("llama70b-4l", "dense", "moe", "sparse", "gguf-q4_0")
+ROWS = ("llama70b-4l", "dense", "moe", "moe-heat", "sparse", "gguf-q4_0")
 
 
 @dataclass
@@ -109,16 +113,22 @@ def build_rows(a: argparse.Namespace, work: Path, wanted: set[str]) -> list[Row]
         m, s = packed(tiny)
         rows.append(Row("dense", str(tiny), parse_size(share, total_bytes=m.weight_bytes), {},
                         f"TinyLlama shape, bf16, {share}", dims["vocab_size"], s))
-    if "moe" in wanted:
+    if wanted & {"moe", "moe-heat"}:
         d = work / "mixtral" / "model"
         mdims = bench_moe.TOY if a.toy else bench_moe.FULL
         print("building/reusing the Mixtral-shaped model ...", file=sys.stderr, flush=True)
         bench_moe.build_model(d, mdims)
         m, s = packed(d)
         for old in (work / "stores").glob("*/expert_heat.json"):
-            old.unlink()   # a cold start, as the plan assumes without heat
-        rows.append(Row("moe", str(d), parse_size(share, total_bytes=m.weight_bytes), {},
-                        f"Mixtral shape, bf16, expert cache, {share}", mdims["vocab_size"], s))
+            old.unlink()   # the first run starts cold
+        budget = parse_size(share, total_bytes=m.weight_bytes)
+        if "moe" in wanted:
+            rows.append(Row("moe", str(d), budget, {}, f"Mixtral shape, bf16, expert cache, "
+                            f"{share}, cold (no heat)", mdims["vocab_size"], s))
+        if "moe-heat" in wanted:
+            rows.append(Row("moe-heat", str(d), budget, {}, f"Mixtral shape, bf16, expert "
+                            f"cache, {share}, the heat of the run before", mdims["vocab_size"],
+                            s))
     if "sparse" in wanted:
         pruned = bench_sparse.build_pruned(work / "tinyllama", dims)
         m, s = packed(pruned, sparse="bitmap")
@@ -200,6 +210,9 @@ def main(a: argparse.Namespace) -> int:
                     "--batch-size", str(b), "--n-tokens", str(tokens), "--vocab", str(r.vocab),
                     "--prompt-len", str(a.prompt_len), "--warmup", str(a.warmup),
                     "--options", json.dumps(r.options)]
+            if r.key == "moe":   # a cold start: the heat an earlier run saved removed
+                for old in (work / "stores").glob("*/expert_heat.json"):
+                    old.unlink()
             cap = r.budget + machine.idle + a.cap_slack if machine.capped else None
             runs[key] = launch_contender(key, argv, cap_bytes=cap, wait_quiet=a.wait_quiet,
                                          timeout=a.timeout, quiet=a.quiet)

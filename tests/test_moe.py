@@ -1,6 +1,7 @@
 """MoE experts as Units: exactness, bytes, the expert cache, prediction, bad input."""
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -581,3 +582,25 @@ def test_runtime_feeds_each_decode_steps_stall_to_the_arbiter(offload_dir):
     st = offload.stats(off)["experts"]["prediction_arbiter"]
     assert st["decode_steps"] == 4 and st["stall_per_step_reads_off"] is not None
     offload.close(off)
+
+
+def test_heat_is_kept_per_token_whatever_batch_measured_it(offload_dir, tmp_path):
+    """A run saves the share of decode steps that used each expert and its steps' batch; the
+    next plan reads a token's share back (a step of b sequences used an expert with share s:
+    1 - (1 - s) ** (1 / b)), an expert used in every step counted as used in all but half a
+    step (else a batch's share could not be inverted)."""
+    from offload.store.heat import load_heat, save_heat
+
+    save_heat(tmp_path, 10, {"expert.0.1": 0.75, "expert.0.2": 1.0}, batch=2.0)
+    heat = load_heat(tmp_path)
+    assert heat["expert.0.1"] == pytest.approx(0.5)                 # 1 - 0.25 ** (1/2)
+    assert heat["expert.0.2"] == pytest.approx(1 - 0.05 ** 0.5)     # 1 - 1/(2 x 10) steps
+    model = tiny_model("mixtral", seed=8)
+    off, _ = _run(model, 0.6, offload_dir)
+    store = off._offload_runtime.manifest.path
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        off.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    offload.close(off)
+    saved = json.loads((store / "expert_heat.json").read_text())
+    assert saved["batch"] == 2 and saved["decode_steps"] >= 8

@@ -101,13 +101,14 @@ def moe_units(n_layers=4, experts=8, expert=16 << 20, attn=4 << 20):
     return out
 
 
-def moe_plan(us, budget_mb, heat=None):
+def moe_plan(us, budget_mb, heat=None, batch=1):
     from offload.planner.experts import make_moe_plan
 
     order = [u.key for u in us if u.group in ("layer", "norm", "head")]
     return make_moe_plan(us, order, budget_mb << 20, 8 << 20, 64, PROFILE, top_k=2,
                          moe_layers=4, experts_per_layer=8,
-                         pinned=frozenset(k for k in order if k.endswith(".router")), heat=heat)
+                         pinned=frozenset(k for k in order if k.endswith(".router")), heat=heat,
+                         batch=batch)
 
 
 def test_moe_plan_spends_the_budget_on_layers_first_then_the_expert_cache():
@@ -142,6 +143,57 @@ def test_moe_plan_keeps_measured_hot_experts_resident():
     assert resident == {"expert.0.3", "expert.2.5"}
     assert p.experts.slots == moe_plan(us, 200).experts.slots - 2
 
+
+
+def _simulated_lru_misses(rates, slots, steps=40000, seed=0):
+    """Reads per step of a layer's share of ``slots`` experts, least recently used out, each
+    expert used in a step with its chance in ``rates``, independently: the plain simulation
+    Che's approximation stands for. A step's experts are all held while it runs (the working
+    slots), then kept as the most recent."""
+    import random
+
+    rng, cache, reads = random.Random(seed), [], 0
+    for _ in range(steps):
+        used = [i for i, r in enumerate(rates) if rng.random() < r]
+        rng.shuffle(used)
+        reads += sum(e not in cache for e in used)
+        cache = ([e for e in cache if e not in used] + used)[-slots:]   # most recent last
+    return reads / steps
+
+
+def test_expert_cache_misses_are_predicted_from_how_often_each_expert_is_used():
+    """The plan's expert reads per step: for an even router, the uniform miss rate
+    (hand arithmetic: 8 experts used a quarter of the steps each, 2 slots: 0.25 x 6 reads); for
+    skewed use (a previous run's heat), an LRU cache's reads as simulated, within 5%; the
+    MoE plan predicts fewer bytes per step with skewed heat than without, the same slots; and
+    heat measured at a smaller batch than the plan's is not used for its hits."""
+    from offload.planner.experts import lru_misses, step_rates
+    from offload.store.heat import Heat
+
+    assert lru_misses([0.25] * 8, 2) == pytest.approx(1.5, rel=1e-6)
+    assert lru_misses([0.25] * 8, 8) == 0.0 and lru_misses([0.25] * 8, 0) == 2.0
+    for rates, slots in (([0.9, 0.6, 0.3, 0.2, 0.1, 0.1, 0.05, 0.05], 3),
+                         ([0.5, 0.5, 0.4, 0.2, 0.2, 0.1, 0.05, 0.05], 2),
+                         ([1.0, 0.7, 0.2, 0.1], 2)):
+        assert lru_misses(rates, slots) == pytest.approx(_simulated_lru_misses(rates, slots),
+                                                         rel=0.05), rates
+    # per-token shares -> per-step chances at a batch: 1 - (1 - p) ** batch
+    us = moe_units()
+    experts = [u for u in us if u.kind == "expert"]
+    r = step_rates(experts, None, 0.25, 8)
+    assert r["expert.0.0"] == pytest.approx(1 - 0.75 ** 8)
+    skew = {f"expert.{i}.{e}": (0.7, 0.6, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02)[e]
+            for i in range(4) for e in range(8)}   # two per token, as top-2 routes
+    heat = Heat({k: min(v, 0.25) for k, v in skew.items()})   # none hotter than uniform
+    cold, warm = moe_plan(us, 150), moe_plan(us, 150, heat)
+    assert cold.experts.slots == warm.experts.slots > 2
+    assert warm.experts.bytes_per_step < cold.experts.bytes_per_step
+    assert warm.experts.from_heat and not cold.experts.from_heat
+    # one sequence's heat says nothing of a batch of 8's spread: an even router's hits there
+    b8 = [moe_plan(us, 150, h, batch=8) for h in (None, heat)]
+    assert b8[0].experts.bytes_per_step == b8[1].experts.bytes_per_step
+    heat.batch = 8.0
+    assert moe_plan(us, 150, heat, batch=8).experts.bytes_per_step < b8[0].experts.bytes_per_step
 
 def _quantized(key: str, index: int, nbytes: int) -> Unit:
     """A layer Unit of one Q4_0 tensor: stored at 18 bytes per 32 float32 elements."""

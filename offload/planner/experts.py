@@ -10,6 +10,14 @@ further expert slots. Of those, experts known to be hot (measured routing freque
 uniform top_k / experts) become resident; the rest enlarge the cache, split evenly into a
 protected share per MoE layer (its recently used experts survive the other layers' traffic).
 
+The reads a decode step is predicted to make: each MoE layer's protected share of the cache
+over its experts not resident, least recently used out, each expert used in a step with its
+own chance (``lru_misses``, Che's approximation): the share of tokens an earlier run measured
+routing to it (``store.heat``) where there is one, else top_k / experts. An even router
+gives the cache's share of the experts as its hit rate; a skewed one hits more with the same
+slots (the Mixtral-shaped bench model at batch 1: 145 MB read a step where an even router
+would read 238 MB).
+
 Experts stored encoded (a GGUF's blocks) are cached as stored, each slot the stored size, and
 decoded at each use into one dense scratch expert (charged to compute at the measured decode
 speed). A resident decoded expert would take the room of several cached ones, so they become
@@ -98,7 +106,7 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
                    protected=max(0, cached - top_k), policy=policy, depth=predict_depth,
                    width=(predict_width or top_k) if predict_depth > 0 else 0, top_k=top_k,
                    moe_layers=moe_layers, experts_per_layer=experts_per_layer,
-                   minimum=minimum, profile=profile, batch=batch)
+                   minimum=minimum, profile=profile, batch=batch, heat=heat)
 
 
 def _scratch_words(scratch: int) -> str:
@@ -123,24 +131,83 @@ def _hot_experts(experts: list[Unit], heat: dict[str, float] | None, room: int,
     return [u.key for u in hot[:room]]
 
 
+def step_rates(experts: list[Unit], heat: dict[str, float] | None, uniform: float,
+               batch: int) -> dict[str, float]:
+    """Each expert's chance of being used in a decode step of ``batch`` sequences: from its
+    measured share of a token's routings where ``heat`` is (``store.heat``: per token; scaled
+    so a layer's shares add up to top_k, as each token's routing does), else ``uniform``
+    (top_k / experts, a router that spreads tokens evenly)."""
+    token = {u.key: uniform for u in experts}
+    if heat:
+        layers: dict[int, list[Unit]] = {}
+        for u in experts:
+            layers.setdefault(u.index, []).append(u)
+        for us in layers.values():
+            total = sum(heat.get(u.key, 0.0) for u in us)
+            if total > 0:   # a layer the heat saw: top_k = uniform x its experts
+                for u in us:
+                    token[u.key] = min(1.0, heat.get(u.key, 0.0) * uniform * len(us) / total)
+    return {u.key: 1 - (1 - token[u.key]) ** batch for u in experts}
+
+
+def lru_misses(rates: list[float], slots: float) -> float:
+    """Expected reads per step of a cache of ``slots`` experts (least recently used out)
+    over experts each used in a step with chance ``rates[i]``, independently: Che's
+    approximation. An expert stays for a characteristic number of steps ``t`` after its last
+    use, the one at which the experts expected in the cache fill it (``sum(1 - (1 - r)^t) =
+    slots``), and is read again when a step uses it after ``t`` unused steps. For equal
+    rates ``r`` over ``n`` experts this is ``r * (n - slots)``: the uniform hit rate slots / n."""
+    live = [r for r in rates if r > 0]
+    if slots >= len(live):
+        return 0.0   # room for every expert used: each is read once, then stays
+    if slots <= 0:
+        return sum(live)
+    if any(r >= 1 for r in live):   # used every step: never evicted, takes a slot for good
+        always = sum(r >= 1 for r in live)
+        return lru_misses([r for r in live if r < 1], slots - always) if slots > always \
+            else sum(r for r in live if r < 1)
+
+    def held(t: float) -> float:
+        return sum(1 - (1 - r) ** t for r in live)
+
+    lo, hi = 0.0, 1.0
+    while held(hi) < slots:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if held(mid) < slots else (lo, mid)
+    return sum(r * (1 - r) ** hi for r in live)
+
+
 def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], cached: int,
             expert_bytes: int, scratch: int, *, protected: int, policy: str, depth: int,
             width: int, top_k: int, moe_layers: int, experts_per_layer: int, minimum: int,
-            profile: HardwareProfile, batch: int = 1) -> Plan:
+            profile: HardwareProfile, batch: int = 1,
+            heat: dict[str, float] | None = None) -> Plan:
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     home = {k: (t, n) for k, t, n in base.homes}   # a held Unit takes its stored bytes
     homes = tuple((u.key, *home.get(u.key, (DEVICE if u.key in resident else DISK,
                                             size[u.key]))) for u in units)
-    hit = min(1.0, (len(resident) + protected) / max(moe_layers, 1) / experts_per_layer)
+    # A batch's heat covers its sequences' spread of experts; one sequence's (or a few's)
+    # says little about more sequences than it measured (on the Mixtral bench model, one
+    # sequence's heat predicted a quarter of what a batch of 8 read): the hits of a plan for
+    # a larger batch than the heat's are predicted as for an even router.
+    known = heat if heat and getattr(heat, "batch", 1.0) >= batch else None
+    rates = step_rates(experts, known, top_k / experts_per_layer, batch)
+    layers: dict[int, list[float]] = {}
+    for u in experts:
+        layers.setdefault(u.index, []).append(0.0 if u.key in resident else rates[u.key])
     if len(resident) + cached >= len(experts):
-        hit = 1.0   # a slot for every expert: each is read once, then stays
-    used = experts_per_layer * (1 - (1 - top_k / experts_per_layer) ** batch)   # per layer
+        misses = 0.0   # a slot for every expert: each is read once, then stays
+    else:   # each layer's protected share of the cache, over its experts not resident
+        misses = sum(lru_misses(r, protected / max(moe_layers, 1)) for r in layers.values())
+    used = sum(rates.values()) / max(len(layers), 1)   # distinct experts a layer uses a step
     # The running layer holds its own protected experts and the shared slots; an expert it
     # uses beyond those is evicted between its up and its down pass and read again (at batch
     # 8 on the Mixtral bench model: 7.2 experts a layer, 3 slots of its own, 11 reads).
     own = cached - protected * (moe_layers - 1) / max(moe_layers, 1)
     again = max(0.0, used - own) if cached else 0.0
-    per_step = int(moe_layers * (used * (1 - hit) + again) * expert_bytes)
+    per_step = int((misses + moe_layers * again) * expert_bytes)
     weight_bytes = sum(u.nbytes for u in units)
     dense_expert = max(u.nbytes for u in experts)
     # Each routed expert that is not resident decoded is decoded at its use (on the compute
@@ -174,4 +241,5 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
         experts=ExpertPlan("cache", slots=cached, slot_bytes=expert_bytes if cached else 0,
                            protected=protected, policy=policy, predict_depth=depth,
                            predict_width=width, bytes_per_step=per_step,
+                           from_heat=bool(known),
                            scratch_bytes=scratch if cached else 0, decode_s=decode))

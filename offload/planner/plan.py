@@ -26,6 +26,8 @@ class ExpertPlan:
             applied to the current hidden state, and experts per token prefetched for each
             (0: off).
         bytes_per_step: expert bytes a decode step is predicted to read (at the planned batch).
+        from_heat: whether the cache's hits were predicted from an earlier run's measured
+            expert heat (else from a router that spreads tokens evenly).
         scratch_bytes: the dense buffer an expert stored encoded (GGUF blocks) is decoded into
             at each use: the cache's slots hold experts as stored (0: experts are dense).
         decode_s: seconds a decode step is predicted to spend decoding cached experts.
@@ -39,6 +41,7 @@ class ExpertPlan:
     predict_depth: int = 0
     predict_width: int = 0
     bytes_per_step: int = 0
+    from_heat: bool = False
     scratch_bytes: int = 0
     decode_s: float = 0.0
 
@@ -325,7 +328,9 @@ class Plan:
         if ex is not None and ex.mode == "cache":
             lines.append(
                 f"experts: fetched as routed, ~{format_bytes(ex.bytes_per_step)} per decode "
-                "step; prediction " + (f"depth {ex.predict_depth}, width {ex.predict_width}"
+                "step (cache hits " + ("from the expert heat an earlier run measured"
+                                       if ex.from_heat else "as for a router that spreads tokens "
+                                       "evenly: no heat measured yet") + "); prediction " + (f"depth {ex.predict_depth}, width {ex.predict_width}"
                                        if ex.predict_depth else "off"))
         elif ex is not None:
             lines.append("experts: streamed with their layer (every expert, every pass)")

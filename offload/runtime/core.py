@@ -375,7 +375,7 @@ class Runtime:
             self.pipeline.begin_pass()
         self._forward_shape = (batch, new)
         if self.experts is not None:
-            self.experts.begin_forward(new == 1)
+            self.experts.begin_forward(new == 1, batch)
         self._forward_t0 = time.perf_counter()
         if self._pool is not None:
             # A decode step's matmuls run on the fused kernel's pool; torch's own threads,

@@ -87,6 +87,8 @@ class ExpertsRuntime:
         self.disk: DiskTier | None = None
         self.staging = None
         self.decode_forwards = 0
+        self.decode_sequences = 0   # summed over decode forwards: their mean batch
+        self._batch = 1
         self.decode_bytes = 0
         self.decode_seconds = 0.0   # decoding encoded experts out of the cache's slots
         self.decoded_bytes = 0
@@ -215,7 +217,8 @@ class ExpertsRuntime:
         return forward
 
     # -- per forward ------------------------------------------------------------------------
-    def begin_forward(self, decode: bool) -> None:
+    def begin_forward(self, decode: bool, batch: int = 1) -> None:
+        self._batch = batch
         if self.cache is not None:
             self.cache.decoding = decode
             self._bytes0 = self.cache.stats.bytes_read
@@ -227,6 +230,7 @@ class ExpertsRuntime:
     def end_forward(self, decode: bool) -> None:
         if self.cache is not None and decode:
             self.decode_forwards += 1
+            self.decode_sequences += self._batch
             self.decode_bytes += self.cache.stats.bytes_read - self._bytes0
             if self.predictor is not None:
                 self.predictor.arbiter.observe(self._stall() - self._stall0)
@@ -270,7 +274,8 @@ class ExpertsRuntime:
             return
         heat = {self.cache.units[key].key: n / self.decode_forwards
                 for key, n in self.cache.decode_use.items()}
-        save_heat(self.s.store, self.decode_forwards, heat)
+        save_heat(self.s.store, self.decode_forwards, heat,
+                  batch=self.decode_sequences / self.decode_forwards)
 
     def close(self) -> None:
         self.save_heat()

@@ -1,5 +1,6 @@
 """Expert heat: the share of decode steps that used each expert, measured in one run and kept
-beside the store (``expert_heat.json``) so the next plan keeps the hottest experts resident."""
+beside the store (``expert_heat.json``, with the sequences a step decoded) so the next plan
+keeps the hottest experts resident and predicts its expert cache's hits from them."""
 from __future__ import annotations
 
 import json
@@ -12,24 +13,44 @@ log = logging.getLogger(__name__)
 HEAT_FILE = "expert_heat.json"
 
 
-def load_heat(store: Path, min_steps: int = 8) -> dict[str, float] | None:
-    """A previous run's expert heat for this store, if it saw enough decode steps."""
+class Heat(dict):
+    """Expert key -> the share of a token's routings that used it, with the sequences per
+    decode step (``batch``) of the run that measured it."""
+
+    batch: float = 1.0
+
+
+def load_heat(store: Path, min_steps: int = 8) -> Heat | None:
+    """A previous run's expert heat for this store, if it saw enough decode steps: expert key
+    -> the share of a token's routings that used it (a step of ``b`` sequences that used an
+    expert with share ``s`` of the steps gives ``1 - (1 - s) ** (1 / b)``, sequences routed
+    independently)."""
     try:
         d = json.loads((Path(store) / HEAT_FILE).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(d, dict) or d.get("decode_steps", 0) < min_steps:
         return None
-    return {k: float(v) for k, v in d.get("heat", {}).items()}
+    per_step = max(1.0, float(d.get("batch", 1)))
+    # an expert used in every one of n steps was used more than most of the time, not
+    # always: its share is taken as 1 - 1/(2n), or a batch's share could not be inverted
+    most = 1 - 0.5 / d["decode_steps"]
+    heat = Heat({k: 1 - (1 - min(most, float(v))) ** (1 / per_step)
+                 for k, v in d.get("heat", {}).items()})
+    heat.batch = per_step
+    return heat
 
 
-def save_heat(store: Path, decode_steps: int, heat: dict[str, float]) -> None:
-    """Write ``heat`` (expert key -> share of ``decode_steps``) beside the store: to a
-    temporary name, then renamed. A read-only store only loses the hint."""
+def save_heat(store: Path, decode_steps: int, heat: dict[str, float],
+              batch: float = 1.0) -> None:
+    """Write ``heat`` (expert key -> share of ``decode_steps``, each of ``batch`` sequences on
+    average) beside the store: to a temporary name, then renamed. A read-only store only
+    loses the hint."""
     path = Path(store) / HEAT_FILE
     tmp = path.with_name(f".{HEAT_FILE}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({"decode_steps": decode_steps, "heat": heat}))
+        tmp.write_text(json.dumps({"decode_steps": decode_steps, "batch": batch,
+                                   "heat": heat}))
         os.replace(tmp, path)
     except OSError as e:
         log.info("could not save expert heat in %s: %s", path, e)
