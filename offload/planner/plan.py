@@ -326,12 +326,13 @@ class Plan:
                          "there; a budget that keeps the head resident is)")
         ex = self.experts
         if ex is not None and ex.mode == "cache":
+            hits = ("from the expert heat an earlier run measured" if ex.from_heat else
+                    "as for a router that spreads tokens evenly: no heat measured yet")
             lines.append(
                 f"experts: fetched as routed, ~{format_bytes(ex.bytes_per_step)} per decode "
-                "step (cache hits " + ("from the expert heat an earlier run measured"
-                                       if ex.from_heat else "as for a router that spreads tokens "
-                                       "evenly: no heat measured yet") + "); prediction " + (f"depth {ex.predict_depth}, width {ex.predict_width}"
-                                       if ex.predict_depth else "off"))
+                f"step (cache hits {hits}); prediction "
+                + (f"depth {ex.predict_depth}, width {ex.predict_width}" if ex.predict_depth
+                   else "off"))
         elif ex is not None:
             lines.append("experts: streamed with their layer (every expert, every pass)")
         return lines
