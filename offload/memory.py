@@ -163,14 +163,9 @@ class PeakMeter:
         budget. The high-water mark restarts here."""
         if self.device.type == "cuda":
             return
-        self._before = max(self._before, self.peak() or 0)
-        import gc
-
-        gc.collect()
-        release_free_heap()
-        self.baseline = rss_bytes() or self.baseline
-        if self.resettable:
-            _reset_high_water_mark()
+        before = max(self._before, self.peak() or 0)
+        self.start()   # the collector and the heap's free pages first, as at the start
+        self._before = before
 
     def rebase(self) -> None:
         """Start a second phase: what ran since ``start`` (a run's probes and builds, before

@@ -375,7 +375,7 @@ class Runtime:
             self.pipeline.begin_pass()
         self._forward_shape = (batch, new)
         if self.experts is not None:
-            self.experts.begin_forward(new == 1, batch)
+            self.experts.begin_forward(new == 1)
         self._forward_t0 = time.perf_counter()
         if self._pool is not None:
             # A decode step's matmuls run on the fused kernel's pool; torch's own threads,
@@ -730,7 +730,7 @@ class Runtime:
         c.forwards += 1
         c.forward_seconds += elapsed
         if self.experts is not None:
-            self.experts.end_forward(new == 1)
+            self.experts.end_forward(new == 1, batch)
         if new == 1:
             c.decode_tokens += batch
             c.decode_steps += 1

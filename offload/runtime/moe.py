@@ -88,7 +88,6 @@ class ExpertsRuntime:
         self.staging = None
         self.decode_forwards = 0
         self.decode_sequences = 0   # summed over decode forwards: their mean batch
-        self._batch = 1
         self.decode_bytes = 0
         self.decode_seconds = 0.0   # decoding encoded experts out of the cache's slots
         self.decoded_bytes = 0
@@ -217,8 +216,7 @@ class ExpertsRuntime:
         return forward
 
     # -- per forward ------------------------------------------------------------------------
-    def begin_forward(self, decode: bool, batch: int = 1) -> None:
-        self._batch = batch
+    def begin_forward(self, decode: bool) -> None:
         if self.cache is not None:
             self.cache.decoding = decode
             self._bytes0 = self.cache.stats.bytes_read
@@ -227,10 +225,10 @@ class ExpertsRuntime:
             self.predictor.reading = arbiter.arm() if decode else arbiter.reads
             self._stall0 = self._stall()
 
-    def end_forward(self, decode: bool) -> None:
+    def end_forward(self, decode: bool, batch: int = 1) -> None:
         if self.cache is not None and decode:
             self.decode_forwards += 1
-            self.decode_sequences += self._batch
+            self.decode_sequences += batch
             self.decode_bytes += self.cache.stats.bytes_read - self._bytes0
             if self.predictor is not None:
                 self.predictor.arbiter.observe(self._stall() - self._stall0)
