@@ -5,6 +5,10 @@
     model.generate(...)
     offload.stats(model)
 """
+from .memory import cap_kernel_caches
+
+cap_kernel_caches()   # before torch builds its first oneDNN kernel: see its docstring
+
 from .api import close, default_model, pack, plan, run, stats, tokenizer
 from .errors import BudgetError, HardwareError, ModelError, OffloadError, StoreError
 from .integrations.accelerate import from_accelerate, infer_device_map

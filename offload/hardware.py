@@ -8,6 +8,7 @@ inputs. It times the tiers, so it sits just above them in the import order.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Iterable
 import torch
 
 from .errors import HardwareError
+from .memory import kernel_cache_capacity, release_free_heap, rss_bytes
 from .planner.profile import BATCH, HardwareProfile
 from .store.lock import disk_idle
 from .tiers.device import aligned_host
@@ -66,9 +68,12 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     fused_keys = sorted(f"{q}@{b}" if b > 1 else q for q in set(fused)
                         for b in ((1, BATCH) if batch > 1 else (1,)))
     fused_keys = [k for k in fused_keys if profile is None or k not in profile.fused_bps]
+    capacity = str(kernel_cache_capacity())
+    kernels = device.type == "cpu" and (profile is None
+                                        or capacity not in profile.kernel_cache_bytes)
     cached_in = f"measured on this machine, cached in {path}"
     if profile is not None and not missing and not batches and not compute_at_batch \
-            and not fused_keys:
+            and not fused_keys and not kernels:
         return replace(profile, source=cached_in)
     quiet = disk_idle(cache_dir)   # another offload process reading here skews the figures
     if profile is None:
@@ -79,6 +84,9 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
                                   measure_h2d(device, min(256 << 20, bound)),
                                   measure_compute(device, dtype, hidden, max_bytes),
                                   DTYPE_NAMES[dtype])
+    if kernels:
+        profile = replace(profile, kernel_cache_bytes={
+            **profile.kernel_cache_bytes, capacity: measure_kernel_cache(dtype)})
     if missing:
         profile = replace(profile, decode_bps={
             **profile.decode_bps, **{e: measure_decode(e, device, max_bytes) for e in missing}})
@@ -373,6 +381,35 @@ def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
         dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize(device)
     return 4 * nbytes / (time.perf_counter() - t0)
+
+
+def measure_kernel_cache(dtype: torch.dtype) -> int:
+    """Resident bytes torch's CPU matmul kernel caches grow by in ``dtype`` once full at this
+    process's capacity (``memory.cap_kernel_caches``): where the CPU's half-precision path
+    compiles a kernel per shape (oneDNN on AVX512-BF16: 0.2-0.6 MiB each, and evicted ones
+    leave holes the next do not fill, so about 0.85 MiB per entry when full, measured), about
+    0 elsewhere; 0 for float32 (MKL: no per-shape kernels).
+
+    Measured as the caches fill: two weights of shapes no model has, at more row counts than
+    the caches keep, after one multiply of another shape (oneDNN's one-time start-up, 11 MiB
+    here, is in a run's baseline: it warms its code paths before its meter starts) and a heap
+    trim (the new kernels take new pages), with a tenth over for the shapes' spread."""
+    if dtype.itemsize > 2:
+        return 0
+    capacity = min(kernel_cache_capacity(), 256)   # an uncapped process: its first 512 kernels
+    torch.nn.functional.linear(torch.zeros(3, 160, dtype=dtype), torch.zeros(96, 160, dtype=dtype))
+    weights = [torch.zeros(320, 192, dtype=dtype), torch.zeros(192, 320, dtype=dtype)]
+    inputs = [torch.zeros(capacity + 18, w.shape[1], dtype=dtype) for w in weights]
+    gc.collect()
+    release_free_heap()
+    before = rss_bytes()
+    for rows in range(2, capacity + 18):
+        for w, x in zip(weights, inputs):
+            torch.nn.functional.linear(x[:rows], w)
+    after = rss_bytes()
+    if before is None or after is None:
+        return 0
+    return max(0, after - before) * 11 // 10
 
 
 def measure_compute(device: torch.device, dtype: torch.dtype, hidden: int,

@@ -86,7 +86,7 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
             f"always-resident Units, {top_k} experts of {format_bytes(expert_bytes)} (top-k)"
             f"{_scratch_words(scratch)} and "
             f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} "
-            f"tokens); raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
+            f"tokens{kv.kernel_words()}); raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
             budget_bytes=budget_bytes, minimum_bytes=minimum) from e
     left = budget_bytes - working - base.total_bytes
     if left + working >= sum(align(u.nbytes, BLOCK) for u in experts):

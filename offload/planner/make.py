@@ -52,30 +52,53 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
         options.experts.check(moe.top_k, moe.experts)
     head_rows = head_chunk_rows(manifest, shape)
     fused = fused_count(manifest.units)   # compute="fast": the fused kernel's prefill scratch
-    kv, reserve, tokens = kv_part(config, shape, dtype, options, head_rows=head_rows,
-                                  overhead=bookkeeping(len(manifest.units))
-                                  + prefill_scratch_bytes(manifest.units))
     check = head_check(manifest, shape, dtype, options.device, probe=probe_head)
 
-    def place(pins: frozenset[str]) -> Plan:
-        return dataclasses.replace(
-            _place(manifest, adapter, config, moe, profile, options, kv, reserve, tokens, pins,
-                   check, heat), compute="fast" if fused else "exact", fused_tensors=fused)
+    def plan_with(kernels: int) -> Plan:
+        kv, reserve, tokens = kv_part(config, shape, dtype, options, head_rows=head_rows,
+                                      overhead=bookkeeping(len(manifest.units))
+                                      + prefill_scratch_bytes(manifest.units) + kernels)
+        kv = dataclasses.replace(kv, kernel_bytes=kernels)
 
-    if not probe_head:
-        return dataclasses.replace(place(frozenset()), head_probed=False)
-    if not any(m <= head.DECODE_ROWS for m in check.inexact_rows):
-        return place(frozenset())
-    try:   # whole and resident: bitwise at every batch, if the budget holds it
-        return place(check.keys)
-    except BudgetError:
-        units = [manifest.unit(k) for k in sorted(check.keys)]
-        log.warning("the LM head streams in %d chunks, and on this machine a chunk's logits "
-                    "differ in the last bits from the whole matrix's at batch %s: a budget %s "
-                    "larger keeps it resident, bitwise", len(units),
-                    ", ".join(str(m) for m in check.inexact_rows if m <= head.DECODE_ROWS),
-                    format_bytes(sum(align(u.nbytes, 4096) for u in units)))
-        return place(frozenset())
+        def place(pins: frozenset[str]) -> Plan:
+            return dataclasses.replace(
+                _place(manifest, adapter, config, moe, profile, options, kv, reserve, tokens,
+                       pins, check, heat), compute="fast" if fused else "exact",
+                fused_tensors=fused)
+
+        if not probe_head:
+            return dataclasses.replace(place(frozenset()), head_probed=False)
+        if not any(m <= head.DECODE_ROWS for m in check.inexact_rows):
+            return place(frozenset())
+        try:   # whole and resident: bitwise at every batch, if the budget holds it
+            return place(check.keys)
+        except BudgetError:
+            units = [manifest.unit(k) for k in sorted(check.keys)]
+            log.warning("the LM head streams in %d chunks, and on this machine a chunk's "
+                        "logits differ in the last bits from the whole matrix's at batch %s: a "
+                        "budget %s larger keeps it resident, bitwise", len(units),
+                        ", ".join(str(m) for m in check.inexact_rows if m <= head.DECODE_ROWS),
+                        format_bytes(sum(align(u.nbytes, 4096) for u in units)))
+            return place(frozenset())
+
+    kernels = profile.kernel_cache() if options.device.startswith("cpu") else 0
+    try:
+        return plan_with(kernels)
+    except BudgetError as e:
+        if not kernels or e.minimum_bytes is None:
+            raise
+        try:   # a budget too small for the kernel caches: run, and say by how much it may go over
+            plan = plan_with(0)
+        except BudgetError:
+            raise e from None
+        log.warning("the budget %s cannot also hold what torch's matmul kernels for this "
+                    "dtype keep on this CPU (%s; see the plan's minimum): the run's measured "
+                    "peak may exceed it by up to that much; raise the budget to %s, or set "
+                    "ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY lower before "
+                    "importing offload", format_bytes(options.budget_bytes),
+                    format_bytes(kernels), format_bytes(e.minimum_bytes))
+        return dataclasses.replace(plan, kv=dataclasses.replace(plan.kv,
+                                                               kernels_over_bytes=kernels))
 
 
 def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,

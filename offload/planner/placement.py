@@ -85,7 +85,8 @@ def make_plan(units: list[Unit], order: list[str], budget_bytes: int, reserve_by
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the minimum working set of this model "
             f"({format_bytes(minimum)}: the largest streamed Unit, the always-resident Units and "
-            f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} tokens); "
+            f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} tokens"
+            f"{kv.kernel_words()}); "
             f"raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
             budget_bytes=budget_bytes, minimum_bytes=minimum)
     _, _, n_slots, _, _, resident, held = best

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from ..memory import kernel_cache_capacity
 from ..sizes import format_bytes
 
 DEVICE, HOST, DISK = "device", "host", "disk"
@@ -63,11 +64,17 @@ class KVPlan:
             (spilled to disk) when its context outgrows the reserve.
         overhead_bytes: the runtime's own objects (``make.bookkeeping``), in the reserve
             beside every forward.
+        kernel_bytes: of ``overhead_bytes``, what torch's CPU matmul kernel caches can grow
+            by (``HardwareProfile.kernel_cache``: half precision on CPUs with native bf16).
+        kernels_over_bytes: the same, where the budget could not hold it beside the smallest
+            working set: not reserved, so the run may measure up to this much over the budget.
     """
 
     mode: str = "dynamic"
     auto: bool = False
     overhead_bytes: int = 0
+    kernel_bytes: int = 0
+    kernels_over_bytes: int = 0
     max_context: int = 0
     batch: int = 0
     block_tokens: int = 0
@@ -75,6 +82,14 @@ class KVPlan:
     device_bytes: int = 0
     disk_bytes: int = 0
     prefill_chunk: int = 0
+
+    def kernel_words(self) -> str:
+        """For a minimum budget's message: the reserve's share for torch's kernel caches."""
+        if not self.kernel_bytes:
+            return ""
+        return (f" (of which {format_bytes(self.kernel_bytes)} for torch's matmul kernels on "
+                "this CPU: ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY set lower "
+                "before importing offload shrink it, at some speed)")
 
     @property
     def paged(self) -> bool:
@@ -255,7 +270,13 @@ class Plan:
                          "(longer prompts: in chunks)", format_bytes(self.reserve_bytes)))
         if kv.overhead_bytes:
             rows.append(("  of which", "the runtime's own objects",
-                         format_bytes(kv.overhead_bytes)))
+                         format_bytes(kv.overhead_bytes - kv.kernel_bytes)))
+        if kv.kernel_bytes:
+            rows.append(("  and", f"torch's matmul kernels ({kernel_cache_capacity()} shapes "
+                         "cached)", format_bytes(kv.kernel_bytes)))
+        if kv.kernels_over_bytes:
+            rows.append(("NOT reserved", "torch's matmul kernels: the budget cannot hold them, "
+                         "the run may go over it by", format_bytes(kv.kernels_over_bytes)))
         return rows
 
     def _summary(self) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..kernels import qmatmul
+from ..memory import kernel_cache_capacity
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class HardwareProfile:
         fused_bps: the fused GGUF matmul (``compute="fast"``): stored bytes per second it
             multiplies at batch 1, per type (``Q4_K``), and at batch 8 (``Q4_K@8``), with the
             kernel's thread pool; a type missing here is charged as dense bytes.
+        kernel_cache_bytes: per capacity (``"32"``: ``memory.kernel_cache_capacity``), the
+            resident bytes torch's CPU matmul kernel caches reach in ``dtype`` on this machine
+            when full (oneDNN's per-shape kernels for half precision on CPUs with native
+            bf16/fp16; about 0 elsewhere): a CPU plan reserves it.
         contended: measured while another offload process read the same offload dir: used
             by the run that measured it, never cached.
         source: where the figures come from (measured here, or the file describing a machine),
@@ -49,8 +54,14 @@ class HardwareProfile:
     layer_s: dict[str, tuple[float, float]] = field(default_factory=dict)
     batch_compute_bps: dict[str, float] = field(default_factory=dict)
     fused_bps: dict[str, float] = field(default_factory=dict)
+    kernel_cache_bytes: dict[str, int] = field(default_factory=dict)
     contended: bool = False
     source: str = ""
+
+    def kernel_cache(self) -> int:
+        """What torch's CPU kernel caches hold when full at this process's capacity (0 where
+        not measured: a GPU, a described machine)."""
+        return int(self.kernel_cache_bytes.get(str(kernel_cache_capacity()), 0))
 
     def step_overhead(self, family: str | None, layers: int, batch: int = 1) -> float:
         """Seconds a decode step of ``batch`` sequences through ``layers`` layers of ``family``
