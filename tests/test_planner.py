@@ -135,14 +135,35 @@ def test_moe_plan_spends_the_budget_on_layers_first_then_the_expert_cache():
                       experts_per_layer=8, pinned=routers)
 
 
-def test_moe_plan_keeps_measured_hot_experts_resident():
-    us = moe_units()
-    heat = {"expert.0.3": 0.9, "expert.2.5": 0.6, "expert.1.1": 0.1}   # uniform is 2/8
-    p = moe_plan(us, 200, heat)
-    resident = {k for k, t, _ in p.homes if k.startswith("expert.") and t == "device"}
-    assert resident == {"expert.0.3", "expert.2.5"}
-    assert p.experts.slots == moe_plan(us, 200).experts.slots - 2
+def test_moe_plan_keeps_hot_experts_resident_where_that_reads_less():
+    """Hot experts (a measured share above top_k / experts) become resident as far as that
+    makes a decode step read less than leaving their room to the cache, the reads predicted
+    as for the plan (``lru_misses``): where the cache keeps them anyway (one expert a layer
+    used by every token), the room stays cache; where every layer has a hot expert among
+    used ones, the hottest go resident, each taking a slot, and the step reads less than
+    with none or all of them resident."""
+    from offload.planner.experts import _step_reads, step_rates
 
+    us = moe_units()
+    experts = [u for u in us if u.kind == "expert"]
+
+    def resident(p):
+        return {k for k, t, _ in p.homes if k.startswith("expert.") and t == "device"}
+
+    sparse = {"expert.0.3": 0.9, "expert.2.5": 0.6, "expert.1.1": 0.1}   # uniform is 2/8
+    p = moe_plan(us, 200, sparse)
+    assert resident(p) == set() and p.experts.slots == moe_plan(us, 200).experts.slots
+    skew = {f"expert.{i}.{e}": 3.0 if e == 3 else 0.5 if e < 4 else 0.1
+            for i in range(4) for e in range(8)}
+    p = moe_plan(us, 160, skew)
+    assert resident(p) == {"expert.0.3", "expert.1.3", "expert.2.3"}
+    room = moe_plan(us, 160).experts.slots   # the cache's slots with no expert resident
+    assert p.experts.slots == room - 3
+    rates = step_rates(experts, skew, 2 / 8, 1)
+    hot = sorted((u.key for u in experts if skew[u.key] > 1), key=lambda k: (-skew[k], k))
+    chosen = _step_reads(experts, resident(p), p.experts.slots, rates, 2, 4)
+    assert chosen < _step_reads(experts, set(), room, rates, 2, 4)
+    assert chosen < _step_reads(experts, set(hot), room - len(hot), rates, 2, 4)
 
 
 def _simulated_lru_misses(rates, slots, steps=40000, seed=0):

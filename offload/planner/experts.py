@@ -7,7 +7,10 @@ probability about top_k / experts, so a cached or resident expert byte saves a f
 that. Hence: first the cache's working slots (the top_k experts the running layer needs),
 then the non-expert Units as the dense planner places them, then
 further expert slots. Of those, experts known to be hot (measured routing frequency above the
-uniform top_k / experts) become resident; the rest enlarge the cache, split evenly into a
+uniform top_k / experts) become resident, hottest first, as far as that makes a step read less
+than leaving their room to the cache (a cache already keeps an expert every token uses; on the
+Mixtral bench model's heat, every hot expert resident left the cache 2 slots of 11 and decoded
+8.2 tok/s where the cache alone made 12.0); the rest enlarge the cache, split evenly into a
 protected share per MoE layer (its recently used experts survive the other layers' traffic).
 
 The reads a decode step is predicted to make: each MoE layer's protected share of the cache
@@ -86,7 +89,8 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
             f"always-resident Units, {top_k} experts of {format_bytes(expert_bytes)} (top-k)"
             f"{_scratch_words(scratch)} and "
             f"{format_bytes(reserve_bytes)} of KV cache and activations for {max_tokens} "
-            f"tokens{kv.kernel_words()}); raise the budget to at least {format_bytes(minimum)} or lower max_tokens",
+            f"tokens{kv.kernel_words()}); raise the budget to at least "
+            f"{format_bytes(minimum)} or lower max_tokens",
             budget_bytes=budget_bytes, minimum_bytes=minimum) from e
     left = budget_bytes - working - base.total_bytes
     if left + working >= sum(align(u.nbytes, BLOCK) for u in experts):
@@ -100,7 +104,14 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
         cached = top_k + max(0, min(left // expert_bytes, len(experts) - top_k))
     else:
         extra = max(0, min(left // expert_bytes, len(experts) - top_k))
-        resident = _hot_experts(experts, heat, extra, top_k / experts_per_layer)
+        hot = _hot_experts(experts, heat, extra, top_k / experts_per_layer)
+        rates = step_rates(experts, _known(heat, batch), top_k / experts_per_layer, batch)
+        # as many of the hot ones resident as make a step read least (a resident expert is
+        # never read again, but takes a slot from the cache that hits every expert)
+        counts = sorted({0, len(hot), *(len(hot) * i // 8 for i in range(1, 8))})
+        best = min(counts, key=lambda n: (_step_reads(
+            experts, set(hot[:n]), top_k + extra - n, rates, top_k, moe_layers), -n))
+        resident = hot[:best]
         cached = top_k + extra - len(resident)
     return _finish(base, budget_bytes, units, experts, set(resident), cached, expert_bytes,
                    scratch,
@@ -180,6 +191,38 @@ def lru_misses(rates: list[float], slots: float) -> float:
     return sum(r * (1 - r) ** hi for r in live)
 
 
+def _known(heat, batch: int):
+    """The heat that predicts a plan for ``batch``: a batch's heat covers its sequences'
+    spread of experts; one sequence's (or a few's) says little about more sequences than it
+    measured (on the Mixtral bench model, one sequence's heat predicted a quarter of what a
+    batch of 8 read): the hits of a plan for a larger batch than the heat's are predicted as
+    for an even router."""
+    return heat if heat and getattr(heat, "batch", 1.0) >= batch else None
+
+
+def _step_reads(experts: list[Unit], resident: set[str], cached: int, rates: dict[str, float],
+                top_k: int, moe_layers: int) -> float:
+    """Experts a decode step reads: each MoE layer's protected share of the cache (``cached``
+    less the top_k working slots) over its experts not resident (``lru_misses``), and the
+    running layer's experts beyond the slots it holds."""
+    protected = max(0, cached - top_k)
+    layers: dict[int, list[float]] = {}
+    for u in experts:
+        layers.setdefault(u.index, []).append(0.0 if u.key in resident else rates[u.key])
+    if len(resident) + cached >= len(experts):
+        misses = 0.0   # a slot for every expert: each is read once, then stays
+    else:
+        misses = sum(lru_misses(r, protected / max(moe_layers, 1)) for r in layers.values())
+    # distinct experts not resident a layer uses a step
+    used = sum(sum(r) for r in layers.values()) / max(len(layers), 1)
+    # The running layer holds its own protected experts and the shared slots; an expert it
+    # uses beyond those is evicted between its up and its down pass and read again (at batch
+    # 8 on the Mixtral bench model: 7.2 experts a layer, 3 slots of its own, 11 reads).
+    own = cached - protected * (moe_layers - 1) / max(moe_layers, 1)
+    again = max(0.0, used - own) if cached else 0.0
+    return misses + moe_layers * again
+
+
 def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], cached: int,
             expert_bytes: int, scratch: int, *, protected: int, policy: str, depth: int,
             width: int, top_k: int, moe_layers: int, experts_per_layer: int, minimum: int,
@@ -189,26 +232,12 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
     home = {k: (t, n) for k, t, n in base.homes}   # a held Unit takes its stored bytes
     homes = tuple((u.key, *home.get(u.key, (DEVICE if u.key in resident else DISK,
                                             size[u.key]))) for u in units)
-    # A batch's heat covers its sequences' spread of experts; one sequence's (or a few's)
-    # says little about more sequences than it measured (on the Mixtral bench model, one
-    # sequence's heat predicted a quarter of what a batch of 8 read): the hits of a plan for
-    # a larger batch than the heat's are predicted as for an even router.
-    known = heat if heat and getattr(heat, "batch", 1.0) >= batch else None
+    known = _known(heat, batch)
     rates = step_rates(experts, known, top_k / experts_per_layer, batch)
-    layers: dict[int, list[float]] = {}
-    for u in experts:
-        layers.setdefault(u.index, []).append(0.0 if u.key in resident else rates[u.key])
-    if len(resident) + cached >= len(experts):
-        misses = 0.0   # a slot for every expert: each is read once, then stays
-    else:   # each layer's protected share of the cache, over its experts not resident
-        misses = sum(lru_misses(r, protected / max(moe_layers, 1)) for r in layers.values())
-    used = sum(rates.values()) / max(len(layers), 1)   # distinct experts a layer uses a step
-    # The running layer holds its own protected experts and the shared slots; an expert it
-    # uses beyond those is evicted between its up and its down pass and read again (at batch
-    # 8 on the Mixtral bench model: 7.2 experts a layer, 3 slots of its own, 11 reads).
-    own = cached - protected * (moe_layers - 1) / max(moe_layers, 1)
-    again = max(0.0, used - own) if cached else 0.0
-    per_step = int((misses + moe_layers * again) * expert_bytes)
+    # distinct experts a layer uses a step
+    used = sum(rates.values()) / max(len({u.index for u in experts}), 1)
+    per_step = int(_step_reads(experts, resident, cached, rates, top_k, moe_layers)
+                   * expert_bytes)
     weight_bytes = sum(u.nbytes for u in units)
     dense_expert = max(u.nbytes for u in experts)
     # Each routed expert that is not resident decoded is decoded at its use (on the compute
