@@ -172,6 +172,7 @@ def contender_main(a: argparse.Namespace) -> None:
                           - sum(snap["bytes_read"].values())) / steps,
         "stall_per_step": (st["stall_seconds"] - snap["stall_seconds"]) / steps,
         "io_per_step": (st["io_seconds"] - snap["io_seconds"]) / steps,
+        "peak": st.get("measured_peak_bytes"),
         "profile": plan.profile})
     offload.close(model)
 
@@ -222,7 +223,7 @@ def main(a: argparse.Namespace) -> int:
             key = f"{r.key}-b{b}"
             x = result_of(runs, key)
             if x is None:
-                table.append([r.key, str(b), "-", "-", "-", "-", "-", "FAILED"])
+                table.append([r.key, str(b), "-", "-", "-", "-", "-", "-", "FAILED"])
                 continue
             measured = statistics.median(x["step_s"])
             err = x["predicted_s"] / measured - 1
@@ -233,6 +234,7 @@ def main(a: argparse.Namespace) -> int:
                 f"{err:+.0%}", p["bottleneck"],
                 f"{fmt_bytes(p['streamed_bytes'] + p['expert_bytes'])} / "
                 f"{fmt_bytes(x['read_per_step'])}",
+                f"{x['peak'] / r.budget:.1%}" if x.get("peak") else "-",
                 f"compute {p['compute_s']:.3f} s (framework {p['overhead_s']:.3f}), disk "
                 f"{p['disk_s']:.3f} s, decode {p['decode_s']:.3f} s; measured stall "
                 f"{x['stall_per_step']:.3f} s/step, disk busy {x['io_per_step']:.3f} s/step, "
@@ -240,9 +242,10 @@ def main(a: argparse.Namespace) -> int:
             data.append({"row": r.key, "batch": b, "what": r.what, "budget": r.budget,
                          "predicted_s": x["predicted_s"], "measured_s": measured,
                          "mean_s": x["s_per_step"], "error": err, **p,
-                         "read_per_step": x["read_per_step"], "pack_s": r.pack_s})
+                         "read_per_step": x["read_per_step"], "pack_s": r.pack_s,
+                         "measured_peak_bytes": x.get("peak")})
     report.table(["row", "batch", "predicted tok/s", "measured tok/s", "error", "bottleneck",
-                  "bytes/step pred / meas", "the prediction's parts"], table,
+                  "bytes/step pred / meas", "peak / budget", "the prediction's parts"], table,
                  right={1, 2, 3, 4}, note=(
                      "error = predicted / measured time per step - 1 (measured: the median "
                      "timed step). Profile: " + (next(iter(
