@@ -11,9 +11,9 @@ Rows (RANDOM weights throughout: shapes, bytes and timings are real; routing is 
 * ``dense``: the TinyLlama-shaped bf16 model of ``bench_dense.py``, 25%
 * ``moe``: the Mixtral-shaped bf16 model of ``bench_moe.py``, expert cache, 25%, a cold
   start (no expert heat saved beside the store: each batch's run starts without it)
-* ``moe-heat``: the same, run again with the heat the previous run saved (what a user's
-  second run gets: the hottest experts resident, the cache's hits predicted from how often
-  each expert was used)
+* ``moe-heat``: the same, run again right after the cold run of its batch, with the heat it
+  saved (what a user's second run gets: hot experts resident where that reads clearly less,
+  the cache's hits replayed over the experts each of its decode steps used)
 * ``sparse``: ``bench_sparse.py``'s model pruned to 50%, bitmap store, 25%
 * ``gguf-q4_0``: ``bench_quant.py``'s Q4_0 GGUF of the TinyLlama model, quantized store, 70%
   of the file
@@ -127,8 +127,8 @@ def build_rows(a: argparse.Namespace, work: Path, wanted: set[str]) -> list[Row]
                             f"{share}, cold (no heat)", mdims["vocab_size"], s))
         if "moe-heat" in wanted:
             rows.append(Row("moe-heat", str(d), budget, {}, f"Mixtral shape, bf16, expert "
-                            f"cache, {share}, the heat of the run before", mdims["vocab_size"],
-                            s))
+                            f"cache, {share}, the heat the cold run at its batch saved",
+                            mdims["vocab_size"], s))
     if "sparse" in wanted:
         pruned = bench_sparse.build_pruned(work / "tinyllama", dims)
         m, s = packed(pruned, sparse="bitmap")
@@ -201,22 +201,29 @@ def main(a: argparse.Namespace) -> int:
     if not a.cached_profile:   # measured by the first run that needs it, in this run
         (work / "stores" / "profile.json").unlink(missing_ok=True)
     runs = {}
-    for r in rows:
+    # each heat row right after the cold row of its batch: it plans on the heat (and the
+    # experts each decode step used) that run saved, at the same batch
+    order = [(r, b) for r in rows for b in a.batches
+             if r.key != "moe-heat" or not any(x.key == "moe" for x in rows)]
+    for r in (x for x in rows if x.key == "moe-heat" and any(y.key == "moe" for y in rows)):
         for b in a.batches:
-            key = f"{r.key}-b{b}"
-            tokens = a.slice_tokens if r.key == "llama70b-4l" else a.tokens
-            argv = [str(SCRIPT), "--contender", key, "--model-dir", r.model,
-                    "--budget-bytes", str(r.budget), "--offload-dir", str(work / "stores"),
-                    "--max-tokens", str(positions_for(b, a.prompt_len, tokens, a.warmup)),
-                    "--batch-size", str(b), "--n-tokens", str(tokens), "--vocab", str(r.vocab),
-                    "--prompt-len", str(a.prompt_len), "--warmup", str(a.warmup),
-                    "--options", json.dumps(r.options)]
-            if r.key == "moe":   # a cold start: the heat an earlier run saved removed
-                for old in (work / "stores").glob("*/expert_heat.json"):
-                    old.unlink()
-            cap = r.budget + machine.idle + a.cap_slack if machine.capped else None
-            runs[key] = launch_contender(key, argv, cap_bytes=cap, wait_quiet=a.wait_quiet,
-                                         timeout=a.timeout, quiet=a.quiet)
+            order.insert(next(i for i, (x, c) in enumerate(order)
+                              if x.key == "moe" and c == b) + 1, (r, b))
+    for r, b in order:
+        key = f"{r.key}-b{b}"
+        tokens = a.slice_tokens if r.key == "llama70b-4l" else a.tokens
+        argv = [str(SCRIPT), "--contender", key, "--model-dir", r.model,
+                "--budget-bytes", str(r.budget), "--offload-dir", str(work / "stores"),
+                "--max-tokens", str(positions_for(b, a.prompt_len, tokens, a.warmup)),
+                "--batch-size", str(b), "--n-tokens", str(tokens), "--vocab", str(r.vocab),
+                "--prompt-len", str(a.prompt_len), "--warmup", str(a.warmup),
+                "--options", json.dumps(r.options)]
+        if r.key == "moe":   # a cold start: the heat an earlier run saved removed
+            for old in (work / "stores").glob("*/expert_heat.json"):
+                old.unlink()
+        cap = r.budget + machine.idle + a.cap_slack if machine.capped else None
+        runs[key] = launch_contender(key, argv, cap_bytes=cap, wait_quiet=a.wait_quiet,
+                                     timeout=a.timeout, quiet=a.quiet)
     table, data, worst = [], [], 0.0
     for r in rows:
         for b in a.batches:

@@ -604,3 +604,60 @@ def test_heat_is_kept_per_token_whatever_batch_measured_it(offload_dir, tmp_path
     offload.close(off)
     saved = json.loads((store / "expert_heat.json").read_text())
     assert saved["batch"] == 2 and saved["decode_steps"] >= 8
+
+
+def test_a_run_keeps_the_experts_each_decode_step_used_and_the_next_plan_replays_them(
+        offload_dir):
+    """The heat file keeps, per MoE layer, the experts each decode step used, in order (at
+    most ``TRACE_STEPS``); the next plan at the same batch replays its cache's share over them
+    (``from_trace``: the bytes a step reads predicted from it); at another batch it
+    falls back to the shares (a batch of 3 reuses experts otherwise than one)."""
+    from offload.planner.experts import _step_reads, step_rates
+    from offload.prefetch.experts import TRACE_STEPS
+    from offload.store.heat import load_heat
+
+    model = tiny_model("mixtral", seed=8)
+    off, budget = _run(model, 0.6, offload_dir)
+    store = off._offload_runtime.manifest.path
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        off.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    rt = off._offload_runtime
+    steps = rt.experts.decode_forwards
+    offload.close(off)
+    heat = load_heat(store)
+    top_k, layers = model.config.num_experts_per_tok, model.config.num_hidden_layers
+    assert heat.trace is not None and sorted(heat.trace) == list(range(layers))
+    for used in heat.trace.values():
+        assert len(used) == min(steps, TRACE_STEPS)
+        assert all(len(step) == top_k and len(set(step)) == top_k for step in used)
+    again = offload.run(store, budget=budget, max_tokens=64)
+    plan, units = again._offload_runtime.plan, again._offload_runtime.manifest.units
+    offload.close(again)
+    ex = plan.experts
+    assert ex.from_trace
+    experts = [u for u in units if u.kind == "expert"]
+    resident = {k for k, t, _ in plan.homes if k.startswith("expert.") and t == "device"}
+    rates = step_rates(experts, heat, top_k / model.config.num_local_experts, 1)
+    reads = _step_reads(experts, resident, ex.slots, rates, top_k, layers, heat.trace)
+    assert ex.bytes_per_step == int(reads * ex.slot_bytes)
+    other = offload.plan(store, budget=budget, max_tokens=64, batch=3)
+    assert other.experts.from_heat is False and other.experts.from_trace is False
+
+
+def test_trace_replay_sees_reuse_that_shares_alone_cannot():
+    """An LRU share replayed over recorded steps, hand arithmetic: three experts in a round
+    robin with two slots miss every step (LRU's worst case), with three none; the same three
+    each used three steps running with one slot miss once per run of three. Shares alone
+    (each expert a third of the steps, ``lru_misses``) predict a third and two thirds."""
+    from offload.planner.experts import lru_misses, trace_misses
+
+    cycle = [[0], [1], [2]] * 4
+    assert trace_misses(cycle, 2) == 1.0
+    assert trace_misses(cycle, 3) == 0.0
+    assert trace_misses(cycle, 2.5) == pytest.approx(0.5)   # between its neighbours
+    runs = [[0]] * 3 + [[1]] * 3 + [[2]] * 3
+    assert trace_misses(runs, 1) == pytest.approx(1 / 3)
+    assert trace_misses(runs, 1, resident=frozenset({2})) == pytest.approx(2 / 9)
+    assert lru_misses([1 / 3] * 3, 2) == pytest.approx(1 / 3)
+    assert lru_misses([1 / 3] * 3, 1) == pytest.approx(2 / 3)

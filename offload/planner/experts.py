@@ -109,13 +109,14 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
         extra = max(0, min(left // expert_bytes, len(experts) - top_k))
         hot = _hot_experts(experts, heat, extra, top_k / experts_per_layer)
         rates = step_rates(experts, _known(heat, batch), top_k / experts_per_layer, batch)
+        trace = _trace(heat, batch)
         # as many of the hot ones resident as make a step read least (a resident expert is
         # never read again, but takes a slot from the cache that hits every expert), if that
         # is clearly less: the cache also hits what the model of its reads cannot see, a
         # router that reuses the last tokens' experts (on the Mixtral bench model's heat the
         # model put 8 resident and 2 slots 2% under 10 slots; 10 slots read 30% less)
         reads = {n: _step_reads(experts, set(hot[:n]), top_k + extra - n, rates, top_k,
-                                moe_layers)
+                                moe_layers, trace)
                  for n in sorted({0, len(hot), *(len(hot) * i // 8 for i in range(1, 8))})}
         best = min(reads, key=lambda n: (reads[n], -n))
         resident = hot[:best] if reads[best] < (1 - RESIDENT_GAIN) * reads[0] else []
@@ -207,26 +208,67 @@ def _known(heat, batch: int):
     return heat if heat and getattr(heat, "batch", 1.0) >= batch else None
 
 
+def _trace(heat, batch: int) -> dict[int, list[list[int]]] | None:
+    """The experts each layer's decode steps used in the run that measured ``heat``, where
+    its steps were of ``batch`` sequences (a batch of 8 reuses experts otherwise than one)."""
+    trace = getattr(heat, "trace", None) if heat else None
+    return trace if trace and round(getattr(heat, "batch", 1.0)) == batch else None
+
+
+def trace_misses(steps: list[list[int]], slots: float, resident: frozenset[int] = frozenset()
+                 ) -> float:
+    """Reads per step of an LRU share of ``slots`` experts over a layer's recorded decode
+    steps (each the experts it used; ``resident`` ones never read): the trace replayed twice
+    and the second pass counted (the first fills the cache, as a long run's early steps do);
+    a fractional share between its two neighbours."""
+    def replay(cap: int) -> float:
+        cache: list[int] = []   # most recent last
+        reads = 0
+        for rnd in range(2):
+            for step in steps:
+                used = [e for e in step if e not in resident]
+                if rnd:
+                    reads += sum(e not in cache for e in used)
+                cache = ([e for e in cache if e not in used] + used)[-cap:] if cap else []
+        return reads / len(steps)
+
+    low = int(slots)
+    part = slots - low
+    return replay(low) if not part else (1 - part) * replay(low) + part * replay(low + 1)
+
+
 def _step_reads(experts: list[Unit], resident: set[str], cached: int, rates: dict[str, float],
-                top_k: int, moe_layers: int) -> float:
+                top_k: int, moe_layers: int,
+                trace: dict[int, list[list[int]]] | None = None) -> float:
     """Experts a decode step reads: each MoE layer's protected share of the cache (``cached``
-    less the top_k working slots) over its experts not resident (``lru_misses``), and the
-    running layer's experts beyond the slots it holds."""
+    less the top_k working slots) over its experts not resident, replayed over the layer's
+    recorded steps where there is a ``trace`` (``trace_misses``: reuse included), else from
+    each expert's chance of use (``lru_misses``), and the running layer's experts beyond the
+    slots it holds."""
     protected = max(0, cached - top_k)
+    share = protected / max(moe_layers, 1)
     layers: dict[int, list[float]] = {}
+    kept: dict[int, set[int]] = {}
     for u in experts:
         layers.setdefault(u.index, []).append(0.0 if u.key in resident else rates[u.key])
+        if u.key in resident:
+            kept.setdefault(u.index, set()).add(u.expert)
+    trace = {i: trace[i] for i in layers if trace and trace.get(i)}
     if len(resident) + cached >= len(experts):
         misses = 0.0   # a slot for every expert: each is read once, then stays
     else:
-        misses = sum(lru_misses(r, protected / max(moe_layers, 1)) for r in layers.values())
-    # distinct experts not resident a layer uses a step
-    used = sum(sum(r) for r in layers.values()) / max(len(layers), 1)
-    # The running layer holds its own protected experts and the shared slots; an expert it
-    # uses beyond those is evicted between its up and its down pass and read again (at batch
-    # 8 on the Mixtral bench model: 7.2 experts a layer, 3 slots of its own, 11 reads).
-    own = cached - protected * (moe_layers - 1) / max(moe_layers, 1)
-    again = max(0.0, used - own) if cached else 0.0
+        misses = sum(trace_misses(trace[i], share, frozenset(kept.get(i, ())))
+                     if i in trace else lru_misses(r, share) for i, r in layers.items())
+    # distinct experts not resident a layer uses a step: as recorded, or from the chances
+    per_layer = [sum(len([e for e in step if e not in kept.get(i, ())]) for step in trace[i])
+                 / len(trace[i]) if i in trace else sum(r) for i, r in layers.items()]
+    used = sum(per_layer) / max(len(layers), 1)
+    # The running layer may take any slot (evicting other layers' protected experts); an
+    # expert it uses beyond them all is evicted between its up and its down pass and read
+    # again (at batch 8 on the Mixtral bench model with 2 slots: 7.2 experts a layer, 11
+    # reads). Counting only its own protected share and the shared slots over-predicted a
+    # batch of 8 with 10 slots by half (1.45 GB a step for 982 MB read).
+    again = max(0.0, used - cached) if cached else 0.0
     return misses + moe_layers * again
 
 
@@ -241,9 +283,10 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
                                             size[u.key]))) for u in units)
     known = _known(heat, batch)
     rates = step_rates(experts, known, top_k / experts_per_layer, batch)
+    trace = _trace(heat, batch)
     # distinct experts a layer uses a step
     used = sum(rates.values()) / max(len({u.index for u in experts}), 1)
-    per_step = int(_step_reads(experts, resident, cached, rates, top_k, moe_layers)
+    per_step = int(_step_reads(experts, resident, cached, rates, top_k, moe_layers, trace)
                    * expert_bytes)
     weight_bytes = sum(u.nbytes for u in units)
     dense_expert = max(u.nbytes for u in experts)
@@ -278,5 +321,5 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
         experts=ExpertPlan("cache", slots=cached, slot_bytes=expert_bytes if cached else 0,
                            protected=protected, policy=policy, predict_depth=depth,
                            predict_width=width, bytes_per_step=per_step,
-                           from_heat=bool(known),
+                           from_heat=bool(known), from_trace=bool(trace),
                            scratch_bytes=scratch if cached else 0, decode_s=decode))

@@ -29,6 +29,8 @@ class ExpertPlan:
         bytes_per_step: expert bytes a decode step is predicted to read (at the planned batch).
         from_heat: whether the cache's hits were predicted from an earlier run's measured
             expert heat (else from a router that spreads tokens evenly).
+        from_trace: whether they were replayed over the experts that run's decode steps used,
+            in order (a run at the plan's batch: reuse between steps included).
         scratch_bytes: the dense buffer an expert stored encoded (GGUF blocks) is decoded into
             at each use: the cache's slots hold experts as stored (0: experts are dense).
         decode_s: seconds a decode step is predicted to spend decoding cached experts.
@@ -43,6 +45,7 @@ class ExpertPlan:
     predict_width: int = 0
     bytes_per_step: int = 0
     from_heat: bool = False
+    from_trace: bool = False
     scratch_bytes: int = 0
     decode_s: float = 0.0
 
@@ -347,7 +350,9 @@ class Plan:
                          "there; a budget that keeps the head resident is)")
         ex = self.experts
         if ex is not None and ex.mode == "cache":
-            hits = ("from the expert heat an earlier run measured" if ex.from_heat else
+            hits = ("replayed over the experts an earlier run's decode steps used"
+                    if ex.from_trace else
+                    "from the expert heat an earlier run measured" if ex.from_heat else
                     "as for a router that spreads tokens evenly: no heat measured yet")
             lines.append(
                 f"experts: fetched as routed, ~{format_bytes(ex.bytes_per_step)} per decode "

@@ -16,6 +16,7 @@ waits for it, ``done`` unpins it, ``end`` unpins whatever an exception left pinn
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +28,7 @@ from ..tiers.slots import FILLING, FREE, READY, Slot
 from ..units import Unit, align
 
 POLICIES = ("lru", "lfu")
+TRACE_STEPS = 128   # decode steps per layer kept for the next plan (``ExpertCache.decode_trace``)
 
 
 @dataclass
@@ -102,6 +104,9 @@ class ExpertCache:
         self.decoding = False     # the runtime says whether this forward is a decode step
         self.idle = idle
         self.decode_use: dict[tuple[int, int], int] = {}   # decode steps that used an expert
+        # layer -> the experts each of its last TRACE_STEPS decode steps used (the order of
+        # reuse an LRU cache hits on: ``store.heat``)
+        self.decode_trace: dict[int, collections.deque] = {}
         self.policy = policy
         n = max(len(layers), 1)
         self.quota = {layer: protected // n + (1 if i < protected % n else 0)
@@ -123,6 +128,9 @@ class ExpertCache:
         self._score_prediction(layer, needed)
         self._wanted = {(layer, e) for e in needed}
         misses = []
+        if self.decoding:
+            self.decode_trace.setdefault(
+                layer, collections.deque(maxlen=TRACE_STEPS)).append(tuple(needed))
         for e in needed:
             key = (layer, e)
             if self.decoding:

@@ -272,8 +272,10 @@ class ExpertsRuntime:
             return
         heat = {self.cache.units[key].key: n / self.decode_forwards
                 for key, n in self.cache.decode_use.items()}
+        trace = {layer: [list(step) for step in steps]
+                 for layer, steps in self.cache.decode_trace.items()}
         save_heat(self.s.store, self.decode_forwards, heat,
-                  batch=self.decode_sequences / self.decode_forwards)
+                  batch=self.decode_sequences / self.decode_forwards, trace=trace)
 
     def close(self) -> None:
         self.save_heat()
