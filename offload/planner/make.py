@@ -32,6 +32,11 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
              heat: dict[str, float] | None = None, probe_head: bool = True) -> Plan:
     """The Plan for running ``manifest``'s model (``adapter``, ``config``) under ``options``.
 
+    On a CPU the reserve also holds what torch's matmul kernel caches can grow by in the
+    model's dtype (``HardwareProfile.kernel_cache``); a budget that cannot hold that beside
+    the smallest working set is planned without it, with a warning saying by how much the run
+    may go over (``KVPlan.kernels_over_bytes``).
+
     Args:
         heat: an MoE model's measured expert heat from an earlier run (``store.heat``).
         probe_head: check whether this CPU's matmul rounds the streamed head's chunks as the
@@ -92,8 +97,8 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
         except BudgetError:
             raise e from None
         log.warning("the budget %s cannot also hold what torch's matmul kernels for this "
-                    "dtype keep on this CPU (%s; see the plan's minimum): the run's measured "
-                    "peak may exceed it by up to that much; raise the budget to %s, or set "
+                    "dtype keep on this CPU (%s): the run's measured peak may exceed it by up "
+                    "to that much; raise the budget to %s, or set "
                     "ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY lower before "
                     "importing offload", format_bytes(options.budget_bytes),
                     format_bytes(kernels), format_bytes(e.minimum_bytes))
