@@ -8,19 +8,23 @@ that. Hence: first the cache's working slots (the top_k experts the running laye
 then the non-expert Units as the dense planner places them, then
 further expert slots. Of those, experts known to be hot (measured routing frequency above the
 uniform top_k / experts) become resident, hottest first, as far as that makes a step read less
-than leaving their room to the cache (a cache already keeps an expert every token uses; on the
-Mixtral bench model's heat, every hot expert resident left the cache 2 slots of 11 and decoded
-8.2 tok/s where the cache alone made 12.0); the rest enlarge the cache, split evenly into a
-protected share per MoE layer (its recently used experts survive the other layers' traffic).
+than leaving their room to the cache, by at least ``RESIDENT_GAIN`` (a cache already keeps an
+expert every token uses, and hits reuse the prediction may not see; on the Mixtral bench
+model's heat, every hot expert resident left the cache 2 slots of 11 and decoded 8.2 tok/s where
+the cache alone made 12.0); the rest enlarge the cache, split evenly into a protected share per
+MoE layer (its recently used experts survive the other layers' traffic).
 
 The reads a decode step is predicted to make: each MoE layer's protected share of the cache
-over its experts not resident, least recently used out, each expert used in a step with its
-own chance (``lru_misses``, Che's approximation): the share of tokens an earlier run measured
-routing to it (``store.heat``, measured at a batch at least the plan's) where there is one,
-else top_k / experts. An even router gives the cache's share of the experts as its hit rate;
-a skewed one hits more with the same slots. On the Mixtral-shaped bench model the bytes a step
-read came within 3% of the heat-based prediction; a cold run, whose router's skew cannot be
-known yet, read 145 MB a step where an even router would read 238 MB.
+over its experts not resident, least recently used out. Where an earlier run at the plan's
+batch kept the experts each of its decode steps used (``store.heat``'s trace), the share is
+replayed over them (``trace_misses``: reuse between steps included; on the Mixtral-shaped
+bench model at batch 1, 138 MB a step predicted and read). Otherwise each expert is used in a
+step with its own chance (``lru_misses``, Che's approximation): the share of tokens an earlier
+run measured routing to it (measured at a batch at least the plan's) where there is one, else
+top_k / experts. An even router gives the cache's share of the experts as its hit rate; a
+skewed one hits more with the same slots; a router that reuses the last tokens' experts hits
+more still, which only a trace shows (a cold run of the bench model read 160 MB a step where
+an even router would read 242 MB).
 
 Experts stored encoded (a GGUF's blocks) are cached as stored, each slot the stored size, and
 decoded at each use into one dense scratch expert (charged to compute at the measured decode
