@@ -396,8 +396,9 @@ def measure_kernel_cache(dtype: torch.dtype) -> int:
     trim (the new kernels take new pages), with a tenth over for the shapes' spread."""
     if dtype.itemsize > 2:
         return 0
-    capacity = min(kernel_cache_capacity(), 256)   # an uncapped process: its first 512 kernels
-    torch.nn.functional.linear(torch.zeros(3, 160, dtype=dtype), torch.zeros(96, 160, dtype=dtype))
+    capacity = min(kernel_cache_capacity(), 256)   # an uncapped process: its first 256 kernels
+    torch.nn.functional.linear(torch.zeros(3, 160, dtype=dtype),
+                               torch.zeros(96, 160, dtype=dtype))
     weights = [torch.zeros(320, 192, dtype=dtype), torch.zeros(192, 320, dtype=dtype)]
     inputs = [torch.zeros(capacity + 18, w.shape[1], dtype=dtype) for w in weights]
     gc.collect()
