@@ -203,12 +203,12 @@ def main(a: argparse.Namespace) -> int:
     runs = {}
     # each heat row right after the cold row of its batch: it plans on the heat (and the
     # experts each decode step used) that run saved, at the same batch
-    order = [(r, b) for r in rows for b in a.batches
-             if r.key != "moe-heat" or not any(x.key == "moe" for x in rows)]
-    for r in (x for x in rows if x.key == "moe-heat" and any(y.key == "moe" for y in rows)):
+    heat_rows = [r for r in rows if r.key == "moe-heat"] if any(
+        r.key == "moe" for r in rows) else []
+    order = []
+    for r in (r for r in rows if r not in heat_rows):
         for b in a.batches:
-            order.insert(next(i for i, (x, c) in enumerate(order)
-                              if x.key == "moe" and c == b) + 1, (r, b))
+            order += [(r, b)] + ([(h, b) for h in heat_rows] if r.key == "moe" else [])
     for r, b in order:
         key = f"{r.key}-b{b}"
         tokens = a.slice_tokens if r.key == "llama70b-4l" else a.tokens

@@ -37,6 +37,19 @@ def _run(model, fraction, offload_dir, **kw):
     return offload.run(model, budget=budget, offload_dir=offload_dir, **kw), budget
 
 
+def _heat_run(model, offload_dir, ids, new_tokens: int):
+    """Run ``model`` at 60% with its experts cached, generate ``new_tokens`` after ``ids`` and
+    close it (which saves the measured heat beside the store): ``(store, budget, decode
+    steps)``."""
+    off, budget = _run(model, 0.6, offload_dir)
+    store = off._offload_runtime.manifest.path
+    with torch.no_grad():
+        off.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    steps = off._offload_runtime.experts.decode_forwards
+    offload.close(off)
+    return store, budget, steps
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_moe_families_bitwise_at_20_percent(family, batch, offload_dir):
@@ -231,11 +244,7 @@ def test_measured_heat_makes_hot_experts_resident(offload_dir):
     ids, _ = _prompts(1)
     with torch.no_grad():
         ref = model(ids).logits
-    off, budget = _run(model, 0.6, offload_dir)
-    store = off._offload_runtime.manifest.path
-    with torch.no_grad():
-        off.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    offload.close(off)        # saves the measured heat beside the store
+    store, budget, _ = _heat_run(model, offload_dir, ids, 10)
     assert (store / "expert_heat.json").is_file()
     again = offload.run(store, budget=budget, max_tokens=64)
     plan = again._offload_runtime.plan
@@ -596,12 +605,8 @@ def test_heat_is_kept_per_token_whatever_batch_measured_it(offload_dir, tmp_path
     assert heat["expert.0.1"] == pytest.approx(0.5)                 # 1 - 0.25 ** (1/2)
     assert heat["expert.0.2"] == pytest.approx(1 - 0.05 ** 0.5)     # 1 - 1/(2 x 10) steps
     model = tiny_model("mixtral", seed=8)
-    off, _ = _run(model, 0.6, offload_dir)
-    store = off._offload_runtime.manifest.path
     ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        off.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    offload.close(off)
+    store, _, _ = _heat_run(model, offload_dir, ids, 10)
     saved = json.loads((store / "expert_heat.json").read_text())
     assert saved["batch"] == 2 and saved["decode_steps"] >= 8
 
@@ -617,14 +622,8 @@ def test_a_run_keeps_the_experts_each_decode_step_used_and_the_next_plan_replays
     from offload.store.heat import load_heat
 
     model = tiny_model("mixtral", seed=8)
-    off, budget = _run(model, 0.6, offload_dir)
-    store = off._offload_runtime.manifest.path
     ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        off.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    rt = off._offload_runtime
-    steps = rt.experts.decode_forwards
-    offload.close(off)
+    store, budget, steps = _heat_run(model, offload_dir, ids, 12)
     heat = load_heat(store)
     top_k, layers = model.config.num_experts_per_tok, model.config.num_hidden_layers
     assert heat.trace is not None and sorted(heat.trace) == list(range(layers))

@@ -100,6 +100,8 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
             f"{format_bytes(minimum)} or lower max_tokens",
             budget_bytes=budget_bytes, minimum_bytes=minimum) from e
     left = budget_bytes - working - base.total_bytes
+    known, trace = _known(heat, batch), _trace(heat, batch)
+    rates = step_rates(experts, known, top_k / experts_per_layer, batch)
     if left + working >= sum(align(u.nbytes, BLOCK) for u in experts):
         # every expert fits decoded: no cache, no decode
         resident, cached, scratch = [u.key for u in experts], 0, 0
@@ -112,8 +114,6 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
     else:
         extra = max(0, min(left // expert_bytes, len(experts) - top_k))
         hot = _hot_experts(experts, heat, extra, top_k / experts_per_layer)
-        rates = step_rates(experts, _known(heat, batch), top_k / experts_per_layer, batch)
-        trace = _trace(heat, batch)
         # as many of the hot ones resident as make a step read least (a resident expert is
         # never read again, but takes a slot from the cache that hits every expert), if that
         # is clearly less: the cache also hits what the model of its reads cannot see, a
@@ -129,8 +129,8 @@ def make_moe_plan(units: list[Unit], order: list[str], budget_bytes: int, reserv
                    scratch,
                    protected=max(0, cached - top_k), policy=policy, depth=predict_depth,
                    width=(predict_width or top_k) if predict_depth > 0 else 0, top_k=top_k,
-                   moe_layers=moe_layers, experts_per_layer=experts_per_layer,
-                   minimum=minimum, profile=profile, batch=batch, heat=heat)
+                   moe_layers=moe_layers, minimum=minimum, profile=profile, batch=batch,
+                   rates=rates, trace=trace, from_heat=bool(known))
 
 
 def _scratch_words(scratch: int) -> str:
@@ -278,16 +278,15 @@ def _step_reads(experts: list[Unit], resident: set[str], cached: int, rates: dic
 
 def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], cached: int,
             expert_bytes: int, scratch: int, *, protected: int, policy: str, depth: int,
-            width: int, top_k: int, moe_layers: int, experts_per_layer: int, minimum: int,
-            profile: HardwareProfile, batch: int = 1,
-            heat: dict[str, float] | None = None) -> Plan:
+            width: int, top_k: int, moe_layers: int, minimum: int, profile: HardwareProfile,
+            batch: int = 1, rates: dict[str, float], trace: dict[int, list[list[int]]] | None,
+            from_heat: bool) -> Plan:
+    """The plan with ``resident`` experts and ``cached`` slots, its reads and times predicted
+    from each expert's chance of use in a step (``rates``) or the ``trace`` (``_step_reads``)."""
     size = {u.key: align(u.nbytes, BLOCK) for u in units}
     home = {k: (t, n) for k, t, n in base.homes}   # a held Unit takes its stored bytes
     homes = tuple((u.key, *home.get(u.key, (DEVICE if u.key in resident else DISK,
                                             size[u.key]))) for u in units)
-    known = _known(heat, batch)
-    rates = step_rates(experts, known, top_k / experts_per_layer, batch)
-    trace = _trace(heat, batch)
     # distinct experts a layer uses a step
     used = sum(rates.values()) / max(len({u.index for u in experts}), 1)
     per_step = int(_step_reads(experts, resident, cached, rates, top_k, moe_layers, trace)
@@ -325,5 +324,5 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
         experts=ExpertPlan("cache", slots=cached, slot_bytes=expert_bytes if cached else 0,
                            protected=protected, policy=policy, predict_depth=depth,
                            predict_width=width, bytes_per_step=per_step,
-                           from_heat=bool(known), from_trace=bool(trace),
+                           from_heat=from_heat, from_trace=bool(trace),
                            scratch_bytes=scratch if cached else 0, decode_s=decode))
