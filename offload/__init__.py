@@ -5,9 +5,10 @@
     model.generate(...)
     offload.stats(model)
 """
-from .memory import cap_kernel_caches
+from .memory import cap_kernel_caches, map_large_allocations
 
-cap_kernel_caches()   # before torch builds its first oneDNN kernel: see its docstring
+cap_kernel_caches()       # before torch builds its first oneDNN kernel: see its docstring
+map_large_allocations()   # before loading and probing leave large holes in the C heap
 
 from .api import close, default_model, pack, plan, run, stats, tokenizer
 from .errors import BudgetError, HardwareError, ModelError, OffloadError, StoreError

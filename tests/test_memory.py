@@ -143,6 +143,33 @@ def test_torch_kernel_caches_stay_within_what_the_plan_reserves():
     assert res["growth"] <= res["reserve"] + (1 << 20), res
 
 
+HEAP = textwrap.dedent("""
+    import torch
+    import offload
+    from offload.memory import rss_bytes
+    big = torch.ones(16 << 18)             # a 16 MiB block (mapped), freed: glibc's default
+    del big                                # serves blocks up to that size from the heap now
+    before = rss_bytes()
+    xs = [torch.ones(1 << 18) for _ in range(24)]   # a forward's activations: 24 x 1 MiB,
+    del xs                                          # freed
+    print(rss_bytes() - before)
+""")
+
+
+def test_activations_freed_after_offloads_import_go_back_to_the_os():
+    """glibc serves large blocks from the heap once a larger one has been freed, and keeps
+    them resident there when freed: a run's activations stayed counted against its budget
+    (a Q4_0 store at batch 8 measured up to 103.9% of it, depending on the heap's layout).
+    After ``import offload`` every large block is a mapping of its own, gone when freed."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's allocator only")
+    r = subprocess.run([sys.executable, "-c", HEAP], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = int(r.stdout.split()[-1])
+    assert kept < 2 << 20, f"{kept / 2**20:.1f} MiB of freed activations still resident"
+
+
 def test_a_phase_before_the_run_keeps_its_peak_and_its_leftovers_join_the_baseline():
     """``PeakMeter.restart`` (after a first run's hardware profile): the phase's peak still
     counts, what it left resident moves into the baseline, and the run's own growth after it

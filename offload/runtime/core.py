@@ -21,7 +21,7 @@ from ..prefetch.pipeline import Pipeline
 from ..sizes import format_bytes
 from ..store import lock
 from ..store.format import Manifest
-from ..memory import MMAP_THRESHOLD, PeakMeter, map_large_allocations, release_free_heap
+from ..memory import MMAP_THRESHOLD, PeakMeter, release_free_heap
 from ..tiers.device import DeviceTier, aligned_host
 from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
@@ -102,7 +102,6 @@ class Runtime:
             if device.type == "cpu" else None
         release_free_heap()   # the probes' temporaries: back to the OS before the budget
         self.meter.rebase()
-        map_large_allocations()
         self._pool, self._fused_scratch = self._fused_kernel()
         self.slots = SlotRing(plan.slots, plan.slot_bytes, self.device_tier.alloc)
         # One landing buffer per slot for encoded Units' stored bytes (plan.landing_bytes).
