@@ -17,10 +17,11 @@ def _weight(qtype: str, rows: int, blocks_per_row: int, seed: int) -> torch.Tens
 @pytest.mark.parametrize("qtype", qmatmul.TYPES)
 def test_kernel_within_its_bound_on_every_path(qtype):
     """Rows 1, 7 and 37 (fewer, not a multiple of, and more than the threads), 1-5 blocks per
-    row, 1 to INT_ROWS rows of activations (a strided view too), pools of 1-3 threads."""
+    row and 37 (past the AVX-512 rows' turns of 16 blocks, then pairs, then an odd one), 1 to
+    INT_ROWS rows of activations (a strided view too), pools of 1-3 threads."""
     assert cpu.supported(), "the C++ kernel must build here"
     g = torch.Generator().manual_seed(len(qtype))
-    for rows, nb, m in ((1, 1, 1), (7, 3, 2), (37, 5, qmatmul.INT_ROWS)):
+    for rows, nb, m in ((1, 1, 1), (7, 3, 2), (37, 5, qmatmul.INT_ROWS), (5, 37, 3)):
         w = _weight(qtype, rows, nb, seed=rows)
         cols = qmatmul.cols_of(qtype, w.shape[1])
         x = torch.randn(m, cols, generator=g) * torch.logspace(-2, 2, m).unsqueeze(1)
