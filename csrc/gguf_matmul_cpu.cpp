@@ -628,12 +628,15 @@ void offload_pool_free(void* pool) { delete static_cast<offload_pool::Pool*>(poo
 // Whether offload_gguf_matmul multiplies ``type``.
 int offload_gguf_matmul_supports(int type) { return supported(type) ? 1 : 0; }
 
-// y[i * ldy + j] = sum_k x[i * ldx + k] * W[j, k] for i < m, j < n, where W is n rows of k / block
-// blocks of ``type`` at ``w`` (row after row). ``pool`` (offload_pool_new) splits the rows, or
-// null: the calling thread alone. Returns 0; -1 for a type it lacks, -2 for k not a whole
-// number of blocks (nothing written).
-int offload_gguf_matmul(int type, const uint8_t* w, int64_t n, int64_t k, const float* x,
-                        int64_t ldx, int64_t m, float* y, int64_t ldy, void* pool, int isa) {
+// For each g < count: ys[g][i * ldys[g] + j] = sum_k x[i * ldx + k] * W_g[j, k] for i < m,
+// j < ns[g], where W_g is ns[g] rows of k / block blocks of ``type`` at ws[g] (row after row):
+// weights that share their input (an attention's q, k and v; an MLP's gate and up) in one call,
+// x quantized once and the rows of all of them split over ``pool`` (offload_pool_new) together,
+// or null: the calling thread alone. Each output is the same sum a call per weight gives.
+// Returns 0; -1 for a type it lacks, -2 for k not a whole number of blocks (nothing written).
+int offload_gguf_matmul_group(int type, int count, const uint8_t* const* ws, const int64_t* ns,
+                              int64_t k, const float* x, int64_t ldx, int64_t m,
+                              float* const* ys, const int64_t* ldys, void* pool, int isa) {
   if (!supported(type)) return -1;
   const Traits t = traits(type);
   if (k % t.block) return -2;
@@ -652,10 +655,18 @@ int offload_gguf_matmul(int type, const uint8_t* w, int64_t n, int64_t k, const 
     else
       quantize_row(x + i * ldx, k, reinterpret_cast<Q8*>(xq.data()) + i * nb);
   }
+  int64_t n = 0;
+  for (int g = 0; g < count; ++g) n += ns[g];
+  // rows [r0, r1) of the weights stacked in order
   auto rows = [&](int64_t r0, int64_t r1) {
-    for (int64_t j = r0; j < r1; ++j)
-      for (int64_t i = 0; i < m; ++i)
-        y[i * ldy + j] = fn(w + j * row_bytes, xq.data() + (size_t)(i * nb) * xbytes, nb);
+    int64_t base = 0;
+    for (int g = 0; g < count && base < r1; base += ns[g], ++g) {
+      const int64_t lo = std::max(r0, base), hi = std::min(r1, base + ns[g]);
+      for (int64_t j = lo; j < hi; ++j)
+        for (int64_t i = 0; i < m; ++i)
+          ys[g][i * ldys[g] + (j - base)] =
+              fn(ws[g] + (j - base) * row_bytes, xq.data() + (size_t)(i * nb) * xbytes, nb);
+    }
   };
   auto* p = static_cast<offload_pool::Pool*>(pool);
   const int64_t parts = p == nullptr ? 1 : std::min<int64_t>(p->threads(), n);
@@ -666,6 +677,13 @@ int offload_gguf_matmul(int type, const uint8_t* w, int64_t n, int64_t k, const 
   const int64_t per = (n + parts - 1) / parts;
   p->run(parts, [&](int64_t part) { rows(part * per, std::min(n, (part + 1) * per)); });
   return 0;
+}
+
+// y[i * ldy + j] = sum_k x[i * ldx + k] * W[j, k] for i < m, j < n, where W is n rows of k / block
+// blocks of ``type`` at ``w`` (row after row): offload_gguf_matmul_group of one weight.
+int offload_gguf_matmul(int type, const uint8_t* w, int64_t n, int64_t k, const float* x,
+                        int64_t ldx, int64_t m, float* y, int64_t ldy, void* pool, int isa) {
+  return offload_gguf_matmul_group(type, 1, &w, &n, k, x, ldx, m, &y, &ldy, pool, isa);
 }
 
 }  // extern "C"

@@ -198,6 +198,52 @@ def fused_linear(module: torch.nn.Module, matmul: Callable) -> list[Callable[[],
     return [lambda: module.__dict__.pop("forward", None)]
 
 
+# Linear layers a model calls one after another on the same input: the fused kernel runs
+# each such set, where all are kept in GGUF blocks of one type, as one call (``fused_group``).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_group(modules: list[torch.nn.Module], group: Callable, matmul: Callable
+                ) -> list[Callable[[], None]]:
+    """Like ``fused_linear`` for ``modules`` (siblings: the same input, one weight type): the
+    first of them called multiplies all their weights at once (``group(x, weights)``, None
+    for a prefill) and keeps the others' outputs for their own calls on that same input (the
+    same tensor, unmodified); a call on any other input multiplies its own weight alone
+    (``matmul``). Returns the undo steps."""
+    kept: dict[int, torch.Tensor] = {}
+    state: dict = {"x": None, "version": -1}
+
+    def forward_of(i: int, module: torch.nn.Module) -> Callable:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if state["x"] is x and state["version"] == x._version and i in kept:
+                y = kept.pop(i)
+                if not kept:
+                    state["x"] = None
+            else:
+                kept.clear()
+                state["x"] = None
+                ys = group(x, [m._parameters["weight"] for m in modules])
+                if ys is None:
+                    y = matmul(x, module._parameters["weight"])
+                else:
+                    y = ys[i]
+                    kept.update((j, o) for j, o in enumerate(ys) if j != i)
+                    state["x"], state["version"] = x, x._version
+            bias = module._parameters.get("bias")
+            return y if bias is None else y.add_(bias)
+        return forward
+
+    for i, module in enumerate(modules):
+        module.forward = forward_of(i, module)
+
+    def undo() -> None:
+        kept.clear()
+        state["x"] = None
+        for module in modules:
+            module.__dict__.pop("forward", None)
+    return [undo]
+
+
 def linear_forward(chunks: list[tuple[str, tuple[int, int]]], rows: int, acquire: Callable,
                    release: Callable, *, fold: bool = True, half_paths="auto",
                    whole: torch.Tensor | None = None,

@@ -106,3 +106,64 @@ def test_pools_start_and_stop_cleanly():
     assert live() == before
     with qmatmul.Pool(3):
         assert live() == before + 2   # the caller is the third
+
+
+@pytest.mark.parametrize("qtype", ("Q4_1", "Q8_0", "Q6_K"))
+def test_a_group_of_weights_gives_each_weights_own_bits(qtype):
+    """``FusedGroup``: weights sharing an input, one call: each output bitwise what a call
+    for that weight alone gives, on every path, threaded or not, the rows of all of them
+    split over the threads together (7 + 2 + 30 rows over 1-3 threads); a prefill is left to
+    the caller (None); a weight of the wrong height is refused."""
+    _, block, _ = gguf.TYPES[qtype]
+    ws = [_weight(qtype, rows, 3, seed=rows) for rows in (7, 2, 30)]
+    x = torch.randn(2, 1, 3 * block)
+    for isa in cpu.supported():
+        for threads in (1, 3):
+            with qmatmul.Pool(threads) as pool:
+                fused = qmatmul.Fused(qtype, pool, isa=isa)
+                group = qmatmul.FusedGroup(fused, [7, 2, 30], 3 * block)
+                ys = group(x, ws)
+                assert [y.shape for y in ys] == [(2, 1, 7), (2, 1, 2), (2, 1, 30)]
+                for y, w in zip(ys, ws):
+                    assert torch.equal(y, fused(x, w)), (isa, threads)
+    assert group(torch.randn(qmatmul.INT_ROWS + 1, 3 * block), ws) is None
+    with pytest.raises(ValueError, match="weight 1 of the group has 7 rows, not 2"):
+        group(x, [ws[0], ws[0], ws[2]])
+
+
+def test_siblings_share_one_call_only_for_the_same_unchanged_input():
+    """``hooks.fused_group`` on three linears: the first call multiplies all three and the
+    others take their kept outputs for that same input; another input, or the same tensor
+    changed in place, is multiplied afresh (never a stale output); biases added per linear."""
+    from offload.hooks import fused_group
+
+    ws = [_weight("Q4_0", rows, 2, seed=rows) for rows in (5, 3, 3)]
+    mods = [torch.nn.Linear(64, w.shape[0], bias=i == 2) for i, w in enumerate(ws)]
+    for m, w in zip(mods, ws):
+        m._parameters["weight"] = torch.nn.Parameter(w, requires_grad=False)
+    fused = qmatmul.Fused("Q4_0")
+    group = qmatmul.FusedGroup(fused, [5, 3, 3], 64)
+    calls = []
+
+    def counted(x, blocks):
+        calls.append(len(blocks))
+        return group(x, blocks)
+
+    undo = fused_group(mods, counted, fused)
+    want = lambda x, i: fused(x, ws[i]) + (mods[i].bias if i == 2 else 0)   # noqa: E731
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        ys = [m(x) for m in mods]
+        assert calls == [3]                         # one call for the three
+        assert all(torch.equal(y, want(x, i)) for i, y in enumerate(ys))
+        other = torch.randn(1, 64)
+        q = mods[0](x)
+        assert calls == [3, 3] and torch.equal(q, want(x, 0))
+        assert torch.equal(mods[1](other), want(other, 1))   # not x's kept output
+        assert calls == [3, 3, 3]
+        mods[0](x)
+        x.mul_(2)                                   # the same tensor, changed
+        assert torch.equal(mods[2](x), want(x, 2))
+    for step in undo:
+        step()
+    assert all("forward" not in m.__dict__ for m in mods)

@@ -66,6 +66,10 @@ def _library():
             ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_int]
+        lib.offload_gguf_matmul_group.argtypes = [
+            ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -118,6 +122,7 @@ class Fused:
         self._level = cpu.level(isa)
         lib = _library()
         self._call = lib.offload_gguf_matmul if lib is not None else None
+        self._group = lib.offload_gguf_matmul_group if lib is not None else None
 
     def __call__(self, x: torch.Tensor, blocks: torch.Tensor,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,6 +146,54 @@ class Fused:
             raise ValueError(f"the fused kernel does not multiply {self.qtype} weights of "
                              f"{cols} columns")
         return out
+
+
+
+
+class FusedGroup:
+    """Weights of one type that share their input (an attention's q, k and v; an MLP's gate
+    and up) multiplied in one kernel call: ``x`` quantized once, the rows of all of them split
+    over the pool together, one dispatch instead of one per weight (measured: SmolLM2's q, k
+    and v, 23 us where three calls took 41). Each output is bitwise what ``Fused`` gives for
+    its weight alone."""
+
+    def __init__(self, fused: Fused, rows: list[int], cols: int):
+        self.fused, self.rows, self.cols = fused, list(rows), cols
+        count = len(self.rows)
+        self._ns = (ctypes.c_int64 * count)(*self.rows)
+        self._ws = (ctypes.c_void_p * count)()
+        self._ys = (ctypes.c_void_p * count)()
+        lib = _library()
+        self._call = lib.offload_gguf_matmul_group if lib is not None else None
+
+    def __call__(self, x: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """``x @ W.T`` for each ``W`` of ``blocks`` (``[rows[i], row_bytes]`` uint8 each);
+        None for more than ``INT_ROWS`` rows of ``x`` (a prefill: multiply each with
+        ``Fused``, whose road for it is another)."""
+        f, cols = self.fused, self.cols
+        if x.shape[-1] != cols or x.dtype != torch.float32:
+            raise ValueError(f"{f.qtype} weights of {cols} columns: x must be float32 "
+                             f"[..., {cols}], got {x.dtype} {list(x.shape)}")
+        x2 = x.reshape(-1, cols)
+        if x2.shape[0] > INT_ROWS:
+            return None
+        if self._call is None:
+            raise RuntimeError("the fused GGUF kernel could not be built (see the "
+                               "KernelBuildWarning); use compute='exact'")
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        outs = []
+        for i, (b, n) in enumerate(zip(blocks, self.rows)):
+            if b.shape[0] != n:
+                raise ValueError(f"weight {i} of the group has {b.shape[0]} rows, not {n}")
+            y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+            self._ws[i], self._ys[i] = b.data_ptr(), y.data_ptr()
+            outs.append(y)
+        if self._call(f._type, len(outs), self._ws, self._ns, cols, x2.data_ptr(), x2.stride(0),
+                      x2.shape[0], self._ys, self._ns, f._pool, f._level):
+            raise ValueError(f"the fused kernel does not multiply {f.qtype} weights of "
+                             f"{cols} columns")
+        return outs
 
 
 def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tensor | None = None,

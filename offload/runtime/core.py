@@ -10,8 +10,9 @@ import torch
 
 from ..adapters.base import cache_keyword
 from ..errors import BudgetError, HardwareError, StoreError
-from ..hooks import (attach_unit, detach, embedding_forward, fused_linear, linear_forward,
-                     replace_forward, submodule_param, wrap_forward, wrap_generate, wrap_model)
+from ..hooks import (SIBLINGS, attach_unit, detach, embedding_forward, fused_group, fused_linear,
+                     linear_forward, replace_forward, wrap_forward,
+                     wrap_generate, wrap_model)
 from ..kernels import decode, gguf, head, qmatmul
 from ..planner.compute import fused_count, prefill_scratch_bytes
 from ..planner.plan import Plan
@@ -214,11 +215,7 @@ class Runtime:
             undo += attach_unit(module, [t.name for t in self.units[key].tensors], self.device,
                                 resident=self.resident.get(key), key=key,
                                 acquire=self._acquire, release=self._release)
-            for t in self.units[key].tensors:
-                qtype = qmatmul.type_of(t.encoding)
-                if qtype is not None:
-                    undo += fused_linear(submodule_param(module, t.name)[0],
-                                         self._fused_matmul(qtype))
+        undo += self._attach_fused(adapter.bind_points(model))
         groups, tied = self.manifest.groups(), self.manifest.tied
         for group, (module, op) in adapter.row_points(model).items():
             keys = groups[tied.get(group, group)]
@@ -233,6 +230,39 @@ class Runtime:
         undo += wrap_forward(model, self._forward)
         if hasattr(model, "generate"):
             undo += wrap_generate(model, self._generate)
+
+    def _attach_fused(self, points: dict[str, torch.nn.Module]) -> list:
+        """``compute="fast"``: each linear kept in GGUF blocks runs the fused kernel; siblings
+        (``hooks.SIBLINGS``: q, k and v; gate and up) of one type and width run as one call
+        (``hooks.fused_group``) where their weights are all there when the first is called:
+        in one Unit, or resident."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        fused = {}   # linear's path in the model -> (module, type, rows, cols, Unit key)
+        for key, module in points.items():
+            for t in self.units[key].tensors:
+                qtype = qmatmul.type_of(t.encoding)
+                if qtype is not None:
+                    sub = t.name.rpartition(".")[0]
+                    path = ".".join(p for p in (names.get(id(module), ""), sub) if p)
+                    fused[path] = (module.get_submodule(sub), qtype, t.shape[0],
+                                   qmatmul.cols_of(qtype, t.shape[1]), key)
+        undo, grouped = [], set()
+        for path, (_, qtype, _, cols, key) in fused.items():
+            parent, _, name = path.rpartition(".")
+            for sibling in (s for s in SIBLINGS if s[0] == name):
+                paths = [f"{parent}.{n}" if parent else n for n in sibling]
+                members = [p for p in paths if p in fused and fused[p][1:2] == (qtype,)
+                           and fused[p][3] == cols]
+                keys = {fused[p][4] for p in members}
+                if len(members) > 1 and (len(keys) == 1 or keys <= self.resident.keys()):
+                    matmul = self._fused_matmul(qtype)
+                    group = qmatmul.FusedGroup(matmul, [fused[p][2] for p in members], cols)
+                    undo += fused_group([fused[p][0] for p in members], group, matmul)
+                    grouped.update(members)
+        for path, (module, qtype, *_) in fused.items():
+            if path not in grouped:
+                undo += fused_linear(module, self._fused_matmul(qtype))
+        return undo
 
     def _embedding(self, chunks):
         """The embedding's forward: resident chunks indexed in memory, the others' rows
