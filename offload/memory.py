@@ -65,7 +65,7 @@ def map_large_allocations() -> bool:
     loading and the planner's probes had grown the heap first, a prefill's activations landed
     in such holes and stayed resident once freed: a Q4_0 TinyLlama-shaped store at batch 8
     measured 94.6-103.9% of its budget over identical runs, depending on the heap's layout.
-    So ``offload``'s import calls this, before any of that; 94.9-95.9% since. Once per
+    So ``offload``'s import calls this, before any of that; 95.0-96.2% since. Once per
     process, process-wide."""
     lib = _libc()
     if lib is None:

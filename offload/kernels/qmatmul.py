@@ -122,7 +122,6 @@ class Fused:
         self._level = cpu.level(isa)
         lib = _library()
         self._call = lib.offload_gguf_matmul if lib is not None else None
-        self._group = lib.offload_gguf_matmul_group if lib is not None else None
 
     def __call__(self, x: torch.Tensor, blocks: torch.Tensor,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,8 +145,6 @@ class Fused:
             raise ValueError(f"the fused kernel does not multiply {self.qtype} weights of "
                              f"{cols} columns")
         return out
-
-
 
 
 class FusedGroup:

@@ -11,8 +11,7 @@ import torch
 from ..adapters.base import cache_keyword
 from ..errors import BudgetError, HardwareError, StoreError
 from ..hooks import (SIBLINGS, attach_unit, detach, embedding_forward, fused_group, fused_linear,
-                     linear_forward, replace_forward, wrap_forward,
-                     wrap_generate, wrap_model)
+                     linear_forward, replace_forward, wrap_forward, wrap_generate, wrap_model)
 from ..kernels import decode, gguf, head, qmatmul
 from ..planner.compute import fused_count, prefill_scratch_bytes
 from ..planner.plan import Plan
@@ -247,11 +246,11 @@ class Runtime:
                     fused[path] = (module.get_submodule(sub), qtype, t.shape[0],
                                    qmatmul.cols_of(qtype, t.shape[1]), key)
         undo, grouped = [], set()
-        for path, (_, qtype, _, cols, key) in fused.items():
+        for path, (_, qtype, _, cols, _) in fused.items():
             parent, _, name = path.rpartition(".")
             for sibling in (s for s in SIBLINGS if s[0] == name):
                 paths = [f"{parent}.{n}" if parent else n for n in sibling]
-                members = [p for p in paths if p in fused and fused[p][1:2] == (qtype,)
+                members = [p for p in paths if p in fused and fused[p][1] == qtype
                            and fused[p][3] == cols]
                 keys = {fused[p][4] for p in members}
                 if len(members) > 1 and (len(keys) == 1 or keys <= self.resident.keys()):
