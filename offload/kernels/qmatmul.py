@@ -135,16 +135,25 @@ class Fused:
         if x2.shape[0] > INT_ROWS:
             _by_chunks(x2, blocks, self.qtype, y2, self.scratch)
             return out
+        x2 = self._kernel_rows(x2)
+        self._check(self._call(self._type, blocks.data_ptr(), rows, cols, x2.data_ptr(),
+                               x2.stride(0), x2.shape[0], y2.data_ptr(), y2.stride(0),
+                               self._pool, self._level), cols)
+        return out
+
+    def _kernel_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2`` (at most ``INT_ROWS`` rows) as the kernel reads it: each row contiguous.
+        Raises where the kernel could not be built."""
         if self._call is None:
             raise RuntimeError("the fused GGUF kernel could not be built (see the "
                                "KernelBuildWarning); use compute='exact'")
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        if self._call(self._type, blocks.data_ptr(), rows, cols, x2.data_ptr(), x2.stride(0),
-                      x2.shape[0], y2.data_ptr(), y2.stride(0), self._pool, self._level):
+        return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+    def _check(self, code: int, cols: int) -> None:
+        """Raise for the kernel's refusal (``code`` non-zero): a type or width it lacks."""
+        if code:
             raise ValueError(f"the fused kernel does not multiply {self.qtype} weights of "
                              f"{cols} columns")
-        return out
 
 
 class FusedGroup:
@@ -174,11 +183,7 @@ class FusedGroup:
         x2 = x.reshape(-1, cols)
         if x2.shape[0] > INT_ROWS:
             return None
-        if self._call is None:
-            raise RuntimeError("the fused GGUF kernel could not be built (see the "
-                               "KernelBuildWarning); use compute='exact'")
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = f._kernel_rows(x2)
         outs = []
         for i, (b, n) in enumerate(zip(blocks, self.rows)):
             if b.shape[0] != n:
@@ -186,10 +191,9 @@ class FusedGroup:
             y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
             self._ws[i], self._ys[i] = b.data_ptr(), y.data_ptr()
             outs.append(y)
-        if self._call(f._type, len(outs), self._ws, self._ns, cols, x2.data_ptr(), x2.stride(0),
-                      x2.shape[0], self._ys, self._ns, f._pool, f._level):
-            raise ValueError(f"the fused kernel does not multiply {f.qtype} weights of "
-                             f"{cols} columns")
+        f._check(self._call(f._type, len(outs), self._ws, self._ns, cols, x2.data_ptr(),
+                            x2.stride(0), x2.shape[0], self._ys, self._ns, f._pool, f._level),
+                 cols)
         return outs
 
 
