@@ -687,3 +687,141 @@ int offload_gguf_matmul(int type, const uint8_t* w, int64_t n, int64_t k, const 
 }
 
 }  // extern "C"
+
+// -- a Llama decoder layer's decode step around the products (compute="fast") -----------------
+// The work between a layer's products, done here in the same call as the products, so a decode
+// step of a small model is not the framework's per-operation cost (about 5 us per torch call,
+// some 20 per layer) times its layers. What remains in Python is the KV cache's update and the
+// attention itself (torch's sdpa: masks, grouped heads).
+
+namespace {
+
+// out = x / sqrt(mean(x^2) + eps) * w, for one row of n (out may alias x).
+void rms_norm_row(const float* x, const float* w, float eps, int64_t n, float* out) {
+  double ss = 0.;   // the sum of squares in double: rounding-free for any row of a model
+  for (int64_t i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+  const float r = (float)(1. / std::sqrt(ss / (double)n + (double)eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// Rotary embedding in place on ``heads`` heads of ``d`` values (the rotate-half convention):
+// x[i] * cos[i] - x[i + d/2] * sin[i], x[i + d/2] * cos[i + d/2] + x[i] * sin[i + d/2].
+void rope_row(float* x, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t h = d / 2;
+  for (int64_t j = 0; j < heads; ++j, x += d)
+    for (int64_t i = 0; i < h; ++i) {
+      const float a = x[i], b = x[i + h];
+      x[i] = a * cos[i] - b * sin[i];
+      x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+// g[i] = silu(g[i]) * u[i] for n values: g / (1 + e^-g) * u.
+void silu_mul(float* g, const float* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+// The products of weights that share an input ``x`` (m rows of k), each of its own type:
+// those of one type in one offload_gguf_matmul_group call. Returns the first refusal, or 0.
+int products(const int* types, const uint8_t* const* ws, const int64_t* ns, int count, int64_t k,
+             const float* x, int64_t m, float* const* ys, void* pool, int isa);
+
+}  // namespace
+
+extern "C" {
+
+// The attention's input half of a Llama decoder layer for m rows (decode positions):
+// h = rms_norm(x) * norm_w (h = x where norm_w is null: the norm done apart); q, k, v =
+// h @ W.T for the three weights (types[i], ws[i], ns[i] rows of ``hidden`` columns); the rotary
+// embedding (rows of cos and sin, head_dim each) applied to q's and k's heads. q, k and v are
+// written as m rows of ns[i] floats.
+// Returns 0, or the products' refusal (-1 a type, -2 a width), or -3 for head_dim odd or not
+// dividing ns[0] and ns[1] (nothing written).
+int offload_llama_attn_in(const int* types, const uint8_t* const* ws, const int64_t* ns,
+                          int64_t hidden, const float* x, int64_t m, const float* norm_w,
+                          float eps, const float* cos, const float* sin, int64_t head_dim,
+                          float* q, float* k, float* v, void* pool, int isa) {
+  if (head_dim <= 0 || head_dim % 2 || ns[0] % head_dim || ns[1] % head_dim) return -3;
+  std::vector<float> h;
+  if (norm_w != nullptr) {
+    h.resize((size_t)(m * hidden));
+    for (int64_t i = 0; i < m; ++i)
+      rms_norm_row(x + i * hidden, norm_w, eps, hidden, h.data() + i * hidden);
+    x = h.data();
+  }
+  float* const ys[3] = {q, k, v};
+  const int code = products(types, ws, ns, 3, hidden, x, m, ys, pool, isa);
+  if (code) return code;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* c = cos + i * head_dim;
+    const float* s = sin + i * head_dim;
+    rope_row(q + i * ns[0], ns[0] / head_dim, head_dim, c, s);
+    rope_row(k + i * ns[1], ns[1] / head_dim, head_dim, c, s);
+  }
+  return 0;
+}
+
+// out = rms_norm(x) * w for m rows of n (the decoder layer's norms where they run apart: the same
+// arithmetic as inside the layer calls). ``out`` may alias x.
+void offload_rms_norm(const float* x, int64_t m, int64_t n, const float* w, float eps,
+                      float* out) {
+  for (int64_t i = 0; i < m; ++i) rms_norm_row(x + i * n, w, eps, n, out + i * n);
+}
+
+// g = silu(g) * u for n values (the MLP's gating where it runs apart).
+void offload_silu_mul(float* g, const float* u, int64_t n) { silu_mul(g, u, n); }
+
+// The rest of a Llama decoder layer for m rows, after the attention: with weights o, gate, up
+// and down (types[i], ws[i], ns[i] rows; o and down have ``hidden`` rows, gate and up ``inter``),
+// r = x + attn @ Wo.T (attn: m rows of ``width``); h = rms_norm(r) * norm_w;
+// out = r + (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T. ``out`` may not alias x or attn.
+// Returns 0, or the products' refusal (-1 a type, -2 a width; nothing useful written).
+int offload_llama_attn_out_mlp(const int* types, const uint8_t* const* ws, const int64_t* ns,
+                               int64_t hidden, int64_t inter, int64_t width, const float* attn,
+                               const float* x, int64_t m, const float* norm_w, float eps,
+                               float* out, void* pool, int isa) {
+  if (ns[0] != hidden || ns[1] != inter || ns[2] != inter || ns[3] != hidden) return -2;
+  std::vector<float> h((size_t)(m * hidden)), g((size_t)(m * inter)), u((size_t)(m * inter));
+  float* o = out;
+  int code = products(types, ws, ns, 1, width, attn, m, &o, pool, isa);
+  if (code) return code;
+  for (int64_t i = 0; i < m * hidden; ++i) out[i] += x[i];
+  for (int64_t i = 0; i < m; ++i)
+    rms_norm_row(out + i * hidden, norm_w, eps, hidden, h.data() + i * hidden);
+  float* const gu[2] = {g.data(), u.data()};
+  code = products(types + 1, ws + 1, ns + 1, 2, hidden, h.data(), m, gu, pool, isa);
+  if (code) return code;
+  silu_mul(g.data(), u.data(), m * inter);
+  float* d = h.data();   // the down product's m rows of hidden, added to out
+  code = products(types + 3, ws + 3, ns + 3, 1, inter, g.data(), m, &d, pool, isa);
+  if (code) return code;
+  for (int64_t i = 0; i < m * hidden; ++i) out[i] += h[i];
+  return 0;
+}
+
+}  // extern "C"
+
+namespace {
+
+int products(const int* types, const uint8_t* const* ws, const int64_t* ns, int count, int64_t k,
+             const float* x, int64_t m, float* const* ys, void* pool, int isa) {
+  bool done[8] = {};
+  for (int a = 0; a < count; ++a) {
+    if (done[a]) continue;
+    const uint8_t* gw[8];
+    int64_t gn[8], gld[8];
+    float* gy[8];
+    int c = 0;
+    for (int b = a; b < count; ++b)
+      if (!done[b] && types[b] == types[a]) {
+        gw[c] = ws[b], gn[c] = gld[c] = ns[b], gy[c] = ys[b], ++c;
+        done[b] = true;
+      }
+    const int code = offload_gguf_matmul_group(types[a], c, gw, gn, k, x, k, m, gy, gld, pool,
+                                               isa);
+    if (code) return code;
+  }
+  return 0;
+}
+
+}  // namespace

@@ -12,7 +12,7 @@ from ..adapters.base import cache_keyword
 from ..errors import BudgetError, HardwareError, StoreError
 from ..hooks import (SIBLINGS, attach_unit, detach, embedding_forward, fused_group, fused_linear,
                      linear_forward, replace_forward, wrap_forward, wrap_generate, wrap_model)
-from ..kernels import decode, gguf, head, qmatmul
+from ..kernels import decode, gguf, head, layer, qmatmul
 from ..planner.compute import fused_count, prefill_scratch_bytes
 from ..planner.plan import Plan
 from ..planner.kv import kv_geometry
@@ -261,6 +261,18 @@ class Runtime:
         for path, (module, qtype, *_) in fused.items():
             if path not in grouped:
                 undo += fused_linear(module, self._fused_matmul(qtype))
+        return undo + self._attach_layers(fused)
+
+    def _attach_layers(self, fused: dict) -> list:
+        """``compute="fast"``: each Llama decoder layer whose seven linears are all fused runs
+        a decode step in two kernel calls around the attention, or part by part where its
+        parts are streamed apart (``kernels.layer``)."""
+        types = {id(module): qtype for module, qtype, *_ in fused.values()}
+        undo = []
+        for module in self.model.modules():
+            if layer.eligible(module) and all(id(m) in types for m in layer.linears(module)):
+                undo += layer.attach(module, layer.DecoderKernels(module, self._pool, types))
+        self.fast_layers = len(undo)
         return undo
 
     def _embedding(self, chunks):

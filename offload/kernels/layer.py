@@ -1,0 +1,303 @@
+"""A Llama decoder layer's decode step in two kernel calls (``compute="fast"``).
+
+With the products fused (``qmatmul``), what is left of a small model's decode step is the
+framework: some twenty torch and module calls per layer at a few microseconds each (SmolLM2-135M:
+about 5 ms of a 14 ms step). ``attach`` gives a Llama decoder layer whose seven linear layers
+are all kept in GGUF blocks forwards that run a decode step (up to ``qmatmul.INT_ROWS`` rows) as
+
+1. ``offload_llama_attn_in``: RMS norm, the q, k and v products, the rotary embedding;
+2. the KV cache's ``update`` and the model's own attention function (sdpa: torch's call made
+   here for one query position; other implementations and longer queries: the model's function
+   with its masks);
+3. ``offload_llama_attn_out_mlp``: the o product and the residual, RMS norm, gate and up,
+   SiLU times up, the down product and the residual.
+
+That merged road needs every weight of the layer bound when the layer is called: the layer
+resident, or streamed as one Unit. Where a part of it is streamed as its own Unit (the runtime's
+hooks on a norm, the attention or a linear), the layer's own forward runs and calls its parts,
+which ``attach`` also replaces: the norms by ``offload_rms_norm``, the attention by steps 1-2 and
+the o product, the MLP by gate, up, ``offload_silu_mul`` and down, each part bound by its hooks as
+it is called. Both roads do the same arithmetic in the same order (the same C functions, the
+residual sums commuted), so a layer gives the same bits resident or streamed.
+
+Lossy as every ``fast`` product (activations rounded to 8 bits per block), and the norms and
+SiLU in float32 C in another order than torch's: not bitwise ``exact`` (``tests/test_fast.py``
+measures its agreement and perplexity against it).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
+
+from . import cpu, gguf, qmatmul
+
+# Layer classes whose forward ``attach`` replaces (it does what theirs does).
+CLASSES = ("LlamaDecoderLayer",)
+# Caches whose ``update(key, value, layer_idx)`` needs nothing more (a static cache needs the
+# positions: those steps take the model's own forwards).
+CACHES = ("DynamicCache", "PagedKVCache")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+# An attention's keyword arguments that are not passed on to the attention function.
+_OWN_ARGS = ("hidden_states", "cache", "past_key_values", "position_embeddings",
+             "attention_mask")
+
+
+def _library():
+    lib = qmatmul._library()
+    if lib is not None and not hasattr(lib, "_offload_layer"):
+        p, i64, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        lib.offload_llama_attn_in.argtypes = [p, p, p, i64, p, i64, p, f, p, p, i64, p, p, p, p,
+                                              i]
+        lib.offload_llama_attn_out_mlp.argtypes = [p, p, p, i64, i64, i64, p, p, i64, p, f, p,
+                                                   p, i]
+        lib.offload_rms_norm.argtypes = [p, i64, i64, p, f, p]
+        lib.offload_rms_norm.restype = None
+        lib.offload_silu_mul.argtypes = [p, p, i64]
+        lib.offload_silu_mul.restype = None
+        lib._offload_layer = True
+    return lib
+
+
+def linears(layer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The seven linear layers of an ``eligible`` layer: q, k, v, o, gate, up, down."""
+    return [getattr(layer.self_attn, n) for n in _ATTN] + [getattr(layer.mlp, n) for n in _MLP]
+
+
+def eligible(layer: torch.nn.Module) -> bool:
+    """Whether ``layer`` is a decoder layer ``attach`` computes as its class does: a Llama
+    layer with bias-free projections, SiLU gating and no extra norms."""
+    if type(layer).__name__ not in CLASSES:
+        return False
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or getattr(attn, "q_norm", None) is not None:
+        return False
+    mods = [getattr(attn, n, None) for n in _ATTN] + [getattr(mlp, n, None) for n in _MLP]
+    if any(not isinstance(m, torch.nn.Linear) or m.bias is not None for m in mods):
+        return False
+    config = getattr(attn, "config", None)
+    return (getattr(config, "hidden_act", None) == "silu"
+            and getattr(config, "pretraining_tp", 1) == 1
+            and all(hasattr(n, "variance_epsilon")
+                    for n in (layer.input_layernorm, layer.post_attention_layernorm)))
+
+
+@functools.lru_cache(maxsize=None)
+def _functions():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS
+
+
+def _attention(attn: torch.nn.Module) -> Callable:
+    """The model's own attention function for ``attn`` (as its forward looks it up)."""
+    impl = attn.config._attn_implementation
+    if impl in (None, "eager"):
+        return sys.modules[type(attn).__module__].eager_attention_forward
+    return _functions()[impl]
+
+
+def _float_rows(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.is_contiguous()
+
+
+class DecoderKernels:
+    """The kernel calls for one layer (the pool, the CPU path and the ctypes arrays made once;
+    the weights' addresses read per call: a streamed Unit binds other buffers)."""
+
+    def __init__(self, layer: torch.nn.Module, pool: qmatmul.Pool | None, types: dict,
+                 isa: str | None = None):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.linears = linears(layer)
+        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.head_dim, self.layer_idx = attn.head_dim, attn.layer_idx
+        self.hidden, self.inter = attn.q_proj.in_features, mlp.gate_proj.out_features
+        self.rows = [m.out_features for m in self.linears]
+        self.width = attn.o_proj.in_features
+        self._cols = [self.hidden] * 3 + [self.width] + [self.hidden] * 2 + [self.inter]
+        self._qtypes = [types[id(m)] for m in self.linears]
+        lib = _library()
+        self._lib = lib
+        self._pool = pool.handle if pool is not None else None
+        self._level = cpu.level(isa)
+        codes = [gguf.TYPES[q][0] for q in self._qtypes]
+        self._in_types = (ctypes.c_int * 3)(*codes[:3])
+        self._out_types = (ctypes.c_int * 4)(*codes[3:])
+        self._in_rows = (ctypes.c_int64 * 3)(*self.rows[:3])
+        self._out_rows = (ctypes.c_int64 * 4)(*self.rows[3:])
+        self._in_ws, self._out_ws = (ctypes.c_void_p * 3)(), (ctypes.c_void_p * 4)()
+        self._eps = [float(n.variance_epsilon) for n in self.norms]
+        self._checked: list = [None] * 9
+
+    def weights(self, which=range(9)) -> list[torch.Tensor] | None:
+        """The seven linears' weights and the two norms' as bound now, or None where one of
+        ``which`` is not blocks of its type and shape or a norm's not float32 (its Unit not
+        bound: a placeholder). Tensors checked before are not checked again (a resident
+        layer's, every step)."""
+        ws = [m._parameters["weight"] for m in self.linears] + \
+            [n._parameters["weight"] for n in self.norms]
+        for i in which:
+            w = ws[i]
+            if w is self._checked[i]:
+                continue
+            if i < 7:
+                ok = (w.dtype == torch.uint8 and w.dim() == 2 and w.shape[0] == self.rows[i]
+                      and w.is_contiguous()
+                      and qmatmul.cols_of(self._qtypes[i], w.shape[1]) == self._cols[i])
+            else:
+                ok = _float_rows(w) and tuple(w.shape) == (self.hidden,)
+            if not ok:
+                return None
+            self._checked[i] = w
+        return ws
+
+    def attn_in(self, ws, x, cos, sin, norm: bool = True):
+        """x: float32 [m, hidden] contiguous; cos, sin: [m, head_dim] -> q, k, v [m, rows]
+        (``norm``: x goes through the input norm first)."""
+        m = x.shape[0]
+        q, k, v = (torch.empty(m, n, dtype=torch.float32) for n in self.rows[:3])
+        for i in range(3):
+            self._in_ws[i] = ws[i].data_ptr()
+        self._check(self._lib.offload_llama_attn_in(
+            self._in_types, self._in_ws, self._in_rows, self.hidden, x.data_ptr(), m,
+            ws[7].data_ptr() if norm else None, self._eps[0], cos.data_ptr(), sin.data_ptr(),
+            self.head_dim, q.data_ptr(), k.data_ptr(), v.data_ptr(), self._pool, self._level))
+        return q, k, v
+
+    def attn_out_mlp(self, ws, attn, x):
+        """attn: [m, width], x: [m, hidden] (float32, contiguous) -> the layer's output."""
+        out = torch.empty_like(x)
+        for i in range(4):
+            self._out_ws[i] = ws[3 + i].data_ptr()
+        self._check(self._lib.offload_llama_attn_out_mlp(
+            self._out_types, self._out_ws, self._out_rows, self.hidden, self.inter, self.width,
+            attn.data_ptr(), x.data_ptr(), x.shape[0], ws[8].data_ptr(), self._eps[1],
+            out.data_ptr(), self._pool, self._level))
+        return out
+
+    def norm(self, which: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Norm ``which`` (0: input, 1: post-attention) of ``x`` (float32 rows)."""
+        out = torch.empty_like(x)
+        self._lib.offload_rms_norm(x.data_ptr(), x.numel() // self.hidden, self.hidden,
+                                   weight.data_ptr(), self._eps[which], out.data_ptr())
+        return out
+
+    def silu_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """silu(g) * u into g (float32, contiguous, the same shape)."""
+        self._lib.offload_silu_mul(g.data_ptr(), u.data_ptr(), g.numel())
+        return g
+
+    def _check(self, code: int) -> None:
+        if code:
+            raise ValueError(f"the fused layer kernel refused layer {self.layer_idx} "
+                             f"(code {code}): types {self._qtypes}, rows {self.rows}, "
+                             f"head_dim {self.head_dim}")
+
+
+def _hooked(m: torch.nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks)
+
+
+def attach(layer: torch.nn.Module, kernels: DecoderKernels) -> list[Callable[[], None]]:
+    """Give ``layer`` (``eligible``, its linears fused) and its norms, attention and MLP the
+    forwards of this module (instance attributes: the classes are left alone). Returns the
+    undo steps."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = kernels.norms
+    parts = (*norms, attn, mlp, *kernels.linears)
+    own = {m: type(m).forward.__get__(m) for m in (layer, attn, mlp, *norms)}
+    attention = _attention(attn)
+    sdpa = attention is _functions().get("sdpa")
+    gqa = attn.config.num_attention_heads != attn.config.num_key_value_heads
+    hd = kernels.head_dim
+
+    def fits(x: torch.Tensor, kwargs: dict) -> bool:
+        """A decode step's rows the kernels take (the same test on both roads)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return (x.dtype == torch.float32 and x.dim() == 3
+                and x.shape[0] * x.shape[1] <= qmatmul.INT_ROWS
+                and kwargs.get("position_embeddings") is not None
+                and (cache is None or type(cache).__name__ in CACHES))
+
+    def attend(ws, x, kwargs, norm: bool) -> torch.Tensor:
+        """q, k, v of rows x ([b, t, hidden]), the cache, the attention: [b * t, width]."""
+        b, t, hidden = x.shape
+        cos, sin = _rope_rows(kwargs["position_embeddings"], b, t)
+        q, k, v = kernels.attn_in(ws, x.reshape(b * t, hidden).contiguous(), cos, sin, norm)
+        q, k, v = (y.view(b, t, -1, hd).transpose(1, 2) for y in (q, k, v))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            k, v = cache.update(k, v, kernels.layer_idx)
+        mask = kwargs.get("attention_mask")
+        if sdpa and t == 1 and (mask is None or mask.dtype == torch.bool):
+            # one query position: no causal mask to make (the model's sdpa function, less its
+            # checks)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
+                                                 enable_gqa=gqa).transpose(1, 2)
+        else:
+            out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling,
+                               **{n: a for n, a in kwargs.items() if n not in _OWN_ARGS})
+        return out.reshape(b * t, -1).contiguous()
+
+    def layer_forward(*args, **kwargs):
+        x = args[0] if len(args) == 1 else None
+        if (x is None or not fits(x, kwargs) or any(map(_hooked, parts))
+                or torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks):
+            return own[layer](*args, **kwargs)
+        ws = kernels.weights()
+        if ws is None:
+            return own[layer](*args, **kwargs)
+        b, t, hidden = x.shape
+        rows = x.reshape(b * t, hidden).contiguous()
+        return kernels.attn_out_mlp(ws, attend(ws, x, kwargs, True), rows).view(b, t, hidden)
+
+    def norm_forward(which: int) -> Callable:
+        norm = norms[which]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            w = norm._parameters["weight"]
+            if not (_float_rows(x) and _float_rows(w) and x.shape[-1] == kernels.hidden):
+                return own[norm](x)
+            return kernels.norm(which, x, w)
+        return forward
+
+    def attn_forward(*args, **kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        ws = kernels.weights(range(3)) if x is not None and fits(x, kwargs) else None
+        if ws is None:
+            return own[attn](*args, **kwargs)
+        b, t, _ = x.shape
+        # o through its module: its own Unit (if any) is bound by its hooks
+        return attn.o_proj(attend(ws, x, kwargs, False)).view(b, t, -1), None
+
+    def mlp_forward(x: torch.Tensor) -> torch.Tensor:
+        g, u = mlp.gate_proj(x), mlp.up_proj(x)
+        if not (_float_rows(g) and _float_rows(u) and g.shape == u.shape):
+            return mlp.down_proj(mlp.act_fn(g) * u)
+        return mlp.down_proj(kernels.silu_mul(g, u))
+
+    forwards = {layer: layer_forward, norms[0]: norm_forward(0), norms[1]: norm_forward(1),
+                attn: attn_forward, mlp: mlp_forward}
+    for m, f in forwards.items():
+        m.forward = f
+    return [lambda: [m.__dict__.pop("forward", None) for m in forwards]]
+
+
+_last_rope: list = [(None, None)]
+
+
+def _rope_rows(rope: tuple, b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (cos, sin) as float32 [b * t, head_dim] rows, made once per step: every
+    layer of a step is given the same tuple. (One entry, read and replaced whole: a thread
+    with another step's tuple makes its own rows.)"""
+    given, rows = _last_rope[0]
+    if given is not rope:
+        rows = tuple(e.float().expand(b, t, -1).reshape(b * t, -1).contiguous() for e in rope)
+        _last_rope[0] = (rope, rows)
+    return rows

@@ -1,0 +1,129 @@
+"""compute="fast" decoder layers (``offload/kernels/layer.py``): a Llama layer's decode step in
+two kernel calls where all its weights are there, part by part where its parts stream apart;
+the same bits either way, near the layer computed by transformers around the fused products."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import offload
+from gguf_files import write_llama_gguf
+from offload import api
+from offload.kernels import layer, qmatmul
+
+pytestmark = pytest.mark.skipif(not qmatmul.available(), reason="no C++ compiler here")
+
+
+def _steps(model, ids, mask, steps: int = 3):
+    """Logits of a prefill of ``ids`` (left-padded by ``mask``) and ``steps`` greedy decode
+    steps through one DynamicCache, concatenated."""
+    cache = DynamicCache(config=model.config)
+    kw = api.runtime_of(model).cache_argument
+    out = []
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, **{kw: cache}, use_cache=True).logits
+        out.append(logits[:, -1])
+        for _ in range(steps):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            logits = model(nxt, attention_mask=mask, **{kw: cache}, use_cache=True).logits
+            out.append(logits[:, -1])
+    return torch.stack(out, 1)
+
+
+class Count:
+    """Calls of the merged road and of the parts' road (the norms run apart)."""
+
+    def __init__(self, monkeypatch):
+        self.merged = self.parts = 0
+        merged, norm = layer.DecoderKernels.attn_out_mlp, layer.DecoderKernels.norm
+
+        def counted_merged(kernels, *a):
+            self.merged += 1
+            return merged(kernels, *a)
+
+        def counted_norm(kernels, *a):
+            self.parts += 1
+            return norm(kernels, *a)
+
+        monkeypatch.setattr(layer.DecoderKernels, "attn_out_mlp", counted_merged)
+        monkeypatch.setattr(layer.DecoderKernels, "norm", counted_norm)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K"])
+def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, tmp_path, monkeypatch):
+    """Resident, every layer takes the two-call road for steps of few rows; streamed at the minimum
+    budget, layers whose parts are Units of their own go part by part (their hooks bind each
+    part): the logits of a padded batch's prefill and decode steps are bitwise the same. Both
+    are near what transformers computes around the same fused products (the layers' own
+    forwards), and not equal to it (another computation really ran)."""
+    path = write_llama_gguf(tmp_path / f"{qtype}.gguf", hidden=256, layers=3, intermediate=512,
+                            heads=4, kv_heads=2, vocab=512, qtype=qtype)
+    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0   # the second row left-padded
+    count = Count(monkeypatch)
+    got = {}
+    tight = offload.plan(str(path), "100%", compute="fast", offload_dir=tmp_path / "o",
+                         max_tokens=32).minimum_bytes + (64 << 10)
+    for name, budget in (("resident", "100%"), ("streamed", tight)):
+        model = offload.run(str(path), budget=budget, compute="fast",
+                            offload_dir=tmp_path / "o", max_tokens=32, progress=False)
+        runtime = api.runtime_of(model)
+        assert runtime.fast_layers == 3
+        count.merged = count.parts = 0
+        got[name] = _steps(model, ids, mask)
+        got[name, "counts"] = (count.merged, count.parts)
+        offload.close(model)
+    # the prefill (2 x 6 rows, within the kernel's INT_ROWS) and 3 decode steps, 3 layers
+    assert got["resident", "counts"] == (4 * 3, 0)
+    assert got["streamed", "counts"][1] > 0        # some layer's norms ran apart
+    assert torch.equal(got["resident"], got["streamed"])
+
+    monkeypatch.setattr(layer, "eligible", lambda module: False)   # transformers' layers
+    model = offload.run(str(path), budget="100%", compute="fast", offload_dir=tmp_path / "o",
+                        max_tokens=32, progress=False)
+    assert api.runtime_of(model).fast_layers == 0
+    theirs = _steps(model, ids, mask)
+    offload.close(model)
+    assert not torch.equal(got["resident"], theirs)
+    # float32 norms and SiLU in another order shift a few activations by one 8-bit step: far
+    # below the spread of the logits; a wrong rotary, mask or residual is of its order
+    assert (got["resident"] - theirs).abs().max() < 0.05 * theirs.std()
+
+
+def test_rms_norm_and_silu_match_their_definitions():
+    """The C norm and gating the layer road uses, against float64 arithmetic."""
+    lib = layer._library()
+    x = torch.randn(5, 96, dtype=torch.float32) * 3
+    w = torch.rand(96) + 0.5
+    out = torch.empty_like(x)
+    lib.offload_rms_norm(x.data_ptr(), 5, 96, w.data_ptr(), ctypes.c_float(1e-5),
+                         out.data_ptr())
+    x64 = x.double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert torch.allclose(out.double(), want, rtol=2e-6, atol=1e-7)
+    g, u = torch.randn(333) * 4, torch.randn(333)
+    want = (g.double() * torch.sigmoid(g.double())) * u.double()
+    lib.offload_silu_mul(g.data_ptr(), u.data_ptr(), 333)
+    assert torch.allclose(g.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_layer_road_refusal_names_the_layer():
+    """A width the kernel refuses (head_dim odd) is an error naming the layer and its shapes,
+    not a wrong result."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    config = LlamaConfig(hidden_size=96, intermediate_size=128, num_attention_heads=32,
+                         num_key_value_heads=32, head_dim=3)
+    block = LlamaDecoderLayer(config, 0)
+    assert layer.eligible(block)
+    kernels = layer.DecoderKernels(block, None, {id(m): "Q8_0" for m in layer.linears(block)})
+    ws = [torch.zeros(m.out_features, m.in_features // 32 * 34, dtype=torch.uint8)
+          for m in layer.linears(block)] + [torch.ones(96), torch.ones(96)]
+    with pytest.raises(ValueError, match="refused layer 0 .*head_dim 3"):
+        kernels.attn_in(ws, torch.randn(1, 96), torch.ones(1, 3), torch.zeros(1, 3))
