@@ -441,7 +441,8 @@ def make_plan(prep: "Prepared", budget, request: Request = Request(),
                                              if u.encoded for t in u.tensors},
                                   fused={qmatmul.type_of(t.encoding) for u in manifest.units
                                          for t in u.tensors} - {None},
-                                  family=prep.config, batch=options.kv.batch)
+                                  family=prep.config, batch=options.kv.batch,
+                                  fast_layers=request.compute == "fast")
         release_free_heap()   # the measurement's buffers, before the planner's probes
     plan = plan_for(manifest, prep.adapter, prep.config, profile, options,
                     heat=load_heat(manifest.path), probe_head=probe_head)

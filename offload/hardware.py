@@ -37,14 +37,17 @@ PROFILE_VERSION = 3   # 3: disk measured as a run reads (spread, 4 readers, besi
 def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.device, dtype: torch.dtype,
                     hidden: int, max_bytes: int | None = None,
                     encodings: Iterable[str] = (), family=None,
-                    batch: int = 1, fused: Iterable[str] = ()) -> HardwareProfile:
+                    batch: int = 1, fused: Iterable[str] = (),
+                    fast_layers: bool = False) -> HardwareProfile:
     """The cached profile for this device and dtype, measuring it on first use (reading
     ``data_file``, or a scratch file in ``cache_dir`` where there is none yet) with at most
     ``max_bytes`` of compute-device memory (the budget: a first run keeps its promise too), the
     decode speed of each of ``encodings`` it lacks (the store's: ``gguf.Q4_K`` ...), the
     per-layer time of ``family`` (a transformers config) if it lacks it, and for a ``batch``
     over 1 the batch-8 figures (compute, the family's per-layer time) if it lacks them, and
-    the fused kernel's speed for each GGUF type in ``fused`` (``compute="fast"``) it lacks."""
+    the fused kernel's speed for each GGUF type in ``fused`` (``compute="fast"``) it lacks;
+    ``fast_layers``: the family's per-layer time is that of the fast layer road
+    (``kernels.layer``, under ``<family>/fast``) where the family has one."""
     key = f"{device}|{DTYPE_NAMES[dtype]}|{os.stat(cache_dir).st_dev}"
     path = cache_dir / "profile.json"
     cached, profile = {}, None
@@ -56,12 +59,16 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
         cached = {}
     missing = sorted(e for e in set(encodings) if measurable(e) and
                      (profile is None or e not in profile.decode_bps))
+    from .kernels import layer
+
     model_type = getattr(family, "model_type", None)
+    family_key = layer.family_key(model_type, fast_layers and dtype == torch.float32)
+    fast = family_key != model_type
     # batch figures only for a batch plan: a batched matmul keeps packing buffers (2-4 MB
     # here) that a batch-1 run would carry over its budget
     compute_at_batch = batch > 1 and (profile is None or
                                       str(BATCH) not in profile.batch_compute_bps)
-    layer_keys = {1: model_type, BATCH: f"{model_type}@{BATCH}"}
+    layer_keys = {1: family_key, BATCH: f"{family_key}@{BATCH}"}
     batches = tuple(b for b in ((1, BATCH) if batch > 1 else (1,))
                     if model_type is not None
                     and (profile is None or layer_keys[b] not in profile.layer_s))
@@ -98,7 +105,7 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
             **profile.batch_compute_bps,
             str(BATCH): measure_compute(device, dtype, hidden, max_bytes, batch=BATCH)})
     if batches:   # the family's per-layer time, each batch on one pair of miniatures
-        per = measure_layer_time(family, dtype, device, batches=batches)
+        per = measure_layer_time(family, dtype, device, batches=batches, fast=fast)
         profile = replace(profile, layer_s={**profile.layer_s,
                                             **{layer_keys[b]: per[b] for b in batches}})
     if not (quiet and disk_idle(cache_dir)):
@@ -252,18 +259,25 @@ def _measure_bitmap(itemsize: int, density: float, out_bytes: int,
 
 def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
                        depths: tuple[int, int] = (2, 10), steps: int = 12,
-                       batches: tuple[int, ...] = (1,)) -> dict[int, tuple[float, float]]:
+                       batches: tuple[int, ...] = (1,), fast: bool = False
+                       ) -> dict[int, tuple[float, float]]:
     """Seconds a decode step of ``config``'s family spends beyond its weights, per batch of
     ``batches``: ``(per layer, per step)``, from the fastest decode-step time of miniatures
     (``workspace.miniature``: 64 wide, their weights too small to matter) of two depths: the
     difference per layer, the rest per step. The same two miniatures serve every batch (a
-    first run measures inside its budget). Cost: ~0.5 s a batch here, once per family (cached
-    with the profile)."""
+    first run measures inside its budget). ``fast``: the miniatures' layers take the fast
+    layer road (``kernels.layer.fuse_miniature``: Q8_0 blocks, two kernel calls a layer).
+    Cost: ~0.5 s a batch here, once per family (cached with the profile)."""
     from .adapters.base import cache_keyword
+    from .kernels import layer, qmatmul
     from .kernels.workspace import miniature
 
     spec = config.to_json_string(use_diff=False)
     models = [miniature(spec, dtype, layers).to(device) for layers in depths]
+    pool = qmatmul.Pool(qmatmul.threads_for(0)) if fast else None
+    if fast:
+        for model in models:
+            layer.fuse_miniature(model, pool)
     key = cache_keyword(models[0])
     out = {}
     with torch.no_grad():
@@ -290,6 +304,8 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
             per_layer = max(0.0, (times[1] - times[0]) / (depths[1] - depths[0]))
             out[batch] = (per_layer, max(0.0, times[0] - depths[0] * per_layer))
             del runs
+    if pool is not None:
+        pool.close()
     return out
 
 

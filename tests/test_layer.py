@@ -127,3 +127,39 @@ def test_a_layer_road_refusal_names_the_layer():
           for m in layer.linears(block)] + [torch.ones(96), torch.ones(96)]
     with pytest.raises(ValueError, match="refused layer 0 .*head_dim 3"):
         kernels.attn_in(ws, torch.randn(1, 96), torch.ones(1, 3), torch.zeros(1, 3))
+
+
+def test_the_plan_prices_the_fast_road_where_every_layer_takes_it():
+    """The framework's per-step seconds: the fast road's figure where every layer's seven
+    linears are fused and the profile measured it, the layers' own otherwise."""
+    from offload.planner.make import step_overhead
+    from offload.planner.profile import HardwareProfile
+
+    profile = HardwareProfile("cpu", 1e9, 1e9, 1e9, "float32",
+                              layer_s={"llama": (1e-3, 2e-3), "llama/fast": (1e-4, 3e-4)})
+    assert step_overhead(profile, "llama", 30, 1, 7 * 30) == pytest.approx(30 * 1e-4 + 3e-4)
+    assert step_overhead(profile, "llama", 30, 1, 7 * 30 - 1) == pytest.approx(30e-3 + 2e-3)
+    assert step_overhead(profile, "llama", 30, 1, 0) == pytest.approx(30e-3 + 2e-3)
+    assert step_overhead(profile, "mistral", 30, 1, 7 * 30) == 0.0   # not measured
+    own = HardwareProfile("cpu", 1e9, 1e9, 1e9, "float32", layer_s={"llama": (1e-3, 2e-3)})
+    assert step_overhead(own, "llama", 30, 1, 7 * 30) == pytest.approx(30e-3 + 2e-3)
+
+
+def test_a_miniature_on_the_fast_road_runs_two_kernel_calls_a_layer(monkeypatch):
+    """What the profile times for ``llama/fast``: a miniature whose layers take the merged
+    road on every decode step (finite logits; the layer's own forward never runs)."""
+    from transformers import DynamicCache, LlamaConfig
+
+    from offload.kernels.workspace import miniature
+
+    model = miniature(LlamaConfig(num_hidden_layers=3).to_json_string(use_diff=False),
+                      torch.float32, 3)
+    with qmatmul.Pool(2) as pool:
+        assert layer.fuse_miniature(model, pool) == 3
+        count = Count(monkeypatch)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+            logits = model(torch.tensor([[4]]), cache=cache, use_cache=True).logits
+        assert (count.merged, count.parts) == (2 * 3, 0)
+        assert torch.isfinite(logits).all()

@@ -37,8 +37,10 @@ from torch.nn.modules import module as torch_module
 
 from . import cpu, gguf, qmatmul
 
-# Layer classes whose forward ``attach`` replaces (it does what theirs does).
+# Layer classes whose forward ``attach`` replaces (it does what theirs does), and the model
+# types whose layers are of them (for the planner: ``family_key``).
 CLASSES = ("LlamaDecoderLayer",)
+FAMILIES = ("llama",)
 # Caches whose ``update(key, value, layer_idx)`` needs nothing more (a static cache needs the
 # positions: those steps take the model's own forwards).
 CACHES = ("DynamicCache", "PagedKVCache")
@@ -200,17 +202,16 @@ class DecoderKernels:
                              f"head_dim {self.head_dim}")
 
 
-def _hooked(m: torch.nn.Module) -> bool:
-    return bool(m._forward_pre_hooks or m._forward_hooks)
-
-
 def attach(layer: torch.nn.Module, kernels: DecoderKernels) -> list[Callable[[], None]]:
     """Give ``layer`` (``eligible``, its linears fused) and its norms, attention and MLP the
     forwards of this module (instance attributes: the classes are left alone). Returns the
     undo steps."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = kernels.norms
-    parts = (*norms, attn, mlp, *kernels.linears)
+    # the hook registries of the layer's parts (torch edits each in place): any hook there
+    # (a part streamed as its own Unit, a user's) sends a step part by part
+    hooks = [d for m in (*norms, attn, mlp, *kernels.linears)
+             for d in (m._forward_pre_hooks, m._forward_hooks)]
     own = {m: type(m).forward.__get__(m) for m in (layer, attn, mlp, *norms)}
     attention = _attention(attn)
     sdpa = attention is _functions().get("sdpa")
@@ -247,7 +248,7 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels) -> list[Callable[[],
 
     def layer_forward(*args, **kwargs):
         x = args[0] if len(args) == 1 else None
-        if (x is None or not fits(x, kwargs) or any(map(_hooked, parts))
+        if (x is None or not fits(x, kwargs) or any(hooks)
                 or torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks):
             return own[layer](*args, **kwargs)
         ws = kernels.weights()
@@ -287,6 +288,35 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels) -> list[Callable[[],
     for m, f in forwards.items():
         m.forward = f
     return [lambda: [m.__dict__.pop("forward", None) for m in forwards]]
+
+
+def family_key(model_type: str | None, fast: bool) -> str | None:
+    """The profile's key for the per-layer time of ``model_type``'s decode step: the layers'
+    own forwards (``llama``), or this module's road where ``fast`` (``llama/fast``)."""
+    return f"{model_type}/fast" if fast and model_type in FAMILIES else model_type
+
+
+def fuse_miniature(model: torch.nn.Module, pool: qmatmul.Pool | None) -> int:
+    """Give a miniature (``workspace.miniature``, float32) Q8_0 blocks of zeros for the linear
+    weights of its eligible layers and the fast road: what ``hardware.measure_layer_time``
+    times for ``family_key(..., fast=True)``. Returns the layers given it."""
+    from ..hooks import fused_linear
+
+    fused = qmatmul.Fused("Q8_0", pool)
+    done = 0
+    for module in model.modules():
+        if not eligible(module):
+            continue
+        types = {}
+        for m in linears(module):
+            rows, cols = m.weight.shape
+            m._parameters["weight"] = torch.nn.Parameter(
+                torch.zeros(rows, cols // 32 * 34, dtype=torch.uint8), requires_grad=False)
+            fused_linear(m, fused)
+            types[id(m)] = "Q8_0"
+        attach(module, DecoderKernels(module, pool, types))
+        done += 1
+    return done
 
 
 _last_rope: list = [(None, None)]

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 
 from ..errors import BudgetError, HardwareError, OffloadError
-from ..kernels import head
+from ..kernels import head, layer
 from ..sizes import format_bytes
 from ..units import DTYPES, align
 from .compute import fused_count, prefill_scratch_bytes
@@ -68,7 +68,7 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
         def place(pins: frozenset[str]) -> Plan:
             return dataclasses.replace(
                 _place(manifest, adapter, config, moe, profile, options, kv, reserve, tokens,
-                       pins, check, heat), compute="fast" if fused else "exact",
+                       pins, check, heat, fused), compute="fast" if fused else "exact",
                 fused_tensors=fused)
 
         if not probe_head:
@@ -208,18 +208,30 @@ def head_check(manifest, shape, dtype, device: str, *, probe: bool = True) -> He
                      head.chunking_mismatches(shape.vocab, shape.hidden, dtype, rows))
 
 
+def step_overhead(profile, model_type: str | None, layers: int, batch: int,
+                  fused: int) -> float:
+    """The framework's seconds per decode step: the fast layer road's figure where every
+    layer's seven linears are fused (``fused``: the fused tensors) and the profile has it,
+    else the layers' own."""
+    key = layer.family_key(model_type, fused >= 7 * layers > 0)
+    if key != model_type and key not in profile.layer_s:
+        key = model_type
+    return profile.step_overhead(key, layers, batch)
+
+
 def _place(manifest, adapter, config, moe, profile, options: PlanOptions, kv: KVPlan,
-           reserve: int, tokens: int, pins: frozenset[str], check: HeadCheck, heat) -> Plan:
+           reserve: int, tokens: int, pins: frozenset[str], check: HeadCheck, heat,
+           fused: int = 0) -> Plan:
     units = list(manifest.units)
+    layers = int(getattr(config, "num_hidden_layers", 0))
     ex = options.experts
     stream = moe is not None and ex.experts == "stream"
     order = adapter.execution_order(config, manifest.groups(), stream_experts=stream)
     batch = options.kv.batch
     common = dict(prefetch=options.prefetch, host_budget_bytes=options.host_budget_bytes,
                   pinned=frozenset(adapter.always_resident(units)) | pins, kv=kv, head=check,
-                  overhead_s=profile.step_overhead(getattr(config, "model_type", None),
-                                                   int(getattr(config, "num_hidden_layers", 0)),
-                                                   batch), batch=batch)
+                  overhead_s=step_overhead(profile, getattr(config, "model_type", None),
+                                           layers, batch, fused), batch=batch)
     if moe is None:
         return make_plan(units, order, options.budget_bytes, reserve, tokens, profile, **common)
     if stream:
