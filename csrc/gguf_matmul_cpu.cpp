@@ -10,11 +10,13 @@
 // tests/test_qmatmul.py checks against a float64 reference per output.
 //
 // Paths (csrc/cpu_isa.h): scalar (portable integer loops), AVX2 (VPMADDUBSW/VPMADDWD integer
-// dot products, as llama.cpp's) and, at the AVX-512 level on a CPU with VNNI, VPDPBUSD rows
-// for the legacy types (two blocks per register, their scales handled 16 blocks at a time;
-// the K types run the AVX2 rows there). Measured on an AMD EPYC with AVX-512 VNNI (a CPU that
-// splits 512-bit work in two), the VNNI rows run at the AVX2 rows' speed, about 2 ns a block
-// per thread for every legacy type. Rows are split over a persistent pool of threads
+// dot products, as llama.cpp's) and, at the AVX-512 level on a CPU with VNNI, the same rows
+// with VPDPBUSD for the legacy types (csrc/legacy_rows.h, one source for both; the K types run
+// the AVX2 rows there). The two give the same sums, so the same bits. A legacy block costs
+// about 1.0 ns (AVX2) and 0.9 ns (VNNI) per thread on the AMD EPYC we have (SmolLM2's Q4_1
+// rows of 48 blocks, in cache), 1.4 ns before the per-block scale work was cut (the block's
+// fp16 scale and min widened together, the nibbles unpacked in two operations). Rows are split
+// over a persistent pool of threads
 // (thread_pool.h) owned by the caller.
 #include <algorithm>
 #include <cmath>
@@ -89,30 +91,6 @@ void quantize_row_k(const float* x, int64_t k, Q8K* out) {
       for (int i = 0; i < 16; ++i) sum += out[b].q[16 * j + i];
       out[b].bsums[j] = (int16_t)sum;
     }
-  }
-}
-
-// Activations packed for the AVX-512 VNNI rows: per row of x, nb scales, nb scale-times-sums,
-// then the nb * 32 codes back to back (a pair of blocks is one 64-byte load). A Q8 row's room.
-struct XPack {
-  static constexpr size_t bytes(int64_t nb) { return (size_t)nb * (2 * sizeof(float) + QK); }
-  const float* d;    // Q8::d of each block
-  const float* s;    // Q8::s of each block
-  const int8_t* q;   // the codes, QK per block
-  XPack(const void* p, int64_t nb)
-      : d(static_cast<const float*>(p)), s(d + nb), q(reinterpret_cast<const int8_t*>(s + nb)) {}
-};
-
-void pack_row(const float* x, int64_t k, uint8_t* out) {
-  const int64_t nb = k / QK;
-  float* d = reinterpret_cast<float*>(out);
-  float* s = d + nb;
-  int8_t* q = reinterpret_cast<int8_t*>(s + nb);
-  Q8 block;
-  for (int64_t b = 0; b < nb; ++b) {
-    quantize_row(x + QK * b, QK, &block);
-    d[b] = block.d, s[b] = block.s;
-    std::memcpy(q + QK * b, block.q, QK);
   }
 }
 
@@ -242,18 +220,6 @@ OFFLOAD_AVX2 __m256i dot_us(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-// Signed times signed: the signs moved onto the second operand.
-OFFLOAD_AVX2 __m256i dot_ss(__m256i a, __m256i b) {
-  return dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-}
-
-// 16 bytes of packed nibbles as 32 bytes: the low nibbles, then the high ones.
-OFFLOAD_AVX2 __m256i nibbles32(const uint8_t* qs) {
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i m = _mm_set1_epi8(0x0f);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
-}
-
 // The 32 bits of ``qh`` as 32 bytes of 0x10 (set) or 0.
 OFFLOAD_AVX2 __m256i fifth_bits(uint32_t qh) {
   const __m256i spread = _mm256_shuffle_epi8(
@@ -265,56 +231,22 @@ OFFLOAD_AVX2 __m256i fifth_bits(uint32_t qh) {
                           _mm256_set1_epi8(0x10));
 }
 
-// The legacy types' rows: each block gives 8 int32 partial sums (``dot``), its scale and its
-// min term; two accumulators, so consecutive blocks do not wait on one add chain.
-template <typename Block>
-OFFLOAD_AVX2 float legacy_row(const uint8_t* w, const Q8* x, int64_t nb, int bytes, Block block) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  float mins0 = 0.f, mins1 = 0.f;
-  int64_t b = 0;
-  for (; b + 1 < nb; b += 2, w += 2 * bytes) {
-    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[b].d),
-                           _mm256_cvtepi32_ps(block(w, x[b], &mins0)), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w + bytes) * x[b + 1].d),
-                           _mm256_cvtepi32_ps(block(w + bytes, x[b + 1], &mins1)), acc1);
-  }
-  if (b < nb)
-    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[b].d),
-                           _mm256_cvtepi32_ps(block(w, x[b], &mins0)), acc0);
-  return hsum(_mm256_add_ps(acc0, acc1)) + (mins0 + mins1);
+// 16 bytes of packed nibbles as 32 bytes, the low nibbles then the high ones, in two vector
+// operations: the 16 bytes broadcast to both halves (a load), the upper half shifted by 4.
+OFFLOAD_AVX2 __m256i nibbles32(const uint8_t* qs) {
+  const __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  return _mm256_and_si256(_mm256_srlv_epi32(q, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                          _mm256_set1_epi8(0x0f));
 }
 
-// Per block: 8 int32 partial sums of the integer dot product (min terms added to ``mins``).
-struct Q4_0Block {
-  OFFLOAD_AVX2 __m256i operator()(const uint8_t* b, const Q8& xb, float*) const {
-    return dot_ss(_mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8)), load(xb.q));
-  }
-};
-
-struct Q4_1Block {
-  OFFLOAD_AVX2 __m256i operator()(const uint8_t* b, const Q8& xb, float* mins) const {
-    *mins += f16(b + 2) * xb.s;
-    return dot_us(nibbles32(b + 4), load(xb.q));
-  }
-};
-
-template <bool Min>
-struct Q5Block {
-  OFFLOAD_AVX2 __m256i operator()(const uint8_t* b, const Q8& xb, float* mins) const {
-    uint32_t qh;
-    std::memcpy(&qh, b + (Min ? 4 : 2), 4);
-    const __m256i q = _mm256_or_si256(nibbles32(b + (Min ? 8 : 6)), fifth_bits(qh));
-    if (!Min) return dot_ss(_mm256_sub_epi8(q, _mm256_set1_epi8(16)), load(xb.q));
-    *mins += f16(b + 2) * xb.s;
-    return dot_us(q, load(xb.q));
-  }
-};
-
-struct Q8_0Block {
-  OFFLOAD_AVX2 __m256i operator()(const uint8_t* b, const Q8& xb, float*) const {
-    return dot_ss(load(b + 2), load(xb.q));
-  }
-};
+// The legacy types' rows (csrc/legacy_rows.h), here with VPMADDUBSW + VPMADDWD.
+#define LEGACY_ATTR OFFLOAD_AVX2
+#define LEGACY_DOT_US(u, s) dot_us(u, s)
+namespace avx2_rows {
+#include "legacy_rows.h"
+}  // namespace avx2_rows
+#undef LEGACY_ATTR
+#undef LEGACY_DOT_US
 
 template <bool Five>
 OFFLOAD_AVX2 float row_q45_k_v(const uint8_t* w, const Q8K* x, int64_t nb) {
@@ -390,151 +322,31 @@ OFFLOAD_AVX2 float row_q6_k_v(const uint8_t* w, const Q8K* x, int64_t nb) {
 }
 
 // -- AVX-512 VNNI rows (the legacy types) ------------------------------------------------------
-// Two blocks per 512-bit register and one VPDPBUSD (unsigned bytes times signed bytes, summed
-// in fours into int32) where the AVX2 rows take VPMADDUBSW + VPMADDWD and sign tricks per block;
-// and the per-block float work done 16 blocks at a time: their fp16 scales (and mins) gathered
-// and widened in one go, times the activations' scales, picked per pair by a permute. Unsigned
-// weight codes are multiplied as stored and their offset (8 or 16) taken out through the
-// activation block's sum; Q8_0's signed codes move their signs onto the activations (exact).
-// The activations come as ``XPack`` rows.
-#define OFFLOAD_VNNI                                                                        \
+// The AVX2 rows with one VPDPBUSD (unsigned bytes times signed bytes, summed in fours into
+// int32; AVX512-VNNI on 256-bit registers) where they take VPMADDUBSW + VPMADDWD. 256 bits, not
+// 512: on the AMD EPYC we have (512-bit work run as two halves) the earlier 512-bit rows (two
+// blocks a register) measured no faster than the AVX2 rows, and slower than these.
+#define LEGACY_ATTR                                                                         \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"), always_inline)) \
   inline
+#define LEGACY_DOT_US(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+namespace vnni_rows {
+#include "legacy_rows.h"
+}  // namespace vnni_rows
+#undef LEGACY_ATTR
+#undef LEGACY_DOT_US
 
-// Blocks a and b's 16 packed bytes as 64: a's low nibbles, a's high ones, b's low, b's high.
-OFFLOAD_VNNI __m512i nibbles64(const uint8_t* a, const uint8_t* b) {
-  const __m256i t = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)),
-                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
-  const __m512i z = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
-                                             _mm512_castsi256_si512(t));
-  // the second and fourth 128-bit lanes (16-bit elements 8-15, 24-31) take the high nibbles
-  return _mm512_and_si512(_mm512_mask_srli_epi16(z, 0xFF00FF00u, z, 4), _mm512_set1_epi8(0x0f));
-}
-
-// Blocks a and b's 32-bit ``qh`` as 64 bytes of 0x10 (set) or 0, in nibbles64's order.
-OFFLOAD_VNNI __m512i fifth_bits64(const uint8_t* a, const uint8_t* b) {
-  const __mmask64 k = (__mmask64)load32(a) | ((__mmask64)load32(b) << 32);
-  return _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(0x10));
-}
-
-OFFLOAD_VNNI __m512i dot64(__m512i u, __m512i s) {
-  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
-}
-
-// 16 blocks' fp16 field at byte ``at`` (blocks ``bytes`` apart from ``w``), widened.
-OFFLOAD_VNNI __m512 gather_half(const uint8_t* w, int at, int bytes) {
-  const __m512i idx = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(bytes));
-  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(idx, w + at, 1)));
-}
-
-// Per type: ``dot`` gives 16 int32 partial sums (8 per block) of blocks a and b's codes times
-// the activations ``x``; ``Min`` where the fp16 at byte 2 is a min (Q4_1, Q5_1), else ``offset``
-// is the codes' offset (its product with the activations' sum is taken out).
-struct Q4_0Pair {
-  static constexpr bool Min = false;
-  static constexpr float offset = 8.f;
-  OFFLOAD_VNNI __m512i dot(const uint8_t* a, const uint8_t* b, __m512i x) const {
-    return dot64(nibbles64(a + 2, b + 2), x);
+#define VNNI_ROW(name, Block, bytes)                                                        \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) float name( \
+      const uint8_t* w, const void* x, int64_t nb) {                                        \
+    return vnni_rows::legacy_row(w, static_cast<const Q8*>(x), nb, bytes,                   \
+                                 vnni_rows::Block());                                       \
   }
-};
-
-struct Q4_1Pair {
-  static constexpr bool Min = true;
-  static constexpr float offset = 0.f;
-  OFFLOAD_VNNI __m512i dot(const uint8_t* a, const uint8_t* b, __m512i x) const {
-    return dot64(nibbles64(a + 4, b + 4), x);
-  }
-};
-
-template <bool M>
-struct Q5Pair {
-  static constexpr bool Min = M;
-  static constexpr float offset = M ? 0.f : 16.f;
-  OFFLOAD_VNNI __m512i dot(const uint8_t* a, const uint8_t* b, __m512i x) const {
-    const int qs = M ? 8 : 6, qh = M ? 4 : 2;
-    return dot64(_mm512_or_si512(nibbles64(a + qs, b + qs), fifth_bits64(a + qh, b + qh)), x);
-  }
-};
-
-struct Q8_0Pair {
-  static constexpr bool Min = false;
-  static constexpr float offset = 0.f;
-  OFFLOAD_VNNI __m512i dot(const uint8_t* a, const uint8_t* b, __m512i x) const {
-    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(load(a + 2)), load(b + 2), 1);
-    const __m512i sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
-    return dot64(_mm512_abs_epi8(w), sx);
-  }
-};
-
-// What block ``w``'s min or offset adds, for activations of scale-times-sum ``s``.
-template <typename Pair>
-OFFLOAD_VNNI float min_term(const uint8_t* w, float s) {
-  return Pair::Min ? f16(w + 2) * s : -Pair::offset * f16(w) * s;
-}
-
-// A row: 16 blocks a turn (8 pairs on two accumulators), then pairs, then an odd last block
-// against activations whose second half is zero.
-template <typename Pair>
-OFFLOAD_VNNI float legacy_row_vnni(const uint8_t* w, const void* xv, int64_t nb, int bytes) {
-  const Pair pair;
-  const XPack x(xv, nb);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), mins = _mm512_setzero_ps();
-  int64_t b = 0;
-  for (; b + 16 <= nb; b += 16, w += 16 * bytes) {
-    const __m512 d = gather_half(w, 0, bytes);
-    const __m512 s = _mm512_loadu_ps(x.s + b);
-    if (Pair::Min)
-      mins = _mm512_fmadd_ps(gather_half(w, 2, bytes), s, mins);
-    else if (Pair::offset != 0.f)
-      mins = _mm512_fnmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(Pair::offset)), s, mins);
-    const __m512 scale = _mm512_mul_ps(d, _mm512_loadu_ps(x.d + b));
-    __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const __m512i two = _mm512_set1_epi32(2);
-    for (int p = 0; p < 16; p += 4) {
-      const uint8_t* a = w + p * bytes;
-      acc0 = _mm512_fmadd_ps(
-          _mm512_permutexvar_ps(pick, scale),
-          _mm512_cvtepi32_ps(pair.dot(a, a + bytes, _mm512_loadu_si512(x.q + QK * (b + p)))),
-          acc0);
-      pick = _mm512_add_epi32(pick, two);
-      a += 2 * bytes;
-      acc1 = _mm512_fmadd_ps(
-          _mm512_permutexvar_ps(pick, scale),
-          _mm512_cvtepi32_ps(pair.dot(a, a + bytes, _mm512_loadu_si512(x.q + QK * (b + p + 2)))),
-          acc1);
-      pick = _mm512_add_epi32(pick, two);
-    }
-  }
-  float rest = 0.f;
-  for (; b + 1 < nb; b += 2, w += 2 * bytes) {
-    const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(f16(w) * x.d[b]),
-                                              _mm512_set1_ps(f16(w + bytes) * x.d[b + 1]));
-    acc0 = _mm512_fmadd_ps(
-        scale, _mm512_cvtepi32_ps(pair.dot(w, w + bytes, _mm512_loadu_si512(x.q + QK * b))),
-        acc0);
-    rest += min_term<Pair>(w, x.s[b]) + min_term<Pair>(w + bytes, x.s[b + 1]);
-  }
-  if (b < nb) {   // block w twice, the second time against zeros
-    const __m512i xq = _mm512_zextsi256_si512(load(x.q + QK * b));
-    acc1 = _mm512_fmadd_ps(_mm512_set1_ps(f16(w) * x.d[b]),
-                           _mm512_cvtepi32_ps(pair.dot(w, w, xq)), acc1);
-    rest += min_term<Pair>(w, x.s[b]);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + _mm512_reduce_add_ps(mins) + rest;
-}
-
-#define VNNI_ROW(name, Pair, bytes)                                                           \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) float name(    \
-      const uint8_t* w, const void* x, int64_t nb) {                                          \
-    return legacy_row_vnni<Pair>(w, x, nb, bytes);                                             \
-  }
-VNNI_ROW(vnni_q4_0, Q4_0Pair, 18)
-VNNI_ROW(vnni_q4_1, Q4_1Pair, 20)
-VNNI_ROW(vnni_q5_0, Q5Pair<false>, 22)
-VNNI_ROW(vnni_q5_1, Q5Pair<true>, 24)
-VNNI_ROW(vnni_q8_0, Q8_0Pair, 34)
+VNNI_ROW(vnni_q4_0, Q4_0Block, 18)
+VNNI_ROW(vnni_q4_1, Q4_1Block, 20)
+VNNI_ROW(vnni_q5_0, Q5Block<false>, 22)
+VNNI_ROW(vnni_q5_1, Q5Block<true>, 24)
+VNNI_ROW(vnni_q8_0, Q8_0Block, 34)
 
 bool has_vnni() {
   __builtin_cpu_init();
@@ -560,7 +372,8 @@ float erase(const uint8_t* w, const void* x, int64_t nb) {
 #define LEGACY_ROW(name, Block, bytes)                                                     \
   __attribute__((target("avx2,fma,f16c"))) float name(const uint8_t* w, const void* x,    \
                                                        int64_t nb) {                      \
-    return legacy_row(w, static_cast<const Q8*>(x), nb, bytes, Block());                  \
+    return avx2_rows::legacy_row(w, static_cast<const Q8*>(x), nb, bytes,             \
+                                 avx2_rows::Block());                                     \
   }
 LEGACY_ROW(avx2_q4_0, Q4_0Block, 18)
 LEGACY_ROW(avx2_q4_1, Q4_1Block, 20)
@@ -572,13 +385,10 @@ AVX2_ROW(avx2_q5_k, Q8K, row_q45_k_v<true>)
 AVX2_ROW(avx2_q6_k, Q8K, row_q6_k_v)
 #endif
 
-// ``*packed``: the row takes its activations as ``XPack`` rows, not ``Q8`` blocks.
-RowFn row_fn(int type, int level, bool* packed) {
-  *packed = false;
+RowFn row_fn(int type, int level) {
 #if defined(__x86_64__)
   static const bool vnni = has_vnni();
   if (level >= offload_isa::AVX512 && vnni && !k_type(type)) {
-    *packed = true;
     switch (type) {
       case Q4_0: return vnni_q4_0;
       case Q4_1: return vnni_q4_1;
@@ -642,15 +452,11 @@ int offload_gguf_matmul_group(int type, int count, const uint8_t* const* ws, con
   if (k % t.block) return -2;
   const int64_t nb = k / t.block, row_bytes = nb * t.bytes;
   const int level = offload_isa::effective(isa);
-  bool packed;
-  const RowFn fn = row_fn(type, level, &packed);
+  const RowFn fn = row_fn(type, level);
   const size_t xbytes = k_type(type) ? sizeof(Q8K) : sizeof(Q8);
-  static_assert(sizeof(Q8) * 4 == XPack::bytes(4), "an XPack row takes a Q8 row's room");
   std::vector<uint8_t> xq((size_t)(m * nb) * xbytes);
   for (int64_t i = 0; i < m; ++i) {
-    if (packed)
-      pack_row(x + i * ldx, k, xq.data() + (size_t)(i * nb) * xbytes);
-    else if (k_type(type))
+    if (k_type(type))
       quantize_row_k(x + i * ldx, k, reinterpret_cast<Q8K*>(xq.data()) + i * nb);
     else
       quantize_row(x + i * ldx, k, reinterpret_cast<Q8*>(xq.data()) + i * nb);
