@@ -336,17 +336,20 @@ namespace vnni_rows {
 #undef LEGACY_ATTR
 #undef LEGACY_DOT_US
 
-#define VNNI_ROW(name, Block, bytes)                                                        \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) float name( \
-      const uint8_t* w, const void* x, int64_t nb) {                                        \
-    return vnni_rows::legacy_row(w, static_cast<const Q8*>(x), nb, bytes,                   \
-                                 vnni_rows::Block());                                       \
+// Each legacy type's row function for ctypes' dispatch, from the rows of namespace ``ns``
+// compiled for ``features``: ``<prefix>q4_0`` ...
+#define LEGACY_ROW(features, ns, name, Block, bytes)                                           \
+  __attribute__((target(features))) float name(const uint8_t* w, const void* x, int64_t nb) { \
+    return ns::legacy_row(w, static_cast<const Q8*>(x), nb, bytes, ns::Block());            \
   }
-VNNI_ROW(vnni_q4_0, Q4_0Block, 18)
-VNNI_ROW(vnni_q4_1, Q4_1Block, 20)
-VNNI_ROW(vnni_q5_0, Q5Block<false>, 22)
-VNNI_ROW(vnni_q5_1, Q5Block<true>, 24)
-VNNI_ROW(vnni_q8_0, Q8_0Block, 34)
+#define LEGACY_ROWS(features, ns, prefix)                                                      \
+  LEGACY_ROW(features, ns, prefix##q4_0, Q4_0Block, 18)                                        \
+  LEGACY_ROW(features, ns, prefix##q4_1, Q4_1Block, 20)                                        \
+  LEGACY_ROW(features, ns, prefix##q5_0, Q5Block<false>, 22)                                   \
+  LEGACY_ROW(features, ns, prefix##q5_1, Q5Block<true>, 24)                                    \
+  LEGACY_ROW(features, ns, prefix##q8_0, Q8_0Block, 34)
+LEGACY_ROWS("avx2,fma,f16c", avx2_rows, avx2_)
+LEGACY_ROWS("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", vnni_rows, vnni_)
 
 bool has_vnni() {
   __builtin_cpu_init();
@@ -369,17 +372,6 @@ float erase(const uint8_t* w, const void* x, int64_t nb) {
                                                        int64_t nb) {                     \
     return __VA_ARGS__(w, static_cast<const X*>(x), nb);                                 \
   }
-#define LEGACY_ROW(name, Block, bytes)                                                     \
-  __attribute__((target("avx2,fma,f16c"))) float name(const uint8_t* w, const void* x,    \
-                                                       int64_t nb) {                      \
-    return avx2_rows::legacy_row(w, static_cast<const Q8*>(x), nb, bytes,             \
-                                 avx2_rows::Block());                                     \
-  }
-LEGACY_ROW(avx2_q4_0, Q4_0Block, 18)
-LEGACY_ROW(avx2_q4_1, Q4_1Block, 20)
-LEGACY_ROW(avx2_q5_0, Q5Block<false>, 22)
-LEGACY_ROW(avx2_q5_1, Q5Block<true>, 24)
-LEGACY_ROW(avx2_q8_0, Q8_0Block, 34)
 AVX2_ROW(avx2_q4_k, Q8K, row_q45_k_v<false>)
 AVX2_ROW(avx2_q5_k, Q8K, row_q45_k_v<true>)
 AVX2_ROW(avx2_q6_k, Q8K, row_q6_k_v)
