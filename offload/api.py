@@ -629,8 +629,13 @@ def run(model, budget="25%", *, offload_dir=None, progress=True, sparse=None,
             ``max_batch_tokens``); a larger forward is refused. Lossless either way.
         max_context: the longest sequence (prompt + new tokens) to serve, in positions.
         batch: sequences per forward the reserve (and a paged cache) is sized for.
-        prefill_chunk: with a paged cache, the prompt positions per forward the reserve's
-            activations are sized for (``generate()`` feeds a longer prompt in chunks).
+        prefill_chunk: the prompt positions per forward the reserve's activations are sized
+            for (``generate()`` feeds a longer prompt in chunks). Default: 256 with a paged
+            cache; with a dynamic one a one-shot prefill of every position the reserve holds,
+            except that a ``compute="fast"`` plan that streams weights takes chunks (of 128
+            or 64) where its decode step is predicted faster for the weights they leave room
+            for (``planner.make.choose_chunk``). Exact plans chunk only when asked: a chunked
+            prefill's logits are not bitwise the one-shot's.
         kv_block / kv_device_blocks: positions per KV block, and full blocks per layer kept
             in the budget (the newest), for a paged cache.
 

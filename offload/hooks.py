@@ -184,20 +184,6 @@ def _chunks_hit(ids: torch.Tensor, chunks: list, starts: torch.Tensor) -> list:
     return [chunks[i] for i in present.tolist()]
 
 
-def fused_linear(module: torch.nn.Module, matmul: Callable) -> list[Callable[[], None]]:
-    """Run ``module`` (an ``nn.Linear`` whose bound weight is uint8 GGUF blocks:
-    ``compute="fast"``) as ``matmul(x, weight)`` plus its bias, with an instance-level
-    forward (the class is left alone). Returns the undo steps."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x, module._parameters["weight"])
-        bias = module._parameters.get("bias")
-        return y if bias is None else y.add_(bias)
-
-    module.forward = forward
-    return [lambda: module.__dict__.pop("forward", None)]
-
-
 # Linear layers a model calls one after another on the same input: the fused kernel runs
 # each such set, where all are kept in GGUF blocks of one type, as one call (``fused_group``).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -205,7 +191,7 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 def fused_group(modules: list[torch.nn.Module], group: Callable, matmul: Callable
                 ) -> list[Callable[[], None]]:
-    """Like ``fused_linear`` for ``modules`` (siblings: the same input, one weight type): the
+    """Like ``kernels.layer.fused_linear`` for ``modules`` (siblings: the same input, one weight type): the
     first of them called multiplies all their weights at once (``group(x, weights)``, None
     for a prefill) and keeps the others' outputs for their own calls on that same input (the
     same tensor, unmodified); a call on any other input multiplies its own weight alone

@@ -391,12 +391,13 @@ def batched_options(max_batch: int, context: int) -> dict:
 
 def _tokens_per_forward(model, max_batch: int, context: int) -> int:
     """The manager's ``max_batch_tokens``: the plan's under ``kv="batched"`` (checked against
-    what the server is asked to hold), else the context (a dynamic plan reserved it all)."""
+    what the server is asked to hold), else a dynamic plan's prefill chunk, or the context
+    where it reserved a one-shot prefill of it all."""
     from . import api
 
     kv = api.runtime_of(model).plan.kv
     if kv.mode != "batched":
-        return max(context, PAGE)
+        return kv.prefill_chunk or max(context, PAGE)
     if kv.batch < max_batch or kv.max_context < context or kv.block_tokens != PAGE:
         raise ValueError(f"the model was planned for {kv.batch} sequences x {kv.max_context} "
                          f"positions in pages of {kv.block_tokens}, not {max_batch} x {context}"

@@ -296,12 +296,24 @@ def family_key(model_type: str | None, fast: bool) -> str | None:
     return f"{model_type}/fast" if fast and model_type in FAMILIES else model_type
 
 
+def fused_linear(module: torch.nn.Module, matmul: Callable) -> list[Callable[[], None]]:
+    """Run ``module`` (an ``nn.Linear`` whose bound weight is uint8 GGUF blocks:
+    ``compute="fast"``) as ``matmul(x, weight)`` plus its bias, with an instance-level
+    forward (the class is left alone). Returns the undo steps."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = matmul(x, module._parameters["weight"])
+        bias = module._parameters.get("bias")
+        return y if bias is None else y.add_(bias)
+
+    module.forward = forward
+    return [lambda: module.__dict__.pop("forward", None)]
+
+
 def fuse_miniature(model: torch.nn.Module, pool: qmatmul.Pool | None) -> int:
     """Give a miniature (``workspace.miniature``, float32) Q8_0 blocks of zeros for the linear
     weights of its eligible layers and the fast road: what ``hardware.measure_layer_time``
     times for ``family_key(..., fast=True)``. Returns the layers given it."""
-    from ..hooks import fused_linear
-
     fused = qmatmul.Fused("Q8_0", pool)
     done = 0
     for module in model.modules():

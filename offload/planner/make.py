@@ -17,7 +17,7 @@ from ..units import DTYPES, align
 from .compute import fused_count, prefill_scratch_bytes
 from .experts import make_moe_plan
 from .kv import kv_geometry
-from .options import PlanOptions
+from .options import DEFAULT_CHUNK, PlanOptions
 from .placement import HeadCheck, make_plan
 from .plan import ExpertPlan, KVPlan, Plan
 from .profile import HardwareProfile
@@ -59,10 +59,11 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
     fused = fused_count(manifest.units)   # compute="fast": the fused kernel's prefill scratch
     check = head_check(manifest, shape, dtype, options.device, probe=probe_head)
 
-    def plan_with(kernels: int) -> Plan:
+    def plan_with(kernels: int, options: PlanOptions) -> Plan:
         kv, reserve, tokens = kv_part(config, shape, dtype, options, head_rows=head_rows,
                                       overhead=bookkeeping(len(manifest.units))
-                                      + prefill_scratch_bytes(manifest.units) + kernels)
+                                      + prefill_scratch_bytes(manifest.units) + kernels,
+                                      buffered=bool(fused))
         kv = dataclasses.replace(kv, kernel_bytes=kernels)
 
         def place(pins: frozenset[str]) -> Plan:
@@ -86,28 +87,72 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
                         format_bytes(sum(align(u.nbytes, 4096) for u in units)))
             return place(frozenset())
 
-    kernels = profile.kernel_cache() if options.device.startswith("cpu") else 0
+    def plan_at(options: PlanOptions) -> Plan:
+        kernels = profile.kernel_cache() if options.device.startswith("cpu") else 0
+        try:
+            return plan_with(kernels, options)
+        except BudgetError as e:
+            if not kernels or e.minimum_bytes is None:
+                raise
+            try:   # a budget too small for the kernel caches: run, and say by how much it may go over
+                plan = plan_with(0, options)
+            except BudgetError:
+                raise e from None
+            log.warning("the budget %s cannot also hold what torch's matmul kernels for this "
+                        "dtype keep on this CPU (%s): the run's measured peak may exceed it by "
+                        "up to that much; raise the budget to %s, or set "
+                        "ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY lower before "
+                        "importing offload", format_bytes(options.budget_bytes),
+                        format_bytes(kernels), format_bytes(e.minimum_bytes))
+            return dataclasses.replace(plan, kv=dataclasses.replace(plan.kv,
+                                                                   kernels_over_bytes=kernels))
+
+    if not (fused and options.kv.prefill_chunk is None and options.kv.kv != "batched"
+            and options.logits == "last"):
+        return plan_at(options)
+    return choose_chunk(plan_at, options)
+
+
+AUTO_CHUNKS = (128, 64)   # prefill chunks a fast plan weighs against a one-shot prefill
+AUTO_GAIN = 0.02          # ... and takes where its decode step is predicted this much faster
+
+
+def choose_chunk(plan_at, options: PlanOptions) -> Plan:
+    """A compute="fast" plan's prefill chunk, where the caller did not fix one: the reserve
+    holds the activations of one forward, and those of a one-shot prefill of every position
+    (40 MB of SmolLM2's 108 MB budget at 20%, for 256 positions) are room that a decode step,
+    which streams what does not fit, would rather spend on weights. So each chunk of
+    ``AUTO_CHUNKS`` below the positions is planned too, and the one whose decode step is
+    predicted fastest kept (a chunk only where it gains ``AUTO_GAIN``; the larger chunk on a
+    tie): a prompt longer than it is then prefilled in chunks, reading the streamed weights
+    once a chunk, which costs a prompt of P positions P/chunk reads of what one step streams.
+    Exact plans never chunk by choice: a chunked prefill's logits are not the one-shot's bits
+    (``prefill_chunk=`` asks for it)."""
+    best, error = None, None
     try:
-        return plan_with(kernels)
+        best = plan_at(options)
     except BudgetError as e:
-        if not kernels or e.minimum_bytes is None:
-            raise
-        try:   # a budget too small for the kernel caches: run, and say by how much it may go over
-            plan = plan_with(0)
-        except BudgetError:
-            raise e from None
-        log.warning("the budget %s cannot also hold what torch's matmul kernels for this "
-                    "dtype keep on this CPU (%s): the run's measured peak may exceed it by up "
-                    "to that much; raise the budget to %s, or set "
-                    "ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY lower before "
-                    "importing offload", format_bytes(options.budget_bytes),
-                    format_bytes(kernels), format_bytes(e.minimum_bytes))
-        return dataclasses.replace(plan, kv=dataclasses.replace(plan.kv,
-                                                               kernels_over_bytes=kernels))
+        error = e
+    if best is not None and not best.streamed_bytes:
+        return best
+    for chunk in AUTO_CHUNKS:
+        if chunk >= options.tokens:
+            continue
+        try:
+            plan = plan_at(dataclasses.replace(
+                options, kv=dataclasses.replace(options.kv, prefill_chunk=chunk)))
+        except BudgetError as e:
+            error = e
+            continue
+        if best is None or plan.predicted_s < best.predicted_s * (1 - AUTO_GAIN):
+            best = plan
+    if best is None:
+        raise error
+    return best
 
 
 def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
-            overhead: int = 0) -> tuple[KVPlan, int, int]:
+            overhead: int = 0, buffered: bool = False) -> tuple[KVPlan, int, int]:
     """The KV part of the plan, the reserve, and the positions it holds: dynamic (the whole
     KV of ``options.tokens`` positions in the budget) unless ``kv="paged"``, or ``"auto"``
     with a ``max_context`` whose dynamic reserve would take over half the budget.
@@ -115,7 +160,8 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
     The reserve keeps one row of logits per sequence of ``kv.batch`` (``logits="all"``: every
     position's), what the head's half-precision path copies at that batch on this CPU
     (``head_rows``: its largest chunk), and ``overhead``: the runtime's own objects
-    (``bookkeeping``)."""
+    (``bookkeeping``). ``buffered``: a dynamic cache the runtime writes in place (a fast
+    plan's: ``runtime/kvbuffer.py``; reserved as transformers' cache)."""
     kvo, tokens = options.kv, options.tokens
     paths = head.choose(dtype, shape.hidden) if options.device.startswith("cpu") else None
     extra = overhead + head.extra_bytes(paths, kvo.batch, shape.hidden, dtype.itemsize,
@@ -128,7 +174,12 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
     paged = kvo.kv == "paged" or (kvo.kv == "auto" and kvo.max_context is not None
                                   and reserve > options.budget_bytes // 2)
     if not paged:
-        return KVPlan(auto=kvo.kv == "auto", overhead_bytes=overhead), reserve, tokens
+        chunk = kvo.prefill_chunk if kvo.prefill_chunk and kvo.prefill_chunk < tokens else 0
+        if chunk:   # activations for forwards of ``chunk`` positions (longer: in chunks)
+            reserve = dynamic_reserve(shape, dtype.itemsize, tokens, head_copy=extra,
+                                      logits_rows=min(rows, tokens), chunk=chunk)
+        return KVPlan(auto=kvo.kv == "auto", overhead_bytes=overhead, buffered=buffered,
+                      prefill_chunk=chunk), reserve, tokens
     if not options.device.startswith("cpu"):
         raise HardwareError("kv='paged' runs on a CPU compute device for now (its GPU path is "
                             "not built): use kv='dynamic' on the GPU, or device='cpu'")
@@ -141,7 +192,7 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
             f"{format_bytes(g['total_bytes'])} of KV cache, which cannot be served even from "
             f"disk: {options.spill_dir} has {format_bytes(free)} free; lower max_context or "
             "choose another offload_dir", needed_bytes=g["total_bytes"], free_bytes=free)
-    chunk = min(kvo.prefill_chunk, kvo.max_context)
+    chunk = min(kvo.prefill_chunk or DEFAULT_CHUNK, kvo.max_context)
     objects = paged_bookkeeping(config.num_hidden_layers, g["pool_blocks"])
     overhead += objects
     extra += objects
@@ -161,7 +212,7 @@ def _batched_part(shape, dtype, kvo, extra: int, overhead: int) -> tuple[KVPlan,
     ``max_context`` positions in its own paged cache (pages of ``block_tokens``), allocated
     once, and runs forwards of at most ``prefill_chunk`` tokens drawn from all of them."""
     positions = kvo.batch * align(kvo.max_context, kvo.block_tokens)
-    chunk = min(kvo.prefill_chunk, positions)
+    chunk = min(kvo.prefill_chunk or DEFAULT_CHUNK, positions)
     if chunk < kvo.batch:
         raise OffloadError(f"prefill_chunk={chunk} is below batch={kvo.batch}: a decode step "
                            "of every sequence is one token each; raise prefill_chunk")

@@ -34,6 +34,9 @@ class ExpertOptions:
                                f"(default: top-k = {top_k})")
 
 
+DEFAULT_CHUNK = 256   # prompt positions per forward of a paged or batched plan, unless asked
+
+
 @dataclass(frozen=True)
 class KVOptions:
     """Where the KV cache lives; see ``offload.run``."""
@@ -43,7 +46,8 @@ class KVOptions:
     batch: int = 1
     block_tokens: int = 256
     device_blocks: int = 4
-    prefill_chunk: int = 256
+    prefill_chunk: int | None = None   # None: DEFAULT_CHUNK (paged, batched); one-shot or
+    #                                    the planner's choice (dynamic: ``make.plan_for``)
 
     def check(self) -> None:
         if self.kv not in ("auto", "paged", "dynamic", "batched"):

@@ -62,9 +62,12 @@ class KVPlan:
             continuous-batching manager's own paged cache, ``device_bytes`` for ``batch``
             sequences of ``max_context`` in pages of ``block_tokens``: ``offload serve``).
         prefill_chunk: the prompt positions per forward the reserve's activations are sized
-            for (paged; batched: tokens per forward, all sequences together).
+            for (paged; batched: tokens per forward, all sequences together; dynamic: 0 for a
+            one-shot prefill of every position the reserve holds).
         auto: ``kv="auto"``: ``generate()`` may move a dynamic plan's cache to a paged one
             (spilled to disk) when its context outgrows the reserve.
+        buffered: a dynamic plan whose runtime hands forwards a cache written in place
+            (``runtime/kvbuffer.py``: ``compute="fast"``).
         overhead_bytes: the runtime's own objects (``make.bookkeeping``), in the reserve
             beside every forward.
         kernel_bytes: of ``overhead_bytes``, what torch's CPU matmul kernel caches can grow
@@ -75,6 +78,7 @@ class KVPlan:
 
     mode: str = "dynamic"
     auto: bool = False
+    buffered: bool = False
     overhead_bytes: int = 0
     kernel_bytes: int = 0
     kernels_over_bytes: int = 0
@@ -269,8 +273,9 @@ class Plan:
             rows.append(("KV spill file", f"at most (the whole KV at {kv.batch} x "
                          f"{kv.max_context} positions)", format_bytes(kv.disk_bytes)))
         else:
-            rows.append(("KV+activations", f"{self.max_tokens} tokens, one-shot prefill "
-                         "(longer prompts: in chunks)", format_bytes(self.reserve_bytes)))
+            rows.append(("KV+activations", f"{self.max_tokens} tokens, " + (
+                f"prefill in chunks of {kv.prefill_chunk}" if kv.prefill_chunk else
+                "one-shot prefill (longer prompts: in chunks)"), format_bytes(self.reserve_bytes)))
         if kv.overhead_bytes:
             rows.append(("  of which", "the runtime's own objects",
                          format_bytes(kv.overhead_bytes - kv.kernel_bytes)))

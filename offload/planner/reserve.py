@@ -19,23 +19,26 @@ def scratch_bytes(shape, itemsize: int) -> int:
 
 
 def forward_bytes(shape, itemsize: int, *, batch: int, new: int, total: int, logits_rows: int,
-                  kv_bytes: int, head_copy: int = 0, paged: bool = False) -> int:
+                  kv_bytes: int, head_copy: int = 0, in_place: bool = False) -> int:
     """Bytes one forward of ``batch`` x ``new`` positions (``total`` per sequence with the
     cached ones, ``logits_rows`` rows of logits kept) holds besides weights; ``kv_bytes`` is
-    the cache it runs with."""
+    the cache it runs with, ``in_place`` where that cache writes new positions into buffers
+    it holds (a paged cache), not by ``torch.cat``."""
     return (kv_bytes + shape.activation_bytes(batch, new, total, itemsize, logits_rows,
-                                              cat=not paged)
+                                              cat=not in_place)
             + scratch_bytes(shape, itemsize) + head_copy)
 
 
 def dynamic_reserve(shape, itemsize: int, tokens: int, *, logits_rows: int = 1,
-                    head_copy: int = 0) -> int:
-    """A DynamicCache of ``tokens`` positions and the prefill of all of them in one forward,
+                    head_copy: int = 0, chunk: int | None = None) -> int:
+    """A DynamicCache of ``tokens`` positions and the prefill of all of them in one forward
+    (``chunk``: in forwards of that many positions, the last attending to all ``tokens``),
     keeping ``logits_rows`` rows of logits (``generate()`` keeps the last position of each
-    sequence: one row per sequence), with what the head's path copies for them."""
-    return forward_bytes(shape, itemsize, batch=1, new=tokens, total=tokens,
-                         logits_rows=logits_rows, kv_bytes=shape.kv_bytes(tokens, itemsize),
-                         head_copy=head_copy)
+    sequence: one row per sequence), with what the head's path copies for them. A cache
+    written in place (``runtime/kvbuffer.py``) is reserved the same: see there."""
+    return forward_bytes(shape, itemsize, batch=1, new=min(chunk or tokens, tokens),
+                         total=tokens, logits_rows=logits_rows,
+                         kv_bytes=shape.kv_bytes(tokens, itemsize), head_copy=head_copy)
 
 
 def paged_reserve(shape, itemsize: int, *, batch: int, chunk: int, max_context: int,
@@ -43,7 +46,7 @@ def paged_reserve(shape, itemsize: int, *, batch: int, chunk: int, max_context: 
     """A paged cache's device part and a prefill of ``chunk`` positions per sequence."""
     return forward_bytes(shape, itemsize, batch=batch, new=chunk, total=max_context,
                          logits_rows=logits_rows, kv_bytes=kv_device_bytes,
-                         head_copy=head_copy, paged=True)
+                         head_copy=head_copy, in_place=True)
 
 
 TRASH_PAGES = 2       # pages transformers' paged cache allocates beyond the requests' own
@@ -68,7 +71,7 @@ def batched_reserve(shape, itemsize: int, *, positions: int, chunk: int, logits_
     kv = shape.kv_bytes(positions + TRASH_PAGES * page, itemsize)
     return forward_bytes(shape, itemsize, batch=1, new=chunk, total=positions,
                          logits_rows=logits_rows, kv_bytes=kv, head_copy=head_copy,
-                         paged=True) + gathered + mask + sampling
+                         in_place=True) + gathered + mask + sampling
 
 
 def largest_chunk(need, prompt: int, reserve: int) -> int:

@@ -10,9 +10,10 @@ import torch
 
 from ..adapters.base import cache_keyword
 from ..errors import BudgetError, HardwareError, StoreError
-from ..hooks import (SIBLINGS, attach_unit, detach, embedding_forward, fused_group, fused_linear,
+from ..hooks import (SIBLINGS, attach_unit, detach, embedding_forward, fused_group,
                      linear_forward, replace_forward, wrap_forward, wrap_generate, wrap_model)
 from ..kernels import decode, gguf, head, layer, qmatmul
+from ..kernels.layer import fused_linear
 from ..planner.compute import fused_count, prefill_scratch_bytes
 from ..planner.plan import Plan
 from ..planner.kv import kv_geometry
@@ -22,11 +23,13 @@ from ..sizes import format_bytes
 from ..store import lock
 from ..store.format import Manifest
 from ..memory import MMAP_THRESHOLD, PeakMeter, release_free_heap
+from . import kvbuffer
 from ..tiers.device import DeviceTier, aligned_host
 from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
 from ..tiers.transport import Transport
 from ..units import DTYPES, Unit
+from .kvbuffer import buffered_cache
 from .startup import load_held, load_resident
 from .stats import Counters, SparseStats, cache_bytes, report
 
@@ -402,6 +405,14 @@ class Runtime:
             if paged is not cache:
                 kwargs[key] = cache = paged
                 swapped = True
+        elif self.plan.kv.buffered and cache is None and (
+                kwargs.get("use_cache") if kwargs.get("use_cache") is not None
+                else getattr(self.model.config, "use_cache", True)):
+            # the cache the model would make for itself, written in place: room for the
+            # positions the reserve holds per sequence
+            kwargs[key] = cache = buffered_cache(
+                self.model.config, max(self.plan.max_tokens // batch, new))
+            swapped = True
         try:
             self._check_budget(batch, new, cache, kwargs.get("logits_to_keep", 0))
         except BudgetError:
@@ -426,12 +437,13 @@ class Runtime:
         return (args, kwargs) if swapped else None
 
     def _forward_need(self, batch: int, new: int, total: int, logits_rows: int, kv: int,
-                      paged: bool = False) -> int:
+                      in_place: bool = False) -> int:
         """``forward_bytes`` of a forward on this runtime (its head path's copy and the
-        kernels' workspace included)."""
+        kernels' workspace included); ``in_place``: its cache writes into buffers it holds
+        (paged or buffered)."""
         return forward_bytes(self.shape, self.itemsize, batch=batch, new=new, total=total,
                              logits_rows=logits_rows, kv_bytes=kv,
-                             head_copy=self._head_copy(batch), paged=paged)
+                             head_copy=self._head_copy(batch), in_place=in_place)
 
     def _head_copy(self, rows: int) -> int:
         """What the head's path copies for ``rows`` rows, and the runtime's own objects."""
@@ -439,22 +451,35 @@ class Runtime:
                                 self._head_rows) + self.plan.kv.overhead_bytes
 
     def _chunked_need(self, batch: int, chunk: int, past: int, total: int, rows: int,
-                      kv: int, paged: bool) -> int:
+                      kv: int, in_place: bool) -> int:
         """The most any forward of ``chunk`` positions needs on the way from ``past`` to
         ``total`` positions. Not simply the last one's: a DynamicCache's layer below the C
         heap's mmap threshold leaves every layer's old copy as a hole (``activation_bytes``),
         so the forward just before a layer crosses the threshold can need more than later,
-        larger ones. ``kv`` is the cache at ``total`` (a DynamicCache's is smaller before)."""
+        larger ones. ``kv`` is the cache at ``total`` (a DynamicCache's is smaller before;
+        ``in_place``: a paged or buffered cache's, the same throughout)."""
         ends = {total}
-        if not paged:
+        if not in_place:
             per_position = batch * self.shape.kv_heads * self.shape.head_dim * self.itemsize
             below = -(-MMAP_THRESHOLD // per_position) - 1   # the most positions still below
             if past + chunk <= below < total:
                 ends.add(past + (below - past) // chunk * chunk)
         return max(self._forward_need(batch, min(chunk, end - past), end, rows,
-                                      kv if paged or end == total else
-                                      self.shape.kv_bytes(batch * end, self.itemsize), paged)
+                                      kv if in_place or end == total else
+                                      self.shape.kv_bytes(batch * end, self.itemsize),
+                                      in_place)
                    for end in ends)
+
+    def _cache_form(self, cache, batch: int, total: int) -> tuple[int, bool]:
+        """The KV bytes a forward reaching ``total`` positions runs with, and whether its
+        cache writes them in place: a paged cache holds its device part, whatever the
+        context; any other the whole context (a buffered one its buffers, where they are
+        larger), checked as if grown by ``torch.cat`` (``runtime/kvbuffer.py`` says why)."""
+        kv = getattr(cache, "device_bytes", None)
+        if kv is not None:
+            return kv, True
+        positions = max(total, kvbuffer.capacity(cache) or 0)
+        return self.shape.kv_bytes(batch * positions, self.itemsize), False
 
     def _check_budget(self, batch: int, new: int, cache, keep) -> None:
         """Refuse a forward whose KV, activations and head copy exceed the plan's reserve
@@ -464,16 +489,12 @@ class Runtime:
         past = int(cache.get_seq_length()) if cache is not None and hasattr(
             cache, "get_seq_length") else 0
         rows = batch * (keep if isinstance(keep, int) and 0 < keep < new else new)
-        # A paged KV cache holds its device part, whatever the context; others hold it all.
-        kv = getattr(cache, "device_bytes", None)
-        paged = kv is not None
-        if kv is None:
-            kv = self.shape.kv_bytes(batch * (past + new), self.itemsize)
-        need = self._forward_need(batch, new, past + new, rows, kv, paged)
+        kv, in_place = self._cache_form(cache, batch, past + new)
+        need = self._forward_need(batch, new, past + new, rows, kv, in_place)
         plan = self.plan
         if need > plan.reserve_bytes:
             fits = largest_chunk(lambda c: self._forward_need(
-                batch, c, past + new, batch * min(c, rows // batch), kv, paged), new,
+                batch, c, past + new, batch * min(c, rows // batch), kv, in_place), new,
                 plan.reserve_bytes)
             fix = (f"call generate(), which prefills in chunks that fit, or feed at most "
                    f"{fits} positions per forward" if fits else
@@ -568,7 +589,9 @@ class Runtime:
         kwargs.pop("logits_to_keep", None)
         new = x.shape[1]
         past = int(cache.get_seq_length()) if cache is not None else 0
-        if cache is None:
+        if cache is None and self.plan.kv.buffered:
+            cache = buffered_cache(self.model.config, past + new)
+        elif cache is None:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
@@ -659,17 +682,18 @@ class Runtime:
                     f"{format_bytes(reserve)} reserve sized for batch {plan.kv.batch or 1}: "
                     f"pass batch={batch} to run()", budget_bytes=plan.budget_bytes)
             dynamic = self.shape.kv_bytes(batch * total, self.itemsize)
-            cache = (self._auto_paged(batch, total)
-                     if self._forward_need(batch, 1, total, batch, dynamic) > reserve else None)
-        kv = getattr(cache, "device_bytes", None)   # a paged cache's device part
-        paged = kv is not None
-        if not paged:
-            kv = self.shape.kv_bytes(batch * total, self.itemsize)
+            if self._forward_need(batch, 1, total, batch, dynamic) > reserve:
+                cache = self._auto_paged(batch, total)
+            else:   # generate's own cache, or one written in place (a fast plan)
+                cache = (buffered_cache(self.model.config, total) if self.plan.kv.buffered
+                         else None)
+        paged = getattr(cache, "device_bytes", None) is not None
+        kv, in_place = self._cache_form(cache, batch, total)
         new = max(1, prompt - past)
         need = lambda c: self._chunked_need(   # noqa: E731
-            batch, c, past, total, batch * (c if all_rows else 1), kv, paged)
+            batch, c, past, total, batch * (c if all_rows else 1), kv, in_place)
         chunk = largest_chunk(lambda c: self._forward_need(
-            batch, c, total, batch * (c if all_rows else 1), kv, paged), new, reserve)
+            batch, c, total, batch * (c if all_rows else 1), kv, in_place), new, reserve)
         while chunk > 0 and need(chunk) > reserve:   # not monotonic: step down to one that fits
             chunk -= max(1, chunk // 32)
         if paged and (chunk < new or past or -(-new // cache.block_tokens)
