@@ -87,20 +87,21 @@ def test_fast_runtime_writes_its_cache_in_place(batch, tmp_path):
         ids[1, :2], mask[1, :2] = 0, 0   # left padding
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
               output_logits=True, return_dict_in_generate=True)
+    name = api.runtime_of(model).cache_argument   # "cache" (transformers 5.x) or its old name
     with torch.no_grad():
         ours = model.generate(ids, **kw)
-        theirs = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
-        assert all(type(x) is BufferLayer for x in ours.past_key_values.layers)
-        assert all(type(x) is DynamicLayer for x in theirs.past_key_values.layers)
+        theirs = model.generate(ids, **{name: DynamicCache(config=model.config)}, **kw)
+        assert all(type(x) is BufferLayer for x in ours[name].layers)
+        assert all(type(x) is DynamicLayer for x in theirs[name].layers)
         assert torch.equal(ours.sequences, theirs.sequences)
         assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
         # direct forwards, as a hand-written decode loop calls them
         out = model(ids, attention_mask=mask)
-        ref = model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config))
-        assert capacity(out.past_key_values) == 64 // batch
+        ref = model(ids, attention_mask=mask, **{name: DynamicCache(config=model.config)})
+        assert capacity(out[name]) == 64 // batch
         nxt = out.logits[:, -1:].argmax(-1)
         mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
-        step = model(nxt, attention_mask=mask2, past_key_values=out.past_key_values)
-        step_ref = model(nxt, attention_mask=mask2, past_key_values=ref.past_key_values)
+        step = model(nxt, attention_mask=mask2, **{name: out[name]})
+        step_ref = model(nxt, attention_mask=mask2, **{name: ref[name]})
         assert torch.equal(step.logits, step_ref.logits)
     offload.close(model)

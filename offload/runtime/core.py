@@ -440,7 +440,7 @@ class Runtime:
                       in_place: bool = False) -> int:
         """``forward_bytes`` of a forward on this runtime (its head path's copy and the
         kernels' workspace included); ``in_place``: its cache writes into buffers it holds
-        (paged or buffered)."""
+        (a paged cache: ``_cache_form``)."""
         return forward_bytes(self.shape, self.itemsize, batch=batch, new=new, total=total,
                              logits_rows=logits_rows, kv_bytes=kv,
                              head_copy=self._head_copy(batch), in_place=in_place)
@@ -457,7 +457,7 @@ class Runtime:
         heap's mmap threshold leaves every layer's old copy as a hole (``activation_bytes``),
         so the forward just before a layer crosses the threshold can need more than later,
         larger ones. ``kv`` is the cache at ``total`` (a DynamicCache's is smaller before;
-        ``in_place``: a paged or buffered cache's, the same throughout)."""
+        ``in_place``: a paged cache's, the same throughout)."""
         ends = {total}
         if not in_place:
             per_position = batch * self.shape.kv_heads * self.shape.head_dim * self.itemsize
