@@ -50,7 +50,7 @@ def _mkl_free_buffers():
 
 
 M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter
-MMAP_THRESHOLD = 256 << 10
+MMAP_THRESHOLD = 128 << 10   # map_large_allocations says why this size
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,8 +65,12 @@ def map_large_allocations() -> bool:
     loading and the planner's probes had grown the heap first, a prefill's activations landed
     in such holes and stayed resident once freed: a Q4_0 TinyLlama-shaped store at batch 8
     measured 94.6-103.9% of its budget over identical runs, depending on the heap's layout.
-    So ``offload``'s import calls this, before any of that; 95.0-96.2% since. Once per
-    process, process-wide."""
+    So ``offload``'s import calls this, before any of that; 95.0-96.2% since. At 256 KiB,
+    SmolLM2 under ``compute="fast"`` at 20% (84 positions, a decode step per forward) grew
+    about 0.2 MB a step in 4 of 13 runs, to 109-113 MB of its 107.6 MB budget (the others:
+    99-102 MB), on 390dc56 and after: some allocation a step between 128 and 256 KiB (the
+    logits row is 196 KB) was left in the heap; at 128 KiB, 10 runs of 10 measured 99.5-100.3 MB.
+    Once per process, process-wide."""
     lib = _libc()
     if lib is None:
         return False
