@@ -94,7 +94,8 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
         except BudgetError as e:
             if not kernels or e.minimum_bytes is None:
                 raise
-            try:   # a budget too small for the kernel caches: run, and say by how much it may go over
+            # a budget too small for the kernel caches: run, and say by how much it may go over
+            try:
                 plan = plan_with(0, options)
             except BudgetError:
                 raise e from None
