@@ -343,8 +343,8 @@ namespace vnni_rows {
     return ns::legacy_row(w, static_cast<const Q8*>(x), nb, bytes, ns::Block());            \
   }
 #define LEGACY_ROWS(features, ns, prefix)                                                      \
-  LEGACY_ROW(features, ns, prefix##q4_0, Q4_0Block, 18)                                        \
-  LEGACY_ROW(features, ns, prefix##q4_1, Q4_1Block, 20)                                        \
+  LEGACY_ROW(features, ns, prefix##q4_0, Q4Block<false>, 18)                                   \
+  LEGACY_ROW(features, ns, prefix##q4_1, Q4Block<true>, 20)                                    \
   LEGACY_ROW(features, ns, prefix##q5_0, Q5Block<false>, 22)                                   \
   LEGACY_ROW(features, ns, prefix##q5_1, Q5Block<true>, 24)                                    \
   LEGACY_ROW(features, ns, prefix##q8_0, Q8_0Block, 34)

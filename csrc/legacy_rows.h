@@ -43,21 +43,13 @@ LEGACY_ATTR __m128 half_twice(const uint8_t* w) {
   return _mm_cvtph_ps(_mm_cvtsi32_si128((int)(load16(w) * 0x10001u)));
 }
 
-struct Q4_0Block {
-  static constexpr bool Min = false;
-  static constexpr float offset = 8.f;
-  LEGACY_ATTR __m128 scales(const uint8_t* w) const { return half_twice(w); }
+template <bool M>
+struct Q4Block {
+  static constexpr bool Min = M;
+  static constexpr float offset = M ? 0.f : 8.f;
+  LEGACY_ATTR __m128 scales(const uint8_t* w) const { return M ? halves2(w) : half_twice(w); }
   LEGACY_ATTR __m256i dot(const uint8_t* w, const int8_t* x) const {
-    return LEGACY_DOT_US(nibbles32(w + 2), load(x));
-  }
-};
-
-struct Q4_1Block {
-  static constexpr bool Min = true;
-  static constexpr float offset = 0.f;
-  LEGACY_ATTR __m128 scales(const uint8_t* w) const { return halves2(w); }
-  LEGACY_ATTR __m256i dot(const uint8_t* w, const int8_t* x) const {
-    return LEGACY_DOT_US(nibbles32(w + 4), load(x));
+    return LEGACY_DOT_US(nibbles32(w + (M ? 4 : 2)), load(x));
   }
 };
 

@@ -23,13 +23,12 @@ from ..sizes import format_bytes
 from ..store import lock
 from ..store.format import Manifest
 from ..memory import MMAP_THRESHOLD, PeakMeter, release_free_heap
-from . import kvbuffer
 from ..tiers.device import DeviceTier, aligned_host
 from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
 from ..tiers.transport import Transport
 from ..units import DTYPES, Unit
-from .kvbuffer import buffered_cache
+from . import kvbuffer
 from .startup import load_held, load_resident
 from .stats import Counters, SparseStats, cache_bytes, report
 
@@ -410,7 +409,7 @@ class Runtime:
                 else getattr(self.model.config, "use_cache", True)):
             # the cache the model would make for itself, written in place: room for the
             # positions the reserve holds per sequence
-            kwargs[key] = cache = buffered_cache(
+            kwargs[key] = cache = kvbuffer.buffered_cache(
                 self.model.config, max(self.plan.max_tokens // batch, new))
             swapped = True
         try:
@@ -590,7 +589,7 @@ class Runtime:
         new = x.shape[1]
         past = int(cache.get_seq_length()) if cache is not None else 0
         if cache is None and self.plan.kv.buffered:
-            cache = buffered_cache(self.model.config, past + new)
+            cache = kvbuffer.buffered_cache(self.model.config, past + new)
         elif cache is None:
             from transformers import DynamicCache
 
@@ -685,7 +684,7 @@ class Runtime:
             if self._forward_need(batch, 1, total, batch, dynamic) > reserve:
                 cache = self._auto_paged(batch, total)
             else:   # generate's own cache, or one written in place (a fast plan)
-                cache = (buffered_cache(self.model.config, total) if self.plan.kv.buffered
+                cache = (kvbuffer.buffered_cache(self.model.config, total) if self.plan.kv.buffered
                          else None)
         paged = getattr(cache, "device_bytes", None) is not None
         kv, in_place = self._cache_form(cache, batch, total)
