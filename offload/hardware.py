@@ -231,7 +231,7 @@ def measure_fused(key: str, max_bytes: int | None = None) -> float:
     blocks = gguf.sample_blocks(qtype, rows * cols).view(rows, -1)
     x = torch.randn(int(b or 1), cols, generator=torch.Generator().manual_seed(0))
     out = torch.empty(x.shape[0], rows)
-    with qmatmul.Pool(qmatmul.threads_for(0)) as pool:
+    with qmatmul.Pool(qmatmul.threads_for()) as pool:
         seconds = median_seconds(lambda: qmatmul.matmul(x, blocks, qtype, out, pool=pool),
                                  torch.device("cpu"), reps=5)
     return blocks.numel() / seconds
@@ -274,7 +274,7 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
 
     spec = config.to_json_string(use_diff=False)
     models = [miniature(spec, dtype, layers).to(device) for layers in depths]
-    pool = qmatmul.Pool(qmatmul.threads_for(0)) if fast else None
+    pool = qmatmul.Pool(qmatmul.threads_for()) if fast else None
     if fast:
         for model in models:
             layer.fuse_miniature(model, pool)

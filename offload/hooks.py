@@ -132,18 +132,31 @@ def detach(undo: list[Callable[[], None]]) -> None:
 
 
 class StreamedBindHook:
-    """pre_forward: wait for the Unit and bind it; post_forward: unbind and release."""
+    """pre_forward: wait for the Unit and bind it; post_forward: unbind and release.
+
+    A module may also bind it around a call of its own (``enter``, then ``exit`` also when the
+    call raises): ``kernels.layer`` binds a layer's streamed parts before running the layer as
+    one kernel road. ``binds_unit`` marks the hook as this kind for such a module.
+    """
+
+    binds_unit = True
 
     def __init__(self, key: str, binding: Binding, acquire: Callable, release: Callable):
         self.key, self.binding = key, binding
         self._acquire, self._release = acquire, release
 
-    def pre_forward(self, module, args):
+    def enter(self) -> None:
         self.binding.bind(self._acquire(self.key))
 
-    def post_forward(self, module, args, output):
+    def exit(self) -> None:
         self.binding.unbind()
         self._release(self.key)
+
+    def pre_forward(self, module, args):
+        self.enter()
+
+    def post_forward(self, module, args, output):
+        self.exit()
 
 
 def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dtype, device,
@@ -191,11 +204,11 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 def fused_group(modules: list[torch.nn.Module], group: Callable, matmul: Callable
                 ) -> list[Callable[[], None]]:
-    """Like ``kernels.layer.fused_linear`` for ``modules`` (siblings: the same input, one weight type): the
-    first of them called multiplies all their weights at once (``group(x, weights)``, None
-    for a prefill) and keeps the others' outputs for their own calls on that same input (the
-    same tensor, unmodified); a call on any other input multiplies its own weight alone
-    (``matmul``). Returns the undo steps."""
+    """Like ``kernels.layer.fused_linear`` for ``modules`` (siblings: the same input, one weight
+    type): the first of them called multiplies all their weights at once (``group(x,
+    weights)``, None for a prefill) and keeps the others' outputs for their own calls on that
+    same input (the same tensor, unmodified); a call on any other input multiplies its own
+    weight alone (``matmul``). Returns the undo steps."""
     kept: dict[int, torch.Tensor] = {}
     state: dict = {"x": None, "version": -1}
 

@@ -1,5 +1,6 @@
 """compute="fast" decoder layers (``offload/kernels/layer.py``): a Llama layer's decode step in
-two kernel calls where all its weights are there, part by part where its parts stream apart;
+two kernel calls where all its weights are there or its streamed parts can be bound together,
+part by part otherwise;
 the same bits either way, near the layer computed by transformers around the fused products."""
 from __future__ import annotations
 
@@ -55,11 +56,13 @@ class Count:
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K"])
 def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, tmp_path, monkeypatch):
-    """Resident, every layer takes the two-call road for steps of few rows; streamed at the minimum
-    budget, layers whose parts are Units of their own go part by part (their hooks bind each
-    part): the logits of a padded batch's prefill and decode steps are bitwise the same. Both
-    are near what transformers computes around the same fused products (the layers' own
-    forwards), and not equal to it (another computation really ran)."""
+    """Resident, every layer takes the two-call road for steps of few rows; with its parts
+    streamed as Units of their own and no more of them than the slots, a layer binds them and
+    takes it too; at the minimum budget (one slot) or with a user's hook on a part, it goes
+    part by part (the hooks bind each part as it is called). The logits of a padded batch's
+    prefill and decode steps are bitwise the same on every road. All are near what
+    transformers computes around the same fused products (the layers' own forwards), and not
+    equal to it (another computation really ran)."""
     path = write_llama_gguf(tmp_path / f"{qtype}.gguf", hidden=256, layers=3, intermediate=512,
                             heads=4, kv_heads=2, vocab=512, qtype=qtype)
     ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(3))
@@ -69,19 +72,34 @@ def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, tmp_path,
     got = {}
     tight = offload.plan(str(path), "100%", compute="fast", offload_dir=tmp_path / "o",
                          max_tokens=32).minimum_bytes + (64 << 10)
-    for name, budget in (("resident", "100%"), ("streamed", tight)):
+    runs = (("resident", "100%"), ("held", int(tight * 1.3)), ("hooked", int(tight * 1.3)),
+            ("parts", tight))
+    for name, budget in runs:
         model = offload.run(str(path), budget=budget, compute="fast",
                             offload_dir=tmp_path / "o", max_tokens=32, progress=False)
         runtime = api.runtime_of(model)
         assert runtime.fast_layers == 3
+        streamed = [sum(k.startswith(f"layer.{i}.") for k in runtime.plan.stream)
+                    for i in range(3)]
+        if name in ("held", "hooked"):   # every layer streams parts, no more than the slots
+            assert min(streamed) > 0 and max(streamed) <= runtime.plan.slots
+        if name == "parts":
+            assert max(streamed) > runtime.plan.slots
+        if name == "hooked":             # a user's hook on a part of layer 1
+            model.model.layers[1].post_attention_layernorm.register_forward_hook(
+                lambda *a: None)
         count.merged = count.parts = 0
         got[name] = _steps(model, ids, mask)
         got[name, "counts"] = (count.merged, count.parts)
+        got[name, "resyncs"] = offload.stats(model)["resyncs"]
         offload.close(model)
     # the prefill (2 x 6 rows, within the kernel's INT_ROWS) and 3 decode steps, 3 layers
-    assert got["resident", "counts"] == (4 * 3, 0)
-    assert got["streamed", "counts"][1] > 0        # some layer's norms ran apart
-    assert torch.equal(got["resident"], got["streamed"])
+    assert got["resident", "counts"] == got["held", "counts"] == (4 * 3, 0)
+    assert got["hooked", "counts"] == (4 * 2, 4 * 2)   # layer 1's two norms ran apart
+    assert got["parts", "counts"][1] > 0               # some layer's norms ran apart
+    assert got["held", "resyncs"] == got["hooked", "resyncs"] == got["parts", "resyncs"] == 0
+    for name in ("held", "hooked", "parts"):
+        assert torch.equal(got["resident"], got[name]), name
 
     monkeypatch.setattr(layer, "eligible", lambda module: False)   # transformers' layers
     model = offload.run(str(path), budget="100%", compute="fast", offload_dir=tmp_path / "o",

@@ -98,3 +98,64 @@ def test_embedding_rows_are_gathered_not_streamed(offload_dir):
     gathered = rt.disk.bytes_read - before - rt.plan.streamed_bytes
     assert 0 < gathered <= 3 * 2 * 4096   # three distinct ids, at most two blocks each
     offload.close(off)
+
+
+def _ring_pipeline(keys: list[str], slots: int):
+    """A Pipeline over ``keys`` (one float32 value each) whose fetches write the key's number
+    into its slot at once; returns it and the list of keys fetched."""
+    from concurrent.futures import Future
+
+    from offload.prefetch.pipeline import Pipeline
+    from offload.tiers.base import Ticket
+    from offload.tiers.slots import SlotRing
+    from offload.units import TensorSpec, Unit
+
+    units = {k: Unit(k, "layer", "layer", i, 0, 4, 0, (TensorSpec("w", "float32", (1,), 0, 4),))
+             for i, k in enumerate(keys)}
+    fetched = []
+
+    def submit(unit, slot):
+        fetched.append(unit.key)
+        slot.buffer.view(torch.float32)[0] = unit.index
+        done = Future()
+        done.set_result(0.0)
+        return Ticket(unit.key, 4, done)
+
+    ring = SlotRing(slots, 4, lambda n: torch.zeros(n, dtype=torch.uint8))
+    return Pipeline(tuple(keys), units, ring, submit), fetched
+
+
+def test_a_consumer_holds_several_units_and_releases_them_in_any_order():
+    """A layer run as one kernel road acquires its streamed parts in stream order and holds
+    them together: each holds its own bytes, releasing any of them refills that slot, and the
+    next pass starts in step."""
+    keys = [f"u{i}" for i in range(5)]
+    pipe, fetched = _ring_pipeline(keys, slots=3)
+    pipe.begin_pass()
+    assert fetched == keys[:3]
+    held = {k: pipe.acquire(k) for k in keys[:3]}   # all the slots held at once
+    assert [float(v["w"]) for v in held.values()] == [0, 1, 2]
+    pipe.release("u1")                              # out of order: its slot fetches u4
+    assert fetched[-1] == "u4"
+    pipe.release("u0")
+    pipe.release("u2")
+    for k in keys[3:]:
+        assert float(pipe.acquire(k)["w"]) == keys.index(k)
+        pipe.release(k)
+    pipe.begin_pass()                               # the cycle continues without a resync
+    assert float(pipe.acquire("u0")["w"]) == 0
+    pipe.release("u0")
+    assert pipe.stats.resyncs == 0
+
+
+def test_holding_more_units_than_slots_is_refused_by_name():
+    pipe, _ = _ring_pipeline([f"u{i}" for i in range(4)], slots=2)
+    pipe.begin_pass()
+    pipe.acquire("u0")
+    pipe.acquire("u1")
+    with pytest.raises(RuntimeError, match=r"u2 cannot be acquired.*at most 2"):
+        pipe.acquire("u2")
+    pipe.begin_pass()                               # the next pass resyncs and runs
+    assert pipe.stats.resyncs == 1
+    pipe.acquire("u0")
+    pipe.release("u0")

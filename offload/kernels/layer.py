@@ -13,12 +13,15 @@ are all kept in GGUF blocks forwards that run a decode step (up to ``qmatmul.INT
    SiLU times up, the down product and the residual.
 
 That merged road needs every weight of the layer bound when the layer is called: the layer
-resident, or streamed as one Unit. Where a part of it is streamed as its own Unit (the runtime's
-hooks on a norm, the attention or a linear), the layer's own forward runs and calls its parts,
-which ``attach`` also replaces: the norms by ``offload_rms_norm``, the attention by steps 1-2 and
-the o product, the MLP by gate, up, ``offload_silu_mul`` and down, each part bound by its hooks as
-it is called. Both roads do the same arithmetic in the same order (the same C functions, the
-residual sums commuted), so a layer gives the same bits resident or streamed.
+resident, streamed as one Unit, or its parts streamed as Units of their own whose only hooks are
+the runtime's binders (``hooks.StreamedBindHook``): the layer binds those first, in the order its
+parts would be called (the order they stream in), at most ``hold`` of them (the pipeline's slots).
+Where a part has another hook (a user's) or more parts stream than that, the layer's own forward
+runs and calls its parts, which ``attach`` also replaces: the norms by ``offload_rms_norm``, the
+attention by steps 1-2 and the o product, the MLP by gate, up, ``offload_silu_mul`` and down, each
+part bound by its hooks as it is called (SmolLM2 with every other ``down`` streamed: 0.47 ms a
+layer part by part, 0.31 ms merged). Both roads do the same arithmetic in the same order (the same
+C functions, the residual sums commuted), so a layer gives the same bits resident or streamed.
 
 Lossy as every ``fast`` product (activations rounded to 8 bits per block), and the norms and
 SiLU in float32 C in another order than torch's: not bitwise ``exact`` (``tests/test_fast.py``
@@ -202,16 +205,19 @@ class DecoderKernels:
                              f"head_dim {self.head_dim}")
 
 
-def attach(layer: torch.nn.Module, kernels: DecoderKernels) -> list[Callable[[], None]]:
+def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0
+           ) -> list[Callable[[], None]]:
     """Give ``layer`` (``eligible``, its linears fused) and its norms, attention and MLP the
-    forwards of this module (instance attributes: the classes are left alone). Returns the
-    undo steps."""
+    forwards of this module (instance attributes: the classes are left alone); a decode step
+    binds up to ``hold`` streamed parts itself (the pipeline's slots). Returns the undo
+    steps."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = kernels.norms
-    # the hook registries of the layer's parts (torch edits each in place): any hook there
-    # (a part streamed as its own Unit, a user's) sends a step part by part
-    hooks = [d for m in (*norms, attn, mlp, *kernels.linears)
-             for d in (m._forward_pre_hooks, m._forward_hooks)]
+    # the layer's parts in the order its own forward calls them: the order their Units stream
+    parts = (norms[0], attn, *kernels.linears[:4], norms[1], mlp, *kernels.linears[4:])
+    # their hook registries (torch edits each in place): any hook there is a streamed part's
+    # binder, bound by the merged road, or another (a user's) that sends a step part by part
+    hooks = [d for m in parts for d in (m._forward_pre_hooks, m._forward_hooks)]
     own = {m: type(m).forward.__get__(m) for m in (layer, attn, mlp, *norms)}
     attention = _attention(attn)
     sdpa = attention is _functions().get("sdpa")
@@ -246,17 +252,46 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels) -> list[Callable[[],
                                **{n: a for n, a in kwargs.items() if n not in _OWN_ARGS})
         return out.reshape(b * t, -1).contiguous()
 
+    def binders() -> list | None:
+        """The parts' Unit binders in call order, or None where a part has another hook or
+        more than ``hold`` parts are streamed."""
+        found = []
+        for m in parts:
+            pre, post = m._forward_pre_hooks, m._forward_hooks
+            if not pre and not post:
+                continue
+            if len(pre) != 1 or len(post) != 1:
+                return None
+            binder = getattr(next(iter(pre.values())), "__self__", None)
+            if (not getattr(binder, "binds_unit", False)
+                    or getattr(next(iter(post.values())), "__self__", None) is not binder):
+                return None
+            found.append(binder)
+        return found if len(found) <= hold else None
+
     def layer_forward(*args, **kwargs):
         x = args[0] if len(args) == 1 else None
-        if (x is None or not fits(x, kwargs) or any(hooks)
+        if (x is None or not fits(x, kwargs)
                 or torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks):
             return own[layer](*args, **kwargs)
-        ws = kernels.weights()
-        if ws is None:
+        bound = binders() if any(hooks) else ()
+        if bound is None:
             return own[layer](*args, **kwargs)
-        b, t, hidden = x.shape
-        rows = x.reshape(b * t, hidden).contiguous()
-        return kernels.attn_out_mlp(ws, attend(ws, x, kwargs, True), rows).view(b, t, hidden)
+        entered = []
+        try:
+            for binder in bound:
+                binder.enter()
+                entered.append(binder)
+            ws = kernels.weights()
+            if ws is not None:
+                b, t, hidden = x.shape
+                rows = x.reshape(b * t, hidden).contiguous()
+                out = attend(ws, x, kwargs, True)
+                return kernels.attn_out_mlp(ws, out, rows).view(b, t, hidden)
+        finally:
+            for binder in entered:
+                binder.exit()
+        return own[layer](*args, **kwargs)   # a weight not in blocks: part by part
 
     def norm_forward(which: int) -> Callable:
         norm = norms[which]

@@ -6,6 +6,8 @@ position ``p`` frees its slot, which immediately starts fetching position ``p + 
 Unit computes, the next ``S - 1`` are in flight, across the boundary between tokens too.
 
 The per-Unit loop reads like FlexGen's: submit next, wait for this one, compute, release.
+A consumer may hold up to ``S`` Units at once (acquired in stream order, released in any
+order): a decoder layer run as one kernel road binds all of its streamed parts first.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class Pipeline:
         self._wait = wait
         self.stats = PipelineStats()
         self._next = 0      # stream position the next acquire must match
+        self._held: list[int] = []   # positions acquired and not yet released, in order
         self._primed = False
 
     @property
@@ -68,7 +71,7 @@ class Pipeline:
         """Called before each forward pass: the stream must be at its start."""
         if not self._primed:
             self._prime(0)
-        elif self._next % len(self.stream):
+        elif self._next % len(self.stream) or self._held:
             log.debug("forward pass began mid-stream (an earlier pass failed); resyncing")
             self.resync(0)
 
@@ -79,24 +82,32 @@ class Pipeline:
             pos = self._find(key)
             self.resync(pos)
         slot = self.slots[pos % len(self.slots)]
+        if slot.state != FILLING or slot.unit is None or slot.unit.key != key:
+            raise RuntimeError(f"unit {key} cannot be acquired: its slot is still held "
+                               f"({len(self._held)} units held; at most {len(self.slots)}, "
+                               "the slots, may be held at once)")
         self.stats.io_seconds += self._wait(slot.ticket)
         slot.move(FILLING, READY)
         if self._on_ready is not None:
             self._on_ready(slot)  # GPU: the compute stream waits for the slot's copy event
         slot.move(READY, IN_USE)
+        self._next = pos + 1
+        self._held.append(pos)
         return slot.views(slot.unit)
 
     def release(self, key: str) -> None:
         """The consumer of ``key`` is done: free its slot and fetch ``len(slots)`` ahead."""
-        pos = self._next
-        slot = self.slots[pos % len(self.slots)]
-        if slot.unit is None or slot.unit.key != key or slot.state != IN_USE:
+        for i, pos in enumerate(self._held):
+            slot = self.slots[pos % len(self.slots)]
+            if slot.unit is not None and slot.unit.key == key and slot.state == IN_USE:
+                break
+        else:
             return  # acquire never completed (its wait raised); resync handles the rest
+        del self._held[i]
         slot.move(IN_USE, FREE)
         if self._on_release is not None:
             self._on_release(slot)  # GPU: the next copy into this slot waits for its consumer
         slot.ticket = None
-        self._next = pos + 1
         self._fill(pos + len(self.slots))
 
     def resync(self, pos: int) -> None:
@@ -119,6 +130,7 @@ class Pipeline:
     def _prime(self, pos: int) -> None:
         self._primed = True
         self._next = pos
+        self._held = []
         for p in range(pos, pos + len(self.slots)):
             self._fill(p)
 

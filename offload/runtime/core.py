@@ -139,12 +139,11 @@ class Runtime:
         self._attach()
 
     def _fused_kernel(self):
-        """``compute="fast"``: the fused kernel's thread pool (the cores the I/O threads
-        leave, at most torch's threads) and its prefill scratch (in the plan's reserve)."""
+        """``compute="fast"``: the fused kernel's thread pool (every core, at most torch's
+        threads) and its prefill scratch (in the plan's reserve)."""
         if not fused_count(self.units.values()):
             return None, None
-        threads = min(torch.get_num_threads(), qmatmul.threads_for(
-            self.transport.io_threads if self.plan.stream else 0))
+        threads = min(torch.get_num_threads(), qmatmul.threads_for())
         return qmatmul.Pool(threads), aligned_host(prefill_scratch_bytes(self.units.values()))
 
     def _fused_matmul(self, qtype: str) -> qmatmul.Fused:
@@ -172,8 +171,8 @@ class Runtime:
         return Services(adapter=self.adapter, store=self.manifest.path,
                         data_path=self.manifest.data_path, model=self.model, plan=self.plan,
                         units=self.units, manifest_units=self.manifest.units,
-                        resident=self.resident, device=self.device, transport=self.transport, alloc=self.device_tier.alloc,
-                        first_read=self.first_read,
+                        resident=self.resident, device=self.device, transport=self.transport,
+                        alloc=self.device_tier.alloc, first_read=self.first_read,
                         forget_read=self.counters.checksummed.discard,
                         acquire=self._acquire, release=self._release, fail=self._fail)
 
@@ -267,13 +266,14 @@ class Runtime:
 
     def _attach_layers(self, fused: dict) -> list:
         """``compute="fast"``: each Llama decoder layer whose seven linears are all fused runs
-        a decode step in two kernel calls around the attention, or part by part where its
-        parts are streamed apart (``kernels.layer``)."""
+        a decode step in two kernel calls around the attention, its streamed parts bound
+        first (up to the slots), or part by part (``kernels.layer``)."""
         types = {id(module): qtype for module, qtype, *_ in fused.values()}
         undo = []
         for module in self.model.modules():
             if layer.eligible(module) and all(id(m) in types for m in layer.linears(module)):
-                undo += layer.attach(module, layer.DecoderKernels(module, self._pool, types))
+                undo += layer.attach(module, layer.DecoderKernels(module, self._pool, types),
+                                     hold=self.plan.slots)
         self.fast_layers = len(undo)
         return undo
 
