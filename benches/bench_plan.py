@@ -4,7 +4,7 @@ decode tok/s on this machine, batch 1 and 8, for every kind of store offload run
     .venv/bin/python benches/bench_plan.py              # the full bench (30-60 minutes)
     .venv/bin/python benches/bench_plan.py --toy        # tiny models, a few minutes
 
-Rows (RANDOM weights throughout: shapes, bytes and timings are real; routing is not):
+Rows (RANDOM weights but the last: shapes, bytes and timings are real; routing is not):
 
 * ``llama70b-4l``: a 4-layer slice of the Llama-3-70B shape (hidden 8192, intermediate 28672,
   64/8 heads; vocab 32000 instead of 128256, so the slice is the issue's ~7 GB of bf16), 25%
@@ -17,6 +17,9 @@ Rows (RANDOM weights throughout: shapes, bytes and timings are real; routing is 
 * ``sparse``: ``bench_sparse.py``'s model pruned to 50%, bitmap store, 25%
 * ``gguf-q4_0``: ``bench_quant.py``'s Q4_0 GGUF of the TinyLlama model, quantized store, 70%
   of the file
+* ``fast``: SmolLM2-135M's own Q4_1 GGUF (the default model: REAL weights), ``compute="fast"``,
+  20% of its decoded weights (``bench_quant.py --fast``'s 20% row: its layers' ``down``
+  weights streamed, the rest multiplied where they lie)
 
 Each run is its own process under a memory cap of the budget plus the idle interpreter
 (``../shared/tools/memlimit.sh``; page cache counted), page cache dropped first. offload
@@ -58,7 +61,8 @@ SLICE = dict(hidden_size=8192, num_hidden_layers=4, intermediate_size=28672,
              num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)
 SLICE_TOY = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1792,
                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)
-ROWS = ("llama70b-4l", "dense", "moe", "moe-heat", "sparse", "gguf-q4_0")
+ROWS = ("llama70b-4l", "dense", "moe", "moe-heat", "sparse", "gguf-q4_0", "fast")
+FAST_SHARE = "20%"
 
 
 @dataclass
@@ -141,6 +145,14 @@ def build_rows(a: argparse.Namespace, work: Path, wanted: set[str]) -> list[Row]
         rows.append(Row("gguf-q4_0", str(path), int(path.stat().st_size * of_file), {},
                         f"TinyLlama Q4_0 GGUF, quantized store, {of_file:.0%} of the file",
                         dims["vocab_size"], s))
+    if "fast" in wanted:
+        from offload.cli import default_model_path
+
+        path = default_model_path()
+        m, s = packed(path)
+        rows.append(Row("fast", str(path), parse_size(FAST_SHARE, total_bytes=m.weight_bytes),
+                        {"compute": "fast"}, f"SmolLM2-135M Q4_1 GGUF (real weights), "
+                        f"compute='fast', {FAST_SHARE} of its decoded weights", 49152, s))
     return rows
 
 

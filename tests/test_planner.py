@@ -426,6 +426,32 @@ def test_a_bitmap_units_decode_is_charged_at_its_density():
     assert "layer.0" in p.stream and p.decode_s == pytest.approx(2 * n / 4e9)
 
 
+def test_a_fused_weight_is_priced_between_the_two_measured_sizes():
+    """The fused kernel measured for large and small weights (``fused_bps``): a weight is
+    charged per byte between the two by the log of its size, at the nearer one outside; with
+    one size measured, every weight at it; at batch 8 the same between that batch's two."""
+    from offload.planner.profile import FUSED_LARGE, FUSED_SMALL
+
+    mb = 1 << 20
+    assert (FUSED_SMALL, FUSED_LARGE) == (mb, 16 * mb)
+    prof = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "float32", fused_bps={
+        "Q4_0": 20e9, "Q4_0/small": 10e9, "Q4_0@8": 4e9, "Q4_0@8/small": 2e9})
+    at = prof.fused_seconds
+    assert at([("Q4_0", mb)]) == pytest.approx(mb / 10e9)
+    assert at([("Q4_0", mb // 8)]) == pytest.approx(mb / 8 / 10e9)       # below: small's rate
+    assert at([("Q4_0", 16 * mb)]) == pytest.approx(16 * mb / 20e9)
+    assert at([("Q4_0", 64 * mb)]) == pytest.approx(64 * mb / 20e9)      # above: large's rate
+    # 4 MB: half way in log2 (2 of 4 doublings): half the bytes at each rate
+    assert at([("Q4_0", 4 * mb)]) == pytest.approx(2 * mb / 10e9 + 2 * mb / 20e9)
+    # two weights add; batch 8 between that batch's figures, batch 4 linear between 1 and 8
+    assert at([("Q4_0", mb), ("Q4_0", 16 * mb)]) == pytest.approx(mb / 10e9 + 16 * mb / 20e9)
+    assert at([("Q4_0", mb)], batch=8) == pytest.approx(mb / 2e9)
+    assert at([("Q4_0", mb)], batch=4) == pytest.approx(mb / 10e9 + (mb / 2e9 - mb / 10e9) * 3 / 7)
+    one = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "float32", fused_bps={"Q4_0": 20e9})
+    assert one.fused_seconds([("Q4_0", mb)]) == pytest.approx(mb / 20e9)
+    assert one.fused_seconds([("Q8_0", mb)]) == pytest.approx(mb / 10e9)  # not measured: dense
+
+
 def test_fused_units_are_read_as_stored_and_priced_by_the_fused_kernel():
     """compute='fast': a quantized linear weight becomes its stored blocks (uint8 rows: the
     Unit is no longer encoded, its memory is its stored bytes, read straight into a slot); a

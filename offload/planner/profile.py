@@ -4,6 +4,7 @@ above them); the planner only reads the numbers, so plans are deterministic for 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..kernels import qmatmul
@@ -34,7 +35,10 @@ class HardwareProfile:
             batch 8.
         fused_bps: the fused GGUF matmul (``compute="fast"``): stored bytes per second it
             multiplies at batch 1, per type (``Q4_K``), and at batch 8 (``Q4_K@8``), with the
-            kernel's thread pool; a type missing here is charged as dense bytes.
+            kernel's thread pool, for weights of ``FUSED_LARGE`` bytes read from RAM, and for
+            weights of ``FUSED_SMALL`` (``Q4_K/small``, ``Q4_K@8/small``): a weight between
+            is charged between the two (per byte, by the log of its size), a weight outside at
+            the nearer; a type missing here is charged as dense bytes.
         kernel_cache_bytes: per capacity (``"32"``: ``memory.kernel_cache_capacity``), the
             resident bytes torch's CPU matmul kernel caches reach in ``dtype`` on this machine
             when full (oneDNN's per-shape kernels for half precision on CPUs with native
@@ -82,29 +86,42 @@ class HardwareProfile:
     def units_compute_seconds(self, units, batch: int = 1) -> float:
         """Seconds a decode step of ``batch`` sequences spends multiplying ``units``' weights:
         dense bytes at ``compute_seconds``, tensors kept for the fused kernel at its measured
-        speed for their type (``fused_bps``)."""
-        dense, fused = 0, {}
+        speed for their type and size (``fused_bps``)."""
+        dense, fused = 0, []
         for u in units:
             dense += u.nbytes
             for t in u.tensors:
                 qtype = qmatmul.type_of(t.encoding)
                 if qtype is not None:
-                    fused[qtype] = fused.get(qtype, 0) + t.nbytes
+                    fused.append((qtype, t.nbytes))
                     dense -= t.nbytes
         return self.compute_seconds(dense, batch) + self.fused_seconds(fused, batch)
 
-    def fused_seconds(self, nbytes: dict[str, int], batch: int = 1) -> float:
-        """Seconds the fused kernel takes for ``nbytes`` stored bytes of each type at
-        ``batch`` (a type not measured: as dense bytes of that size)."""
+    def fused_seconds(self, weights, batch: int = 1) -> float:
+        """Seconds the fused kernel takes for ``weights`` (``(type, stored bytes)`` per weight)
+        at ``batch`` (a type not measured: as dense bytes of that size)."""
         total = 0.0
-        for qtype, n in nbytes.items():
-            one = self.fused_bps.get(qtype)
+        for qtype, n in weights:
+            one = self._fused_spb(qtype, 1, n)
             if one is None:
                 total += self.compute_seconds(n, batch)
                 continue
-            big = self.fused_bps.get(f"{qtype}@{BATCH}")
-            total += _between(n / one, n / big if big else None, batch)
+            big = self._fused_spb(qtype, BATCH, n)
+            total += _between(n * one, n * big if big else None, batch)
         return total
+
+    def _fused_spb(self, qtype: str, batch: int, n: int) -> float | None:
+        """Seconds per stored byte of a weight of ``n`` bytes at ``batch`` (None: not
+        measured)."""
+        large = self.fused_bps.get(fused_key(qtype, batch))
+        if large is None:
+            return None
+        small = self.fused_bps.get(fused_key(qtype, batch, small=True))
+        if small is None:
+            return 1 / large
+        at = (math.log2(max(n, 1)) - math.log2(FUSED_SMALL)) / math.log2(FUSED_LARGE / FUSED_SMALL)
+        at = min(1.0, max(0.0, at))
+        return (1 - at) / small + at / large
 
     def decode_seconds(self, unit) -> float:
         """Seconds one decode of ``unit``'s encoded tensors takes (0 for a dense Unit, or an
@@ -114,6 +131,22 @@ class HardwareProfile:
 
 
 BATCH = 8   # the larger batch a profile measures
+# The weight sizes the fused kernel is measured at (stored bytes; ``fused_bps``).
+FUSED_LARGE = 16 << 20
+FUSED_SMALL = 1 << 20
+
+
+def fused_key(qtype: str, batch: int = 1, small: bool = False) -> str:
+    """The ``fused_bps`` key of ``qtype`` at ``batch`` (``Q4_K``, ``Q4_K@8``) for weights of
+    ``FUSED_LARGE`` bytes, or ``FUSED_SMALL`` ones (``Q4_K/small``)."""
+    return qtype + (f"@{batch}" if batch > 1 else "") + ("/small" if small else "")
+
+
+def parse_fused_key(key: str) -> tuple[str, int, bool]:
+    """``fused_key``'s arguments back from a key."""
+    key, _, size = key.partition("/")
+    qtype, _, batch = key.partition("@")
+    return qtype, int(batch or 1), size == "small"
 
 
 def decode_key(t) -> str:
