@@ -227,8 +227,9 @@ def measure_fused(key: str, max_bytes: int | None = None) -> float:
 
     Why two sizes: a small weight's call pays a start (its activations quantized, the pool
     woken, the prefetchers' ramp) over fewer bytes. Here (2-core EPYC VM, 32 MB L3) Q4_1 went
-    24.7 GB/s for one 8 MB weight timed alone (cached: the figure before), 23.7 over 16 MB
-    weights and 14.8 over 1 MB ones; SmolLM2's layers (0.07-0.55 MB weights) ran at ~14.7."""
+    24.7 GB/s for one 8 MB weight timed alone (in the cache: how it was measured before), 23.7
+    over 16 MB weights and 14.8 over 1 MB ones; SmolLM2's layers (0.07-0.55 MB weights) ran at
+    about 14.7."""
     from .kernels import gguf, qmatmul
     from .kernels.timing import median_seconds
 

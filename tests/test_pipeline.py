@@ -149,12 +149,18 @@ def test_a_consumer_holds_several_units_and_releases_them_in_any_order():
 
 
 def test_holding_more_units_than_slots_is_refused_by_name():
+    """More Units held than slots, or one out of stream order while some are held, is refused
+    by name (a resync then would refill slots whose tensors are in use); the next pass
+    resyncs and runs."""
     pipe, _ = _ring_pipeline([f"u{i}" for i in range(4)], slots=2)
     pipe.begin_pass()
     pipe.acquire("u0")
     pipe.acquire("u1")
     with pytest.raises(RuntimeError, match=r"u2 cannot be acquired.*at most 2"):
         pipe.acquire("u2")
+    with pytest.raises(RuntimeError, match=r"u3 is not next in the stream while 2 units"):
+        pipe.acquire("u3")                          # no resync under held tensors
+    assert pipe.stats.resyncs == 0
     pipe.begin_pass()                               # the next pass resyncs and runs
     assert pipe.stats.resyncs == 1
     pipe.acquire("u0")

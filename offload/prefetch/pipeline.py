@@ -79,6 +79,9 @@ class Pipeline:
         """Wait until ``key`` is in its slot and return its tensors (records the stall)."""
         pos = self._next
         if self.stream[pos % len(self.stream)] != key:
+            if self._held:   # a resync would refill slots whose tensors are in use
+                raise RuntimeError(f"unit {key} is not next in the stream while "
+                                   f"{len(self._held)} units are held: acquire in stream order")
             pos = self._find(key)
             self.resync(pos)
         slot = self.slots[pos % len(self.slots)]
