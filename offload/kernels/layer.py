@@ -213,11 +213,10 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0
     steps."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = kernels.norms
-    # the layer's parts in the order its own forward calls them: the order their Units stream
+    # the layer's parts in the order its own forward calls them: the order their Units stream;
+    # any hook on one is a streamed part's binder, bound by the merged road, or another (a
+    # user's) that sends a step part by part (``binders``)
     parts = (norms[0], attn, *kernels.linears[:4], norms[1], mlp, *kernels.linears[4:])
-    # their hook registries (torch edits each in place): any hook there is a streamed part's
-    # binder, bound by the merged road, or another (a user's) that sends a step part by part
-    hooks = [d for m in parts for d in (m._forward_pre_hooks, m._forward_hooks)]
     own = {m: type(m).forward.__get__(m) for m in (layer, attn, mlp, *norms)}
     attention = _attention(attn)
     sdpa = attention is _functions().get("sdpa")
@@ -274,7 +273,7 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0
         if (x is None or not fits(x, kwargs)
                 or torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks):
             return own[layer](*args, **kwargs)
-        bound = binders() if any(hooks) else ()
+        bound = binders()
         if bound is None:
             return own[layer](*args, **kwargs)
         entered = []

@@ -78,13 +78,13 @@ def available() -> bool:
     return _library() is not None
 
 
-def threads_for(cores: int | None = None) -> int:
+def threads_for() -> int:
     """Threads for the kernel: every core. The runtime's I/O threads sleep in their reads (an
     O_DIRECT read is the disk's work), so leaving them a core costs compute: SmolLM2 fast at
     20% (every other ``down`` streamed, 4 reads in flight) took 17.8 ms a step on 2 threads and
     21.0 ms on 1 (2-core EPYC VM, medians of 8 alternated runs); the disk-bound TinyLlama-shaped
     Q4_0 at 248 MB the same on both (279 / 278 ms)."""
-    return max(1, cores or os.cpu_count() or 1)
+    return max(1, os.cpu_count() or 1)
 
 
 class Pool:
