@@ -88,7 +88,10 @@ def build_slice(model_dir: Path, dims: dict) -> dict:
 
 
 def build_rows(a: argparse.Namespace, work: Path, wanted: set[str]) -> list[Row]:
-    """Build (or reuse) each wanted row's model and store; the budgets as the benches use."""
+    """Build (or reuse) each wanted row's model and store; the budgets as the benches use.
+    Every checkpoint's directory has a name of its own: the stores share one offload dir, where
+    a store is named after its source (two ``model`` dirs would pack over each other's store,
+    and each row's run would pack its model again, under its cap, before its timed steps)."""
     import offload
     from offload.sizes import parse_size
 
@@ -103,7 +106,7 @@ def build_rows(a: argparse.Namespace, work: Path, wanted: set[str]) -> list[Row]
         return m, time.perf_counter() - t0
 
     if "llama70b-4l" in wanted:
-        d = work / "llama70b-4l" / "model"
+        d = work / "llama70b-4l" / "llama70b-4l"
         print("building/reusing the Llama-3-70B 4-layer slice ...", file=sys.stderr, flush=True)
         build_slice(d, SLICE_TOY if a.toy else SLICE)
         m, s = packed(d)
@@ -118,7 +121,7 @@ def build_rows(a: argparse.Namespace, work: Path, wanted: set[str]) -> list[Row]
         rows.append(Row("dense", str(tiny), parse_size(share, total_bytes=m.weight_bytes), {},
                         f"TinyLlama shape, bf16, {share}", dims["vocab_size"], s))
     if wanted & {"moe", "moe-heat"}:
-        d = work / "mixtral" / "model"
+        d = work / "mixtral" / "mixtral"
         mdims = bench_moe.TOY if a.toy else bench_moe.FULL
         print("building/reusing the Mixtral-shaped model ...", file=sys.stderr, flush=True)
         bench_moe.build_model(d, mdims)
@@ -212,7 +215,7 @@ def main(a: argparse.Namespace) -> int:
     ])
     if not a.cached_profile:   # measured by the first run that needs it, in this run
         (work / "stores" / "profile.json").unlink(missing_ok=True)
-    runs = {}
+    runs, repacked = {}, set()
     # each heat row right after the cold row of its batch: it plans on the heat (and the
     # experts each decode step used) that run saved, at the same batch
     heat_rows = [r for r in rows if r.key == "moe-heat"] if any(
@@ -234,8 +237,12 @@ def main(a: argparse.Namespace) -> int:
             for old in (work / "stores").glob("*/expert_heat.json"):
                 old.unlink()
         cap = r.budget + machine.idle + a.cap_slack if machine.capped else None
+        before = _stores(work / "stores")
         runs[key] = launch_contender(key, argv, cap_bytes=cap, wait_quiet=a.wait_quiet,
                                      timeout=a.timeout, quiet=a.quiet)
+        if _stores(work / "stores") != before:   # its figures include a pack: not a decode's
+            repacked.add(key)
+            print(f"WARNING: {key} packed a store in its run", file=sys.stderr, flush=True)
     table, data, worst = [], [], 0.0
     for r in rows:
         for b in a.batches:
@@ -250,7 +257,7 @@ def main(a: argparse.Namespace) -> int:
             p = x["predicted"]
             table.append([
                 r.key, str(b), f"{b / x['predicted_s']:.3f}", f"{b / measured:.3f}",
-                f"{err:+.0%}", p["bottleneck"],
+                f"{err:+.0%}" + (" PACKED IN RUN" if key in repacked else ""), p["bottleneck"],
                 f"{fmt_bytes(p['streamed_bytes'] + p['expert_bytes'])} / "
                 f"{fmt_bytes(x['read_per_step'])}",
                 f"{x['peak'] / r.budget:.1%}" if x.get("peak") else "-",
@@ -271,9 +278,17 @@ def main(a: argparse.Namespace) -> int:
                          x["profile"] for x in (result_of(runs, k) for k in runs) if x),
                          "-"))))
     report.target(f"every row within {TARGET:.0%} of its prediction",
-                  (worst if len(data) == len(rows) * len(a.batches) else None), TARGET,
-                  f"worst {worst:.0%} over {len(data)} rows", runs=runs, at_most=True)
+                  (worst if len(data) == len(rows) * len(a.batches) and not repacked
+                   else None), TARGET,
+                  f"worst {worst:.0%} over {len(data)} rows"
+                  + (f"; {len(repacked)} packed a store in their run" if repacked else ""),
+                  runs=runs, at_most=True)
     return report.finish(runs, {"rows": data}, capped=machine.capped)
+
+
+def _stores(offload_dir: Path) -> dict[str, int]:
+    """Each store's manifest and its modification time: a run that packs changes them."""
+    return {str(f): f.stat().st_mtime_ns for f in offload_dir.glob("*/manifest.json")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

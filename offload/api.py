@@ -248,7 +248,16 @@ def _reusable(store_dir: Path, source: Source, options: "PackOptions") -> Manife
         log.warning("rebuilding the packed store: %s", e)
         return None
     if manifest.source.get("fingerprint") != source.fingerprint:
-        log.info("the source of %s changed; packing it again", store_dir)
+        other = manifest.source.get("description")
+        if other and other != source.description:
+            # two models whose paths end in the same name share this store's name: each run
+            # of one packs over the other's store
+            log.warning("%s holds the store of another model (%s); packing %s over it. "
+                        "Models named alike share a store name in one offload dir: give "
+                        "each its own offload_dir (or rename one) to keep both packed",
+                        store_dir, other, source.description)
+        else:
+            log.info("the source of %s changed; packing it again", store_dir)
         return None
     if manifest.source.get("pack", PackOptions().describe()) != options.describe():
         log.info("%s was packed with other options; packing it again", store_dir)
@@ -467,8 +476,9 @@ def for_compute(prep: "Prepared", compute: str, device: torch.device,
         return prep
     if device.type != "cpu":
         raise HardwareError("compute='fast' runs on the CPU for now (the fused kernels' CUDA "
-                            "versions are not built): use compute='exact' on a GPU, or "
-                            "device='cpu'")
+                            "versions, offload.kernels.qmatmul_cuda, have not run on a GPU "
+                            "and are not wired into a run yet): use compute='exact' on a "
+                            "GPU, or device='cpu'")
     if not any(gguf.type_of(t.encoding) for u in prep.manifest.units for t in u.tensors):
         log.warning("compute='fast' multiplies GGUF-quantized weights and this store has "
                     "none: it runs exact")

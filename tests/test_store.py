@@ -79,6 +79,32 @@ def test_store_reused_then_rebuilt_when_source_changes(checkpoint, offload_dir):
     assert m3.unit("norm").checksum != m1.unit("norm").checksum
 
 
+def test_a_model_named_like_another_warns_that_it_packs_over_its_store(checkpoint, tmp_path,
+                                                                      offload_dir, caplog):
+    path, _ = checkpoint
+    twin = tmp_path / "other" / path.name    # another model whose directory has the same name
+    twin.parent.mkdir()
+    import shutil
+    shutil.copytree(path, twin)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(twin / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+    save_file(tensors, twin / "model.safetensors", metadata={"format": "pt"})
+    m1 = offload.pack(path, offload_dir=offload_dir, progress=False)
+    with caplog.at_level("WARNING", logger="offload"):
+        m2 = offload.pack(twin, offload_dir=offload_dir, progress=False)
+    assert m2.path == m1.path and m2.source["fingerprint"] != m1.source["fingerprint"]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("another model" in s and str(path.absolute()) in s and "offload_dir" in s
+               for s in said), said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="offload"):   # its own source changed: no warning
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+        save_file(tensors, twin / "model.safetensors", metadata={"format": "pt"})
+        offload.pack(twin, offload_dir=offload_dir, progress=False)
+    assert not [r for r in caplog.records if "another model" in r.getMessage()]
+
+
 def test_interrupted_pack_leaves_no_store_and_next_run_rebuilds(checkpoint, offload_dir,
                                                                  monkeypatch):
     path, model = checkpoint
