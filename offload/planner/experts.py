@@ -245,12 +245,11 @@ def _step_reads(experts: list[Unit], resident: set[str], cached: int, rates: dic
                 top_k: int, moe_layers: int,
                 trace: dict[int, list[list[int]]] | None = None) -> float:
     """Experts a decode step reads: each MoE layer's protected share of the cache (``cached``
-    less the top_k working slots) over its experts not resident, replayed over the layer's
+    less the slots the running layer takes: top_k, or the experts a layer uses in a step
+    where a batch uses more) over its experts not resident, replayed over the layer's
     recorded steps where there is a ``trace`` (``trace_misses``: reuse included), else from
     each expert's chance of use (``lru_misses``), and the running layer's experts beyond the
     slots it holds."""
-    protected = max(0, cached - top_k)
-    share = protected / max(moe_layers, 1)
     layers: dict[int, list[float]] = {}
     kept: dict[int, set[int]] = {}
     for u in experts:
@@ -258,15 +257,20 @@ def _step_reads(experts: list[Unit], resident: set[str], cached: int, rates: dic
         if u.key in resident:
             kept.setdefault(u.index, set()).add(u.expert)
     trace = {i: trace[i] for i in layers if trace and trace.get(i)}
+    # distinct experts not resident a layer uses a step: as recorded, or from the chances
+    per_layer = [sum(len([e for e in step if e not in kept.get(i, ())]) for step in trace[i])
+                 / len(trace[i]) if i in trace else sum(r) for i, r in layers.items()]
+    used = sum(per_layer) / max(len(layers), 1)
+    # A running layer's misses evict other layers' protected experts once the shared slots
+    # are taken (``prefetch.experts``): at batch 8 on the Mixtral bench model a layer used 7.2
+    # of its 8 experts, and with 10 slots a step read every expert it used (982 MB) where
+    # top_k working slots alone said 872 MB.
+    share = max(0.0, cached - max(top_k, used)) / max(moe_layers, 1)
     if len(resident) + cached >= len(experts):
         misses = 0.0   # a slot for every expert: each is read once, then stays
     else:
         misses = sum(trace_misses(trace[i], share, frozenset(kept.get(i, ())))
                      if i in trace else lru_misses(r, share) for i, r in layers.items())
-    # distinct experts not resident a layer uses a step: as recorded, or from the chances
-    per_layer = [sum(len([e for e in step if e not in kept.get(i, ())]) for step in trace[i])
-                 / len(trace[i]) if i in trace else sum(r) for i, r in layers.items()]
-    used = sum(per_layer) / max(len(layers), 1)
     # The running layer may take any slot (evicting other layers' protected experts); an
     # expert it uses beyond them all is evicted between its up and its down pass and read
     # again (at batch 8 on the Mixtral bench model with 2 slots: 7.2 experts a layer, 11
