@@ -90,53 +90,73 @@ OFFLOAD_HD Traits traits(int type) {
 }
 
 // -- one block of each type (inlined into each CPU path's loop and into the CUDA kernels) ----
+//
+// ``each_<type>(b, f)`` hands each weight of one block to ``f(element, value)``, computed with
+// the float operations of the gguf package's numpy: the decoders below store them, the fused
+// CUDA matmul (gguf_matmul_warp.h) multiplies them where they are computed.
 
-OFFLOAD_HD void q4_0(const uint8_t* b, float* y) {
+template <class F> OFFLOAD_HD void each_q4_0(const uint8_t* b, F&& f) {
   const float d = half(b);
   const uint8_t* qs = b + 2;
   for (int j = 0; j < 16; ++j) {
-    y[j] = d * (float)((int)(qs[j] & 0x0f) - 8);
-    y[j + 16] = d * (float)((int)(qs[j] >> 4) - 8);
+    f(j, d * (float)((int)(qs[j] & 0x0f) - 8));
+    f(j + 16, d * (float)((int)(qs[j] >> 4) - 8));
   }
 }
 
-OFFLOAD_HD void q4_1(const uint8_t* b, float* y) {
+template <class F> OFFLOAD_HD void each_q4_1(const uint8_t* b, F&& f) {
   const float d = half(b), m = half(b + 2);
   const uint8_t* qs = b + 4;
   for (int j = 0; j < 16; ++j) {
-    y[j] = d * (float)(qs[j] & 0x0f) + m;
-    y[j + 16] = d * (float)(qs[j] >> 4) + m;
+    f(j, d * (float)(qs[j] & 0x0f) + m);
+    f(j + 16, d * (float)(qs[j] >> 4) + m);
   }
 }
 
-OFFLOAD_HD void q5_0(const uint8_t* b, float* y) {
+template <class F> OFFLOAD_HD void each_q5_0(const uint8_t* b, F&& f) {
   const float d = half(b);
   const uint32_t qh = load32(b + 2);
   const uint8_t* qs = b + 6;
   for (int j = 0; j < 16; ++j) {
     int lo = (qs[j] & 0x0f) | (((qh >> j) & 1) << 4);
     int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-    y[j] = d * (float)(lo - 16);
-    y[j + 16] = d * (float)(hi - 16);
+    f(j, d * (float)(lo - 16));
+    f(j + 16, d * (float)(hi - 16));
   }
 }
 
-OFFLOAD_HD void q5_1(const uint8_t* b, float* y) {
+template <class F> OFFLOAD_HD void each_q5_1(const uint8_t* b, F&& f) {
   const float d = half(b), m = half(b + 2);
   const uint32_t qh = load32(b + 4);
   const uint8_t* qs = b + 8;
   for (int j = 0; j < 16; ++j) {
     int lo = (qs[j] & 0x0f) | (((qh >> j) & 1) << 4);
     int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-    y[j] = d * (float)lo + m;
-    y[j + 16] = d * (float)hi + m;
+    f(j, d * (float)lo + m);
+    f(j + 16, d * (float)hi + m);
   }
 }
 
-OFFLOAD_HD void q8_0(const uint8_t* b, float* y) {
+template <class F> OFFLOAD_HD void each_q8_0(const uint8_t* b, F&& f) {
   const float d = half(b);
   const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
-  for (int j = 0; j < QK; ++j) y[j] = (float)qs[j] * d;
+  for (int j = 0; j < QK; ++j) f(j, (float)qs[j] * d);
+}
+
+OFFLOAD_HD void q4_0(const uint8_t* b, float* y) {
+  each_q4_0(b, [y](int e, float v) { y[e] = v; });
+}
+OFFLOAD_HD void q4_1(const uint8_t* b, float* y) {
+  each_q4_1(b, [y](int e, float v) { y[e] = v; });
+}
+OFFLOAD_HD void q5_0(const uint8_t* b, float* y) {
+  each_q5_0(b, [y](int e, float v) { y[e] = v; });
+}
+OFFLOAD_HD void q5_1(const uint8_t* b, float* y) {
+  each_q5_1(b, [y](int e, float v) { y[e] = v; });
+}
+OFFLOAD_HD void q8_0(const uint8_t* b, float* y) {
+  each_q8_0(b, [y](int e, float v) { y[e] = v; });
 }
 
 OFFLOAD_HD void q2_k(const uint8_t* b, float* y) {
@@ -179,7 +199,7 @@ OFFLOAD_HD void scale_min(const uint8_t* s, int j, int* sc, int* mn) {
   }
 }
 
-OFFLOAD_HD void q4_k(const uint8_t* b, float* y) {
+template <class F> OFFLOAD_HD void each_q4_k(const uint8_t* b, F&& f) {
   const float d = half(b), dmin = half(b + 2);
   const uint8_t* s = b + 4;        // 12
   const uint8_t* qs = b + 16;      // 128
@@ -189,11 +209,11 @@ OFFLOAD_HD void q4_k(const uint8_t* b, float* y) {
     const float dd = d * (float)sc, dm = dmin * (float)mn;
     const uint8_t* q = qs + 32 * (j / 2);
     const int shift = 4 * (j % 2);
-    for (int l = 0; l < 32; ++l) y[32 * j + l] = dd * (float)((q[l] >> shift) & 0x0f) - dm;
+    for (int l = 0; l < 32; ++l) f(32 * j + l, dd * (float)((q[l] >> shift) & 0x0f) - dm);
   }
 }
 
-OFFLOAD_HD void q5_k(const uint8_t* b, float* y) {
+template <class F> OFFLOAD_HD void each_q5_k(const uint8_t* b, F&& f) {
   const float d = half(b), dmin = half(b + 2);
   const uint8_t* s = b + 4;        // 12
   const uint8_t* qh = b + 16;      // 32
@@ -206,12 +226,12 @@ OFFLOAD_HD void q5_k(const uint8_t* b, float* y) {
     const int shift = 4 * (j % 2);
     for (int l = 0; l < 32; ++l) {
       const int v = ((q[l] >> shift) & 0x0f) | (((qh[l] >> j) & 1) << 4);
-      y[32 * j + l] = dd * (float)v - dm;
+      f(32 * j + l, dd * (float)v - dm);
     }
   }
 }
 
-OFFLOAD_HD void q6_k(const uint8_t* b, float* y) {
+template <class F> OFFLOAD_HD void each_q6_k(const uint8_t* b, F&& f) {
   const uint8_t* ql = b;           // 128
   const uint8_t* qh = b + 128;     // 64
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);  // 16
@@ -222,9 +242,19 @@ OFFLOAD_HD void q6_k(const uint8_t* b, float* y) {
       const int e = 16 * i + k, g = e / 128, h = (e % 128) / 64, m = e % 64;
       const int s = (e % 128) / 32, l = e % 32;
       const int lo = (ql[64 * g + m] >> (4 * h)) & 0x0f, hi = (qh[32 * g + l] >> (2 * s)) & 3;
-      y[e] = ds * (float)((int8_t)(lo | (hi << 4)) - 32);
+      f(e, ds * (float)((int8_t)(lo | (hi << 4)) - 32));
     }
   }
+}
+
+OFFLOAD_HD void q4_k(const uint8_t* b, float* y) {
+  each_q4_k(b, [y](int e, float v) { y[e] = v; });
+}
+OFFLOAD_HD void q5_k(const uint8_t* b, float* y) {
+  each_q5_k(b, [y](int e, float v) { y[e] = v; });
+}
+OFFLOAD_HD void q6_k(const uint8_t* b, float* y) {
+  each_q6_k(b, [y](int e, float v) { y[e] = v; });
 }
 
 }  // namespace offload_gguf

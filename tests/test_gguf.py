@@ -41,10 +41,11 @@ def test_decoder_is_bitwise_gguf_dequantize_on_every_path(name):
 
 
 def test_cuda_decoders_compile_to_unfused_kernels(tmp_path):
-    """The CUDA decoders (every GGUF type, both bitmap widths) compile with the command offload
-    builds them with, and its --fmad=false keeps every multiply and add rounded on its own as
-    the gguf package's numpy does: no fused multiply-add in the PTX, where the same source
-    built without the flag has them. (Bitwise equality on a GPU: tests/test_gpu.py.)"""
+    """The CUDA decoders (every GGUF type, both bitmap widths) and the fused matmul compile with
+    the command offload builds them with, and its --fmad=false keeps every multiply and add
+    rounded on its own as the gguf package's numpy does (and the matmul's CPU emulation):
+    no fused multiply-add in the PTX, where the same source built without the flag has them.
+    (Bitwise equality on a GPU: tests/test_gpu.py, tests/test_qmatmul_cuda.py.)"""
     import shutil
     import subprocess
 
@@ -53,7 +54,7 @@ def test_cuda_decoders_compile_to_unfused_kernels(tmp_path):
     if shutil.which(_build.nvcc()) is None:
         pytest.skip("no nvcc on this machine")
     ptx = {}
-    for name, kernels in cuda.SOURCES.items():
+    for name, kernels in {**cuda.SOURCES, **cuda.MATMUL}.items():
         cmd = _build.nvcc_command(_build.CSRC / f"{name}.cu", tmp_path / f"{name}.ptx", "sm_90",
                                   ptx=True)
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -61,7 +62,7 @@ def test_cuda_decoders_compile_to_unfused_kernels(tmp_path):
         ptx[name] = (tmp_path / f"{name}.ptx").read_text()
         for kernel in kernels:
             assert f".entry {kernel}(" in ptx[name], kernel
-    assert "fma.rn.f32" not in ptx["gguf_dequant"]
+    assert "fma.rn.f32" not in ptx["gguf_dequant"] and "fma.rn.f32" not in ptx["gguf_matmul"]
     fused = [c for c in _build.nvcc_command(_build.CSRC / "gguf_dequant.cu",
                                             tmp_path / "fused.ptx", "sm_90", ptx=True)
              if c != "--fmad=false"]
@@ -70,7 +71,7 @@ def test_cuda_decoders_compile_to_unfused_kernels(tmp_path):
 
 
 def test_cuda_decoders_compile_with_nvrtc():
-    """NVRTC (CuPy's, the run-time path on a GPU machine without a toolkit) compiles both CUDA
+    """NVRTC (CuPy's, the run-time path on a GPU machine without a toolkit) compiles the CUDA
     sources with offload's options, every kernel present, no fused multiply-add. Needs no GPU,
     only CuPy's NVRTC library (the ``cuda`` extra)."""
     from offload.kernels import _build, cuda
@@ -81,7 +82,7 @@ def test_cuda_decoders_compile_with_nvrtc():
         nvrtc.getVersion()
     except Exception as e:   # CuPy without its NVRTC library: the GPU path falls back to nvcc
         pytest.skip(f"CuPy is installed but not its NVRTC library ({type(e).__name__})")
-    for name, kernels in cuda.SOURCES.items():
+    for name, kernels in {**cuda.SOURCES, **cuda.MATMUL}.items():
         prog = nvrtc.createProgram((_build.CSRC / f"{name}.cu").read_text(), f"{name}.cu", [], [])
         try:
             nvrtc.compileProgram(prog, [*cuda.OPTIONS, f"-I{_build.CSRC}", "-arch=compute_90"])

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 SOURCES = {"gguf_dequant": tuple(f"offload_gguf_{t}" for t in (
                "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")),
            "bitmap_decode": ("offload_bitmap_decode_u16", "offload_bitmap_decode_u32")}
+# The fused GGUF matmul (``compute="fast"`` on a GPU; ``qmatmul_cuda``), built apart from the
+# decoders: a GPU whose NVRTC refused it still decodes with them.
+MATMUL = {"gguf_matmul": tuple(f"offload_qmatmul_{t}" for t in (
+              "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"))}
 OPTIONS = ("--std=c++17", "--fmad=false")
 THREADS = 256
 MAX_GRID = 65535
@@ -69,6 +73,28 @@ class Kernels:
         if err:
             raise RuntimeError(f"bitmap decode kernel launch failed (cudaError {err})")
 
+    def qmatmul(self, type_name: str, type_id: int, blocks: torch.Tensor, x: torch.Tensor,
+                y: torch.Tensor, n: int, stream: torch.cuda.Stream) -> None:
+        """``y[:n] = x[:n] @ W.T`` for ``W`` given as ``blocks`` (uint8 ``[rows, row_bytes]``
+        of ``type_name``), ``x`` and ``y`` float32 with unit column stride."""
+        rows, row_bytes = blocks.shape
+        nblocks = row_bytes // _block_bytes(type_name)
+        if rows == 0:
+            return
+        if self.how == "nvrtc":
+            grid = min(MAX_GRID, -(-rows // (THREADS // 32)))   # a warp a row
+            self._launch("gguf_matmul", f"offload_qmatmul_{type_name.lower()}", grid, stream,
+                         _ptr(blocks), _i64(rows), _i64(nblocks), _ptr(x), _i64(x.stride(0)),
+                         _i32(n), _ptr(y), _i64(y.stride(0)))
+            return
+        err = self._modules["gguf_matmul"].offload_qmatmul_cuda(
+            type_id, ctypes.c_void_p(blocks.data_ptr()), ctypes.c_int64(rows),
+            ctypes.c_int64(nblocks), ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(x.stride(0)),
+            ctypes.c_int(n), ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(y.stride(0)),
+            ctypes.c_void_p(stream.cuda_stream))
+        if err:
+            raise RuntimeError(f"fused {type_name} matmul kernel launch failed (code {err})")
+
     def _launch(self, module: str, name: str, grid: int, stream, *args) -> None:
         import cupy
 
@@ -81,9 +107,18 @@ class Kernels:
 def kernels(device: torch.device) -> Kernels | None:
     """The decoders for ``device`` (built on first use, then cached), or None where neither
     CuPy nor nvcc can build them (a warning says why)."""
+    return _kernels(*_where(device), "decoders")
+
+
+def matmul_kernels(device: torch.device) -> Kernels | None:
+    """The fused GGUF matmul kernels for ``device`` (as ``kernels``)."""
+    return _kernels(*_where(device), "matmul")
+
+
+def _where(device: torch.device) -> tuple[int, str]:
     major, minor = torch.cuda.get_device_capability(device)
-    return _kernels(device.index if device.index is not None else torch.cuda.current_device(),
-                    f"{major}{minor}")
+    return (device.index if device.index is not None else torch.cuda.current_device(),
+            f"{major}{minor}")
 
 
 def missing_hint() -> str:
@@ -92,17 +127,18 @@ def missing_hint() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(index: int, arch: str) -> Kernels | None:
-    nvrtc = _nvrtc_modules(index, arch)
+def _kernels(index: int, arch: str, which: str) -> Kernels | None:
+    sources = MATMUL if which == "matmul" else SOURCES
+    nvrtc = _nvrtc_modules(index, arch, sources)
     if nvrtc is not None:
         return Kernels("nvrtc", nvrtc)
-    libs = {name: _build.cuda_library(f"sm_{arch}", name) for name in SOURCES}
+    libs = {name: _build.cuda_library(f"sm_{arch}", name) for name in sources}
     if all(lib is not None for lib in libs.values()):
         return Kernels("nvcc", libs)
     return None
 
 
-def _nvrtc_modules(index: int, arch: str) -> dict | None:
+def _nvrtc_modules(index: int, arch: str, sources: dict) -> dict | None:
     try:
         import cupy
     except ImportError:
@@ -112,14 +148,14 @@ def _nvrtc_modules(index: int, arch: str) -> dict | None:
             modules = {name: cupy.RawModule(code=(_build.CSRC / f"{name}.cu").read_text(),
                                             options=(*OPTIONS, f"-I{_build.CSRC}"),
                                             backend="nvrtc")
-                       for name in SOURCES}
+                       for name in sources}
             for name, module in modules.items():   # compiled now, before a budget is taken
-                for kernel in SOURCES[name]:
+                for kernel in sources[name]:
                     module.get_function(kernel)
         return modules
     except Exception as e:   # CuPy without NVRTC, an NVRTC error: nvcc may still build them
-        log.warning("NVRTC could not compile the CUDA decoders for sm_%s (%s); trying nvcc",
-                    arch, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning("NVRTC could not compile %s for sm_%s (%s); trying nvcc",
+                    ", ".join(sources), arch, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
 
 
@@ -133,3 +169,15 @@ def _i64(v: int):
     import numpy as np
 
     return np.int64(v)
+
+
+def _i32(v: int):
+    import numpy as np
+
+    return np.int32(v)
+
+
+def _block_bytes(type_name: str) -> int:
+    from . import gguf
+
+    return gguf.TYPES[type_name][2]
