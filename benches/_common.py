@@ -816,6 +816,7 @@ class Machine:
     def measure(cls, a: argparse.Namespace, budget: int, data_path: Path, *,
                 idle_imports: str = DEFAULT_IDLE_IMPORTS, cgroup_idle: bool = True
                 ) -> "Machine":
+        build_kernels()
         idle = idle_footprint(idle_imports)
         capped, reason = (False, "disabled by --no-cap") if a.no_cap else cgroup_status()
         return cls(disk_bandwidth(data_path), idle, budget + idle + a.cap_slack, capped, reason,
@@ -834,6 +835,16 @@ class Machine:
         return {"idle_bytes": self.idle, "idle_cgroup_bytes": self.idle_cg,
                 "cap_bytes": self.cap, "capped": self.capped, "cgroup": self.cg_reason,
                 "disk": self.disk}
+
+
+def build_kernels() -> None:
+    """Build offload's CPU kernels now, outside every cap: a contender's first use would
+    compile them inside its memory cap (the compiler's pages counted against the budget, and
+    thrashing there: a 457 MB cap took minutes, then killed the run)."""
+    from offload.kernels import _build
+
+    for name in ("bitmap_decode_cpu", "gguf_dequant_cpu", "gguf_matmul_cpu"):
+        _build.cpu_library(name)
 
 
 def cap_and_disk_rows(cap: int, idle: int, slack: int, capped: bool, reason: str,
