@@ -73,12 +73,12 @@ class Kernels:
         if err:
             raise RuntimeError(f"bitmap decode kernel launch failed (cudaError {err})")
 
-    def qmatmul(self, type_name: str, type_id: int, blocks: torch.Tensor, x: torch.Tensor,
-                y: torch.Tensor, n: int, stream: torch.cuda.Stream) -> None:
-        """``y[:n] = x[:n] @ W.T`` for ``W`` given as ``blocks`` (uint8 ``[rows, row_bytes]``
-        of ``type_name``), ``x`` and ``y`` float32 with unit column stride."""
-        rows, row_bytes = blocks.shape
-        nblocks = row_bytes // _block_bytes(type_name)
+    def qmatmul(self, type_name: str, type_id: int, blocks: torch.Tensor, nblocks: int,
+                x: torch.Tensor, y: torch.Tensor, n: int, stream: torch.cuda.Stream) -> None:
+        """``y[:n] = x[:n] @ W.T`` for ``W`` given as ``blocks`` (uint8 ``[rows, row_bytes]``:
+        ``nblocks`` blocks of ``type_name`` a row), ``x`` and ``y`` float32 with unit column
+        stride."""
+        rows = blocks.shape[0]
         if rows == 0:
             return
         if self.how == "nvrtc":
@@ -175,9 +175,3 @@ def _i32(v: int):
     import numpy as np
 
     return np.int32(v)
-
-
-def _block_bytes(type_name: str) -> int:
-    from . import gguf
-
-    return gguf.TYPES[type_name][2]

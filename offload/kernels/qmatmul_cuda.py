@@ -57,7 +57,9 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tensor 
     if x2.shape[0] > MAX_N:
         _by_chunks(x2, blocks, qtype, y2, stream)
         return out
-    _kernels(x.device).qmatmul(qtype, gguf.TYPES[qtype][0], blocks, x2, y2, x2.shape[0], stream)
+    _, _, nbytes = gguf.TYPES[qtype]
+    _kernels(x.device).qmatmul(qtype, gguf.TYPES[qtype][0], blocks, blocks.shape[1] // nbytes,
+                               x2, y2, x2.shape[0], stream)
     return out
 
 
