@@ -74,7 +74,8 @@ def main() -> int:
                 copy = time_events(lambda i: dst.copy_(sets[i % 3]))
                 rows.append({"type": qtype, "rows": r, "cols": c, "batch": n,
                              "stored_bytes": stored, "kernel_s": s, "copy_s": copy,
-                             "kernel_gbps": stored / s / 1e9, "copy_read_gbps": stored / copy / 1e9})
+                             "kernel_gbps": stored / s / 1e9,
+                             "copy_read_gbps": stored / copy / 1e9})
             del sets
     print(f"\n{'type':<6}{'weight':>14}{'batch':>6}{'stored MB':>10}{'kernel us':>10}"
           f"{'copy us':>9}{'kernel GB/s':>12}{'copy GB/s':>10}{'of copy':>8}")

@@ -36,17 +36,22 @@ extern "C" {
 int offload_qmatmul_warp_emulated(int type, const uint8_t* w, int64_t rows, int64_t nblocks,
                                   const float* x, int64_t ldx, int n, float* y, int64_t ldy) {
   if (n < 1 || n > MAX_N) return -2;
+#define OFFLOAD_EMULATED_CASE(TYPE)                                                          \
+  case offload_gguf::TYPE:                                                                    \
+    emulate<offload_gguf::TYPE>(w, rows, nblocks, x, ldx, n, y, ldy);                         \
+    break;
   switch (type) {
-    case offload_gguf::Q4_0: emulate<offload_gguf::Q4_0>(w, rows, nblocks, x, ldx, n, y, ldy); break;
-    case offload_gguf::Q4_1: emulate<offload_gguf::Q4_1>(w, rows, nblocks, x, ldx, n, y, ldy); break;
-    case offload_gguf::Q5_0: emulate<offload_gguf::Q5_0>(w, rows, nblocks, x, ldx, n, y, ldy); break;
-    case offload_gguf::Q5_1: emulate<offload_gguf::Q5_1>(w, rows, nblocks, x, ldx, n, y, ldy); break;
-    case offload_gguf::Q8_0: emulate<offload_gguf::Q8_0>(w, rows, nblocks, x, ldx, n, y, ldy); break;
-    case offload_gguf::Q4_K: emulate<offload_gguf::Q4_K>(w, rows, nblocks, x, ldx, n, y, ldy); break;
-    case offload_gguf::Q5_K: emulate<offload_gguf::Q5_K>(w, rows, nblocks, x, ldx, n, y, ldy); break;
-    case offload_gguf::Q6_K: emulate<offload_gguf::Q6_K>(w, rows, nblocks, x, ldx, n, y, ldy); break;
+    OFFLOAD_EMULATED_CASE(Q4_0)
+    OFFLOAD_EMULATED_CASE(Q4_1)
+    OFFLOAD_EMULATED_CASE(Q5_0)
+    OFFLOAD_EMULATED_CASE(Q5_1)
+    OFFLOAD_EMULATED_CASE(Q8_0)
+    OFFLOAD_EMULATED_CASE(Q4_K)
+    OFFLOAD_EMULATED_CASE(Q5_K)
+    OFFLOAD_EMULATED_CASE(Q6_K)
     default: return -1;
   }
+#undef OFFLOAD_EMULATED_CASE
   return 0;
 }
 

@@ -154,8 +154,9 @@ def _nvrtc_modules(index: int, arch: str, sources: dict) -> dict | None:
                     module.get_function(kernel)
         return modules
     except Exception as e:   # CuPy without NVRTC, an NVRTC error: nvcc may still build them
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
         log.warning("NVRTC could not compile %s for sm_%s (%s); trying nvcc",
-                    ", ".join(sources), arch, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    ", ".join(sources), arch, why)
         return None
 
 
