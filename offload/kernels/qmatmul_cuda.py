@@ -54,6 +54,8 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tensor 
     if out is None:
         out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32, device=x.device)
     y2 = out.view(-1, rows)
+    if x2.shape[0] == 0:
+        return out
     if x2.shape[0] > MAX_N:
         _by_chunks(x2, blocks, qtype, y2, stream)
         return out
