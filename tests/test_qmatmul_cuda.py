@@ -16,14 +16,9 @@ from offload.kernels import _build, cuda, gguf, qmatmul, qmatmul_cuda as qc
 SHAPES = ((1, 1, 1), (7, 3, 2), (37, 5, qc.MAX_N), (5, 33, 3), (3, 70, 1))
 
 
-def _weight(qtype: str, rows: int, blocks_per_row: int, seed: int) -> torch.Tensor:
-    _, block, _ = gguf.TYPES[qtype]
-    return gguf.sample_blocks(qtype, rows * blocks_per_row * block, seed=seed).view(rows, -1)
-
-
 def _inputs(qtype: str, rows: int, nb: int, m: int, seed: int):
-    w = _weight(qtype, rows, nb, seed)
-    cols = qmatmul.cols_of(qtype, w.shape[1])
+    cols = nb * gguf.TYPES[qtype][1]
+    w = qc.sample_blocks(qtype, rows, cols, seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, cols, generator=g) * torch.logspace(-2, 2, m).unsqueeze(1)
     return w, x

@@ -124,17 +124,12 @@ def _check(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> tuple[int, int]
 
 
 def _by_chunks(x2, blocks, qtype, y2, stream) -> None:
-    rows, row_bytes = blocks.shape
-    cols = x2.shape[1]
-    per = max(1, min(rows, CHUNK_BYTES // (cols * 4)))   # rows of W dequantized at a time
-    scratch = torch.empty(per * cols * 4, dtype=torch.uint8, device=x2.device)
+    """The prefill road: ``qmatmul``'s (W dequantized a chunk at a time into a scratch, then
+    torch's matmul), here with a scratch on the GPU and every launch on ``stream``."""
+    per = max(1, min(blocks.shape[0], CHUNK_BYTES // (x2.shape[1] * 4)))   # rows of W a chunk
+    scratch = torch.empty(per * x2.shape[1] * 4, dtype=torch.uint8, device=x2.device)
     with torch.cuda.stream(stream):
-        for r0 in range(0, rows, per):
-            r1 = min(rows, r0 + per)
-            dense = scratch[:(r1 - r0) * cols * 4]
-            gguf.dequantize(blocks[r0:r1].reshape(-1), dense, qtype, (r1 - r0) * cols,
-                            stream=stream)
-            y2[:, r0:r1] = x2 @ dense.view(torch.float32).view(r1 - r0, cols).t()
+        qmatmul._by_chunks(x2, blocks, qtype, y2, scratch)
 
 
 def _kernels(device: torch.device):
