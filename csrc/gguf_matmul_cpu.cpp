@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention.h"
 #include "cpu_isa.h"
 #include "gguf_blocks.h"
 #include "thread_pool.h"
@@ -489,8 +490,8 @@ int offload_gguf_matmul(int type, const uint8_t* w, int64_t n, int64_t k, const 
 // -- a Llama decoder layer's decode step around the products (compute="fast") -----------------
 // The work between a layer's products, done here in the same call as the products, so a decode
 // step of a small model is not the framework's per-operation cost (about 5 us per torch call,
-// some 20 per layer) times its layers. What remains in Python is the KV cache's update and the
-// attention itself (torch's sdpa: masks, grouped heads).
+// some 20 per layer) times its layers. With the KV cache written in place (the runtime's
+// buffered cache) the attention is here too (attention.h): a decode step is one call a layer.
 
 namespace {
 
@@ -595,6 +596,90 @@ int offload_llama_attn_out_mlp(const int* types, const uint8_t* const* ws, const
   if (code) return code;
   for (int64_t i = 0; i < m * hidden; ++i) out[i] += h[i];
   return 0;
+}
+
+}  // extern "C"
+
+namespace {
+
+// -- the attention of a decode step (attention.h), compiled at each CPU level ------------------
+using offload_attention::Step;
+
+void heads_scalar(const Step& a, int64_t p0, int64_t p1, float* s) {
+  offload_attention::heads(a, p0, p1, s);
+}
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma,f16c"))) void heads_avx2(const Step& a, int64_t p0, int64_t p1,
+                                                          float* s) {
+  offload_attention::heads(a, p0, p1, s);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void heads_avx512(
+    const Step& a, int64_t p0, int64_t p1, float* s) {
+  offload_attention::heads(a, p0, p1, s);
+}
+#endif
+
+offload_attention::HeadsFn heads_fn(int isa) {
+#if defined(__x86_64__)
+  const int level = offload_isa::effective(isa);
+  if (level >= offload_isa::AVX512) return heads_avx512;
+  if (level >= offload_isa::AVX2) return heads_avx2;
+#endif
+  return heads_scalar;
+}
+
+// A Llama layer's weights and constants for offload_llama_layer_step (layer.py's LayerSpec).
+struct LlamaLayer {
+  int types[7];             // q, k, v, o, gate, up, down
+  int64_t rows[7];
+  const uint8_t* ws[7];
+  const float* norms[2];    // input, post-attention
+  float eps[2];
+  int64_t hidden, inter, head_dim;
+  float scale;
+};
+
+}  // namespace
+
+extern "C" {
+
+// One decode position per sequence against a layer's cache (attention.h's Step, flattened):
+// q (b rows of heads * head_dim), k and v (b rows of kv_heads * head_dim) appended at position
+// ``pos`` of kbuf / vbuf, then out (b rows of heads * head_dim) = the attention over the pos + 1
+// positions. Returns 0, or -3 for head_dim < 1 or heads not a multiple of kv_heads (nothing
+// written).
+int offload_llama_attend(const float* q, const float* k, const float* v, int64_t b,
+                         int64_t heads, int64_t kv_heads, int64_t head_dim, float* kbuf,
+                         float* vbuf, int64_t sb, int64_t sh, int64_t pos, const uint8_t* mask,
+                         int64_t mask_stride, float scale, float* out, void* pool, int isa) {
+  if (head_dim < 1 || kv_heads < 1 || heads % kv_heads) return -3;
+  const Step a{q, k, v, b, heads, kv_heads, head_dim, kbuf, vbuf, sb, sh, pos, mask,
+               mask_stride, scale, out};
+  offload_attention::attend(a, static_cast<offload_pool::Pool*>(pool), heads_fn(isa));
+  return 0;
+}
+
+// A Llama decoder layer's decode step for b sequences of one position each, in one call:
+// offload_llama_attn_in, offload_llama_attend over the layer's cache, and
+// offload_llama_attn_out_mlp, with the same arithmetic as those calls made one by one.
+// Returns 0 or the first refusal among them.
+int offload_llama_layer_step(const LlamaLayer* L, const float* x, int64_t b, const float* cos,
+                             const float* sin, float* kbuf, float* vbuf, int64_t sb, int64_t sh,
+                             int64_t pos, const uint8_t* mask, int64_t mask_stride, float* out,
+                             void* pool, int isa) {
+  const int64_t nq = L->rows[0], nkv = L->rows[1], d = L->head_dim;
+  if (d < 1 || nkv != L->rows[2]) return -3;
+  std::vector<float> qkv((size_t)(b * (nq + 2 * nkv))), att((size_t)(b * nq));
+  float *q = qkv.data(), *k = q + b * nq, *v = k + b * nkv;
+  int code = offload_llama_attn_in(L->types, L->ws, L->rows, L->hidden, x, b, L->norms[0],
+                                   L->eps[0], cos, sin, d, q, k, v, pool, isa);
+  if (code) return code;
+  code = offload_llama_attend(q, k, v, b, nq / d, nkv / d, d, kbuf, vbuf, sb, sh, pos, mask,
+                              mask_stride, L->scale, att.data(), pool, isa);
+  if (code) return code;
+  return offload_llama_attn_out_mlp(L->types + 3, L->ws + 3, L->rows + 3, L->hidden, L->inter,
+                                    nq, att.data(), x, b, L->norms[1], L->eps[1], out, pool,
+                                    isa);
 }
 
 }  // extern "C"

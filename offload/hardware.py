@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 # 3: disk measured as a run reads (spread, 4 readers, beside compute); 4: the fused kernel
 # measured beyond the caches, at two weight sizes; 5: batch-8 compute with a weight beyond the
-# caches where the budget leaves room, the fused kernel's working set within the whole bound
-PROFILE_VERSION = 5
+# caches where the budget leaves room, the fused kernel's working set within the whole bound;
+# 6: the fast road's layers timed over a cache written in place (one kernel call a step)
+PROFILE_VERSION = 6
 
 
 def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.device,
@@ -285,11 +286,13 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
     (``workspace.miniature``: 64 wide, their weights too small to matter) of two depths: the
     difference per layer, the rest per step. The same two miniatures serve every batch (a
     first run measures inside its budget). ``fast``: the miniatures' layers take the fast
-    layer road (``kernels.layer.fuse_miniature``: Q8_0 blocks, two kernel calls a layer).
+    layer road (``kernels.layer.fuse_miniature``: Q8_0 blocks) over a cache written in place,
+    as a fast run's (``runtime/kvbuffer.py``): one kernel call a layer and step.
     Cost: ~0.5 s a batch here, once per family (cached with the profile)."""
     from .adapters.base import cache_keyword
     from .kernels import layer, qmatmul
     from .kernels.workspace import miniature
+    from .runtime import kvbuffer
 
     spec = config.to_json_string(use_diff=False)
     models = [miniature(spec, dtype, layers).to(device) for layers in depths]
@@ -303,8 +306,9 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
         for batch in batches:
             runs = []
             for model in models:
+                own = {key: kvbuffer.buffered_cache(model.config, 4 + steps + 2)} if fast else {}
                 first = model(torch.tensor([[1, 2, 3, 4]] * batch, device=device),
-                              use_cache=True)
+                              use_cache=True, **own)
                 runs.append((model, {key: getattr(first, key, None) or first.past_key_values},
                              []))
                 del first

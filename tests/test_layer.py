@@ -13,15 +13,18 @@ from transformers import DynamicCache
 import offload
 from gguf_files import write_llama_gguf
 from offload import api
-from offload.kernels import layer, qmatmul
+from offload.kernels import cpu, layer, qmatmul
+from offload.runtime import kvbuffer
 
 pytestmark = pytest.mark.skipif(not qmatmul.available(), reason="no C++ compiler here")
 
 
-def _steps(model, ids, mask, steps: int = 3):
+def _steps(model, ids, mask, steps: int = 3, in_place: bool = False):
     """Logits of a prefill of ``ids`` (left-padded by ``mask``) and ``steps`` greedy decode
-    steps through one DynamicCache, concatenated."""
-    cache = DynamicCache(config=model.config)
+    steps through one cache, concatenated: transformers' DynamicCache, or ``in_place`` the
+    runtime's cache written in place (whose steps take the kernel's attention)."""
+    cache = (kvbuffer.buffered_cache(model.config, 32) if in_place
+             else DynamicCache(config=model.config))
     kw = api.runtime_of(model).cache_argument
     out = []
     with torch.no_grad():
@@ -36,33 +39,38 @@ def _steps(model, ids, mask, steps: int = 3):
 
 
 class Count:
-    """Calls of the merged road and of the parts' road (the norms run apart)."""
+    """Calls of the merged road (the two calls, or the one of a step over a cache written in
+    place), of the parts' road (the norms run apart) and of the kernel's attention apart."""
 
     def __init__(self, monkeypatch):
-        self.merged = self.parts = 0
-        merged, norm = layer.DecoderKernels.attn_out_mlp, layer.DecoderKernels.norm
+        self.merged = self.parts = self.attends = 0
+        cls = layer.DecoderKernels
+        merged, step, norm, attend = cls.attn_out_mlp, cls.step, cls.norm, cls.attend
 
-        def counted_merged(kernels, *a):
-            self.merged += 1
-            return merged(kernels, *a)
+        def counted(f, name):
+            def call(kernels, *a):
+                setattr(self, name, getattr(self, name) + 1)
+                return f(kernels, *a)
+            return call
 
-        def counted_norm(kernels, *a):
-            self.parts += 1
-            return norm(kernels, *a)
-
-        monkeypatch.setattr(layer.DecoderKernels, "attn_out_mlp", counted_merged)
-        monkeypatch.setattr(layer.DecoderKernels, "norm", counted_norm)
+        monkeypatch.setattr(cls, "attn_out_mlp", counted(merged, "merged"))
+        monkeypatch.setattr(cls, "step", counted(step, "merged"))
+        monkeypatch.setattr(cls, "norm", counted(norm, "parts"))
+        monkeypatch.setattr(cls, "attend", counted(attend, "attends"))
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K"])
-def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, tmp_path, monkeypatch):
-    """Resident, every layer takes the two-call road for steps of few rows; with its parts
-    streamed as Units of their own and no more of them than the slots, a layer binds them and
-    takes it too; at the minimum budget (one slot) or with a user's hook on a part, it goes
-    part by part (the hooks bind each part as it is called). The logits of a padded batch's
-    prefill and decode steps are bitwise the same on every road. All are near what
-    transformers computes around the same fused products (the layers' own forwards), and not
-    equal to it (another computation really ran)."""
+@pytest.mark.parametrize("qtype,in_place", [("Q4_1", False), ("Q4_K", False),
+                                             ("Q4_1", True), ("Q4_K", True)])
+def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, in_place, tmp_path,
+                                                               monkeypatch):
+    """Resident, every layer takes the two-call road for steps of few rows (one call for a
+    decode step over a cache written in place); with its parts streamed as Units of their own
+    and no more of them than the slots, a layer binds them and takes it too; at the minimum
+    budget (one slot) or with a user's hook on a part, it goes part by part (the hooks bind
+    each part as it is called; the kernel's attention apart over a cache written in place).
+    The logits of a padded batch's prefill and decode steps are bitwise the same on every
+    road. All are near what transformers computes around the same fused products (the layers'
+    own forwards), and not equal to it (another computation really ran)."""
     path = write_llama_gguf(tmp_path / f"{qtype}.gguf", hidden=256, layers=3, intermediate=512,
                             heads=4, kv_heads=2, vocab=512, qtype=qtype)
     ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(3))
@@ -88,9 +96,10 @@ def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, tmp_path,
         if name == "hooked":             # a user's hook on a part of layer 1
             model.model.layers[1].post_attention_layernorm.register_forward_hook(
                 lambda *a: None)
-        count.merged = count.parts = 0
-        got[name] = _steps(model, ids, mask)
+        count.merged = count.parts = count.attends = 0
+        got[name] = _steps(model, ids, mask, in_place=in_place)
         got[name, "counts"] = (count.merged, count.parts)
+        got[name, "attends"] = count.attends
         got[name, "resyncs"] = offload.stats(model)["resyncs"]
         offload.close(model)
     # the prefill (2 x 6 rows, within the kernel's INT_ROWS) and 3 decode steps, 3 layers
@@ -98,6 +107,10 @@ def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, tmp_path,
     assert got["hooked", "counts"] == (4 * 2, 4 * 2)   # layer 1's two norms ran apart
     assert got["parts", "counts"][1] > 0               # some layer's norms ran apart
     assert got["held", "resyncs"] == got["hooked", "resyncs"] == got["parts", "resyncs"] == 0
+    # the kernel's attention apart: the parts' road's decode steps over a cache in place
+    assert got["resident", "attends"] == got["held", "attends"] == 0
+    assert got["hooked", "attends"] == (3 if in_place else 0)   # layer 1's 3 decode steps
+    assert (got["parts", "attends"] > 0) == in_place
     for name in ("held", "hooked", "parts"):
         assert torch.equal(got["resident"], got[name]), name
 
@@ -105,7 +118,7 @@ def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, tmp_path,
     model = offload.run(str(path), budget="100%", compute="fast", offload_dir=tmp_path / "o",
                         max_tokens=32, progress=False)
     assert api.runtime_of(model).fast_layers == 0
-    theirs = _steps(model, ids, mask)
+    theirs = _steps(model, ids, mask, in_place=in_place)
     offload.close(model)
     assert not torch.equal(got["resident"], theirs)
     # float32 norms and SiLU in another order shift a few activations by one 8-bit step: far
@@ -165,7 +178,8 @@ def test_the_plan_prices_the_fast_road_where_every_layer_takes_it():
 
 def test_a_miniature_on_the_fast_road_runs_two_kernel_calls_a_layer(monkeypatch):
     """What the profile times for ``llama/fast``: a miniature whose layers take the merged
-    road on every decode step (finite logits; the layer's own forward never runs)."""
+    road on every decode step (finite logits; the layer's own forward never runs); over a
+    cache written in place (as the profile times it), its steps' one-call road."""
     from transformers import DynamicCache, LlamaConfig
 
     from offload.kernels.workspace import miniature
@@ -181,3 +195,74 @@ def test_a_miniature_on_the_fast_road_runs_two_kernel_calls_a_layer(monkeypatch)
             logits = model(torch.tensor([[4]]), cache=cache, use_cache=True).logits
         assert (count.merged, count.parts) == (2 * 3, 0)
         assert torch.isfinite(logits).all()
+        cache = kvbuffer.buffered_cache(model.config, 8)
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+            count.merged = 0
+            monkeypatch.setattr(layer.DecoderKernels, "attn_in", None)   # the two-call road's
+            logits = model(torch.tensor([[4]]), cache=cache, use_cache=True).logits
+        assert (count.merged, count.parts) == (3, 0)
+        assert torch.isfinite(logits).all() and cache.get_seq_length() == 4
+
+
+def _attention_reference(q, kb, vb, n, heads, mask):
+    """float64 softmax(q k^T * scale) v over the first n positions of the buffers
+    ([b, kv_heads, capacity, d]), grouped heads reading their KV head; mask [b, n] or None."""
+    b, kv, _, d = kb.shape
+    k = kb[:, :, :n].double().repeat_interleave(heads // kv, 1)    # [b, heads, n, d]
+    v = vb[:, :, :n].double().repeat_interleave(heads // kv, 1)
+    s = torch.einsum("bhd,bhnd->bhn", q.double().view(b, heads, d), k) / d ** 0.5
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.einsum("bhn,bhnd->bhd", s.softmax(-1), v).reshape(b, heads * d)
+
+
+@pytest.mark.parametrize("b,heads,kv,d,pos", [(1, 9, 3, 64, 0), (3, 6, 2, 40, 36),
+                                              (2, 4, 4, 17, 300), (1, 8, 1, 128, 15)])
+def test_the_step_attention_kernel_against_float64(b, heads, kv, d, pos):
+    """offload_llama_attend: the new keys and values written at ``pos`` and nothing else
+    touched; the output within float32 rounding of the float64 attention (grouped heads, a
+    padded row's mask, head sizes off the 16-lane width, one position to hundreds); the same
+    bits at every CPU level this machine runs and on the thread pool (300 positions: split)."""
+    g = torch.Generator().manual_seed(b * 1000 + pos)
+    cap = pos + 5
+    kb, vb = (torch.randn(b, kv, cap, d, generator=g) for _ in range(2))
+    q = torch.randn(b, heads * d, generator=g) * 3   # scores of a few units: a peaked softmax
+    k, v = (torch.randn(b, kv * d, generator=g) for _ in range(2))
+    mask = torch.ones(b, pos + 1, dtype=torch.bool)
+    if b > 1:
+        mask[1, : pos // 2] = False   # a left-padded row
+    flags = layer.step_mask(mask[:, None, None, :], b, pos + 1)
+    lib = layer._library()
+    outs = []
+    with qmatmul.Pool(2) as pool:
+        for isa in cpu.supported():
+            for handle in (None, pool.handle):
+                kc, vc, out = kb.clone(), vb.clone(), torch.empty(b, heads * d)
+                assert lib.offload_llama_attend(
+                    q.data_ptr(), k.data_ptr(), v.data_ptr(), b, heads, kv, d, kc.data_ptr(),
+                    vc.data_ptr(), kc.stride(0), kc.stride(1), pos, flags[0].data_ptr(),
+                    flags[1], ctypes.c_float(d ** -0.5), out.data_ptr(), handle,
+                    cpu.level(isa)) == 0
+                outs.append(out)
+    want_k, want_v = kb.clone(), vb.clone()
+    want_k[:, :, pos] = k.view(b, kv, d)
+    want_v[:, :, pos] = v.view(b, kv, d)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    want = _attention_reference(q, want_k, want_v, pos + 1, heads, mask)
+    # a float32 dot of d terms and a sum of n weights: a few units in the last place of the
+    # values' scale, far below one value's change (a lost position or a wrong head)
+    assert (outs[0].double() - want).abs().max() < 1e-5 * vb.abs().max()
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+def test_the_step_attention_refuses_heads_its_kv_heads_do_not_divide():
+    """Heads not a multiple of the KV heads: refused (code -3), nothing written."""
+    lib = layer._library()
+    kb = torch.zeros(1, 2, 4, 8)
+    q, k, out = torch.randn(1, 24), torch.ones(1, 16), torch.empty(1, 24)
+    assert lib.offload_llama_attend(q.data_ptr(), k.data_ptr(), k.data_ptr(), 1, 3, 2, 8,
+                                    kb.data_ptr(), kb.data_ptr(), kb.stride(0), kb.stride(1), 0,
+                                    None, 0, ctypes.c_float(0.3), out.data_ptr(), None, 0) == -3
+    assert not kb.any()

@@ -75,11 +75,30 @@ class BufferLayer(DynamicLayer):
             end = n + key_states.shape[-2]
         self._k[:, :, n:end] = key_states
         self._v[:, :, n:end] = value_states
-        size = (key_states.shape[0], key_states.shape[1], end, key_states.shape[3])
+        self.advance(end - n)   # _filled is n
+        return self.keys, self.values
+
+    def room(self, batch: int, heads: int, positions: int, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The key and value buffers (``[batch, heads, room, head_dim]``, rows contiguous) and
+        the position where a forward of ``positions`` new ones writes, for a writer that fills
+        them itself (``compute="fast"``'s layer kernel) and then calls ``advance``; None where
+        ``update`` must take the forward (nothing held yet, no room, another form, or tensors
+        replaced since)."""
+        if (self._k is None or self.keys is not self._view
+                or self._filled + positions > self._room
+                or (batch, heads, dtype) != self._form or self._k.stride(-1) != 1
+                or self._k.stride(-2) != self._k.shape[-1]):
+            return None
+        return self._k, self._v, self._filled
+
+    def advance(self, positions: int) -> None:
+        """Count ``positions`` written at ``room``'s position (as ``update`` would have)."""
+        end = self._filled + positions
+        size = (*self._k.shape[:2], end, self._k.shape[3])
         self.keys = self._k.as_strided(size, self._k.stride())
         self.values = self._v.as_strided(size, self._v.stride())
         self._view, self._filled = self.keys, end
-        return self.keys, self.values
 
     def _take_up(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Buffers holding the layer's positions so far (its tensors as they are now,
