@@ -773,7 +773,7 @@ def teacher_forced(model, ids, chunk: int, in_place: bool = False):
     from transformers import DynamicCache
 
     from offload import api
-    from offload.runtime import kvbuffer
+    from offload.adapters import kvbuffer
 
     cache = (kvbuffer.buffered_cache(model.config, ids.shape[1]) if in_place
              else DynamicCache(config=model.config))

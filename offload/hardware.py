@@ -287,12 +287,12 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
     difference per layer, the rest per step. The same two miniatures serve every batch (a
     first run measures inside its budget). ``fast``: the miniatures' layers take the fast
     layer road (``kernels.layer.fuse_miniature``: Q8_0 blocks) over a cache written in place,
-    as a fast run's (``runtime/kvbuffer.py``): one kernel call a layer and step.
+    as a fast run's (``adapters/kvbuffer.py``): one kernel call a layer and step.
     Cost: ~0.5 s a batch here, once per family (cached with the profile)."""
     from .adapters.base import cache_keyword
     from .kernels import layer, qmatmul
     from .kernels.workspace import miniature
-    from .runtime import kvbuffer
+    from .adapters import kvbuffer
 
     spec = config.to_json_string(use_diff=False)
     models = [miniature(spec, dtype, layers).to(device) for layers in depths]

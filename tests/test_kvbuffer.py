@@ -1,4 +1,4 @@
-"""The dynamic KV cache written in place (``runtime/kvbuffer.py``): the positions transformers'
+"""The dynamic KV cache written in place (``adapters/kvbuffer.py``): the positions transformers'
 ``DynamicLayer`` holds, in buffers allocated once; and a fast plan's runtime handing it to
 ``generate()`` and to direct forwards, with the tokens and logits of transformers' cache."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import offload
 from gguf_files import write_llama_gguf
 from offload import api
 from offload.kernels import layer
-from offload.runtime.kvbuffer import BufferLayer, buffered_cache, capacity
+from offload.adapters.kvbuffer import BufferLayer, buffered_cache, capacity
 
 
 def _kv(batch: int, positions: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import offload
 from gguf_files import write_llama_gguf
 from offload import api
 from offload.kernels import cpu, layer, qmatmul
-from offload.runtime import kvbuffer
+from offload.adapters import kvbuffer
 
 pytestmark = pytest.mark.skipif(not qmatmul.available(), reason="no C++ compiler here")
 

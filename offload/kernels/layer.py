@@ -12,7 +12,7 @@ are all kept in GGUF blocks forwards that run a decode step (up to ``qmatmul.INT
 3. ``offload_llama_attn_out_mlp``: the o product and the residual, RMS norm, gate and up,
    SiLU times up, the down product and the residual.
 
-Where the cache is the runtime's own, written in place (``runtime/kvbuffer.py``: every
+Where the cache is the runtime's own, written in place (``adapters/kvbuffer.py``: every
 ``compute="fast"`` plan's), a step of one position per sequence under the model's sdpa or eager
 attention (no mask, or a boolean one: padding) is all three in one call,
 ``offload_llama_layer_step``: the new keys and values written into the cache's buffers and the
@@ -304,7 +304,7 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0
         if t != 1 or not plain or layers is None or len(layers) <= kernels.layer_idx:
             return None
         kv = layers[kernels.layer_idx]
-        room = getattr(kv, "room", None)   # a runtime/kvbuffer.BufferLayer
+        room = getattr(kv, "room", None)   # a adapters/kvbuffer.BufferLayer
         room = room(b, kernels.kv_heads, t, torch.float32) if room is not None else None
         mask = step_mask(kwargs.get("attention_mask"), b, room[2] + t) if room else None
         return None if mask is None else (kv, room, mask)

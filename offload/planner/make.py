@@ -162,7 +162,7 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
     position's), what the head's half-precision path copies at that batch on this CPU
     (``head_rows``: its largest chunk), and ``overhead``: the runtime's own objects
     (``bookkeeping``). ``buffered``: a dynamic cache the runtime writes in place (a fast
-    plan's: ``runtime/kvbuffer.py``; reserved as transformers' cache)."""
+    plan's: ``adapters/kvbuffer.py``; reserved as transformers' cache)."""
     kvo, tokens = options.kv, options.tokens
     paths = head.choose(dtype, shape.hidden) if options.device.startswith("cpu") else None
     extra = overhead + head.extra_bytes(paths, kvo.batch, shape.hidden, dtype.itemsize,

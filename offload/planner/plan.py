@@ -67,7 +67,7 @@ class KVPlan:
         auto: ``kv="auto"``: ``generate()`` may move a dynamic plan's cache to a paged one
             (spilled to disk) when its context outgrows the reserve.
         buffered: a dynamic plan whose runtime hands forwards a cache written in place
-            (``runtime/kvbuffer.py``: ``compute="fast"``).
+            (``adapters/kvbuffer.py``: ``compute="fast"``).
         overhead_bytes: the runtime's own objects (``make.bookkeeping``), in the reserve
             beside every forward.
         kernel_bytes: of ``overhead_bytes``, what torch's CPU matmul kernel caches can grow

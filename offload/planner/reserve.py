@@ -35,7 +35,7 @@ def dynamic_reserve(shape, itemsize: int, tokens: int, *, logits_rows: int = 1,
     (``chunk``: in forwards of that many positions, the last attending to all ``tokens``),
     keeping ``logits_rows`` rows of logits (``generate()`` keeps the last position of each
     sequence: one row per sequence), with what the head's path copies for them. A cache
-    written in place (``runtime/kvbuffer.py``) is reserved the same: see there."""
+    written in place (``adapters/kvbuffer.py``) is reserved the same: see there."""
     return forward_bytes(shape, itemsize, batch=1, new=min(chunk or tokens, tokens),
                          total=tokens, logits_rows=logits_rows,
                          kv_bytes=shape.kv_bytes(tokens, itemsize), head_copy=head_copy)

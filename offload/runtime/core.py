@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from ..adapters import kvbuffer
 from ..adapters.base import cache_keyword
 from ..errors import BudgetError, HardwareError, StoreError
 from ..hooks import (SIBLINGS, attach_unit, detach, embedding_forward, fused_group,
@@ -28,7 +29,6 @@ from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
 from ..tiers.transport import Transport
 from ..units import DTYPES, Unit
-from . import kvbuffer
 from .startup import load_held, load_resident
 from .stats import Counters, SparseStats, cache_bytes, report
 
@@ -473,7 +473,7 @@ class Runtime:
         """The KV bytes a forward reaching ``total`` positions runs with, and whether its
         cache writes them in place: a paged cache holds its device part, whatever the
         context; any other the whole context (a buffered one its buffers, where they are
-        larger), checked as if grown by ``torch.cat`` (``runtime/kvbuffer.py`` says why)."""
+        larger), checked as if grown by ``torch.cat`` (``adapters/kvbuffer.py`` says why)."""
         kv = getattr(cache, "device_bytes", None)
         if kv is not None:
             return kv, True
