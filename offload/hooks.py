@@ -10,6 +10,7 @@ the prefill and the cache to the reserve (``wrap_generate``). Each returns its u
 """
 from __future__ import annotations
 
+import bisect
 import functools
 from typing import Callable
 
@@ -159,6 +160,10 @@ class StreamedBindHook:
         self.exit()
 
 
+# Ids an embedding's forward looks up one by one (a decode step's batch), not by masks.
+FEW_IDS = 16
+
+
 def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dtype, device,
                       resident: dict, gather: Callable,
                       decode_rows: Callable | None = None) -> Callable:
@@ -168,8 +173,30 @@ def embedding_forward(chunks: list[tuple[str, tuple[int, int]]], hidden: int, dt
     name decoded by ``decode_rows(blocks)``."""
 
     starts = torch.tensor([start for _, (start, _) in chunks], device=device)
+    bounds = starts.tolist()
+
+    def few(ids: torch.Tensor) -> torch.Tensor | None:
+        """A decode step's few ids on the CPU, row by row from resident chunks (a dozen torch
+        calls fewer than the masks: SmolLM2's embedding in a decode step 0.33 -> 0.17 ms
+        here, 0.02 ms called alone); None where an id is not in a resident chunk's rows (the
+        masked road below)."""
+        flat = ids.reshape(-1).tolist()
+        out = torch.empty(len(flat), hidden, dtype=dtype, device=device)
+        for i, t in enumerate(flat):
+            key, (start, stop) = chunks[max(0, bisect.bisect_right(bounds, t) - 1)]
+            views = resident.get(key)
+            if views is None or not start <= t < stop:
+                return None
+            weight = views["weight"]
+            out[i] = (weight[t - start] if weight.dtype != torch.uint8
+                      else decode_rows(weight[t - start:t - start + 1])[0])
+        return out.view(*ids.shape, hidden)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
+        if ids.device.type == "cpu" and ids.numel() <= FEW_IDS:
+            out = few(ids)
+            if out is not None:
+                return out
         out = torch.empty(*ids.shape, hidden, dtype=dtype, device=device)   # [B, T, H]
         for key, (start, stop) in _chunks_hit(ids, chunks, starts):
             hit = (ids >= start) & (ids < stop)

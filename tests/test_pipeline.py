@@ -165,3 +165,42 @@ def test_holding_more_units_than_slots_is_refused_by_name():
     assert pipe.stats.resyncs == 1
     pipe.acquire("u0")
     pipe.release("u0")
+
+
+def test_a_decode_steps_ids_take_the_rows_the_masked_road_gives(monkeypatch):
+    """``embedding_forward``'s row-by-row road for a decode step's few ids gives the rows of
+    its masked road bitwise: from a resident float chunk, from a resident chunk of blocks
+    (decoded a row at a time or together), and it leaves ids of a chunk on disk, or past the
+    vocabulary, to the masked road (which gathers the former from disk)."""
+    from offload import hooks
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(30, 8, generator=g)
+    chunks = [("a", (0, 10)), ("b", (10, 20)), ("c", (20, 30))]
+    resident = {"a": {"weight": table[:10]},
+                "b": {"weight": (table[10:20] * 16).to(torch.uint8)}}   # "blocks"
+    gathered = []
+
+    def gather(key, rows):
+        gathered.append((key, rows.tolist()))
+        return table[20:30][rows]
+
+    def decode_rows(blocks):   # a row-wise decode, as GGUF rows are
+        return blocks.float() / 16 + 0.5
+
+    forward = hooks.embedding_forward(chunks, 8, torch.float32, torch.device("cpu"), resident,
+                                      gather, decode_rows=decode_rows)
+    cases = [torch.tensor([[3], [15]]), torch.tensor([[19, 0, 9, 10]]),
+             torch.tensor([[4], [25]]), torch.tensor([[2, 31]])]
+    for ids in cases:
+        gathered.clear()
+        few = forward(ids)
+        few_gathers = list(gathered)
+        monkeypatch.setattr(hooks, "FEW_IDS", 0)   # every call down the masked road
+        gathered.clear()
+        masked = forward(ids)
+        monkeypatch.setattr(hooks, "FEW_IDS", 16)
+        known = ids < 30   # past the vocabulary: rows left unwritten on either road
+        assert torch.equal(few[known], masked[known])
+        assert few_gathers == gathered   # disk rows only where a chunk is not resident
+    assert torch.equal(forward(cases[0])[1, 0], decode_rows(resident["b"]["weight"][5]))

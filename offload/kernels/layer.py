@@ -168,6 +168,7 @@ class DecoderKernels:
                                eps=(ctypes.c_float * 2)(*self._eps), hidden=self.hidden,
                                inter=self.inter, head_dim=self.head_dim, scale=self._scale)
         self._spec_ptr = ctypes.pointer(self._spec)
+        self._bound: list = [None] * 9   # the tensors whose addresses _spec holds
 
     def weights(self, which=range(9)) -> list[torch.Tensor] | None:
         """The seven linears' weights and the two norms' as bound now, or None where one of
@@ -234,9 +235,10 @@ class DecoderKernels:
         float32, contiguous): ``attn_in``, ``attend`` and ``attn_out_mlp`` in one call, the
         same arithmetic -> the layer's output [b, hidden]."""
         spec, kb, (flags, stride) = self._spec, room[0], mask
-        for i in range(7):
-            spec.ws[i] = ws[i].data_ptr()
-        spec.norms[0], spec.norms[1] = ws[7].data_ptr(), ws[8].data_ptr()
+        if any(w is not b for w, b in zip(ws, self._bound)):   # a streamed Unit bound anew
+            spec.ws[:] = [w.data_ptr() for w in ws[:7]]
+            spec.norms[:] = [ws[7].data_ptr(), ws[8].data_ptr()]
+            self._bound = ws
         out = torch.empty_like(x)
         self._check(self._lib.offload_llama_layer_step(
             self._spec_ptr, x.data_ptr(), x.shape[0], cos.data_ptr(), sin.data_ptr(),
