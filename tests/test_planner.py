@@ -535,3 +535,30 @@ def test_a_batch_whose_layers_use_most_experts_leaves_the_cache_little_to_keep()
         want = _simulated_step_reads(per_layer, slots, slots - 2)
         got = _step_reads(experts, set(), slots, rates, 2, 8)
         assert got == pytest.approx(want, rel=0.10), (batch, slots, got, want)
+
+
+@pytest.mark.parametrize("batch,tokens,chunk", [(1, 256, 128), (1, 256, 64), (8, 216, 128),
+                                                (8, 216, None), (1, 84, None), (3, 600, 64)])
+def test_the_reserve_holds_every_decode_step_the_runtime_checks(batch, tokens, chunk):
+    """A plan's dynamic reserve is at least what the runtime's budget check asks of each
+    decode step up to ``tokens`` positions, not only of the prefill: a prefill in chunks
+    holds less than a decode step where the layers' caches are still below the C heap's mmap
+    threshold (every layer's old copy counted as heap). A fast plan chose chunks of 128 for
+    SmolLM2 at batch 8 and its own runs were refused mid-prefill (23.0 MB needed, 22.8 MB
+    reserved)."""
+    from transformers import LlamaConfig
+
+    from offload.adapters import adapter_for
+    from offload.planner.reserve import dynamic_reserve, forward_bytes
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+    shape = adapter_for(config).shape(config)
+    kv = shape.kv_bytes(tokens, 4)
+    reserve = dynamic_reserve(shape, 4, tokens, logits_rows=batch, chunk=chunk, batch=batch)
+    steps = [forward_bytes(shape, 4, batch=batch, new=1, total=t, logits_rows=batch,
+                           kv_bytes=kv) for t in range(1, tokens // batch + 1)]
+    assert reserve >= max(steps)
+    prefill = forward_bytes(shape, 4, batch=1, new=chunk or tokens, total=tokens,
+                            logits_rows=batch, kv_bytes=kv)
+    assert reserve == max(prefill, max(steps))   # no more than the larger of the two

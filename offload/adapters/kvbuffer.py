@@ -23,7 +23,10 @@ step time at long contexts and measured headroom, not reserve.
 Used where the plan says so (``KVPlan.buffered``: ``compute="fast"`` plans): the attention
 reads a strided view (positions ``capacity`` apart per head), which torch's attention takes
 as it is (bitwise the contiguous tensor's result here: ``tests/test_kvbuffer.py``), but
-exact plans promise the resident model's bits on every CPU and keep transformers' cache.
+exact plans promise the resident model's bits on every CPU and keep transformers' cache. A
+fast decode step of one position writes the buffers itself: ``room`` hands the layer kernel
+(``kernels/layer.py``) the buffers and the position, which appends the new keys and values and
+attends over them in C, and ``advance`` then counts them as ``update`` would have.
 """
 from __future__ import annotations
 

@@ -283,7 +283,8 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0
     sdpa = attention is _functions().get("sdpa")
     # attention functions that compute softmax(q k^T * scale + mask) v and nothing else: what
     # the kernel computes for a step over the cache's buffers
-    plain = sdpa or attn.config._attn_implementation in (None, "eager")
+    plain = ((sdpa or attn.config._attn_implementation in (None, "eager"))
+             and getattr(attn, "sliding_window", None) is None)
     gqa = attn.config.num_attention_heads != attn.config.num_key_value_heads
     hd = kernels.head_dim
 
@@ -306,7 +307,7 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0
         if t != 1 or not plain or layers is None or len(layers) <= kernels.layer_idx:
             return None
         kv = layers[kernels.layer_idx]
-        room = getattr(kv, "room", None)   # a adapters/kvbuffer.BufferLayer
+        room = getattr(kv, "room", None)   # an adapters/kvbuffer.BufferLayer
         room = room(b, kernels.kv_heads, t, torch.float32) if room is not None else None
         mask = step_mask(kwargs.get("attention_mask"), b, room[2] + t) if room else None
         return None if mask is None else (kv, room, mask)

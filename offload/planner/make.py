@@ -171,14 +171,15 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
         return _batched_part(shape, dtype, kvo, extra, overhead)
     rows = tokens if options.logits == "all" else kvo.batch
     reserve = dynamic_reserve(shape, dtype.itemsize, tokens, logits_rows=min(rows, tokens),
-                              head_copy=extra)
+                              head_copy=extra, batch=max(1, kvo.batch))
     paged = kvo.kv == "paged" or (kvo.kv == "auto" and kvo.max_context is not None
                                   and reserve > options.budget_bytes // 2)
     if not paged:
         chunk = kvo.prefill_chunk if kvo.prefill_chunk and kvo.prefill_chunk < tokens else 0
         if chunk:   # activations for forwards of ``chunk`` positions (longer: in chunks)
             reserve = dynamic_reserve(shape, dtype.itemsize, tokens, head_copy=extra,
-                                      logits_rows=min(rows, tokens), chunk=chunk)
+                                      logits_rows=min(rows, tokens), chunk=chunk,
+                                      batch=max(1, kvo.batch))
         return KVPlan(auto=kvo.kv == "auto", overhead_bytes=overhead, buffered=buffered,
                       prefill_chunk=chunk), reserve, tokens
     if not options.device.startswith("cpu"):

@@ -10,6 +10,7 @@ prefill would not fit is prefilled in the largest chunks that do (``largest_chun
 """
 from __future__ import annotations
 
+from ..memory import MMAP_THRESHOLD
 from ..units import align
 
 
@@ -30,15 +31,35 @@ def forward_bytes(shape, itemsize: int, *, batch: int, new: int, total: int, log
 
 
 def dynamic_reserve(shape, itemsize: int, tokens: int, *, logits_rows: int = 1,
-                    head_copy: int = 0, chunk: int | None = None) -> int:
+                    head_copy: int = 0, chunk: int | None = None, batch: int = 1) -> int:
     """A DynamicCache of ``tokens`` positions and the prefill of all of them in one forward
     (``chunk``: in forwards of that many positions, the last attending to all ``tokens``),
     keeping ``logits_rows`` rows of logits (``generate()`` keeps the last position of each
-    sequence: one row per sequence), with what the head's path copies for them. A cache
-    written in place (``adapters/kvbuffer.py``) is reserved the same: see there."""
-    return forward_bytes(shape, itemsize, batch=1, new=min(chunk or tokens, tokens),
-                         total=tokens, logits_rows=logits_rows,
-                         kv_bytes=shape.kv_bytes(tokens, itemsize), head_copy=head_copy)
+    sequence: one row per sequence), with what the head's path copies for them; and at least
+    every decode step of ``batch`` sequences sharing those positions (``decode_reserve``). A
+    cache written in place (``adapters/kvbuffer.py``) is reserved the same: see there."""
+    kv = shape.kv_bytes(tokens, itemsize)
+    prefill = forward_bytes(shape, itemsize, batch=1, new=min(chunk or tokens, tokens),
+                            total=tokens, logits_rows=logits_rows, kv_bytes=kv,
+                            head_copy=head_copy)
+    return max(prefill, decode_reserve(shape, itemsize, tokens, batch=batch, kv_bytes=kv,
+                                       head_copy=head_copy))
+
+
+def decode_reserve(shape, itemsize: int, tokens: int, *, batch: int, kv_bytes: int,
+                   head_copy: int = 0) -> int:
+    """The most a decode step (one position for each of ``batch`` sequences, one row of
+    logits each) holds on the way to ``tokens`` positions in all, with a cache of
+    ``kv_bytes``: at the last position, or at the last one where a layer's cache is still
+    below the C heap's mmap threshold (``activation_bytes``: every layer's old copy is then
+    left as heap). A prefill in chunks holds less than that: SmolLM2 at 256 positions, chunks
+    of 128, reserved 19.0 MB where its decode step at position 170 is checked at 20.7."""
+    last = max(1, tokens // max(1, batch))
+    per_position = batch * shape.kv_heads * shape.head_dim * itemsize
+    below = -(-MMAP_THRESHOLD // per_position) - 1   # the most positions still below it
+    return max(forward_bytes(shape, itemsize, batch=batch, new=1, total=t, logits_rows=batch,
+                             kv_bytes=kv_bytes, head_copy=head_copy)
+               for t in {last, min(last, max(1, below))})
 
 
 def paged_reserve(shape, itemsize: int, *, batch: int, chunk: int, max_context: int,
