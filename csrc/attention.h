@@ -9,8 +9,8 @@
 // The arithmetic is written as 16 independent float lanes (the dot products, the sums) that the
 // compiler turns into vector registers of any width, with multiply and add unfused
 // (-ffp-contract=off) and no reassociation: the same bits at every CPU level. exp is Cephes'
-// expf polynomial in plain float operations for the same reason (within 2 ulp of libm's, which
-// is one call per score).
+// expf polynomial in plain float operations for the same reason (within 1 ulp of libm's expf
+// over [-87, 0], checked in steps of 1e-4; libm's is one call per score).
 #pragma once
 
 #include <cstdint>
