@@ -289,10 +289,10 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
     layer road (``kernels.layer.fuse_miniature``: Q8_0 blocks) over a cache written in place,
     as a fast run's (``adapters/kvbuffer.py``): one kernel call a layer and step.
     Cost: ~0.5 s a batch here, once per family (cached with the profile)."""
+    from .adapters import kvbuffer
     from .adapters.base import cache_keyword
     from .kernels import layer, qmatmul
     from .kernels.workspace import miniature
-    from .adapters import kvbuffer
 
     spec = config.to_json_string(use_diff=False)
     models = [miniature(spec, dtype, layers).to(device) for layers in depths]
