@@ -1,4 +1,5 @@
-"""A Llama decoder layer's decode step in two kernel calls (``compute="fast"``).
+"""A Llama decoder layer's decode step in two kernel calls, or one over the runtime's own KV
+cache (``compute="fast"``).
 
 With the products fused (``qmatmul``), what is left of a small model's decode step is the
 framework: some twenty torch and module calls per layer at a few microseconds each (SmolLM2-135M:

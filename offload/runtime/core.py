@@ -266,8 +266,9 @@ class Runtime:
 
     def _attach_layers(self, fused: dict) -> list:
         """``compute="fast"``: each Llama decoder layer whose seven linears are all fused runs
-        a decode step in two kernel calls around the attention, its streamed parts bound
-        first (up to the slots), or part by part (``kernels.layer``)."""
+        a decode step in two kernel calls around the attention (one, the attention in it, over
+        the runtime's own cache), its streamed parts bound first (up to the slots), or part by
+        part (``kernels.layer``)."""
         types = {id(module): qtype for module, qtype, *_ in fused.values()}
         undo = []
         for module in self.model.modules():
