@@ -34,6 +34,13 @@ class Shape:
         """KV cache bytes for ``tokens`` cached positions summed over the batch."""
         return 2 * self.layers * self.kv_heads * self.head_dim * itemsize * tokens
 
+    def positions_below_mmap(self, batch: int, itemsize: int) -> int:
+        """The most positions per sequence at which one layer's cache of ``batch`` sequences
+        is still below the C heap's mmap threshold, where ``activation_bytes`` counts every
+        layer's old copy as heap."""
+        per_position = batch * self.kv_heads * self.head_dim * itemsize
+        return -(-MMAP_THRESHOLD // per_position) - 1
+
     def activation_bytes(self, batch: int, new: int, total: int, itemsize: int,
                          logits_rows: int, cat: bool = True) -> int:
         """A high-water estimate of one forward's activations: the live hidden states of one

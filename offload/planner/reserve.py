@@ -10,7 +10,6 @@ prefill would not fit is prefilled in the largest chunks that do (``largest_chun
 """
 from __future__ import annotations
 
-from ..memory import MMAP_THRESHOLD
 from ..units import align
 
 
@@ -55,8 +54,7 @@ def decode_reserve(shape, itemsize: int, tokens: int, *, batch: int, kv_bytes: i
     left as heap). A prefill in chunks holds less than that: SmolLM2 at 256 positions, chunks
     of 128, reserved 19.0 MB where its decode step at position 170 is checked at 20.7."""
     last = max(1, tokens // max(1, batch))
-    per_position = batch * shape.kv_heads * shape.head_dim * itemsize
-    below = -(-MMAP_THRESHOLD // per_position) - 1   # the most positions still below it
+    below = shape.positions_below_mmap(batch, itemsize)
     return max(forward_bytes(shape, itemsize, batch=batch, new=1, total=t, logits_rows=batch,
                              kv_bytes=kv_bytes, head_copy=head_copy)
                for t in {last, min(last, max(1, below))})

@@ -23,7 +23,7 @@ from ..prefetch.pipeline import Pipeline
 from ..sizes import format_bytes
 from ..store import lock
 from ..store.format import Manifest
-from ..memory import MMAP_THRESHOLD, PeakMeter, release_free_heap
+from ..memory import PeakMeter, release_free_heap
 from ..tiers.device import DeviceTier, aligned_host
 from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
@@ -460,8 +460,7 @@ class Runtime:
         ``in_place``: a paged cache's, the same throughout)."""
         ends = {total}
         if not in_place:
-            per_position = batch * self.shape.kv_heads * self.shape.head_dim * self.itemsize
-            below = -(-MMAP_THRESHOLD // per_position) - 1   # the most positions still below
+            below = self.shape.positions_below_mmap(batch, self.itemsize)
             if past + chunk <= below < total:
                 ends.add(past + (below - past) // chunk * chunk)
         return max(self._forward_need(batch, min(chunk, end - past), end, rows,
