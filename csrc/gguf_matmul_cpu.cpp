@@ -60,9 +60,14 @@ bool supported(int type) {
   }
 }
 
-// Round to nearest, clamped to the int8 range the dot products assume.
+// Round to nearest, clamped to the int8 range the dot products assume. Adding and taking off
+// 1.5 * 2^23 rounds a float of magnitude below 2^22 to an integer in the current rounding
+// mode, as nearbyint does (the values here are within 127 and a rounding), without its libm
+// call per value (a tenth of a decode step's products on the CPU without SSE4.1's roundss
+// this file is built for).
 inline int8_t q8(float v) {
-  const float r = std::nearbyint(v);
+  constexpr float shift = 12582912.f;
+  const float r = std::fabs(v) < 4194304.f ? (v + shift) - shift : std::nearbyint(v);
   return (int8_t)std::max(-127.f, std::min(127.f, r));
 }
 
@@ -216,6 +221,20 @@ OFFLOAD_AVX2 __m256i load(const void* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
+// How far ahead of the block being multiplied a row's weights are prefetched. A row's blocks
+// come from DRAM (a model's weights are beyond the caches): left to the hardware prefetcher,
+// SmolLM2's 30 layers of Q4_1 products (66 MB) ran at 17-21 GB/s on 2 threads here, against 31
+// GB/s of plain reads; 4 KiB ahead, 22-25 GB/s (1 and 2 KiB ahead less, 8 and 16 KiB no more).
+constexpr int64_t PREFETCH_BYTES = 4096;
+
+// Prefetch ``lines`` cache lines from ``PREFETCH_BYTES`` past ``w`` (a prefetch never faults,
+// past the weight's end included).
+template <int lines = 1>
+OFFLOAD_AVX2 void prefetch_ahead(const uint8_t* w) {
+  for (int i = 0; i < lines; ++i)
+    _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH_BYTES + 64 * i, _MM_HINT_T0);
+}
+
 // Unsigned bytes (< 128) times signed bytes, summed in fours: 8 int32.
 OFFLOAD_AVX2 __m256i dot_us(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
@@ -256,6 +275,7 @@ OFFLOAD_AVX2 float row_q45_k_v(const uint8_t* w, const Q8K* x, int64_t nb) {
   __m256 acc = _mm256_setzero_ps();
   float mins = 0.f;
   for (int64_t b = 0; b < nb; ++b, w += bytes) {
+    prefetch_ahead<Five ? 3 : 2>(w);
     const uint8_t* qs = w + (Five ? 48 : 16);
     const __m256i hbits = Five ? load(w + 16) : _mm256_setzero_si256();
     int sc[8], mn[8], msum = 0;
@@ -292,6 +312,7 @@ OFFLOAD_AVX2 float row_q6_k_v(const uint8_t* w, const Q8K* x, int64_t nb) {
   const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, w += 210) {
+    prefetch_ahead<3>(w);
     const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
     int corr = 0;
     for (int i = 0; i < 16; ++i) corr += sc[i] * x[b].bsums[i];
@@ -680,6 +701,34 @@ int offload_llama_layer_step(const LlamaLayer* L, const float* x, int64_t b, con
   return offload_llama_attn_out_mlp(L->types + 3, L->ws + 3, L->rows + 3, L->hidden, L->inter,
                                     nq, att.data(), x, b, L->norms[1], L->eps[1], out, pool,
                                     isa);
+}
+
+// ``n`` consecutive layers' decode steps in one call: offload_llama_layer_step of layer i on
+// the output of layer i - 1 (x for the first, out for the last), layer i's cache at kbufs[i] /
+// vbufs[i] with strides sbs[i], shs[i], written at position poss[i]; the same rotary rows and
+// mask for every layer. The same arithmetic as the n calls made one by one. Returns 0 or the
+// first refusal (its layer's cache written, the later layers' not).
+int offload_llama_layers_step(const LlamaLayer* const* Ls, int64_t n, const float* x, int64_t b,
+                              const float* cos, const float* sin, float* const* kbufs,
+                              float* const* vbufs, const int64_t* sbs, const int64_t* shs,
+                              const int64_t* poss, const uint8_t* mask, int64_t mask_stride,
+                              float* out, void* pool, int isa) {
+  if (n < 1) return -3;
+  const int64_t h = Ls[0]->hidden;
+  for (int64_t i = 1; i < n; ++i)
+    if (Ls[i]->hidden != h) return -3;
+  std::vector<float> tmp((size_t)(n > 1 ? b * h * (n > 2 ? 2 : 1) : 0));
+  float* bufs[2] = {tmp.data(), n > 2 ? tmp.data() + b * h : nullptr};
+  const float* in = x;
+  for (int64_t i = 0; i < n; ++i) {
+    float* dst = i == n - 1 ? out : bufs[i & 1];
+    const int code = offload_llama_layer_step(Ls[i], in, b, cos, sin, kbufs[i], vbufs[i], sbs[i],
+                                              shs[i], poss[i], mask, mask_stride, dst, pool,
+                                              isa);
+    if (code) return code;
+    in = dst;
+  }
+  return 0;
 }
 
 }  // extern "C"

@@ -27,6 +27,7 @@ LEGACY_ATTR float legacy_row(const uint8_t* w, const Q8* x, int64_t nb, int byte
   __m128 terms = _mm_setzero_ps();
   int64_t b = 0;
   for (; b + 1 < nb; b += 2, w += 2 * bytes) {
+    prefetch_ahead(w);   // a pair of blocks: 36-68 bytes, about a line
     acc0 = legacy_block(block, w, x[b], acc0, &terms);
     acc1 = legacy_block(block, w + bytes, x[b + 1], acc1, &terms);
   }

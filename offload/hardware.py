@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # measured beyond the caches, at two weight sizes; 5: batch-8 compute with a weight beyond the
 # caches where the budget leaves room, the fused kernel's working set within the whole bound;
 # 6: the fast road's layers timed over a cache written in place (one kernel call a step)
-PROFILE_VERSION = 6
+# 7: the fast road's decode step as the model road runs it (a step's layers in one call)
+PROFILE_VERSION = 7
 
 
 def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.device,
@@ -287,7 +288,8 @@ def measure_layer_time(config, dtype: torch.dtype, device: torch.device,
     difference per layer, the rest per step. The same two miniatures serve every batch (a
     first run measures inside its budget). ``fast``: the miniatures' layers take the fast
     layer road (``kernels.layer.fuse_miniature``: Q8_0 blocks) over a cache written in place,
-    as a fast run's (``adapters/kvbuffer.py``): one kernel call a layer and step.
+    as a fast run's (``adapters/kvbuffer.py``): a step's layers in one kernel call (the model
+    road, ``kernels.layer.attach_model``).
     Cost: ~0.5 s a batch here, once per family (cached with the profile)."""
     from .adapters import kvbuffer
     from .adapters.base import cache_keyword

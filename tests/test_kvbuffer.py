@@ -97,13 +97,19 @@ def test_fast_runtime_writes_its_cache_in_place(batch, tmp_path, monkeypatch):
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
               output_logits=True, return_dict_in_generate=True)
     name = api.runtime_of(model).cache_argument   # "cache" (transformers 5.x) or its old name
-    steps, step = [0], layer.DecoderKernels.step
+    lib = layer._library()
+    steps, step, run = [0], layer.DecoderKernels.step, lib.offload_llama_layers_step
 
-    def counted(*a):
+    def counted(*a):   # a layer's step (one layer)
         steps[-1] += 1
         return step(*a)
 
+    def counted_run(*a):   # the model road's step (a[1] layers)
+        steps[-1] += a[1]
+        return run(*a)
+
     monkeypatch.setattr(layer.DecoderKernels, "step", counted)
+    monkeypatch.setattr(lib, "offload_llama_layers_step", counted_run)
     with torch.no_grad():
         ours = model.generate(ids, **kw)
         steps.append(0)

@@ -44,6 +44,16 @@ class Count:
 
     def __init__(self, monkeypatch):
         self.merged = self.parts = self.attends = 0
+        self.runs, self.run_layers = 0, 0   # the model road's calls, and the layers in them
+        lib = layer._library()
+        runs = lib.offload_llama_layers_step
+
+        def run(*a):
+            self.runs += 1
+            self.run_layers += a[1]
+            return runs(*a)
+
+        monkeypatch.setattr(lib, "offload_llama_layers_step", run)
         cls = layer.DecoderKernels
         merged, step, norm, attend = cls.attn_out_mlp, cls.step, cls.norm, cls.attend
 
@@ -81,8 +91,9 @@ def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, in_place,
     tight = offload.plan(str(path), "100%", compute="fast", offload_dir=tmp_path / "o",
                          max_tokens=32).minimum_bytes + (64 << 10)
     runs = (("resident", "100%"), ("held", int(tight * 1.3)), ("hooked", int(tight * 1.3)),
-            ("parts", tight))
+            ("parts", tight), ("resident-hooked", "100%"), ("no-model-road", "100%"))
     for name, budget in runs:
+        monkeypatch.setattr(layer, "MODEL_ROAD", name != "no-model-road")
         model = offload.run(str(path), budget=budget, compute="fast",
                             offload_dir=tmp_path / "o", max_tokens=32, progress=False)
         runtime = api.runtime_of(model)
@@ -93,25 +104,36 @@ def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, in_place,
             assert min(streamed) > 0 and max(streamed) <= runtime.plan.slots
         if name == "parts":
             assert max(streamed) > runtime.plan.slots
-        if name == "hooked":             # a user's hook on a part of layer 1
+        if name in ("hooked", "resident-hooked"):   # a user's hook on a part of layer 1
             model.model.layers[1].post_attention_layernorm.register_forward_hook(
                 lambda *a: None)
-        count.merged = count.parts = count.attends = 0
+        count.merged = count.parts = count.attends = count.runs = count.run_layers = 0
         got[name] = _steps(model, ids, mask, in_place=in_place)
         got[name, "counts"] = (count.merged, count.parts)
+        got[name, "runs"] = (count.runs, count.run_layers)
         got[name, "attends"] = count.attends
         got[name, "resyncs"] = offload.stats(model)["resyncs"]
         offload.close(model)
-    # the prefill (2 x 6 rows, within the kernel's INT_ROWS) and 3 decode steps, 3 layers
-    assert got["resident", "counts"] == got["held", "counts"] == (4 * 3, 0)
+    # the prefill (2 x 6 rows, within the kernel's INT_ROWS) and 3 decode steps, 3 layers;
+    # over a cache in place, the model road takes the decode steps of the layers all
+    # resident: the three in one call a step, or layers 0 and 2 in a call each around the
+    # hooked layer 1 (part by part); streamed layers take theirs through their modules
+    road = 3 if in_place else 0
+    assert got["resident", "counts"] == (4 * 3 - 3 * road, 0)
+    assert got["resident", "runs"] == (road, 3 * road)
+    assert got["resident-hooked", "counts"] == (4 * 2 - 2 * road, 4 * 2)
+    assert got["resident-hooked", "runs"] == (2 * road, 2 * road)
+    assert got["held", "counts"] == got["no-model-road", "counts"] == (4 * 3, 0)
     assert got["hooked", "counts"] == (4 * 2, 4 * 2)   # layer 1's two norms ran apart
     assert got["parts", "counts"][1] > 0               # some layer's norms ran apart
+    for name in ("held", "hooked", "parts", "no-model-road"):
+        assert got[name, "runs"] == (0, 0), name
     assert got["held", "resyncs"] == got["hooked", "resyncs"] == got["parts", "resyncs"] == 0
     # the kernel's attention apart: the parts' road's decode steps over a cache in place
     assert got["resident", "attends"] == got["held", "attends"] == 0
-    assert got["hooked", "attends"] == (3 if in_place else 0)   # layer 1's 3 decode steps
+    assert got["hooked", "attends"] == got["resident-hooked", "attends"] == road
     assert (got["parts", "attends"] > 0) == in_place
-    for name in ("held", "hooked", "parts"):
+    for name in ("held", "hooked", "parts", "resident-hooked", "no-model-road"):
         assert torch.equal(got["resident"], got[name]), name
 
     monkeypatch.setattr(layer, "eligible", lambda module: False)   # transformers' layers
@@ -179,7 +201,8 @@ def test_the_plan_prices_the_fast_road_where_every_layer_takes_it():
 def test_a_miniature_on_the_fast_road_runs_two_kernel_calls_a_layer(monkeypatch):
     """What the profile times for ``llama/fast``: a miniature whose layers take the merged
     road on every decode step (finite logits; the layer's own forward never runs); over a
-    cache written in place (as the profile times it), its steps' one-call road."""
+    cache written in place (as the profile times it), the model road: a step's layers in one
+    call."""
     from transformers import DynamicCache, LlamaConfig
 
     from offload.kernels.workspace import miniature
@@ -201,7 +224,8 @@ def test_a_miniature_on_the_fast_road_runs_two_kernel_calls_a_layer(monkeypatch)
             count.merged = 0
             monkeypatch.setattr(layer.DecoderKernels, "attn_in", None)   # the two-call road's
             logits = model(torch.tensor([[4]]), cache=cache, use_cache=True).logits
-        assert (count.merged, count.parts) == (3, 0)
+        assert (count.merged, count.parts) == (0, 0)
+        assert (count.runs, count.run_layers) == (1, 3)   # the model road: one call a step
         assert torch.isfinite(logits).all() and cache.get_seq_length() == 4
 
 

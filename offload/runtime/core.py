@@ -270,12 +270,14 @@ class Runtime:
         the runtime's own cache), its streamed parts bound first (up to the slots), or part by
         part (``kernels.layer``)."""
         types = {id(module): qtype for module, qtype, *_ in fused.values()}
-        undo = []
+        undo, roads = [], {}
         for module in self.model.modules():
             if layer.eligible(module) and all(id(m) in types for m in layer.linears(module)):
                 undo += layer.attach(module, layer.DecoderKernels(module, self._pool, types),
-                                     hold=self.plan.slots)
+                                     hold=self.plan.slots, roads=roads)
         self.fast_layers = len(undo)
+        for module in self.model.modules():
+            undo += layer.attach_model(module, roads)
         return undo
 
     def _embedding(self, chunks):
