@@ -115,19 +115,20 @@ def test_decode_steps_give_the_same_bits_merged_or_part_by_part(qtype, in_place,
         got[name, "resyncs"] = offload.stats(model)["resyncs"]
         offload.close(model)
     # the prefill (2 x 6 rows, within the kernel's INT_ROWS) and 3 decode steps, 3 layers;
-    # over a cache in place, the model road takes the decode steps of the layers all
-    # resident: the three in one call a step, or layers 0 and 2 in a call each around the
-    # hooked layer 1 (part by part); streamed layers take theirs through their modules
+    # over a cache in place, the model road takes the decode steps: the three layers all
+    # resident in one call a step, a layer whose parts stream in a call of its own with its
+    # parts bound, and around a hooked layer 1 (part by part) layers 0 and 2 in a call each
     road = 3 if in_place else 0
     assert got["resident", "counts"] == (4 * 3 - 3 * road, 0)
     assert got["resident", "runs"] == (road, 3 * road)
-    assert got["resident-hooked", "counts"] == (4 * 2 - 2 * road, 4 * 2)
-    assert got["resident-hooked", "runs"] == (2 * road, 2 * road)
-    assert got["held", "counts"] == got["no-model-road", "counts"] == (4 * 3, 0)
-    assert got["hooked", "counts"] == (4 * 2, 4 * 2)   # layer 1's two norms ran apart
+    assert got["held", "counts"] == (4 * 3 - 3 * road, 0)
+    assert got["held", "runs"] == (3 * road, 3 * road)
+    for name in ("resident-hooked", "hooked"):   # layer 1's two norms ran apart
+        assert got[name, "counts"] == (4 * 2 - 2 * road, 4 * 2), name
+        assert got[name, "runs"] == (2 * road, 2 * road), name
+    assert got["no-model-road", "counts"] == (4 * 3, 0)
+    assert got["no-model-road", "runs"] == (0, 0)
     assert got["parts", "counts"][1] > 0               # some layer's norms ran apart
-    for name in ("held", "hooked", "parts", "no-model-road"):
-        assert got[name, "runs"] == (0, 0), name
     assert got["held", "resyncs"] == got["hooked", "resyncs"] == got["parts", "resyncs"] == 0
     # the kernel's attention apart: the parts' road's decode steps over a cache in place
     assert got["resident", "attends"] == got["held", "attends"] == 0
@@ -163,6 +164,34 @@ def test_rms_norm_and_silu_match_their_definitions():
     want = (g.double() * torch.sigmoid(g.double())) * u.double()
     lib.offload_silu_mul(g.data_ptr(), u.data_ptr(), 333)
     assert torch.allclose(g.double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch,masked", [(1, False), (3, False), (3, True)])
+def test_the_model_road_gives_the_layers_bits_at_any_batch(batch, masked, tmp_path,
+                                                           monkeypatch):
+    """A greedy generate() (its cache written in place) at batch 1 and 3, with and without an
+    attention mask of ones: the model road takes every decode step, and its tokens and
+    logits are bitwise those of the layers' own roads (``MODEL_ROAD`` off)."""
+    path = write_llama_gguf(tmp_path / "m.gguf", hidden=128, layers=2, intermediate=256,
+                            heads=4, kv_heads=2, vocab=256, qtype="Q8_0")
+    ids = torch.randint(0, 256, (batch, 5), generator=torch.Generator().manual_seed(batch))
+    extra = {"attention_mask": torch.ones_like(ids)} if masked else {}
+    count = Count(monkeypatch)
+    got = {}
+    for road in (True, False):
+        monkeypatch.setattr(layer, "MODEL_ROAD", road)
+        model = offload.run(str(path), budget="100%", compute="fast",
+                            offload_dir=tmp_path / "o", max_tokens=16, progress=False)
+        count.runs = 0
+        with torch.no_grad():
+            got[road] = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                       output_logits=True, return_dict_in_generate=True,
+                                       **extra)
+        got[road, "runs"] = count.runs
+        offload.close(model)
+    assert got[True, "runs"] == 3 and got[False, "runs"] == 0   # the 3 steps after prefill
+    assert torch.equal(got[True].sequences, got[False].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got[True].logits, got[False].logits))
 
 
 def test_a_layer_road_refusal_names_the_layer():

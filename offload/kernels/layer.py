@@ -449,17 +449,19 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0,
     for m, f in forwards.items():
         m.forward = f
     if roads is not None:
-        roads[layer] = Road(kernels, ready, plain and sdpa, layer_forward)
+        roads[layer] = Road(kernels, ready, binders, plain and sdpa, layer_forward)
     return [lambda: [m.__dict__.pop("forward", None) for m in forwards]]
 
 
 class Road(NamedTuple):
     """What ``attach_model`` needs of a layer ``attach`` gave its forwards: the kernels,
     ``ready()`` (its weights bound into its ``LayerSpec`` where the layer is all resident and
-    unhooked, else None: its module runs it), whether its attention is the model's sdpa over
-    the whole cache, and the forward attached."""
+    unhooked, else None), ``binders()`` (its streamed parts' binders, or None where its module
+    must run it part by part), whether its attention is the model's sdpa over the whole cache,
+    and the forward attached."""
     kernels: DecoderKernels
     ready: Callable[[], list | None]
+    binders: Callable[[], list | None]
     sdpa: bool
     forward: Callable
 
@@ -550,11 +552,32 @@ def attach_model(base: torch.nn.Module, roads: dict) -> list[Callable[[], None]]
             ctypes.byref(specs, at), stop - first, rows.data_ptr(), b, cos.data_ptr(),
             sin.data_ptr(), ctypes.byref(kbs, at), ctypes.byref(vbs, at), ctypes.byref(sbs, at),
             ctypes.byref(shs, at), ctypes.byref(poss, at),
-            None if flags is None else flags.data_ptr(), flags.shape[1] if b > 1 else 0,
+            None if flags is None else flags.data_ptr(),
+            flags.shape[1] if flags is not None and b > 1 else 0,
             out.data_ptr(), pool, level))
         for i in range(first, stop):
             held[i].advance(1)
         return out
+
+    def streamed(i: int, rows, cos, sin, rooms, flags, held) -> torch.Tensor | None:
+        """Layer i, its streamed parts bound here (as its own forward binds them, in their
+        order), in a call of its own -> its output; None where its module must run it."""
+        bound = road[i].binders()
+        if not bound:
+            return None
+        entered = []
+        try:
+            for binder in bound:
+                binder.enter()
+                entered.append(binder)
+            ws = kernels[i].weights()
+            if ws is None:
+                return None
+            kernels[i].bind(ws)
+            return run(i, i + 1, rows, cos, sin, rooms, flags, held)
+        finally:
+            for binder in entered:
+                binder.exit()
 
     def forward(*args, **kwargs):
         step = None if args or not MODEL_ROAD else prepare(kwargs)
@@ -583,7 +606,9 @@ def attach_model(base: torch.nn.Module, roads: dict) -> list[Callable[[], None]]
                 continue
             rows = run(first, i, rows, cos, sin, rooms, flags, held)
             first = i + 1
-            rows = layers[i](rows.view(b, 1, hidden), **given).reshape(b, hidden)
+            out = streamed(i, rows, cos, sin, rooms, flags, held)
+            rows = out if out is not None else \
+                layers[i](rows.view(b, 1, hidden), **given).reshape(b, hidden)
         rows = run(first, n, rows, cos, sin, rooms, flags, held)
         return BaseModelOutputWithPast(last_hidden_state=base.norm(rows.view(b, 1, hidden)),
                                        **{cache_key: cache})
