@@ -24,8 +24,9 @@ cache's update and torch's attention were some 40 us of each layer's 0.26 ms).
 Where every layer of a ``LlamaModel`` has these forwards under sdpa, ``attach_model`` gives the
 model a forward for such a decode step that calls no layer module at all: the embedding, the
 rotary rows and the padding flags once, then ``offload_llama_layers_step`` over each run of
-layers all resident (one C call for the whole stack of a resident model), each other layer
-through its module as above (its binders, the pipeline's order), and the last norm in C too.
+layers all resident (one C call for the whole stack of a resident model), a layer with streamed
+parts in a call of its own (its binders entered around it, the pipeline's order), a layer it
+cannot bind through its module as below, and the last norm in C too.
 SmolLM2-135M resident, 2 cores: a decode step 8.5 -> 5.3-5.5 ms with the kernels' prefetch
 (module calls, hook checks and transformers' mask and slicing were some 1.4 ms of it).
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
 import operator
 import sys
 from typing import Callable, NamedTuple
@@ -478,12 +480,14 @@ _STEP_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", "cache"
 
 def attach_model(base: torch.nn.Module, roads: dict) -> list[Callable[[], None]]:
     """Give ``base`` (a ``MODELS`` model, every layer of it given ``Road`` by ``attach``, its
-    attention sdpa) a forward that runs a decode step's layers as runs of one C call
-    (``offload_llama_layers_step``): the layers all resident one after another in one call,
-    each streamed one through its module (its binders, the pipeline's order). Everything
-    else, and any step the road does not take, goes to the model's own forward. The same
-    arithmetic as the layers' own roads, so the same bits. Returns the undo steps ([] where
-    ``base`` does not qualify)."""
+    attention sdpa) a forward that runs a decode step over the runtime's in-place cache
+    without the layer modules (``offload_llama_layers_step``): the layers all resident one
+    after another in one call, a layer with streamed parts in a call of its own, those parts
+    bound around it in their order (the pipeline's), a layer the road cannot bind (a user's
+    hook on a part, more parts streamed than the slots) through its module, part by part; and
+    the last norm in C. Any other forward, and a step the road does not take, goes to the
+    model's own. The same arithmetic as the layers' own roads, so the same bits. Returns the
+    undo steps ([] where ``base`` does not qualify)."""
     if type(base).__name__ not in MODELS:
         return []
     config = base.config
@@ -502,6 +506,9 @@ def attach_model(base: torch.nn.Module, roads: dict) -> list[Callable[[], None]]
     sbs, shs, poss = ((ctypes.c_int64 * n)() for _ in range(3))
     width = ctypes.sizeof(ctypes.c_void_p)
     cache_key = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ \
+        else "past_key_values"
+    # the name a layer takes its cache by (transformers 5 renamed past_key_values)
+    layer_cache = "cache" if "cache" in inspect.signature(type(layers[0]).forward).parameters \
         else "past_key_values"
 
     def prepare(kwargs: dict) -> tuple | None:
@@ -598,8 +605,8 @@ def attach_model(base: torch.nn.Module, roads: dict) -> list[Callable[[], None]]
         # what the model's forward would give a layer (its sdpa mask for one position: the
         # padding, or None)
         given = dict(attention_mask=None if flags is None else flags[:, None, None, :],
-                     position_embeddings=pe, position_ids=position_ids, cache=cache,
-                     use_cache=kwargs.get("use_cache"))
+                     position_embeddings=pe, position_ids=position_ids,
+                     use_cache=kwargs.get("use_cache"), **{layer_cache: cache})
         first = 0   # the run of layers bound and not yet computed starts here
         for i in range(n):
             if road[i].ready() is not None:

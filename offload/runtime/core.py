@@ -268,7 +268,8 @@ class Runtime:
         """``compute="fast"``: each Llama decoder layer whose seven linears are all fused runs
         a decode step in two kernel calls around the attention (one, the attention in it, over
         the runtime's own cache), its streamed parts bound first (up to the slots), or part by
-        part (``kernels.layer``)."""
+        part; over the runtime's own cache, a Llama model whose layers all have that road runs
+        a decode step's resident layers in one call (``kernels.layer.attach_model``)."""
         types = {id(module): qtype for module, qtype, *_ in fused.values()}
         undo, roads = [], {}
         for module in self.model.modules():
