@@ -63,8 +63,8 @@ bool supported(int type) {
 // Round to nearest, clamped to the int8 range the dot products assume. Adding and taking off
 // 1.5 * 2^23 rounds a float of magnitude below 2^22 to an integer in the current rounding
 // mode, as nearbyint does (the values here are within 127 and a rounding), without its libm
-// call per value (a tenth of a decode step's products on the CPU without SSE4.1's roundss
-// this file is built for).
+// call per value (some 5% of a decode step's products in perf: this file is built for CPUs
+// without SSE4.1's roundss).
 inline int8_t q8(float v) {
   constexpr float shift = 12582912.f;
   const float r = std::fabs(v) < 4194304.f ? (v + shift) - shift : std::nearbyint(v);
