@@ -47,6 +47,7 @@ measures its agreement and perplexity against it).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import inspect
@@ -142,6 +143,15 @@ def _attention(attn: torch.nn.Module) -> Callable:
     if impl in (None, "eager"):
         return sys.modules[type(attn).__module__].eager_attention_forward
     return _functions()[impl]
+
+
+def _rms_norm(lib, x: torch.Tensor, weight: torch.Tensor, eps: float, hidden: int
+              ) -> torch.Tensor:
+    """``offload_rms_norm`` of ``x`` (float32 rows of ``hidden``) with ``weight``."""
+    out = torch.empty_like(x)
+    lib.offload_rms_norm(x.data_ptr(), x.numel() // hidden, hidden, weight.data_ptr(), eps,
+                         out.data_ptr())
+    return out
 
 
 def _float_rows(t: torch.Tensor) -> bool:
@@ -269,10 +279,7 @@ class DecoderKernels:
 
     def norm(self, which: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Norm ``which`` (0: input, 1: post-attention) of ``x`` (float32 rows)."""
-        out = torch.empty_like(x)
-        self._lib.offload_rms_norm(x.data_ptr(), x.numel() // self.hidden, self.hidden,
-                                   weight.data_ptr(), self._eps[which], out.data_ptr())
-        return out
+        return _rms_norm(self._lib, x, weight, self._eps[which], self.hidden)
 
     def silu_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """silu(g) * u into g (float32, contiguous, the same shape)."""
@@ -399,11 +406,7 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0,
         bound = binders()
         if bound is None:
             return own[layer](*args, **kwargs)
-        entered = []
-        try:
-            for binder in bound:
-                binder.enter()
-                entered.append(binder)
+        with _entered(bound):
             ws = kernels.weights()
             if ws is not None:
                 b, t, hidden = x.shape
@@ -416,9 +419,6 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0,
                     return out.view(b, t, hidden)
                 out = attend(ws, x, kwargs, True)
                 return kernels.attn_out_mlp(ws, out, rows).view(b, t, hidden)
-        finally:
-            for binder in entered:
-                binder.exit()
         return own[layer](*args, **kwargs)   # a weight not in blocks: part by part
 
     def norm_forward(which: int) -> Callable:
@@ -453,6 +453,21 @@ def attach(layer: torch.nn.Module, kernels: DecoderKernels, hold: int = 0,
     if roads is not None:
         roads[layer] = Road(kernels, ready, binders, plain and sdpa, layer_forward)
     return [lambda: [m.__dict__.pop("forward", None) for m in forwards]]
+
+
+@contextlib.contextmanager
+def _entered(binders: list):
+    """Each of ``binders`` (``hooks.StreamedBindHook``) entered in order around the block, and
+    those entered exited after it, also when it or a later enter raises."""
+    entered = []
+    try:
+        for binder in binders:
+            binder.enter()
+            entered.append(binder)
+        yield
+    finally:
+        for binder in entered:
+            binder.exit()
 
 
 class Road(NamedTuple):
@@ -572,19 +587,12 @@ def attach_model(base: torch.nn.Module, roads: dict) -> list[Callable[[], None]]
         bound = road[i].binders()
         if not bound:
             return None
-        entered = []
-        try:
-            for binder in bound:
-                binder.enter()
-                entered.append(binder)
+        with _entered(bound):
             ws = kernels[i].weights()
             if ws is None:
                 return None
             kernels[i].bind(ws)
             return run(i, i + 1, rows, cos, sin, rooms, flags, held)
-        finally:
-            for binder in entered:
-                binder.exit()
 
     def forward(*args, **kwargs):
         step = None if args or not MODEL_ROAD else prepare(kwargs)
@@ -637,10 +645,7 @@ def _final_norm(norm: torch.nn.Module, hidden: int, lib) -> list[Callable[[], No
         if not (_float_rows(x) and _float_rows(w) and x.shape[-1] == hidden
                 and tuple(w.shape) == (hidden,)):
             return own(x)
-        out = torch.empty_like(x)
-        lib.offload_rms_norm(x.data_ptr(), x.numel() // hidden, hidden, w.data_ptr(), eps,
-                             out.data_ptr())
-        return out
+        return _rms_norm(lib, x, w, eps, hidden)
 
     norm.forward = forward
     return [lambda: norm.__dict__.pop("forward", None)]
