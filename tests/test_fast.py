@@ -4,9 +4,11 @@ its plan (Units kept as stored, priced by the kernel), offloaded == resident und
 its refusals."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -140,6 +142,112 @@ def test_fast_plan_trades_a_one_shot_prefill_for_weights(tmp_path):
             assert 0 < out["chunk"] < ids.shape[1]   # chunked (the largest that fits)
         offload.close(model)
     assert torch.equal(out["20%"], out["100%"])
+
+
+INT_CHUNKS = textwrap.dedent("""
+    import json, sys, torch
+    import offload
+    from offload import api
+    from offload.kernels import qmatmul
+    path, work, prompt = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(2)
+    prefill_road = []   # the dequantizing road's calls, and whether a scratch was held
+    by_chunks = qmatmul._by_chunks
+
+    def counted(x2, blocks, qtype, y2, scratch):
+        prefill_road.append(scratch is not None)
+        return by_chunks(x2, blocks, qtype, y2, scratch)
+
+    qmatmul._by_chunks = counted
+    model = offload.run(path, budget="20%", compute="fast", max_tokens=84, offload_dir=work,
+                        progress=False)
+    plan = api.runtime_of(model).plan
+    ids = torch.randint(3, 40000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=84 - prompt, min_new_tokens=84 - prompt,
+                             do_sample=False)
+    s = offload.stats(model)
+    print(json.dumps(dict(chunk=plan.kv.prefill_chunk, streamed=plan.streamed_bytes,
+                          scratch=plan.kv.fused_scratch_bytes, tokens=out.shape[1],
+                          used_chunk=s["prefill_chunk"], road=len(prefill_road),
+                          budget=plan.budget_bytes, table=plan.table(),
+                          **{k: s[k] for k in ("measured_peak_bytes", "allocated_bytes")})))
+""")
+
+
+def test_fast_plan_in_integer_chunks_holds_every_weight_and_its_budget(tmp_path):
+    """Where the larger chunks still stream, a fast plan may prefill in chunks of
+    ``INT_ROWS`` positions: every forward then takes the integer kernel, which needs no
+    prefill scratch, so the reserve holds none (4 MB) and, where that is what it takes, every
+    weight stays in memory: SmolLM2 at 20% for 84 positions streamed 12 of its 30 down
+    projections in chunks of 64. Run in a fresh process from a 40-token prompt to 84: chunks
+    of 16, nothing streamed, no call on the dequantizing road, and the measured peak within
+    the budget."""
+    path = require_smollm2()
+    kw = dict(offload_dir=tmp_path, compute="fast", max_tokens=84)
+    chosen = offload.plan(str(path), "20%", **kw)
+    by_64 = offload.plan(str(path), "20%", prefill_chunk=64, **kw)
+    assert by_64.streamed_bytes > 0 and by_64.kv.fused_scratch_bytes > 0
+    assert "the fused kernel's prefill scratch" in by_64.table()
+    assert chosen.kv.prefill_chunk == qmatmul.INT_ROWS
+    assert chosen.streamed_bytes == 0 and chosen.kv.fused_scratch_bytes == 0
+    assert chosen.reserve_bytes <= by_64.reserve_bytes - by_64.kv.fused_scratch_bytes
+    # at 100% nothing streams one-shot: no chunks
+    assert offload.plan(str(path), "100%", **kw).kv.prefill_chunk == 0
+
+    r = subprocess.run([sys.executable, "-c", INT_CHUNKS, str(path), str(tmp_path), "40"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    print({k: v for k, v in res.items() if k != "table"})
+    assert res["chunk"] == qmatmul.INT_ROWS and res["streamed"] == 0, res["table"]
+    assert res["tokens"] == 84 and res["used_chunk"] == qmatmul.INT_ROWS
+    assert res["road"] == 0   # every forward on the integer kernel
+    assert res["allocated_bytes"] <= res["measured_peak_bytes"] <= res["budget"], res
+
+
+def test_fast_prefill_scratch_is_held_only_through_large_forwards(tmp_path):
+    """The fused kernel's prefill scratch is mapped for a forward of more than ``INT_ROWS``
+    rows (the dequantizing road's every call gets it) and let go at the next forward of
+    fewer; the runtime's check counts it for exactly those forwards."""
+    from offload.planner.reserve import forward_bytes
+
+    path = write_llama_gguf(tmp_path / "m.gguf", hidden=256, layers=2, intermediate=512,
+                            heads=4, kv_heads=2, vocab=512, qtype="Q4_0")
+    model = offload.run(str(path), budget="100%", compute="fast", offload_dir=tmp_path / "o",
+                        max_tokens=64, progress=False)
+    rt = api.runtime_of(model)
+    scratch = rt._fused_scratch
+    assert scratch.nbytes > 0 and scratch.buffer is None   # nothing mapped at start
+    seen = []
+    by_chunks = qmatmul._by_chunks
+
+    def counted(x2, blocks, qtype, y2, buf):
+        seen.append(buf is not None and buf is scratch.buffer)
+        return by_chunks(x2, blocks, qtype, y2, buf)
+
+    try:
+        qmatmul._by_chunks = counted
+        ids = torch.randint(0, 512, (1, qmatmul.INT_ROWS + 4))
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            assert seen and all(seen) and scratch.buffer is not None
+            n = len(seen)
+            model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+            assert len(seen) == n and scratch.buffer is None
+    finally:
+        qmatmul._by_chunks = by_chunks
+        offload.close(model)
+    shape, size, s = rt.shape, rt.itemsize, scratch.nbytes
+    for new, held in ((qmatmul.INT_ROWS, 0), (qmatmul.INT_ROWS + 1, s)):
+        kw = dict(batch=1, new=new, total=new, logits_rows=1, kv_bytes=0)
+        assert forward_bytes(shape, size, fused_scratch=s, **kw) == \
+            forward_bytes(shape, size, **kw) + held
+    # the runtime's check: rows over all sequences (2 x 8 = INT_ROWS, 2 x 9 above it)
+    for new, held in ((qmatmul.INT_ROWS // 2, 0), (qmatmul.INT_ROWS // 2 + 1, s)):
+        assert rt._forward_need(2, new, 30, 2, 0) == forward_bytes(
+            shape, size, batch=2, new=new, total=30, logits_rows=2, kv_bytes=0,
+            head_copy=rt._head_copy(2)) + held
 
 
 def test_fast_runs_k_quants_end_to_end_and_streams(tmp_path):

@@ -111,13 +111,32 @@ class Pool:
         self.close()
 
 
+class Scratch:
+    """The prefill road's room for dequantized chunks of W (``nbytes``), shared by a
+    runtime's ``Fused`` kernels and held only between ``hold`` and ``release`` (a runtime
+    holds it through a forward of more than ``INT_ROWS`` rows): a run whose forwards stay at
+    or below that never maps it. Released, a kernel that still goes the prefill road makes
+    its own per call."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes, self.buffer = int(nbytes), None
+
+    def hold(self) -> None:
+        if self.buffer is None and self.nbytes:
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+
+    def release(self) -> None:
+        self.buffer = None
+
+
 class Fused:
     """``matmul`` for one type, pool and CPU path, resolved once: the per-call work of a
     decode step's linear layers (about 7 per decoder layer) is one ctypes call (``matmul``
-    checks shapes and the path before it calls one)."""
+    checks shapes and the path before it calls one). ``scratch``: a tensor, or a ``Scratch``
+    whose buffer is used while held."""
 
-    def __init__(self, qtype: str, pool: Pool | None = None, scratch: torch.Tensor | None = None,
-                 isa: str | None = None):
+    def __init__(self, qtype: str, pool: Pool | None = None,
+                 scratch: torch.Tensor | Scratch | None = None, isa: str | None = None):
         self.qtype, self.scratch = qtype, scratch
         self._type = gguf.TYPES[qtype][0]
         self._pool = pool.handle if pool is not None else None
@@ -135,7 +154,9 @@ class Fused:
             out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
         y2 = out.view(-1, rows)
         if x2.shape[0] > INT_ROWS:
-            _by_chunks(x2, blocks, self.qtype, y2, self.scratch)
+            scratch = self.scratch
+            _by_chunks(x2, blocks, self.qtype, y2,
+                       scratch.buffer if isinstance(scratch, Scratch) else scratch)
             return out
         x2 = self._kernel_rows(x2)
         self._check(self._call(self._type, blocks.data_ptr(), rows, cols, x2.data_ptr(),

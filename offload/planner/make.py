@@ -11,7 +11,7 @@ import dataclasses
 import logging
 
 from ..errors import BudgetError, HardwareError, OffloadError
-from ..kernels import head, layer
+from ..kernels import head, layer, qmatmul
 from ..sizes import format_bytes
 from ..units import DTYPES, align
 from .compute import fused_count, prefill_scratch_bytes
@@ -61,9 +61,9 @@ def plan_for(manifest, adapter, config, profile: HardwareProfile, options: PlanO
 
     def plan_with(kernels: int, options: PlanOptions) -> Plan:
         kv, reserve, tokens = kv_part(config, shape, dtype, options, head_rows=head_rows,
-                                      overhead=bookkeeping(len(manifest.units))
-                                      + prefill_scratch_bytes(manifest.units) + kernels,
-                                      buffered=bool(fused))
+                                      overhead=bookkeeping(len(manifest.units)) + kernels,
+                                      buffered=bool(fused),
+                                      fused_scratch=prefill_scratch_bytes(manifest.units))
         kv = dataclasses.replace(kv, kernel_bytes=kernels)
 
         def place(pins: frozenset[str]) -> Plan:
@@ -127,8 +127,13 @@ def choose_chunk(plan_at, options: PlanOptions) -> Plan:
     predicted fastest kept (a chunk only where it gains ``AUTO_GAIN``; the larger chunk on a
     tie): a prompt longer than it is then prefilled in chunks, reading the streamed weights
     once a chunk, which costs a prompt of P positions P/chunk reads of what one step streams.
-    Exact plans never chunk by choice: a chunked prefill's logits are not the one-shot's bits
-    (``prefill_chunk=`` asks for it)."""
+    Last, where the best so far still streams: chunks of ``qmatmul.INT_ROWS`` positions, whose
+    forwards take the integer kernel and hold no prefill scratch (4 MB less reserve), kept only
+    where that plan streams nothing (then its prefill reads nothing either, and its chunks
+    cost about what larger ones do: SmolLM2 resident, 256 positions in 0.92-0.98 s in chunks
+    of 16, 0.94-1.17 s in chunks of 64, 0.71-0.87 s in one forward), or where no other plan
+    fits the budget. Exact plans never chunk by choice: a chunked prefill's logits are not
+    the one-shot's bits (``prefill_chunk=`` asks for it)."""
     best, error = None, None
     try:
         best = plan_at(options)
@@ -147,13 +152,23 @@ def choose_chunk(plan_at, options: PlanOptions) -> Plan:
             continue
         if best is None or plan.predicted_s < best.predicted_s * (1 - AUTO_GAIN):
             best = plan
+    if (best is None or best.streamed_bytes) and qmatmul.INT_ROWS < options.tokens:
+        try:
+            plan = plan_at(dataclasses.replace(
+                options, kv=dataclasses.replace(options.kv, prefill_chunk=qmatmul.INT_ROWS)))
+        except BudgetError as e:
+            error = e
+        else:
+            if best is None or not plan.streamed_bytes:   # the only fit, or no streaming
+                best = plan
     if best is None:
         raise error
     return best
 
 
 def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
-            overhead: int = 0, buffered: bool = False) -> tuple[KVPlan, int, int]:
+            overhead: int = 0, buffered: bool = False, fused_scratch: int = 0
+            ) -> tuple[KVPlan, int, int]:
     """The KV part of the plan, the reserve, and the positions it holds: dynamic (the whole
     KV of ``options.tokens`` positions in the budget) unless ``kv="paged"``, or ``"auto"``
     with a ``max_context`` whose dynamic reserve would take over half the budget.
@@ -162,16 +177,19 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
     position's), what the head's half-precision path copies at that batch on this CPU
     (``head_rows``: its largest chunk), and ``overhead``: the runtime's own objects
     (``bookkeeping``). ``buffered``: a dynamic cache the runtime writes in place (a fast
-    plan's: ``adapters/kvbuffer.py``; reserved as transformers' cache)."""
+    plan's: ``adapters/kvbuffer.py``; reserved as transformers' cache). ``fused_scratch``: the
+    fused kernel's prefill scratch, reserved for forwards of more than ``qmatmul.INT_ROWS``
+    rows only (``reserve.forward_bytes``)."""
     kvo, tokens = options.kv, options.tokens
     paths = head.choose(dtype, shape.hidden) if options.device.startswith("cpu") else None
     extra = overhead + head.extra_bytes(paths, kvo.batch, shape.hidden, dtype.itemsize,
                                         head_rows)
     if kvo.kv == "batched":
-        return _batched_part(shape, dtype, kvo, extra, overhead)
+        return _batched_part(shape, dtype, kvo, extra, overhead, fused_scratch)
     rows = tokens if options.logits == "all" else kvo.batch
     reserve = dynamic_reserve(shape, dtype.itemsize, tokens, logits_rows=min(rows, tokens),
-                              head_copy=extra, batch=max(1, kvo.batch))
+                              head_copy=extra, batch=max(1, kvo.batch),
+                              fused_scratch=fused_scratch)
     paged = kvo.kv == "paged" or (kvo.kv == "auto" and kvo.max_context is not None
                                   and reserve > options.budget_bytes // 2)
     if not paged:
@@ -179,9 +197,11 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
         if chunk:   # activations for forwards of ``chunk`` positions (longer: in chunks)
             reserve = dynamic_reserve(shape, dtype.itemsize, tokens, head_copy=extra,
                                       logits_rows=min(rows, tokens), chunk=chunk,
-                                      batch=max(1, kvo.batch))
+                                      batch=max(1, kvo.batch), fused_scratch=fused_scratch)
+        rows = max(chunk or tokens, kvo.batch)   # the largest forward's (the prefill's: batch 1)
         return KVPlan(auto=kvo.kv == "auto", overhead_bytes=overhead, buffered=buffered,
-                      prefill_chunk=chunk), reserve, tokens
+                      prefill_chunk=chunk, fused_scratch_bytes=_held(fused_scratch, rows)
+                      ), reserve, tokens
     if not options.device.startswith("cpu"):
         raise HardwareError("kv='paged' runs on a CPU compute device for now (its GPU path is "
                             "not built): use kv='dynamic' on the GPU, or device='cpu'")
@@ -201,15 +221,17 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
     reserve = paged_reserve(shape, dtype.itemsize, batch=kvo.batch, chunk=chunk,
                             max_context=kvo.max_context, kv_device_bytes=g["device_bytes"],
                             logits_rows=kvo.batch * (chunk if options.logits == "all" else 1),
-                            head_copy=extra)
+                            head_copy=extra, fused_scratch=fused_scratch)
     plan = KVPlan("paged", auto=kvo.kv == "auto", overhead_bytes=overhead, max_context=kvo.max_context, batch=kvo.batch,
                   block_tokens=g["block_tokens"], device_blocks=kvo.device_blocks,
                   device_bytes=g["device_bytes"], disk_bytes=g["total_bytes"],
-                  prefill_chunk=chunk)
+                  prefill_chunk=chunk,
+                  fused_scratch_bytes=_held(fused_scratch, kvo.batch * chunk))
     return plan, reserve, kvo.batch * kvo.max_context
 
 
-def _batched_part(shape, dtype, kvo, extra: int, overhead: int) -> tuple[KVPlan, int, int]:
+def _batched_part(shape, dtype, kvo, extra: int, overhead: int, fused_scratch: int = 0
+                  ) -> tuple[KVPlan, int, int]:
     """``kv="batched"``: a continuous-batching manager keeps ``batch`` sequences of up to
     ``max_context`` positions in its own paged cache (pages of ``block_tokens``), allocated
     once, and runs forwards of at most ``prefill_chunk`` tokens drawn from all of them."""
@@ -219,12 +241,20 @@ def _batched_part(shape, dtype, kvo, extra: int, overhead: int) -> tuple[KVPlan,
         raise OffloadError(f"prefill_chunk={chunk} is below batch={kvo.batch}: a decode step "
                            "of every sequence is one token each; raise prefill_chunk")
     reserve = batched_reserve(shape, dtype.itemsize, positions=positions, chunk=chunk,
-                              logits_rows=kvo.batch, head_copy=extra, page=kvo.block_tokens)
+                              logits_rows=kvo.batch, head_copy=extra, page=kvo.block_tokens,
+                              fused_scratch=fused_scratch)
     plan = KVPlan("batched", overhead_bytes=overhead, max_context=kvo.max_context,
                   batch=kvo.batch, block_tokens=kvo.block_tokens, prefill_chunk=chunk,
+                  fused_scratch_bytes=_held(fused_scratch, chunk),
                   device_bytes=shape.kv_bytes(positions + TRASH_PAGES * kvo.block_tokens,
                                               dtype.itemsize))
     return plan, reserve, positions
+
+
+def _held(fused_scratch: int, rows: int) -> int:
+    """The fused kernel's prefill scratch where a plan's largest forward of ``rows`` rows
+    holds it (``reserve.forward_bytes``), else 0."""
+    return fused_scratch if rows > qmatmul.INT_ROWS else 0
 
 
 def head_chunk_rows(manifest, shape) -> int:

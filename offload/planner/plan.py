@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from ..kernels.qmatmul import INT_ROWS
 from ..memory import kernel_cache_capacity
 from ..sizes import format_bytes
 
@@ -74,6 +75,9 @@ class KVPlan:
             by (``HardwareProfile.kernel_cache``: half precision on CPUs with native bf16).
         kernels_over_bytes: the same, where the budget could not hold it beside the smallest
             working set: not reserved, so the run may measure up to this much over the budget.
+        fused_scratch_bytes: ``compute="fast"``: the fused kernel's prefill scratch (float32
+            chunks of a weight), held by forwards of more than ``qmatmul.INT_ROWS`` rows
+            only, and reserved where the plan's forwards reach that (``reserve.forward_bytes``).
     """
 
     mode: str = "dynamic"
@@ -89,6 +93,7 @@ class KVPlan:
     device_bytes: int = 0
     disk_bytes: int = 0
     prefill_chunk: int = 0
+    fused_scratch_bytes: int = 0
 
     def kernel_words(self) -> str:
         """For a minimum budget's message: the reserve's share for torch's kernel caches."""
@@ -279,6 +284,9 @@ class Plan:
         if kv.overhead_bytes:
             rows.append(("  of which", "the runtime's own objects",
                          format_bytes(kv.overhead_bytes - kv.kernel_bytes)))
+        if kv.fused_scratch_bytes:
+            rows.append(("  and", "the fused kernel's prefill scratch (forwards of more than "
+                         f"{INT_ROWS} rows)", format_bytes(kv.fused_scratch_bytes)))
         if kv.kernel_bytes:
             rows.append(("  and", f"torch's matmul kernels ({kernel_cache_capacity()} shapes "
                          "cached)", format_bytes(kv.kernel_bytes)))

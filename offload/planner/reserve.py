@@ -10,6 +10,7 @@ prefill would not fit is prefilled in the largest chunks that do (``largest_chun
 """
 from __future__ import annotations
 
+from ..kernels.qmatmul import INT_ROWS
 from ..units import align
 
 
@@ -19,34 +20,40 @@ def scratch_bytes(shape, itemsize: int) -> int:
 
 
 def forward_bytes(shape, itemsize: int, *, batch: int, new: int, total: int, logits_rows: int,
-                  kv_bytes: int, head_copy: int = 0, in_place: bool = False) -> int:
+                  kv_bytes: int, head_copy: int = 0, in_place: bool = False,
+                  fused_scratch: int = 0) -> int:
     """Bytes one forward of ``batch`` x ``new`` positions (``total`` per sequence with the
     cached ones, ``logits_rows`` rows of logits kept) holds besides weights; ``kv_bytes`` is
     the cache it runs with, ``in_place`` where that cache writes new positions into buffers
-    it holds (a paged cache), not by ``torch.cat``."""
+    it holds (a paged cache), not by ``torch.cat``. ``fused_scratch``: the fused kernel's
+    prefill scratch (``planner.compute.prefill_scratch_bytes``), held only by a forward of
+    more than ``qmatmul.INT_ROWS`` rows (fewer take the integer kernel, which needs none)."""
     return (kv_bytes + shape.activation_bytes(batch, new, total, itemsize, logits_rows,
                                               cat=not in_place)
-            + scratch_bytes(shape, itemsize) + head_copy)
+            + scratch_bytes(shape, itemsize) + head_copy
+            + (fused_scratch if batch * new > INT_ROWS else 0))
 
 
 def dynamic_reserve(shape, itemsize: int, tokens: int, *, logits_rows: int = 1,
-                    head_copy: int = 0, chunk: int | None = None, batch: int = 1) -> int:
+                    head_copy: int = 0, chunk: int | None = None, batch: int = 1,
+                    fused_scratch: int = 0) -> int:
     """A DynamicCache of ``tokens`` positions and the prefill of all of them in one forward
     (``chunk``: in forwards of that many positions, the last attending to all ``tokens``),
     keeping ``logits_rows`` rows of logits (``generate()`` keeps the last position of each
     sequence: one row per sequence), with what the head's path copies for them; and at least
     every decode step of ``batch`` sequences sharing those positions (``decode_reserve``). A
-    cache written in place (``adapters/kvbuffer.py``) is reserved the same: see there."""
+    cache written in place (``adapters/kvbuffer.py``) is reserved the same: see there.
+    ``fused_scratch``: see ``forward_bytes``."""
     kv = shape.kv_bytes(tokens, itemsize)
     prefill = forward_bytes(shape, itemsize, batch=1, new=min(chunk or tokens, tokens),
                             total=tokens, logits_rows=logits_rows, kv_bytes=kv,
-                            head_copy=head_copy)
+                            head_copy=head_copy, fused_scratch=fused_scratch)
     return max(prefill, decode_reserve(shape, itemsize, tokens, batch=batch, kv_bytes=kv,
-                                       head_copy=head_copy))
+                                       head_copy=head_copy, fused_scratch=fused_scratch))
 
 
 def decode_reserve(shape, itemsize: int, tokens: int, *, batch: int, kv_bytes: int,
-                   head_copy: int = 0) -> int:
+                   head_copy: int = 0, fused_scratch: int = 0) -> int:
     """The most a decode step (one position for each of ``batch`` sequences, one row of
     logits each) holds on the way to ``tokens`` positions in all, with a cache of
     ``kv_bytes``: at the last position, or at the last one where a layer's cache is still
@@ -56,16 +63,18 @@ def decode_reserve(shape, itemsize: int, tokens: int, *, batch: int, kv_bytes: i
     last = max(1, tokens // max(1, batch))
     below = shape.positions_below_mmap(batch, itemsize)
     return max(forward_bytes(shape, itemsize, batch=batch, new=1, total=t, logits_rows=batch,
-                             kv_bytes=kv_bytes, head_copy=head_copy)
+                             kv_bytes=kv_bytes, head_copy=head_copy,
+                             fused_scratch=fused_scratch)
                for t in {last, min(last, max(1, below))})
 
 
 def paged_reserve(shape, itemsize: int, *, batch: int, chunk: int, max_context: int,
-                  kv_device_bytes: int, logits_rows: int, head_copy: int = 0) -> int:
+                  kv_device_bytes: int, logits_rows: int, head_copy: int = 0,
+                  fused_scratch: int = 0) -> int:
     """A paged cache's device part and a prefill of ``chunk`` positions per sequence."""
     return forward_bytes(shape, itemsize, batch=batch, new=chunk, total=max_context,
                          logits_rows=logits_rows, kv_bytes=kv_device_bytes,
-                         head_copy=head_copy, in_place=True)
+                         head_copy=head_copy, in_place=True, fused_scratch=fused_scratch)
 
 
 TRASH_PAGES = 2       # pages transformers' paged cache allocates beyond the requests' own
@@ -74,7 +83,7 @@ SAMPLING_BYTES = 32   # per logits row and vocab entry: the sampler's copies (sc
 
 
 def batched_reserve(shape, itemsize: int, *, positions: int, chunk: int, logits_rows: int,
-                    head_copy: int = 0, page: int = 0) -> int:
+                    head_copy: int = 0, page: int = 0, fused_scratch: int = 0) -> int:
     """A continuous-batching manager's forward (transformers' ``init_continuous_batching``,
     what ``offload serve`` runs): its paged cache of ``positions`` (every sequence's pages,
     allocated once, and ``TRASH_PAGES`` pages of ``page`` positions it never hands out), and
@@ -90,7 +99,7 @@ def batched_reserve(shape, itemsize: int, *, positions: int, chunk: int, logits_
     kv = shape.kv_bytes(positions + TRASH_PAGES * page, itemsize)
     return forward_bytes(shape, itemsize, batch=1, new=chunk, total=positions,
                          logits_rows=logits_rows, kv_bytes=kv, head_copy=head_copy,
-                         in_place=True) + gathered + mask + sampling
+                         in_place=True, fused_scratch=fused_scratch) + gathered + mask + sampling
 
 
 def largest_chunk(need, prompt: int, reserve: int) -> int:

@@ -140,11 +140,13 @@ class Runtime:
 
     def _fused_kernel(self):
         """``compute="fast"``: the fused kernel's thread pool (every core, at most torch's
-        threads) and its prefill scratch (in the plan's reserve)."""
+        threads) and its prefill scratch, held through forwards of more than
+        ``qmatmul.INT_ROWS`` rows only (``_begin``; the reserve counts it for them)."""
         if not fused_count(self.units.values()):
             return None, None
         threads = min(torch.get_num_threads(), qmatmul.threads_for())
-        return qmatmul.Pool(threads), aligned_host(prefill_scratch_bytes(self.units.values()))
+        return (qmatmul.Pool(threads),
+                qmatmul.Scratch(prefill_scratch_bytes(self.units.values())))
 
     def _fused_matmul(self, qtype: str) -> qmatmul.Fused:
         return qmatmul.Fused(qtype, self._pool, self._fused_scratch)
@@ -436,7 +438,14 @@ class Runtime:
             # left on, spin between its small ops on the cores the pool and the I/O threads
             # need. One torch thread for every such step, whatever the pool's size, so the
             # logits do not depend on the budget (torch's kernels round by their threads).
-            torch.set_num_threads(1 if batch * new <= qmatmul.INT_ROWS else self._threads)
+            small = batch * new <= qmatmul.INT_ROWS
+            torch.set_num_threads(1 if small else self._threads)
+            # the prefill road's scratch, held only through forwards the reserve counts it
+            # for (kept from one such forward to the next: a prefill's chunks)
+            if small:
+                self._fused_scratch.release()
+            else:
+                self._fused_scratch.hold()
         return (args, kwargs) if swapped else None
 
     def _forward_need(self, batch: int, new: int, total: int, logits_rows: int, kv: int,
@@ -446,7 +455,12 @@ class Runtime:
         (a paged cache: ``_cache_form``)."""
         return forward_bytes(self.shape, self.itemsize, batch=batch, new=new, total=total,
                              logits_rows=logits_rows, kv_bytes=kv,
-                             head_copy=self._head_copy(batch), in_place=in_place)
+                             head_copy=self._head_copy(batch), in_place=in_place,
+                             fused_scratch=self._scratch_nbytes())
+
+    def _scratch_nbytes(self) -> int:
+        """The fused kernel's prefill scratch (0 without fused weights)."""
+        return self._fused_scratch.nbytes if self._fused_scratch is not None else 0
 
     def _head_copy(self, rows: int) -> int:
         """What the head's path copies for ``rows`` rows, and the runtime's own objects."""
@@ -526,7 +540,7 @@ class Runtime:
                 keep if isinstance(keep, int) and 0 < keep < tokens else tokens)
         need = batched_reserve(self.shape, self.itemsize, positions=plan.max_tokens,
                                chunk=tokens, logits_rows=rows, head_copy=self._head_copy(rows),
-                               page=plan.kv.block_tokens)
+                               page=plan.kv.block_tokens, fused_scratch=self._scratch_nbytes())
         if need > plan.reserve_bytes:
             raise BudgetError(
                 f"this batched forward ({tokens} tokens, {rows} rows of logits) needs "
