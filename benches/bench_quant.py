@@ -681,7 +681,14 @@ FAST_QUALITY_TOKENS = 2048
 def fast_main(a: argparse.Namespace) -> int:
     """SmolLM2-135M's own Q4_1/Q8_0 GGUF (real weights): offload exact and fast, resident and
     at 20% / 25% budgets under the cap, llama.cpp resident and under the same caps; then
-    fast's quality against exact over 2,048 tokens of text."""
+    fast's quality against exact over 2,048 tokens of text.
+
+    With ``--repeat N`` fast and llama.cpp run N times each at every budget, alternately
+    (fast, llama.cpp, fast, ...), and each row gives the median run (the range beside it):
+    on this class of VM a contender's speed moves 10-30% from one minute to the next, which a
+    single run of each, minutes apart, reads as a ratio between them (12-07: llama.cpp
+    resident 88-153 tok/s over four runs of the bench). exact runs once (it is the
+    reference, not the race)."""
     import offload
     from offload.cli import default_model_path
     from offload.sizes import parse_size
@@ -704,10 +711,10 @@ def fast_main(a: argparse.Namespace) -> int:
     for label, budget, _ in budgets:
         machine = Machine.measure(a, budget, quant.data_path, cgroup_idle=False)
         cap = None if label == "resident" else machine.cap_for(True)
-        contenders = [("offload-quant", "exact"), ("offload-fast", "fast")]
-        if peer is not None:
-            contenders.append(("llama-cpp", "llama.cpp"))
-        for contender, name in contenders:
+        contenders = [("offload-quant", "exact", 0)] + [
+            (c, n, i) for i in range(max(1, a.repeat)) for c, n in
+            [("offload-fast", "fast")] + ([("llama-cpp", "llama.cpp")] if peer else [])]
+        for contender, name, i in contenders:
             argv = [str(SCRIPT), "--contender", contender, *common, "--budget-bytes",
                     str(budget)]
             if contender.startswith("offload"):
@@ -715,28 +722,35 @@ def fast_main(a: argparse.Namespace) -> int:
                          "--max-tokens", str(max_tokens)]
             else:
                 argv += ["--batch-sizes", "1", "--llama-cpp", str(peer)]
-            key = f"{name}@{label}"
+            key = f"{name}@{label}" + (f"#{i + 1}" if i else "")
             runs[key] = launch_contender(key, argv, cap_bytes=cap, wait_quiet=a.wait_quiet,
                                          timeout=a.timeout, quiet=a.quiet)
-        lc = result_of(runs, f"llama.cpp@{label}")
-        for name in ("exact", "fast", "llama.cpp"):
-            r, x = runs.get(f"{name}@{label}"), result_of(runs, f"{name}@{label}")
-            if r is None:
+        chosen = {name: _median_run(runs, f"{name}@{label}") for name in
+                  ("exact", "fast", "llama.cpp")}
+        lc = chosen["llama.cpp"][1] if chosen["llama.cpp"] else None
+        for name, got in chosen.items():
+            if got is None:
                 continue
+            (r, x), rates = got, [x["tok_s"] for _, x in _runs_of(runs, f"{name}@{label}")]
             if x is None:
                 cells.append([name, label, "-", "?", "-", "-", "-", "failed: see log"])
                 continue
             st = x.get("stats") or {}
             peak = (f"{fmt_bytes(st['measured_peak_bytes'])} of {fmt_bytes(st['budget_bytes'])}"
                     if st else "-")
+            spread = ([f"median of {len(rates)}: {min(rates):.1f}-{max(rates):.1f} tok/s"]
+                      if len(rates) > 1 else [])
             cells.append([name, label, fmt_bytes(r.cap_bytes) if r.capped else "uncapped",
                           f"{x['tok_s']:.2f}", f"{x['median_s_per_step'] * 1000:.1f}",
                           f"{x['tok_s'] / lc['tok_s']:.2f}x" if lc else "-", peak,
-                          ", ".join(run_notes(r, x))])
+                          ", ".join(spread + run_notes(r, x))])
             data["rows"].append({"contender": name, "budget": label, "budget_bytes": budget,
-                                 "capped": r.capped, "tok_s": x["tok_s"],
+                                 "capped": r.capped, "tok_s": x["tok_s"], "tok_s_runs": rates,
                                  "vs_llama_cpp": x["tok_s"] / lc["tok_s"] if lc else None,
-                                 "measured_peak_bytes": st.get("measured_peak_bytes")})
+                                 "measured_peak_bytes": st.get("measured_peak_bytes"),
+                                 "measured_peak_bytes_runs": [
+                                     (y.get("stats") or {}).get("measured_peak_bytes")
+                                     for _, y in _runs_of(runs, f"{name}@{label}")]})
     report.header([("model", f"{path.name}: SmolLM2-135M-Instruct, real weights (Q4_1 "
                              "projections, Q8_0 embedding/head)"),
                    ("llama.cpp", f"{LLAMA_CPP} from {peer}" if peer else "not run"),
@@ -750,6 +764,21 @@ def fast_main(a: argparse.Namespace) -> int:
     data["quality"] = fast_quality(path, stores, 256 if a.toy else FAST_QUALITY_TOKENS, report)
     fast_targets(data, runs, report)
     return report.finish(runs, data, capped=True)
+
+
+def _runs_of(runs: dict, key: str) -> list[tuple]:
+    """``(run, result)`` of every repeat of ``key`` that gave a result."""
+    found = [(runs[k], result_of(runs, k)) for k in runs if k == key or k.startswith(key + "#")]
+    return [(r, x) for r, x in found if x is not None]
+
+
+def _median_run(runs: dict, key: str) -> tuple | None:
+    """``(run, result)`` of ``key``'s median repeat by tok/s (the slower of the middle two),
+    ``(run, None)`` where it ran and none gave a result, None where it did not run."""
+    done = sorted(_runs_of(runs, key), key=lambda rx: rx[1]["tok_s"])
+    if done:
+        return done[(len(done) - 1) // 2]
+    return (runs[key], None) if key in runs else None
 
 
 def _config_dir(path: Path, out: Path) -> Path:
@@ -865,6 +894,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true",
                    help="compute='fast' on the default SmolLM2 GGUF against exact and "
                         "llama.cpp, resident and at 20%% / 25%% budgets, and its quality")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="--fast: runs of fast and of llama.cpp at each budget, alternated; "
+                        "each row gives the median run (default 1)")
     p.add_argument("--gguf", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--llama-cpp", help=argparse.SUPPRESS)

@@ -136,9 +136,15 @@ def test_toy_plan_bench_compares_each_row_with_its_prediction(tmp_path):
 
 def test_toy_fast_bench_runs_every_offload_contender(tmp_path):
     """bench_quant.py --fast at toy size (no llama.cpp row: its build takes minutes): exact and
-    fast resident and at both budgets, and the quality table over 256 tokens."""
+    fast resident and at both budgets, fast twice each (``--repeat 2``: the row is the median
+    run, of two the slower), and the quality table over 256 tokens."""
     result = _toy_run("bench_quant", tmp_path, timeout=900, floor=False,
-                      extra=("--fast", "--no-llama-cpp"))
+                      extra=("--fast", "--no-llama-cpp", "--repeat", "2"))
     rows = {(row["contender"], row["budget"]) for row in result["rows"]}
     assert rows == {(c, b) for c in ("exact", "fast") for b in ("resident", "20%", "25%")}
+    for row in result["rows"]:
+        runs = row["tok_s_runs"]
+        assert len(runs) == (2 if row["contender"] == "fast" else 1), row
+        assert row["tok_s"] == min(runs) > 0, row
+        assert all(0 < p <= row["budget_bytes"] for p in row["measured_peak_bytes_runs"]), row
     assert result["quality"]["tokens"] == 256 and 0 < result["quality"]["agreement"] <= 1
