@@ -662,6 +662,18 @@ def result_of(runs: dict, key: str) -> dict | None:
     return r.results[0] if r is not None and r.ok and r.results else None
 
 
+def repeat_key(key: str, i: int) -> str:
+    """The key of run ``i`` (from 0) of a contender run several times (``--repeat``): the
+    first keeps ``key``, so a single run's key is unchanged."""
+    return key + (f"#{i + 1}" if i else "")
+
+
+def repeats_of(runs: dict, key: str) -> list[tuple[str, dict]]:
+    """``(key, result)`` of every repeat of ``key`` (``repeat_key``) that gave a result."""
+    found = ((k, result_of(runs, k)) for k in runs if k == key or k.startswith(key + "#"))
+    return [(k, x) for k, x in found if x is not None]
+
+
 def contender_row(runs: dict, key: str, label: str) -> tuple[dict, list[str] | None]:
     """A contender's data row as its run reports it (cap, cgroup peak, exit status) and, when
     it failed, its table cells: the benches' 11 columns, the reason last."""

@@ -53,8 +53,8 @@ import bench_quant  # noqa: E402
 import bench_sparse  # noqa: E402
 from _common import (  # noqa: E402
     Machine, Report, bench_defaults, bench_entry, bench_parser, emit_result, fmt_bytes,
-    launch_contender, offload_decode, positions_for, random_prompts, result_of,
-    save_random_checkpoint, system_info)
+    launch_contender, offload_decode, positions_for, random_prompts, repeat_key, repeats_of,
+    result_of, save_random_checkpoint, system_info)
 
 SCRIPT = Path(__file__).resolve()
 TARGET = 0.15
@@ -229,7 +229,7 @@ def main(a: argparse.Namespace) -> int:
             order += [(r, b)] + ([(h, b) for h in heat_rows] if r.key == "moe" else [])
     passes = [(i, r, b) for i in range(max(1, a.repeat)) for r, b in order]
     for i, r, b in passes:
-        key = f"{r.key}-b{b}" + (f"#{i + 1}" if i else "")
+        key = repeat_key(f"{r.key}-b{b}", i)
         tokens = a.slice_tokens if r.key == "llama70b-4l" else a.tokens
         argv = [str(SCRIPT), "--contender", key, "--model-dir", r.model,
                 "--budget-bytes", str(r.budget), "--offload-dir", str(work / "stores"),
@@ -251,10 +251,8 @@ def main(a: argparse.Namespace) -> int:
     for r in rows:
         for b in a.batches:
             key = f"{r.key}-b{b}"
-            done = sorted(((statistics.median(x["step_s"]), k, x) for k, x in
-                           ((k, result_of(runs, k)) for k in runs
-                            if k == key or k.startswith(key + "#")) if x is not None),
-                          key=lambda mx: mx[0])
+            done = sorted(((statistics.median(x["step_s"]), k, x)
+                           for k, x in repeats_of(runs, key)), key=lambda mx: mx[0])
             if not done:
                 table.append([r.key, str(b), "-", "-", "-", "-", "-", "-", "FAILED"])
                 continue

@@ -61,7 +61,7 @@ import bench_dense  # noqa: E402
 from _common import (  # noqa: E402
     REPO_ROOT, Machine, Report, bench_defaults, bench_entry, bench_parser, emit_result,
     fmt_bytes, greedy_decode, launch_contender, load_with_accelerate, positions_for, proc_io,
-    random_prompts, result_of, run_notes, same_tokens, system_info)
+    random_prompts, repeat_key, repeats_of, result_of, run_notes, same_tokens, system_info)
 
 SCRIPT = Path(__file__).resolve()
 QTYPES = ("Q4_0", "Q8_0")
@@ -722,7 +722,7 @@ def fast_main(a: argparse.Namespace) -> int:
                          "--max-tokens", str(max_tokens)]
             else:
                 argv += ["--batch-sizes", "1", "--llama-cpp", str(peer)]
-            key = f"{name}@{label}" + (f"#{i + 1}" if i else "")
+            key = repeat_key(f"{name}@{label}", i)
             runs[key] = launch_contender(key, argv, cap_bytes=cap, wait_quiet=a.wait_quiet,
                                          timeout=a.timeout, quiet=a.quiet)
         chosen = {name: _median_run(runs, f"{name}@{label}") for name in
@@ -731,7 +731,7 @@ def fast_main(a: argparse.Namespace) -> int:
         for name, got in chosen.items():
             if got is None:
                 continue
-            (r, x), rates = got, [x["tok_s"] for _, x in _runs_of(runs, f"{name}@{label}")]
+            (r, x), rates = got, [x["tok_s"] for _, x in repeats_of(runs, f"{name}@{label}")]
             if x is None:
                 cells.append([name, label, "-", "?", "-", "-", "-", "failed: see log"])
                 continue
@@ -750,7 +750,7 @@ def fast_main(a: argparse.Namespace) -> int:
                                  "measured_peak_bytes": st.get("measured_peak_bytes"),
                                  "measured_peak_bytes_runs": [
                                      (y.get("stats") or {}).get("measured_peak_bytes")
-                                     for _, y in _runs_of(runs, f"{name}@{label}")]})
+                                     for _, y in repeats_of(runs, f"{name}@{label}")]})
     report.header([("model", f"{path.name}: SmolLM2-135M-Instruct, real weights (Q4_1 "
                              "projections, Q8_0 embedding/head)"),
                    ("llama.cpp", f"{LLAMA_CPP} from {peer}" if peer else "not run"),
@@ -766,18 +766,13 @@ def fast_main(a: argparse.Namespace) -> int:
     return report.finish(runs, data, capped=True)
 
 
-def _runs_of(runs: dict, key: str) -> list[tuple]:
-    """``(run, result)`` of every repeat of ``key`` that gave a result."""
-    found = [(runs[k], result_of(runs, k)) for k in runs if k == key or k.startswith(key + "#")]
-    return [(r, x) for r, x in found if x is not None]
-
-
 def _median_run(runs: dict, key: str) -> tuple | None:
     """``(run, result)`` of ``key``'s median repeat by tok/s (the slower of the middle two),
     ``(run, None)`` where it ran and none gave a result, None where it did not run."""
-    done = sorted(_runs_of(runs, key), key=lambda rx: rx[1]["tok_s"])
+    done = sorted(repeats_of(runs, key), key=lambda kx: kx[1]["tok_s"])
     if done:
-        return done[(len(done) - 1) // 2]
+        k, x = done[(len(done) - 1) // 2]
+        return runs[k], x
     return (runs[key], None) if key in runs else None
 
 

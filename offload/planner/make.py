@@ -21,7 +21,8 @@ from .options import DEFAULT_CHUNK, PlanOptions
 from .placement import HeadCheck, make_plan
 from .plan import ExpertPlan, KVPlan, Plan
 from .profile import HardwareProfile
-from .reserve import TRASH_PAGES, batched_reserve, dynamic_reserve, paged_reserve
+from .reserve import (TRASH_PAGES, batched_reserve, dynamic_reserve, held_scratch,
+                      paged_reserve)
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
                                       batch=max(1, kvo.batch), fused_scratch=fused_scratch)
         rows = max(chunk or tokens, kvo.batch)   # the largest forward's (the prefill's: batch 1)
         return KVPlan(auto=kvo.kv == "auto", overhead_bytes=overhead, buffered=buffered,
-                      prefill_chunk=chunk, fused_scratch_bytes=_held(fused_scratch, rows)
+                      prefill_chunk=chunk, fused_scratch_bytes=held_scratch(fused_scratch, rows)
                       ), reserve, tokens
     if not options.device.startswith("cpu"):
         raise HardwareError("kv='paged' runs on a CPU compute device for now (its GPU path is "
@@ -226,7 +227,7 @@ def kv_part(config, shape, dtype, options: PlanOptions, *, head_rows: int = 0,
                   block_tokens=g["block_tokens"], device_blocks=kvo.device_blocks,
                   device_bytes=g["device_bytes"], disk_bytes=g["total_bytes"],
                   prefill_chunk=chunk,
-                  fused_scratch_bytes=_held(fused_scratch, kvo.batch * chunk))
+                  fused_scratch_bytes=held_scratch(fused_scratch, kvo.batch * chunk))
     return plan, reserve, kvo.batch * kvo.max_context
 
 
@@ -245,16 +246,10 @@ def _batched_part(shape, dtype, kvo, extra: int, overhead: int, fused_scratch: i
                               fused_scratch=fused_scratch)
     plan = KVPlan("batched", overhead_bytes=overhead, max_context=kvo.max_context,
                   batch=kvo.batch, block_tokens=kvo.block_tokens, prefill_chunk=chunk,
-                  fused_scratch_bytes=_held(fused_scratch, chunk),
+                  fused_scratch_bytes=held_scratch(fused_scratch, chunk),
                   device_bytes=shape.kv_bytes(positions + TRASH_PAGES * kvo.block_tokens,
                                               dtype.itemsize))
     return plan, reserve, positions
-
-
-def _held(fused_scratch: int, rows: int) -> int:
-    """The fused kernel's prefill scratch where a plan's largest forward of ``rows`` rows
-    holds it (``reserve.forward_bytes``), else 0."""
-    return fused_scratch if rows > qmatmul.INT_ROWS else 0
 
 
 def head_chunk_rows(manifest, shape) -> int:

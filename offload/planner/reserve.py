@@ -31,7 +31,13 @@ def forward_bytes(shape, itemsize: int, *, batch: int, new: int, total: int, log
     return (kv_bytes + shape.activation_bytes(batch, new, total, itemsize, logits_rows,
                                               cat=not in_place)
             + scratch_bytes(shape, itemsize) + head_copy
-            + (fused_scratch if batch * new > INT_ROWS else 0))
+            + held_scratch(fused_scratch, batch * new))
+
+
+def held_scratch(fused_scratch: int, rows: int) -> int:
+    """The fused kernel's prefill scratch where a forward of ``rows`` rows (all sequences'
+    positions) holds it: above ``qmatmul.INT_ROWS``; 0 at or below (the integer kernel)."""
+    return fused_scratch if rows > INT_ROWS else 0
 
 
 def dynamic_reserve(shape, itemsize: int, tokens: int, *, logits_rows: int = 1,
