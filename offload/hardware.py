@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 
 from .errors import HardwareError
+from .kernels import _build
 from .memory import kernel_cache_capacity, release_free_heap, rss_bytes
 from .planner.profile import (BATCH, FUSED_LARGE, FUSED_SMALL, HardwareProfile, fused_key,
                               parse_fused_key)
@@ -36,8 +37,14 @@ log = logging.getLogger(__name__)
 # measured beyond the caches, at two weight sizes; 5: batch-8 compute with a weight beyond the
 # caches where the budget leaves room, the fused kernel's working set within the whole bound;
 # 6: the fast road's layers timed over a cache written in place (one kernel call a step)
-# 7: the fast road's decode step as the model road runs it (a step's layers in one call)
+# 7: the fast road's decode step as the model road runs it (a step's layers in one call).
+# A cached profile is also tied to the CPU kernels' sources (``_profile_version``): a kernel
+# that changed is measured again, not priced by its old speed.
 PROFILE_VERSION = 7
+
+
+def _profile_version() -> str:
+    return f"{PROFILE_VERSION}/{_build.source_digest('gguf_matmul_cpu')}"
 
 
 def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.device,
@@ -59,7 +66,7 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     cached, profile = {}, None
     try:
         cached = json.loads(path.read_text())
-        if cached.get("version") == PROFILE_VERSION and key in cached.get("profiles", {}):
+        if cached.get("version") == _profile_version() and key in cached.get("profiles", {}):
             profile = HardwareProfile(**cached["profiles"][key])
     except (OSError, ValueError, TypeError):
         cached = {}
@@ -120,11 +127,11 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
                     "again)", cache_dir)
         return replace(profile, contended=True, source="measured on this machine now, while "
                        "another offload process read the same disk (not cached)")
-    profiles = cached.get("profiles", {}) if cached.get("version") == PROFILE_VERSION else {}
+    profiles = cached.get("profiles", {}) if cached.get("version") == _profile_version() else {}
     profiles[key] = {k: v for k, v in asdict(profile).items() if k not in ("contended", "source")}
     tmp = path.with_name(f".profile.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({"version": PROFILE_VERSION, "profiles": profiles}, indent=1))
+        tmp.write_text(json.dumps({"version": _profile_version(), "profiles": profiles}, indent=1))
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache dir only costs a re-measure next time
         log.warning("could not cache the hardware profile in %s: %s", path, e)

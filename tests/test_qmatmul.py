@@ -171,3 +171,45 @@ def test_siblings_share_one_call_only_for_the_same_unchanged_input():
     for step in undo:
         step()
     assert all("forward" not in m.__dict__ for m in mods)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0", "Q4_K"])
+def test_every_path_rounds_activations_to_the_same_bytes(qtype):
+    """The vector rounding of activations (AVX2 and up) against the scalar one, byte for byte:
+    ordinary rows over six decades, exact ties (x.5 steps, rounded to even), a block whose
+    values are all equal, zeros, a block of subnormals (a step so small its inverse is
+    infinite), NaN and the infinities."""
+    _, block, _ = gguf.TYPES[qtype]
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randn(4 * block, generator=g) * 10.0 ** torch.randint(-3, 4, (1,), generator=g)
+            for _ in range(6)]
+    ties = (torch.arange(block, dtype=torch.float32) - block / 2) / 2   # halves of a step of 1
+    ties[0] = 127.0   # amax 127: a step of exactly 1
+    special = torch.randn(block, generator=g)
+    special[[1, 5, 9]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    rows += [ties, torch.full((block,), 3.25), torch.zeros(block),
+             torch.full((block,), 1e-45) * torch.arange(block), special]
+    paths = cpu.supported()
+    assert "scalar" in paths
+    for x in rows:
+        bytes_ = {isa: qmatmul.quantize_row(x, qtype, isa) for isa in paths}
+        for isa in paths:
+            assert torch.equal(bytes_[isa], bytes_["scalar"]), (isa, x[:4])
+
+
+@pytest.mark.parametrize("qtype", qmatmul.TYPES)
+def test_a_row_of_activations_gives_the_same_bits_beside_any_other_rows(qtype):
+    """The legacy types multiply up to four rows of activations per unpacked weight block;
+    each output must still be the one its row gives alone (1 to INT_ROWS rows, tiles of 4 and
+    their remainders, on every path), so a sequence's logits do not depend on its batch."""
+    g = torch.Generator().manual_seed(11)
+    w = _weight(qtype, 9, 3, seed=5)
+    cols = qmatmul.cols_of(qtype, w.shape[1])
+    x = torch.randn(qmatmul.INT_ROWS, cols, generator=g)
+    for isa in cpu.supported():
+        with qmatmul.Pool(2) as pool:
+            alone = torch.cat([qmatmul.matmul(x[i:i + 1], w, qtype, pool=pool, isa=isa)
+                               for i in range(len(x))])
+            for m in (2, 3, 4, 5, 8, qmatmul.INT_ROWS):
+                assert torch.equal(qmatmul.matmul(x[:m], w, qtype, pool=pool, isa=isa),
+                                   alone[:m]), (isa, m)

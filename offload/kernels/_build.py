@@ -75,6 +75,18 @@ def cuda_library(arch: str, name: str = "bitmap_decode"):
                  key=(nvcc(), arch), what="CUDA compiler", tool=nvcc())
 
 
+def _digest(source: Path, key: tuple = ()) -> str:
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    return hashlib.sha256(source.read_bytes() + headers + repr(key).encode()).hexdigest()[:16]
+
+
+def source_digest(name: str) -> str:
+    """A digest of the CPU kernel source ``csrc/{name}.cpp`` and the headers beside it (what
+    a build of it depends on); empty where the source is missing."""
+    source = CSRC / f"{name}.cpp"
+    return _digest(source) if source.is_file() else ""
+
+
 def _load(source: Path, command, *, key: tuple, what: str, tool: str):
     if not source.is_file():
         return _unavailable(f"the kernel source {source} is missing (offload installed without "
@@ -82,8 +94,7 @@ def _load(source: Path, command, *, key: tuple, what: str, tool: str):
     if shutil.which(tool) is None:
         return _unavailable(f"no {what} ({tool!r} is not on PATH); install one (or set "
                             f"{'OFFLOAD_NVCC' if 'CUDA' in what else 'OFFLOAD_CXX'})")
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    digest = hashlib.sha256(source.read_bytes() + headers + repr(key).encode()).hexdigest()[:16]
+    digest = _digest(source, key)
     target = build_dir() / f"{source.stem}-{digest}.so"
     if not target.is_file():
         try:

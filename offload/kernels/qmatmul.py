@@ -70,6 +70,9 @@ def _library():
             ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_int]
+        lib.offload_gguf_quantize_row.restype = ctypes.c_int64
+        lib.offload_gguf_quantize_row.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                                                  ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -238,6 +241,26 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tensor 
     if isa is not None and isa not in cpu.supported():
         raise ValueError(f"isa={isa!r}: this CPU runs {cpu.supported()}")
     return Fused(qtype, pool, scratch, isa)(x, blocks, out)
+
+
+def quantize_row(x: torch.Tensor, qtype: str, isa: str | None = None) -> torch.Tensor:
+    """The activation blocks the integer kernel multiplies a ``qtype`` weight with, for one
+    float32 row ``x``, as path ``isa`` rounds them (uint8: each block's scale, its sum term or
+    the sums of each 16, its int8 values): every path rounds to the same bytes."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the fused GGUF kernel could not be built (see the "
+                           "KernelBuildWarning)")
+    x = x.to(torch.float32).contiguous().view(-1)
+    _, block, _ = gguf.TYPES[qtype]
+    per = 4 + 2 * 16 + 256 if block == 256 else 4 + 4 + 32   # the C structs Q8K and Q8
+    out = torch.empty(x.numel() // block * per, dtype=torch.uint8)
+    n = lib.offload_gguf_quantize_row(gguf.TYPES[qtype][0], x.data_ptr(), x.numel(),
+                                      out.data_ptr(), cpu.level(isa))
+    if n < 0:
+        raise ValueError(f"the fused kernel does not multiply {qtype} weights of {x.numel()} "
+                         "columns")
+    return out[:n]
 
 
 def _by_chunks(x2, blocks, qtype, y2, scratch) -> None:

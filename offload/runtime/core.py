@@ -80,7 +80,7 @@ class Runtime:
         self._skip_end = False    # the chunked call's own end: its chunks were counted
         self._cache_kw = cache_keyword(model)
         self._pool = None
-        self._threads = torch.get_num_threads()   # torch's, restored after each forward
+        self._threads = None   # torch's thread count while held at one (_hold_torch_threads)
         try:
             self._start()
         except BaseException:
@@ -437,9 +437,13 @@ class Runtime:
             # A decode step's matmuls run on the fused kernel's pool; torch's own threads,
             # left on, spin between its small ops on the cores the pool and the I/O threads
             # need. One torch thread for every such step, whatever the pool's size, so the
-            # logits do not depend on the budget (torch's kernels round by their threads).
+            # logits do not depend on the budget (torch's kernels round by their threads); and
+            # one between such steps too, given back only by a large forward or close(): an
+            # OpenMP worker woken by the caller's own op on the logits (generate()'s argmax
+            # over a batch of 8 rows) spins for milliseconds after it, on a core the next
+            # step's kernel needs.
             small = batch * new <= qmatmul.INT_ROWS
-            torch.set_num_threads(1 if small else self._threads)
+            self._hold_torch_threads(small)
             # the prefill road's scratch, held only through forwards the reserve counts it
             # for (kept from one such forward to the next: a prefill's chunks)
             if small:
@@ -798,9 +802,17 @@ class Runtime:
             owned.reset()
         return owned
 
-    def _end(self, module, args, output):
-        if self._pool is not None:
+    def _hold_torch_threads(self, hold: bool) -> None:
+        """Hold torch to one intra-op thread (``compute="fast"``'s decode steps and the time
+        between them), or give back the count it had when first held."""
+        if hold and self._threads is None:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        elif not hold and self._threads is not None:
             torch.set_num_threads(self._threads)
+            self._threads = None
+
+    def _end(self, module, args, output):
         if self._skip_end or self._chunk_next is not None:
             self._skip_end, self._chunk_next = False, None   # counted chunk by chunk
             return
@@ -849,6 +861,7 @@ class Runtime:
         self.transport.close()
         if self._pool is not None:
             self._pool.close()
+            self._hold_torch_threads(False)
         self.disk.close()
         self._disk_users.close()
         self.resident, self.held, self.slots, self.pipeline = {}, {}, None, None
