@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import statistics
 import threading
 import time
 from dataclasses import asdict, replace
@@ -24,8 +25,8 @@ import torch
 from .errors import HardwareError
 from .kernels import _build
 from .memory import kernel_cache_capacity, release_free_heap, rss_bytes
-from .planner.profile import (BATCH, FUSED_LARGE, FUSED_SMALL, HardwareProfile, fused_key,
-                              parse_fused_key)
+from .planner.profile import (BATCH, FUSED_COLS, FUSED_LARGE, FUSED_NARROW_COLS, FUSED_SMALL,
+                              HardwareProfile, fused_key, parse_fused_key, probe_row_bytes)
 from .store.lock import disk_idle
 from .tiers.device import aligned_host
 from .tiers.disk import BLOCK, CHUNK_BYTES
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 # A cached profile is also tied to the CPU kernels' sources (``_profile_version``): a kernel
 # that changed is measured again, not priced by its old speed.
 PROFILE_VERSION = 7
+
+
+DISK_PASSES = 5
 
 
 def _profile_version() -> str:
@@ -85,8 +89,9 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     batches = tuple(b for b in ((1, BATCH) if batch > 1 else (1,))
                     if model_type is not None
                     and (profile is None or layer_keys[b] not in profile.layer_s))
-    fused_keys = sorted(fused_key(q, b, small) for q in set(fused)
-                        for b in ((1, BATCH) if batch > 1 else (1,)) for small in (False, True))
+    fused_keys = sorted(fused_key(q, b, small, narrow) for q in set(fused)
+                        for b in ((1, BATCH) if batch > 1 else (1,))
+                        for small, narrow in ((False, False), (True, False), (False, True)))
     fused_keys = [k for k in fused_keys if profile is None or k not in profile.fused_bps]
     capacity = str(kernel_cache_capacity())
     kernels = device.type == "cpu" and (profile is None
@@ -99,7 +104,11 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
     if profile is None:
         bound = max_bytes if max_bytes is not None else 256 << 20
         with _readable(data_file, cache_dir) as data_file:
-            disk = measure_disk(data_file, chunk_bytes=bound)
+            # the median of DISK_PASSES passes: one pass of 0.2 s on this project's VM read
+            # 2.1-2.9 GB/s from one moment to the next, and a profile taken in a slow one
+            # (1.8) put every disk-bound row of bench_plan 20-60% under what it ran
+            disk = statistics.median(measure_disk(data_file, chunk_bytes=bound)
+                                     for _ in range(DISK_PASSES))
         profile = HardwareProfile(str(device), disk,
                                   measure_h2d(device, min(256 << 20, bound)),
                                   measure_compute(device, dtype, hidden, max_bytes),
@@ -242,15 +251,16 @@ def measure_fused(key: str, max_bytes: int | None = None) -> float:
     woken, the prefetchers' ramp) over fewer bytes. Here (2-core EPYC VM, 32 MB L3) Q4_1 went
     24.7 GB/s for one 8 MB weight timed alone (in the cache: how it was measured before), 23.7
     over 16 MB weights and 14.8 over 1 MB ones; SmolLM2's layers (0.07-0.55 MB weights) ran at
-    about 14.7."""
+    about 14.7. A narrow key: the large weights' bytes in rows of ``FUSED_NARROW_COLS``
+    columns (the planner fits a per-row cost from the two widths)."""
     from .kernels import gguf, qmatmul
     from .kernels.timing import median_seconds
 
-    qtype, batch, small = parse_fused_key(key)
+    qtype, batch, small, narrow = parse_fused_key(key)
     _, block, nbytes = gguf.TYPES[qtype]
     working = 64 << 20 if max_bytes is None else max(2 << 20, min(64 << 20, max_bytes))
     each = min(FUSED_SMALL if small else FUSED_LARGE, working // 2)   # two weights at least
-    cols = 4096 // block * block
+    cols = probe_row_bytes(qtype, FUSED_NARROW_COLS if narrow else FUSED_COLS) // nbytes * block
     rows = max(1, each // (cols // block * nbytes))
     weights = [gguf.sample_blocks(qtype, rows * cols, seed=i).view(rows, -1)
                for i in range(max(1, working // each))]

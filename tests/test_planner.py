@@ -456,6 +456,31 @@ def test_a_fused_weight_is_priced_between_the_two_measured_sizes():
     assert one.fused_seconds([("Q8_0", mb)]) == pytest.approx(mb / 10e9)  # not measured: dense
 
 
+def test_a_fused_weight_of_narrow_rows_pays_the_rows_measured_cost():
+    """The fused kernel measured on the same bytes in rows of 4096 and of 512 columns: a
+    weight's cost per byte is a + c / (its row's bytes), a and c fitted to the two (hand
+    arithmetic below, Q4_0: 18 bytes a block of 32, so rows of 2304 and 288 bytes): rows of
+    the narrow width cost the narrow rate, rows as wide as the probe's (or wider) the wide
+    rate, and between, the fit; without a narrow figure, no correction."""
+    from offload.planner.profile import FUSED_LARGE as big
+
+    prof = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "float32", fused_bps={
+        "Q4_0": 20e9, "Q4_0/narrow": 10e9, "Q4_0@8": 4e9, "Q4_0@8/narrow": 1e9})
+    at = prof.fused_seconds
+    assert at([("Q4_0", big, 288)]) == pytest.approx(big / 10e9)
+    assert at([("Q4_0", big, 2304)]) == pytest.approx(big / 20e9)
+    assert at([("Q4_0", big, 9216)]) == pytest.approx(big / 20e9)
+    # 1/20e9 = a + c/2304 and 1/10e9 = a + c/288: c = 5e-11 / (1/288 - 1/2304), a = 1/20e9 - c/2304
+    c = (1 / 10e9 - 1 / 20e9) / (1 / 288 - 1 / 2304)
+    a = 1 / 20e9 - c / 2304
+    assert at([("Q4_0", big, 324)]) == pytest.approx(big * (a + c / 324))   # 576 columns
+    c8 = (1 / 1e9 - 1 / 4e9) / (1 / 288 - 1 / 2304)
+    a8 = 1 / 4e9 - c8 / 2304
+    assert at([("Q4_0", big, 324)], batch=8) == pytest.approx(big * (a8 + c8 / 324))
+    plain = HardwareProfile("cpu", 1.4e9, 0.0, 10e9, "float32", fused_bps={"Q4_0": 20e9})
+    assert plain.fused_seconds([("Q4_0", big, 324)]) == pytest.approx(big / 20e9)
+
+
 def test_fused_units_are_read_as_stored_and_priced_by_the_fused_kernel():
     """compute='fast': a quantized linear weight becomes its stored blocks (uint8 rows: the
     Unit is no longer encoded, its memory is its stored bytes, read straight into a slot); a

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..kernels import qmatmul
+from ..kernels import gguf, qmatmul
 from ..memory import kernel_cache_capacity
 
 
@@ -38,7 +38,14 @@ class HardwareProfile:
             kernel's thread pool, for weights of ``FUSED_LARGE`` bytes read from RAM, and for
             weights of ``FUSED_SMALL`` (``Q4_K/small``, ``Q4_K@8/small``): a weight between
             is charged between the two (per byte, by the log of its size), a weight outside at
-            the nearer; a type missing here is charged as dense bytes.
+            the nearer; a type missing here is charged as dense bytes. ``Q4_K/narrow``
+            (``Q4_K@8/narrow``): the same bytes as the large weights in rows of
+            ``FUSED_NARROW_COLS`` columns where those have ``FUSED_COLS``: each row costs a
+            start (its sums reduced and stored, a tile's accumulators set up), which a model
+            of narrow rows pays more often per byte (SmolLM2's 576-column layers and its
+            49152-row head; here Q4_1 at batch 1 measured 27-35 GB/s in wide rows, 22-29 in
+            narrow ones); from the two, a weight's per-byte cost is corrected for its own row
+            width (``_row_seconds``).
         kernel_cache_bytes: per capacity (``"32"``: ``memory.kernel_cache_capacity``), the
             resident bytes torch's CPU matmul kernel caches reach in ``dtype`` on this machine
             when full (oneDNN's per-shape kernels for half precision on CPUs with native
@@ -92,23 +99,45 @@ class HardwareProfile:
             dense += u.nbytes
             for t in u.tensors:
                 qtype = qmatmul.type_of(t.encoding)
-                if qtype is not None:
-                    fused.append((qtype, t.nbytes))
+                if qtype is not None:   # stored as uint8 [rows, row bytes]
+                    fused.append((qtype, t.nbytes, t.shape[-1]))
                     dense -= t.nbytes
         return self.compute_seconds(dense, batch) + self.fused_seconds(fused, batch)
 
     def fused_seconds(self, weights, batch: int = 1) -> float:
-        """Seconds the fused kernel takes for ``weights`` (``(type, stored bytes)`` per weight)
-        at ``batch`` (a type not measured: as dense bytes of that size)."""
+        """Seconds the fused kernel takes for ``weights`` (``(type, stored bytes)`` or
+        ``(type, stored bytes, bytes a row)`` per weight) at ``batch`` (a type not measured:
+        as dense bytes of that size)."""
         total = 0.0
-        for qtype, n in weights:
+        for qtype, n, *row in weights:
             one = self._fused_spb(qtype, 1, n)
             if one is None:
                 total += self.compute_seconds(n, batch)
                 continue
             big = self._fused_spb(qtype, BATCH, n)
+            if row:
+                one += self._row_seconds(qtype, 1, row[0])
+                big = None if big is None else big + self._row_seconds(qtype, BATCH, row[0])
             total += _between(n * one, n * big if big else None, batch)
         return total
+
+    def _row_seconds(self, qtype: str, batch: int, row_bytes: int) -> float:
+        """Seconds per stored byte a weight of rows of ``row_bytes`` pays beyond the measured
+        rate (rows of ``FUSED_COLS`` columns) at ``batch``: a per-row cost ``c`` fitted to the
+        wide and narrow measurements of the same bytes (seconds per byte ``1/wide`` and
+        ``1/narrow`` = ``a + c / row bytes`` at each width), charged ``c * (1/row_bytes -
+        1/wide row bytes)``; 0 for rows as wide as the probe's or wider (not measured), or
+        without a narrow figure."""
+        wide = self.fused_bps.get(fused_key(qtype, batch))
+        narrow = self.fused_bps.get(fused_key(qtype, batch, narrow=True))
+        if not wide or not narrow or row_bytes <= 0:
+            return 0.0
+        wide_rb, narrow_rb = probe_row_bytes(qtype, FUSED_COLS), probe_row_bytes(qtype,
+                                                                                 FUSED_NARROW_COLS)
+        if row_bytes >= wide_rb or narrow_rb >= wide_rb:
+            return 0.0
+        per_row = max(0.0, (1 / narrow - 1 / wide) / (1 / narrow_rb - 1 / wide_rb))
+        return per_row * (1 / row_bytes - 1 / wide_rb)
 
     def _fused_spb(self, qtype: str, batch: int, n: int) -> float | None:
         """Seconds per stored byte of a weight of ``n`` bytes at ``batch`` (None: not
@@ -131,22 +160,34 @@ class HardwareProfile:
 
 
 BATCH = 8   # the larger batch a profile measures
-# The weight sizes the fused kernel is measured at (stored bytes; ``fused_bps``).
+# The weight sizes the fused kernel is measured at (stored bytes; ``fused_bps``), and the
+# columns of their rows (the narrow figure: FUSED_LARGE bytes in rows of FUSED_NARROW_COLS).
 FUSED_LARGE = 16 << 20
 FUSED_SMALL = 1 << 20
+FUSED_COLS = 4096
+FUSED_NARROW_COLS = 512
 
 
-def fused_key(qtype: str, batch: int = 1, small: bool = False) -> str:
+def probe_row_bytes(qtype: str, cols: int) -> int:
+    """Stored bytes of a row of ``cols`` columns of ``qtype`` as the probe makes it (whole
+    blocks, at least one)."""
+    _, block, nbytes = gguf.TYPES[qtype]
+    return max(1, cols // block) * nbytes
+
+
+def fused_key(qtype: str, batch: int = 1, small: bool = False, narrow: bool = False) -> str:
     """The ``fused_bps`` key of ``qtype`` at ``batch`` (``Q4_K``, ``Q4_K@8``) for weights of
-    ``FUSED_LARGE`` bytes, or ``FUSED_SMALL`` ones (``Q4_K/small``)."""
-    return qtype + (f"@{batch}" if batch > 1 else "") + ("/small" if small else "")
+    ``FUSED_LARGE`` bytes, or ``FUSED_SMALL`` ones (``Q4_K/small``), or ``FUSED_LARGE`` bytes
+    in narrow rows (``Q4_K/narrow``)."""
+    return (qtype + (f"@{batch}" if batch > 1 else "") + ("/small" if small else "")
+            + ("/narrow" if narrow and not small else ""))
 
 
-def parse_fused_key(key: str) -> tuple[str, int, bool]:
-    """``fused_key``'s arguments back from a key."""
+def parse_fused_key(key: str) -> tuple[str, int, bool, bool]:
+    """``fused_key``'s arguments back from a key: (type, batch, small, narrow)."""
     key, _, size = key.partition("/")
     qtype, _, batch = key.partition("@")
-    return qtype, int(batch or 1), size == "small"
+    return qtype, int(batch or 1), size == "small", size == "narrow"
 
 
 def decode_key(t) -> str:
