@@ -305,79 +305,126 @@ namespace avx2_rows {
 #undef LEGACY_ATTR
 #undef LEGACY_DOT_US
 
+// The K types' AVX2 rows (also the AVX-512 level's), for a tile of R rows of activations
+// against one row of W (xs blocks apart): each weight block's scales decoded and its codes
+// unpacked once for all R rows, each row's float work in the same order as alone (its output
+// the same bits whatever R).
 template <bool Five>
-OFFLOAD_AVX2 float row_q45_k_v(const uint8_t* w, const Q8K* x, int64_t nb) {
-  const int bytes = Five ? 176 : 144;
-  const __m256i m4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.f;
-  for (int64_t b = 0; b < nb; ++b, w += bytes) {
-    prefetch_ahead<Five ? 3 : 2>(w);
-    const uint8_t* qs = w + (Five ? 48 : 16);
-    const __m256i hbits = Five ? load(w + 16) : _mm256_setzero_si256();
-    int sc[8], mn[8], msum = 0;
-    for (int j = 0; j < 8; ++j) {
-      scale_min(w + 4, j, &sc[j], &mn[j]);
-      msum += mn[j] * (x[b].bsums[2 * j] + x[b].bsums[2 * j + 1]);
-    }
-    __m256i sumi = _mm256_setzero_si256();
-    for (int j = 0; j < 4; ++j) {
-      const __m256i q = load(qs + 32 * j);
-      __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-      if (Five) {
-        const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one);
-        const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one);
-        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
-        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+struct Q45K {
+  template <int R>
+  OFFLOAD_AVX2 static void tile(const uint8_t* w, const Q8K* x, int64_t xs, int64_t nb,
+                                float* out) {
+    const int bytes = Five ? 176 : 144;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    __m256 acc[R];
+    float mins[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+    for (int64_t b = 0; b < nb; ++b, w += bytes) {
+      prefetch_ahead<Five ? 3 : 2>(w);
+      const uint8_t* qs = w + (Five ? 48 : 16);
+      const __m256i hbits = Five ? load(w + 16) : _mm256_setzero_si256();
+      int sc[8], mn[8], msum[R];
+      __m256i sumi[R];
+      for (int j = 0; j < 8; ++j) scale_min(w + 4, j, &sc[j], &mn[j]);
+      for (int r = 0; r < R; ++r) {
+        const Q8K& xr = x[r * xs + b];
+        msum[r] = 0;
+        for (int j = 0; j < 8; ++j) msum[r] += mn[j] * (xr.bsums[2 * j] + xr.bsums[2 * j + 1]);
+        sumi[r] = _mm256_setzero_si256();
       }
-      const __m256i plo = _mm256_maddubs_epi16(lo, load(x[b].q + 64 * j));
-      const __m256i phi = _mm256_maddubs_epi16(hi, load(x[b].q + 64 * j + 32));
-      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
-      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+      for (int j = 0; j < 4; ++j) {
+        const __m256i q = load(qs + 32 * j);
+        __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if (Five) {
+          const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one);
+          const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one);
+          lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+          hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+        }
+        const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xq = x[r * xs + b].q + 64 * j;
+          const __m256i plo = _mm256_maddubs_epi16(lo, load(xq));
+          const __m256i phi = _mm256_maddubs_epi16(hi, load(xq + 32));
+          sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(plo, s0));
+          sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(phi, s1));
+        }
+      }
+      const float dw = f16(w), mw = f16(w + 2);
+      for (int r = 0; r < R; ++r) {
+        const float xd = x[r * xs + b].d;
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        mins[r] += mw * xd * (float)msum[r];
+      }
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[b].d), _mm256_cvtepi32_ps(sumi), acc);
-    mins += f16(w + 2) * x[b].d * (float)msum;
+    for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - mins[r];
   }
-  return hsum(acc) - mins;
-}
+};
 
 OFFLOAD_AVX2 __m256i two_scales(const int8_t* sc) {
   return _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
 }
 
-OFFLOAD_AVX2 float row_q6_k_v(const uint8_t* w, const Q8K* x, int64_t nb) {
-  const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b, w += 210) {
-    prefetch_ahead<3>(w);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
-    int corr = 0;
-    for (int i = 0; i < 16; ++i) corr += sc[i] * x[b].bsums[i];
-    __m256i sumi = _mm256_setzero_si256();
-    for (int g = 0; g < 2; ++g) {
-      const __m256i la = load(w + 64 * g), lb = load(w + 64 * g + 32);
-      const __m256i h = load(w + 128 + 32 * g);
-      const int8_t* xq = x[b].q + 128 * g;
-      const int8_t* s = sc + 8 * g;
-      const __m256i q[4] = {
-          _mm256_or_si256(_mm256_and_si256(la, m4),
-                          _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)),
-          _mm256_or_si256(_mm256_and_si256(lb, m4),
-                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4),
-                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
-                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4))};
-      for (int i = 0; i < 4; ++i) {
-        const __m256i p = _mm256_maddubs_epi16(q[i], load(xq + 32 * i));
-        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, two_scales(s + 2 * i)));
+struct Q6K {
+  template <int R>
+  OFFLOAD_AVX2 static void tile(const uint8_t* w, const Q8K* x, int64_t xs, int64_t nb,
+                                float* out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3);
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b, w += 210) {
+      prefetch_ahead<3>(w);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+      int corr[R];
+      __m256i sumi[R];
+      for (int r = 0; r < R; ++r) {
+        corr[r] = 0;
+        for (int i = 0; i < 16; ++i) corr[r] += sc[i] * x[r * xs + b].bsums[i];
+        sumi[r] = _mm256_setzero_si256();
+      }
+      for (int g = 0; g < 2; ++g) {
+        const __m256i la = load(w + 64 * g), lb = load(w + 64 * g + 32);
+        const __m256i h = load(w + 128 + 32 * g);
+        const int8_t* s = sc + 8 * g;
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(la, m4),
+                            _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)),
+            _mm256_or_si256(_mm256_and_si256(lb, m4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4))};
+        for (int i = 0; i < 4; ++i) {
+          const __m256i ts = two_scales(s + 2 * i);
+          for (int r = 0; r < R; ++r) {
+            const __m256i p = _mm256_maddubs_epi16(q[i], load(x[r * xs + b].q + 128 * g + 32 * i));
+            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, ts));
+          }
+        }
+      }
+      const float dw = f16(w + 208);
+      for (int r = 0; r < R; ++r) {
+        const float d = dw * x[r * xs + b].d;
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        acc[r] = _mm256_sub_ps(acc[r], _mm256_setr_ps(d * 32.f * (float)corr[r], 0, 0, 0, 0, 0, 0, 0));
       }
     }
-    const float d = f16(w + 208) * x[b].d;
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-    acc = _mm256_sub_ps(acc, _mm256_setr_ps(d * 32.f * (float)corr, 0, 0, 0, 0, 0, 0, 0));
+    for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
   }
-  return hsum(acc);
+};
+
+// ``rows`` rows of activations in tiles of 4, then the rest.
+template <typename K>
+OFFLOAD_AVX2 void k_rows(const uint8_t* w, const Q8K* x, int64_t xs, int64_t nb, int rows,
+                         float* out) {
+  for (; rows >= 4; rows -= 4, x += 4 * xs, out += 4) K::template tile<4>(w, x, xs, nb, out);
+  switch (rows) {
+    case 3: K::template tile<3>(w, x, xs, nb, out); break;
+    case 2: K::template tile<2>(w, x, xs, nb, out); break;
+    case 1: K::template tile<1>(w, x, xs, nb, out); break;
+    default: break;
+  }
 }
 
 // -- AVX-512 VNNI rows (the legacy types) ------------------------------------------------------
@@ -434,14 +481,21 @@ float erase(const uint8_t* w, const void* x, int64_t nb) {
 }
 
 #if defined(__x86_64__)
-#define AVX2_ROW(name, X, ...)                                                            \
+// The K types' rows: one row of activations, and ``<name>_tile`` for ``rows`` of them.
+#define K_ROW(name, K)                                                                    \
   __attribute__((target("avx2,fma,f16c"))) float name(const uint8_t* w, const void* x,   \
                                                        int64_t nb) {                     \
-    return __VA_ARGS__(w, static_cast<const X*>(x), nb);                                 \
+    float out;                                                                           \
+    K::template tile<1>(w, static_cast<const Q8K*>(x), 0, nb, &out);                     \
+    return out;                                                                          \
+  }                                                                                      \
+  __attribute__((target("avx2,fma,f16c"))) void name##_tile(                             \
+      const uint8_t* w, const void* x, int64_t xs, int64_t nb, int rows, float* out) {   \
+    k_rows<K>(w, static_cast<const Q8K*>(x), xs, nb, rows, out);                         \
   }
-AVX2_ROW(avx2_q4_k, Q8K, row_q45_k_v<false>)
-AVX2_ROW(avx2_q5_k, Q8K, row_q45_k_v<true>)
-AVX2_ROW(avx2_q6_k, Q8K, row_q6_k_v)
+K_ROW(avx2_q4_k, Q45K<false>)
+K_ROW(avx2_q5_k, Q45K<true>)
+K_ROW(avx2_q6_k, Q6K)
 #endif
 
 RowFn row_fn(int type, int level) {
@@ -485,8 +539,8 @@ RowFn row_fn(int type, int level) {
 }
 
 // ``rows`` rows of activations (``xs`` blocks apart) against one row of W, each weight block
-// unpacked once for all of them; null where ``level`` has no such path (the K types, scalar):
-// the row function a row at a time. The same bits as the row function per row.
+// unpacked once for all of them; null where ``level`` has no such path (scalar): the row
+// function a row at a time. The same bits as the row function per row.
 using TileFn = void (*)(const uint8_t*, const void*, int64_t, int64_t, int, float*);
 
 TileFn tile_fn(int type, int level) {
@@ -499,7 +553,7 @@ TileFn tile_fn(int type, int level) {
       case Q5_0: return vnni_q5_0_tile;
       case Q5_1: return vnni_q5_1_tile;
       case Q8_0: return vnni_q8_0_tile;
-      default: return nullptr;
+      default: break;   // the K types: the AVX2 rows
     }
   }
   if (level >= offload_isa::AVX2) {
@@ -509,6 +563,9 @@ TileFn tile_fn(int type, int level) {
       case Q5_0: return avx2_q5_0_tile;
       case Q5_1: return avx2_q5_1_tile;
       case Q8_0: return avx2_q8_0_tile;
+      case Q4_K: return avx2_q4_k_tile;
+      case Q5_K: return avx2_q5_k_tile;
+      case Q6_K: return avx2_q6_k_tile;
       default: return nullptr;
     }
   }

@@ -199,9 +199,10 @@ def test_every_path_rounds_activations_to_the_same_bytes(qtype):
 
 @pytest.mark.parametrize("qtype", qmatmul.TYPES)
 def test_a_row_of_activations_gives_the_same_bits_beside_any_other_rows(qtype):
-    """The legacy types multiply up to four rows of activations per unpacked weight block;
-    each output must still be the one its row gives alone (1 to INT_ROWS rows, tiles of 4 and
-    their remainders, on every path), so a sequence's logits do not depend on its batch."""
+    """The vector paths multiply up to four rows of activations per unpacked weight block
+    (every type); each output must still be the one its row gives alone (1 to INT_ROWS rows,
+    tiles of 4 and their remainders, on every path), so a sequence's logits do not depend on
+    the batch it is in."""
     g = torch.Generator().manual_seed(11)
     w = _weight(qtype, 9, 3, seed=5)
     cols = qmatmul.cols_of(qtype, w.shape[1])
