@@ -340,3 +340,34 @@ def test_fast_on_a_moe_gguf_fuses_attention_and_keeps_experts_exact(arch, tmp_pa
     exact, fast = logits["exact", "64MB"], logits["fast", "64MB"]
     assert not torch.equal(exact, fast)
     assert (fast - exact).abs().max() < 0.25 * exact.std()
+
+
+def test_fast_holds_torch_to_one_thread_between_decode_steps(tmp_path):
+    """compute='fast' holds torch to one intra-op thread from a decode step on (an OpenMP
+    worker woken between steps spins on the cores the kernel's pool needs), gives the count
+    back for a prefill and at close(), and keeps a count the caller set between steps."""
+    path = write_llama_gguf(tmp_path / "m.gguf", hidden=256, layers=2, intermediate=512,
+                            heads=4, kv_heads=2, vocab=512, qtype="Q4_0")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = offload.run(str(path), budget="100%", compute="fast",
+                            offload_dir=tmp_path / "o", max_tokens=64, progress=False)
+        ids = torch.randint(0, 512, (1, qmatmul.INT_ROWS + 4))
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            assert torch.get_num_threads() == 2   # a prefill keeps torch's threads
+            out = model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+            assert torch.get_num_threads() == 1   # held after the step, not only through it
+            torch.set_num_threads(3)   # the caller's own change between steps
+            cache = out.past_key_values
+            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            assert torch.get_num_threads() == 1
+            model(ids, use_cache=True)   # a large forward gives back the caller's count
+            assert torch.get_num_threads() == 3
+            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            assert torch.get_num_threads() == 1
+        offload.close(model)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

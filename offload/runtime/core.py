@@ -804,12 +804,16 @@ class Runtime:
 
     def _hold_torch_threads(self, hold: bool) -> None:
         """Hold torch to one intra-op thread (``compute="fast"``'s decode steps and the time
-        between them), or give back the count it had when first held."""
-        if hold and self._threads is None:
-            self._threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        elif not hold and self._threads is not None:
-            torch.set_num_threads(self._threads)
+        between them), or give back the count it had before: the one it had when held, or
+        one the caller set between steps (kept, and given back in turn)."""
+        now = torch.get_num_threads()
+        if hold:
+            if now != 1:
+                self._threads = now
+                torch.set_num_threads(1)
+        elif self._threads is not None:
+            if now == 1:
+                torch.set_num_threads(self._threads)
             self._threads = None
 
     def _end(self, module, args, output):
