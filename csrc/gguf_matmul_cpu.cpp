@@ -276,7 +276,8 @@ OFFLOAD_AVX2 __m256i nibbles32(const uint8_t* qs) {
 OFFLOAD_AVX2 float round_block_avx2(const float* v, int n, int8_t* q) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 amax = _mm256_setzero_ps();
-  for (int i = 0; i < n; i += 8) amax = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)), amax);
+  for (int i = 0; i < n; i += 8)
+    amax = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)), amax);
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
@@ -290,7 +291,8 @@ OFFLOAD_AVX2 float round_block_avx2(const float* v, int n, int8_t* q) {
       p = _mm256_and_ps(p, _mm256_cmp_ps(p, p, _CMP_ORD_Q));   // NaN: 0
       r[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(p, lo), hi));
     }
-    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]),
+                                         _mm256_packs_epi32(r[2], r[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(b, order));
   }
   return d;
@@ -407,7 +409,8 @@ struct Q6K {
       for (int r = 0; r < R; ++r) {
         const float d = dw * x[r * xs + b].d;
         acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-        acc[r] = _mm256_sub_ps(acc[r], _mm256_setr_ps(d * 32.f * (float)corr[r], 0, 0, 0, 0, 0, 0, 0));
+        acc[r] = _mm256_sub_ps(acc[r],
+                               _mm256_setr_ps(d * 32.f * (float)corr[r], 0, 0, 0, 0, 0, 0, 0));
       }
     }
     for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
