@@ -501,80 +501,70 @@ K_ROW(avx2_q5_k, Q45K<true>)
 K_ROW(avx2_q6_k, Q6K)
 #endif
 
-RowFn row_fn(int type, int level) {
-#if defined(__x86_64__)
-  static const bool vnni = has_vnni();
-  if (level >= offload_isa::AVX512 && vnni && !k_type(type)) {
-    switch (type) {
-      case Q4_0: return vnni_q4_0;
-      case Q4_1: return vnni_q4_1;
-      case Q5_0: return vnni_q5_0;
-      case Q5_1: return vnni_q5_1;
-      case Q8_0: return vnni_q8_0;
-      default: break;   // the K types: the AVX2 rows
-    }
-  }
-  if (level >= offload_isa::AVX2) {
-    switch (type) {
-      case Q4_0: return avx2_q4_0;
-      case Q4_1: return avx2_q4_1;
-      case Q5_0: return avx2_q5_0;
-      case Q5_1: return avx2_q5_1;
-      case Q8_0: return avx2_q8_0;
-      case Q4_K: return avx2_q4_k;
-      case Q5_K: return avx2_q5_k;
-      case Q6_K: return avx2_q6_k;
-      default: return nullptr;
-    }
-  }
-#endif
-  switch (type) {
-    case Q4_0: return erase<Q8, row_q4_0>;
-    case Q4_1: return erase<Q8, row_q4_1>;
-    case Q5_0: return erase<Q8, row_q5<false>>;
-    case Q5_1: return erase<Q8, row_q5<true>>;
-    case Q8_0: return erase<Q8, row_q8_0>;
-    case Q4_K: return erase<Q8K, row_q45_k<false>>;
-    case Q5_K: return erase<Q8K, row_q45_k<true>>;
-    case Q6_K: return erase<Q8K, row_q6_k>;
-    default: return nullptr;
-  }
-}
-
 // ``rows`` rows of activations (``xs`` blocks apart) against one row of W, each weight block
-// unpacked once for all of them; null where ``level`` has no such path (scalar): the row
-// function a row at a time. The same bits as the row function per row.
+// unpacked once for all of them. The same bits as the row function per row.
 using TileFn = void (*)(const uint8_t*, const void*, int64_t, int64_t, int, float*);
 
-TileFn tile_fn(int type, int level) {
+// A type's functions on ``level``: its row, and its tile (null where the level has none,
+// scalar: the row a row of activations at a time).
+struct Kernels {
+  RowFn row = nullptr;
+  TileFn tile = nullptr;
+};
+
+Kernels kernels_for(int type, int level) {
 #if defined(__x86_64__)
+#define BOTH(name) Kernels{name, name##_tile}
   static const bool vnni = has_vnni();
   if (level >= offload_isa::AVX512 && vnni) {
     switch (type) {
-      case Q4_0: return vnni_q4_0_tile;
-      case Q4_1: return vnni_q4_1_tile;
-      case Q5_0: return vnni_q5_0_tile;
-      case Q5_1: return vnni_q5_1_tile;
-      case Q8_0: return vnni_q8_0_tile;
+      case Q4_0: return BOTH(vnni_q4_0);
+      case Q4_1: return BOTH(vnni_q4_1);
+      case Q5_0: return BOTH(vnni_q5_0);
+      case Q5_1: return BOTH(vnni_q5_1);
+      case Q8_0: return BOTH(vnni_q8_0);
       default: break;   // the K types: the AVX2 rows
     }
   }
   if (level >= offload_isa::AVX2) {
     switch (type) {
-      case Q4_0: return avx2_q4_0_tile;
-      case Q4_1: return avx2_q4_1_tile;
-      case Q5_0: return avx2_q5_0_tile;
-      case Q5_1: return avx2_q5_1_tile;
-      case Q8_0: return avx2_q8_0_tile;
-      case Q4_K: return avx2_q4_k_tile;
-      case Q5_K: return avx2_q5_k_tile;
-      case Q6_K: return avx2_q6_k_tile;
-      default: return nullptr;
+      case Q4_0: return BOTH(avx2_q4_0);
+      case Q4_1: return BOTH(avx2_q4_1);
+      case Q5_0: return BOTH(avx2_q5_0);
+      case Q5_1: return BOTH(avx2_q5_1);
+      case Q8_0: return BOTH(avx2_q8_0);
+      case Q4_K: return BOTH(avx2_q4_k);
+      case Q5_K: return BOTH(avx2_q5_k);
+      case Q6_K: return BOTH(avx2_q6_k);
+      default: return {};
     }
   }
+#undef BOTH
 #endif
-  (void)type, (void)level;
-  return nullptr;
+  switch (type) {
+    case Q4_0: return {erase<Q8, row_q4_0>};
+    case Q4_1: return {erase<Q8, row_q4_1>};
+    case Q5_0: return {erase<Q8, row_q5<false>>};
+    case Q5_1: return {erase<Q8, row_q5<true>>};
+    case Q8_0: return {erase<Q8, row_q8_0>};
+    case Q4_K: return {erase<Q8K, row_q45_k<false>>};
+    case Q5_K: return {erase<Q8K, row_q45_k<true>>};
+    case Q6_K: return {erase<Q8K, row_q6_k>};
+    default: return {};
+  }
+}
+
+// One row x of k values as ``type``'s activation blocks at ``out`` (Q8 or Q8K, k / block of
+// them), rounded as ``level``'s path rounds them (every path: the same bytes).
+void quantize(int type, const float* x, int64_t k, void* out, int level) {
+  RoundFn round = round_block;
+#if defined(__x86_64__)
+  if (level >= offload_isa::AVX2) round = round_block_avx2;
+#endif
+  if (k_type(type))
+    quantize_row_k(x, k, static_cast<Q8K*>(out), round);
+  else
+    quantize_row(x, k, static_cast<Q8*>(out), round);
 }
 
 }  // namespace
@@ -604,22 +594,15 @@ int offload_gguf_matmul_group(int type, int count, const uint8_t* const* ws, con
   if (k % t.block) return -2;
   const int64_t nb = k / t.block, row_bytes = nb * t.bytes;
   const int level = offload_isa::effective(isa);
-  const RowFn fn = row_fn(type, level);
+  const Kernels fns = kernels_for(type, level);
+  const RowFn fn = fns.row;
+  const TileFn tile = m > 1 ? fns.tile : nullptr;
   const size_t xbytes = k_type(type) ? sizeof(Q8K) : sizeof(Q8);
   std::vector<uint8_t> xq((size_t)(m * nb) * xbytes);
-  RoundFn round = round_block;
-#if defined(__x86_64__)
-  if (level >= offload_isa::AVX2) round = round_block_avx2;
-#endif
-  for (int64_t i = 0; i < m; ++i) {
-    if (k_type(type))
-      quantize_row_k(x + i * ldx, k, reinterpret_cast<Q8K*>(xq.data()) + i * nb, round);
-    else
-      quantize_row(x + i * ldx, k, reinterpret_cast<Q8*>(xq.data()) + i * nb, round);
-  }
+  for (int64_t i = 0; i < m; ++i)
+    quantize(type, x + i * ldx, k, xq.data() + (size_t)(i * nb) * xbytes, level);
   int64_t n = 0;
   for (int g = 0; g < count; ++g) n += ns[g];
-  const TileFn tile = m > 1 ? tile_fn(type, level) : nullptr;
   // rows [r0, r1) of the weights stacked in order
   auto rows = [&](int64_t r0, int64_t r1) {
     int64_t base = 0;
@@ -665,16 +648,8 @@ int64_t offload_gguf_quantize_row(int type, const float* x, int64_t k, uint8_t* 
   if (!supported(type)) return -1;
   const int64_t block = k_type(type) ? QK_K : QK;
   if (k % block) return -2;
-  RoundFn round = round_block;
-#if defined(__x86_64__)
-  if (offload_isa::effective(isa) >= offload_isa::AVX2) round = round_block_avx2;
-#endif
-  if (k_type(type)) {
-    quantize_row_k(x, k, reinterpret_cast<Q8K*>(out), round);
-    return k / block * (int64_t)sizeof(Q8K);
-  }
-  quantize_row(x, k, reinterpret_cast<Q8*>(out), round);
-  return k / block * (int64_t)sizeof(Q8);
+  quantize(type, x, k, out, offload_isa::effective(isa));
+  return k / block * (int64_t)(k_type(type) ? sizeof(Q8K) : sizeof(Q8));
 }
 
 // y[i * ldy + j] = sum_k x[i * ldx + k] * W[j, k] for i < m, j < n, where W is n rows of k / block

@@ -8,6 +8,7 @@ inputs. It times the tiers, so it sits just above them in the import order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -47,6 +48,7 @@ PROFILE_VERSION = 7
 DISK_PASSES = 5
 
 
+@functools.lru_cache(maxsize=None)   # the sources do not change under a running process
 def _profile_version() -> str:
     return f"{PROFILE_VERSION}/{_build.source_digest('gguf_matmul_cpu')}"
 

@@ -252,11 +252,11 @@ def quantize_row(x: torch.Tensor, qtype: str, isa: str | None = None) -> torch.T
         raise RuntimeError("the fused GGUF kernel could not be built (see the "
                            "KernelBuildWarning)")
     x = x.to(torch.float32).contiguous().view(-1)
-    _, block, _ = gguf.TYPES[qtype]
+    code, block, _ = gguf.TYPES[qtype]
     per = 4 + 2 * 16 + 256 if block == 256 else 4 + 4 + 32   # the C structs Q8K and Q8
     out = torch.empty(x.numel() // block * per, dtype=torch.uint8)
-    n = lib.offload_gguf_quantize_row(gguf.TYPES[qtype][0], x.data_ptr(), x.numel(),
-                                      out.data_ptr(), cpu.level(isa))
+    n = lib.offload_gguf_quantize_row(code, x.data_ptr(), x.numel(), out.data_ptr(),
+                                      cpu.level(isa))
     if n < 0:
         raise ValueError(f"the fused kernel does not multiply {qtype} weights of {x.numel()} "
                          "columns")
