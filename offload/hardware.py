@@ -39,13 +39,20 @@ log = logging.getLogger(__name__)
 # measured beyond the caches, at two weight sizes; 5: batch-8 compute with a weight beyond the
 # caches where the budget leaves room, the fused kernel's working set within the whole bound;
 # 6: the fast road's layers timed over a cache written in place (one kernel call a step)
-# 7: the fast road's decode step as the model road runs it (a step's layers in one call).
+# 7: the fast road's decode step as the model road runs it (a step's layers in one call);
+# 8: the runtime's streaming of small and large Units (rate and CPU seconds per Unit).
 # A cached profile is also tied to the CPU kernels' sources (``_profile_version``): a kernel
 # that changed is measured again, not priced by its old speed.
-PROFILE_VERSION = 7
+PROFILE_VERSION = 8
 
 
 DISK_PASSES = 5
+# The Unit sizes the runtime's streaming is measured at (``measure_stream_reads``): a small
+# Unit (one linear of a small model: SmolLM2's are 0.55 MB) with the slots the planner gives
+# such Units, and a large one (a layer; at most an eighth of the bound) with the usual four.
+STREAM_SMALL, STREAM_LARGE = 512 << 10, 16 << 20
+STREAM_PASSES = 3
+FUSED_ROUNDS = 3
 
 
 @functools.lru_cache(maxsize=None)   # the sources do not change under a running process
@@ -111,10 +118,11 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
             # (1.8) put every disk-bound row of bench_plan 20-60% under what it ran
             disk = statistics.median(measure_disk(data_file, chunk_bytes=bound)
                                      for _ in range(DISK_PASSES))
+            stream = _stream_reads(data_file, bound)
         profile = HardwareProfile(str(device), disk,
                                   measure_h2d(device, min(256 << 20, bound)),
                                   measure_compute(device, dtype, hidden, max_bytes),
-                                  DTYPE_NAMES[dtype])
+                                  DTYPE_NAMES[dtype], stream_reads=stream)
     if kernels:
         profile = replace(profile, kernel_cache_bytes={
             **profile.kernel_cache_bytes, capacity: measure_kernel_cache(dtype)})
@@ -122,8 +130,8 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
         profile = replace(profile, decode_bps={
             **profile.decode_bps, **{e: measure_decode(e, device, max_bytes) for e in missing}})
     if fused_keys:
-        profile = replace(profile, fused_bps={
-            **profile.fused_bps, **{k: measure_fused(k, max_bytes) for k in fused_keys}})
+        profile = replace(profile, fused_bps={**profile.fused_bps,
+                                              **_fused_rounds(fused_keys, max_bytes)})
     if compute_at_batch:
         profile = replace(profile, batch_compute_bps={
             **profile.batch_compute_bps,
@@ -166,8 +174,9 @@ def described(spec: str | os.PathLike) -> HardwareProfile:
     ``h2d_bps`` (pinned host-to-device copies; required for a GPU), and optionally ``dtype``
     (what compute was measured in), ``decode_bps`` (per encoding), ``layer_s`` (per model
     family, ``[seconds per layer, seconds per step]`` of a decode step beyond its weight bytes;
-    ``<family>@8`` at batch 8), ``batch_compute_bps`` (``{"8": ...}``: compute at batch 8)
-    and ``description``.
+    ``<family>@8`` at batch 8), ``batch_compute_bps`` (``{"8": ...}``: compute at batch 8),
+    ``stream_reads`` (``{"<Unit bytes>": [bytes per second, CPU seconds per Unit]}``: the
+    runtime's streaming at two or more Unit sizes) and ``description``.
 
     Raises:
         HardwareError: no such file or profile, unreadable JSON, or missing or non-positive
@@ -201,6 +210,8 @@ def described(spec: str | os.PathLike) -> HardwareProfile:
                            {k: float(v) for k, v in d.get("decode_bps", {}).items()},
                            {k: (float(v[0]), float(v[1])) for k, v in d.get("layer_s", {}).items()},
                            {k: float(v) for k, v in d.get("batch_compute_bps", {}).items()},
+                           stream_reads={k: (float(v[0]), float(v[1]))
+                                         for k, v in d.get("stream_reads", {}).items()},
                            source=f"described in {path}"
                            + (f": {d['description']}" if d.get("description") else ""))
 
@@ -239,7 +250,7 @@ def measure_decode(encoding: str, device: torch.device, max_bytes: int | None = 
     return numel * 4 / gguf.time_decode(src, out, name, numel, reps=3)
 
 
-def measure_fused(key: str, max_bytes: int | None = None) -> float:
+def measure_fused(key: str, max_bytes: int | None = None, reps: int = 5) -> float:
     """Stored bytes per second the fused GGUF matmul multiplies (``key``: ``fused_key``: a
     type at a batch, for weights of ``FUSED_LARGE`` or ``FUSED_SMALL`` stored bytes), with the
     pool of threads a run gets, against random activations: as a decode step meets its weights,
@@ -273,8 +284,21 @@ def measure_fused(key: str, max_bytes: int | None = None) -> float:
         def step():
             for w in weights:
                 qmatmul.matmul(x, w, qtype, out, pool=pool)
-        seconds = median_seconds(step, torch.device("cpu"), reps=5)
+        seconds = median_seconds(step, torch.device("cpu"), reps=reps)
     return sum(w.numel() for w in weights) / seconds
+
+
+def _fused_rounds(keys: list[str], max_bytes: int | None) -> dict[str, float]:
+    """``measure_fused`` of each key in ``FUSED_ROUNDS`` rounds over all of them, each key's
+    median round: one key measured at a stretch (a fifth of a second here) can fall in a slow
+    moment of this VM whole; measured so, one profile put Q4_1 at batch 8 at 3.3 GB/s where
+    it runs 5.4-7.0, its small weights faster than its large ones, and SmolLM2's fast rows
+    22-66% off."""
+    runs: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(FUSED_ROUNDS):
+        for k in keys:
+            runs[k].append(measure_fused(k, max_bytes, reps=3))
+    return {k: statistics.median(v) for k, v in runs.items()}
 
 
 def _measure_bitmap(itemsize: int, density: float, out_bytes: int,
@@ -426,6 +450,75 @@ def measure_disk(data_file: Path, max_bytes: int = 512 << 20,
         busy.join()
         os.close(fd)
     return count * chunk / max(elapsed, 1e-9)
+
+
+def measure_stream_reads(data_file: Path, unit_bytes: int, slots: int,
+                         max_bytes: int = 64 << 20) -> tuple[float, float]:
+    """A pass of the runtime's own streaming over Units of ``unit_bytes`` (synthetic ones
+    spread over ``data_file``): the prefetch pipeline over ``slots`` slots, the transport's
+    I/O threads (one per slot, at most the runtime's ``MAX_LAYER_READS``), the disk tier's
+    O_DIRECT reads, a consumer that acquires and releases each Unit with nothing to compute.
+    Returns ``(bytes per second, CPU seconds per Unit)``: the disk's rate at this read size
+    and depth, and what one Unit's trip costs the cores (the consumer's hand-over, the I/O
+    thread's submit and completion, the read's system time), which a CPU run pays out of its
+    compute (measured on this project's VM, from one moment to the next: 512 KiB Units at
+    0.55-1.1x the rate of 16 MiB ones, 85-110 us of CPU each; 6.4 MiB ones 290-350 us)."""
+    from .prefetch.pipeline import Pipeline
+    from .tiers.disk import DiskTier
+    from .tiers.slots import SlotRing
+    from .tiers.transport import MAX_LAYER_READS, Transport
+    from .units import TensorSpec, Unit
+
+    unit_bytes = max(BLOCK, unit_bytes // BLOCK * BLOCK)
+    size = os.path.getsize(data_file) // BLOCK * BLOCK
+    count = max(2, min(256, max_bytes // unit_bytes))
+    if size < 2 * unit_bytes:
+        return 0.0, 0.0
+    spec = (TensorSpec("w", "uint8", (unit_bytes,), 0, unit_bytes),)
+    units = {f"u{i}": Unit(f"u{i}", "layer", "layer", i,
+                           (size - unit_bytes) * i // (count - 1) // BLOCK * BLOCK,
+                           unit_bytes, 0, spec) for i in range(count)}
+    stream = tuple(units)
+    ring = SlotRing(slots, unit_bytes, aligned_host)
+    buffers = [slot.buffer.numpy() for slot in ring.slots]
+    disk, transport = DiskTier(data_file), Transport(min(slots, MAX_LAYER_READS))
+    try:
+        pipe = Pipeline(stream, units, ring,
+                        lambda u, slot: transport.read(disk, u, buffers[slot.index],
+                                                       verify=False, consumer="probe"),
+                        lambda t: transport.wait(t, "probe"))
+        pipe.begin_pass()   # the first fetches: started before the clock, as a step's are
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for key in stream:
+            pipe.acquire(key)
+            pipe.release(key)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        pipe.drain()
+    finally:
+        transport.close()
+        disk.close()
+    return count * unit_bytes / max(elapsed, 1e-9), cpu / count
+
+
+def _stream_reads(data_file: Path, bound: int) -> dict[str, tuple[float, float]]:
+    """``HardwareProfile.stream_reads``: the median of ``STREAM_PASSES`` passes at each of the
+    small and large Unit sizes, the sizes alternating (a slow moment slows both); {} where
+    the bound leaves no room for two sizes."""
+    from .planner.placement import _auto_depth
+
+    large = min(STREAM_LARGE, bound // 8) // BLOCK * BLOCK
+    if large < 4 * STREAM_SMALL:
+        return {}
+    sizes = {STREAM_SMALL: _auto_depth(STREAM_SMALL) + 1, large: _auto_depth(large) + 1}
+    runs = {n: [] for n in sizes}
+    for _ in range(STREAM_PASSES):
+        for n, slots in sizes.items():
+            runs[n].append(measure_stream_reads(data_file, n, slots,
+                                                max_bytes=max(64 << 20, 8 * n)))
+    if any(bps <= 0 for r in runs.values() for bps, _ in r):
+        return {}
+    return {str(n): (statistics.median(b for b, _ in r), statistics.median(c for _, c in r))
+            for n, r in runs.items()}
 
 
 def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:

@@ -74,6 +74,10 @@ def test_the_families_per_layer_time_is_charged_to_compute(tmp_path, machine):
                                max_bytes=16 << 20, family=config)
     per_layer, per_step = measured.layer_s["llama"]
     assert per_layer > 0 and per_step >= 0
+    # the runtime's streaming, at a small Unit and a large one within the 16 MB bound
+    sizes = sorted(int(k) for k in measured.stream_reads)
+    assert len(sizes) == 2 and sizes[0] < sizes[1] <= (16 << 20) // 8
+    assert all(bps > 0 and cpu > 0 for bps, cpu in measured.stream_reads.values())
     # a batch-1 plan measures no batch figures (a batched matmul's packing buffers would
     # stay in a batch-1 run's memory); a batch plan measures them once
     assert not measured.batch_compute_bps and "llama@8" not in measured.layer_s
@@ -104,6 +108,20 @@ def test_a_described_machine_predicts_the_planned_batch(tmp_path, machine):
     r = offload_cli("plan", tmp_path / "config.json", "--budget", "64MB", "--profile", machine,
                     "--batch", "8", "--max-tokens", "128", "--offload-dir", tmp_path / "o")
     assert r.returncode == 0 and "tok/s at batch 8" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_described_machine_may_give_its_streaming(tmp_path, machine):
+    """``stream_reads`` in a profile file (the runtime's streaming at two Unit sizes) is read
+    and prices a plan's small Units: their CPU seconds in compute, their disk rate."""
+    from offload.hardware import described
+
+    d = json.loads(machine.read_text())
+    d["stream_reads"] = {"524288": [0.5e9, 1e-4], "16777216": [1e9, 4e-4]}
+    machine.write_text(json.dumps(d))
+    prof = described(machine)
+    assert prof.stream_reads == {"524288": (0.5e9, 1e-4), "16777216": (1e9, 4e-4)}
+    assert prof.disk_seconds(1e6, 524288) == pytest.approx(1e6 / 0.5e9)
+    assert prof.read_cpu_seconds(3, 524288) == pytest.approx(3e-4)
 
 
 def test_a_config_alone_runs_no_head_probe(tmp_path, machine, monkeypatch):

@@ -58,6 +58,65 @@ def test_explicit_prefetch_is_honoured():
     assert p.slots == 4
 
 
+def test_small_units_are_fetched_further_ahead():
+    """The default window: three Units ahead for large ones, ``AHEAD_BYTES`` (6 MiB) ahead for
+    small ones, at most eleven: 512 KiB Units get 12 slots, 1 MiB ones 7, 64 KiB ones 11
+    ahead; 2 MiB and 23 MiB Units stay 3 ahead, and 88 MiB ones (64 MiB in flight) 1."""
+    kb = 1 << 10
+    for each, slots in ((512 * kb, 12), (1024 * kb, 7)):
+        us = [Unit(f"layer.{i}", "layer", "layer", i, 0, each, 0, ()) for i in range(60)]
+        p = make_plan(us, [u.key for u in us], 40 * each, 0, 16, PROFILE)
+        assert p.stream and p.slots == slots, (each, p.slots)
+    from offload.planner.placement import _auto_depth
+
+    assert _auto_depth(2 << 20) == _auto_depth(23 << 20) == 3 and _auto_depth(88 << 20) == 1
+    assert _auto_depth(64 * kb) == 11
+
+
+def test_streamed_units_pay_their_reads_cpu_and_the_disk_rate_of_their_size():
+    """``stream_reads`` measured at 512 KiB (1 GB/s, 100 us of CPU a Unit) and 16 MiB (2 GB/s,
+    400 us): a Unit size's disk rate is ``disk_read_bps`` times its rate against the largest
+    (log-size between the two, the nearer outside, never above 1x), its CPU seconds linear
+    in its size; a CPU plan adds its reads' CPU to compute (hand arithmetic), a GPU plan
+    does not (the host's threads are not its compute); without the figures, neither."""
+    kb, mb = 1 << 10, 1 << 20
+    sr = {str(512 * kb): (1e9, 100e-6), str(16 * mb): (2e9, 400e-6)}
+    prof = HardwareProfile("cpu", 1.5e9, 0.0, 10e9, "float32", stream_reads=sr)
+    assert prof.disk_seconds(mb, 512 * kb) == pytest.approx(mb / 0.75e9)
+    assert prof.disk_seconds(mb, 128 * kb) == pytest.approx(mb / 0.75e9)
+    assert prof.disk_seconds(mb, 16 * mb) == pytest.approx(mb / 1.5e9)
+    assert prof.disk_seconds(mb, 64 * mb) == pytest.approx(mb / 1.5e9)
+    assert prof.disk_seconds(mb) == pytest.approx(mb / 1.5e9)
+    # 2 MiB: 2 of the 5 doublings from 512 KiB to 16 MiB: 1.4 GB/s, 0.7 of the largest's rate
+    assert prof.disk_seconds(mb, 2 * mb) == pytest.approx(mb / (1.5e9 * 0.7))
+    slope = 300e-6 / (16 * mb - 512 * kb)
+    assert prof.read_cpu_seconds(10, 512 * kb) == pytest.approx(1e-3)
+    assert prof.read_cpu_seconds(10, 4 * mb) == pytest.approx(
+        10 * (100e-6 + slope * (4 * mb - 512 * kb)))
+    assert prof.read_cpu_seconds(2, 32 * mb) == pytest.approx(2 * (400e-6 + slope * 16 * mb))
+    assert prof.read_cpu_seconds(0, mb) == 0
+    faster_small = HardwareProfile("cpu", 1.5e9, 0.0, 10e9, "float32", stream_reads={
+        str(512 * kb): (3e9, 1e-4), str(16 * mb): (2e9, 4e-4)})
+    assert faster_small.disk_seconds(mb, 512 * kb) == pytest.approx(mb / 1.5e9)
+    plain = HardwareProfile("cpu", 1.5e9, 0.0, 10e9, "float32")
+    assert plain.disk_seconds(mb, 512 * kb) == pytest.approx(mb / 1.5e9)
+    assert plain.read_cpu_seconds(10, mb) == 0
+
+    us = [Unit(f"layer.{i}", "layer", "layer", i, 0, 512 * kb, 0, ()) for i in range(60)]
+    keys = [u.key for u in us]
+    p = make_plan(us, keys, 40 * 512 * kb, 0, 16, prof)
+    base = make_plan(us, keys, 40 * 512 * kb, 0, 16, plain)
+    assert p.stream == base.stream and len(p.stream) > 0
+    assert p.compute_s == pytest.approx(base.compute_s + len(p.stream) * 100e-6)
+    assert p.io_s == pytest.approx(p.streamed_bytes / 0.75e9)
+    assert base.io_s == pytest.approx(p.streamed_bytes / 1.5e9)
+    gpu = [HardwareProfile("cuda", 1.5e9, 25e9, 100e9, "float16", stream_reads=s)
+           for s in (sr, {})]
+    q, gpu_base = (make_plan(us, keys, 40 * 512 * kb, 0, 16, g) for g in gpu)
+    assert q.compute_s == pytest.approx(gpu_base.compute_s)
+    assert q.io_s == pytest.approx(q.streamed_bytes / 0.75e9)
+
+
 def test_minimum_is_exact():
     us = units()
     with pytest.raises(BudgetError) as e:

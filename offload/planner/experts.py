@@ -293,8 +293,8 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
                                             size[u.key]))) for u in units)
     # distinct experts a layer uses a step
     used = sum(rates.values()) / max(len({u.index for u in experts}), 1)
-    per_step = int(_step_reads(experts, resident, cached, rates, top_k, moe_layers, trace)
-                   * expert_bytes)
+    misses = _step_reads(experts, resident, cached, rates, top_k, moe_layers, trace)
+    per_step = int(misses * expert_bytes)
     weight_bytes = sum(u.nbytes for u in units)
     dense_expert = max(u.nbytes for u in experts)
     # Each routed expert that is not resident decoded is decoded at its use (on the compute
@@ -308,13 +308,22 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
                + profile.compute_seconds(moe_layers * used * dense_expert,
                                          max(1, round(batch * top_k / used)))
                + base.overhead_s + decode)
-    disk = (base.streamed_bytes + per_step) / max(profile.disk_read_bps, 1.0)
+    # the layers' stream and the misses, each read at the rate of its Units' size; on a CPU
+    # their reads' CPU seconds come out of compute
+    held = set(base.held)
+    reads = sum(1 for k in base.stream if k not in held)
+    each = base.streamed_bytes / reads if reads else 0.0
+    if profile.device.startswith("cpu"):
+        compute += (profile.read_cpu_seconds(reads, each)
+                    + profile.read_cpu_seconds(misses, expert_bytes))
+    stream_s = profile.disk_seconds(base.streamed_bytes, each)
+    miss_s = profile.disk_seconds(per_step, expert_bytes)
+    disk = stream_s + miss_s
     link = (base.streamed_bytes + per_step) / profile.h2d_bps if profile.h2d_bps else 0.0
     # A layer waits for the experts it misses (guesses hide some of that, but cost reads of
     # their own: not counted on either side).
-    stream_s = base.streamed_bytes / max(profile.disk_read_bps, 1.0)
     predicted = (overlap(compute, stream_s) if profile.device.startswith("cpu") else
-                 max(compute, stream_s)) + per_step / max(profile.disk_read_bps, 1.0)
+                 max(compute, stream_s)) + miss_s
     costs = {"compute": compute, "disk": disk, "host link": link}
     return dataclasses.replace(
         base, budget_bytes=budget_bytes, homes=homes, weight_bytes=weight_bytes,

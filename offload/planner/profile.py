@@ -46,6 +46,14 @@ class HardwareProfile:
             49152-row head; here Q4_1 at batch 1 measured 27-35 GB/s in wide rows, 22-29 in
             narrow ones); from the two, a weight's per-byte cost is corrected for its own row
             width (``_row_seconds``).
+        stream_reads: per Unit size streamed (``"524288"``: stored bytes), the runtime's own
+            streaming of such Units measured with nothing to compute
+            (``hardware.measure_stream_reads``): ``(bytes per second, CPU seconds per Unit)``.
+            The rate against the largest size's scales ``disk_read_bps`` for Units that size
+            (small reads move fewer bytes a second; at most 1x); the CPU seconds are each
+            Unit's trip through the pipeline, the I/O thread and the read's system time,
+            which a CPU run pays out of its compute (``read_cpu_seconds``). Missing (a
+            described machine): neither charged.
         kernel_cache_bytes: per capacity (``"32"``: ``memory.kernel_cache_capacity``), the
             resident bytes torch's CPU matmul kernel caches reach in ``dtype`` on this machine
             when full (oneDNN's per-shape kernels for half precision on CPUs with native
@@ -66,6 +74,7 @@ class HardwareProfile:
     batch_compute_bps: dict[str, float] = field(default_factory=dict)
     fused_bps: dict[str, float] = field(default_factory=dict)
     kernel_cache_bytes: dict[str, int] = field(default_factory=dict)
+    stream_reads: dict[str, tuple[float, float]] = field(default_factory=dict)
     contended: bool = False
     source: str = ""
 
@@ -73,6 +82,39 @@ class HardwareProfile:
         """What torch's CPU kernel caches hold when full at this process's capacity (0 where
         not measured: a GPU, a described machine)."""
         return int(self.kernel_cache_bytes.get(str(kernel_cache_capacity()), 0))
+
+    def disk_seconds(self, nbytes: float, unit_bytes: float = 0.0) -> float:
+        """Seconds the disk takes for ``nbytes`` read as Units of ``unit_bytes`` each (0: as
+        large reads): ``disk_read_bps`` scaled by the streaming rate measured at that Unit
+        size against the largest size measured (by the log of the size between two measured
+        sizes; at most 1)."""
+        ratio = 1.0
+        points = self._stream_points()
+        if unit_bytes > 0 and len(points) >= 2:
+            rate = _log_between([(n, bps) for n, bps, _ in points], unit_bytes)
+            ratio = min(1.0, rate / max(points[-1][1], 1.0))
+        return nbytes / max(self.disk_read_bps * ratio, 1.0)
+
+    def read_cpu_seconds(self, units: float, unit_bytes: float) -> float:
+        """CPU seconds ``units`` streamed Units of ``unit_bytes`` each cost the cores (linear
+        in the size through the two nearest measured sizes, at least 0; 0 where not
+        measured)."""
+        points = self._stream_points()
+        if units <= 0 or not points:
+            return 0.0
+        if len(points) == 1:
+            return units * points[0][2]
+        lo, hi = points[0], points[-1]
+        for a, b in zip(points, points[1:]):
+            lo, hi = a, b
+            if unit_bytes <= b[0]:
+                break
+        slope = (hi[2] - lo[2]) / max(hi[0] - lo[0], 1)
+        return units * max(0.0, lo[2] + slope * (unit_bytes - lo[0]))
+
+    def _stream_points(self) -> list[tuple[int, float, float]]:
+        return sorted((int(k), float(v[0]), float(v[1])) for k, v in self.stream_reads.items()
+                      if v[0] > 0)
 
     def step_overhead(self, family: str | None, layers: int, batch: int = 1) -> float:
         """Seconds a decode step of ``batch`` sequences through ``layers`` layers of ``family``
@@ -201,6 +243,18 @@ def decode_key(t) -> str:
 
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _log_between(points: list[tuple[int, float]], at: float) -> float:
+    """The value at ``at`` from ``(size, value)`` points sorted by size: linear in the log of
+    the size between the two around it, the nearer end's outside."""
+    if at <= points[0][0]:
+        return points[0][1]
+    for (a, va), (b, vb) in zip(points, points[1:]):
+        if at <= b:
+            t = (math.log2(at) - math.log2(a)) / max(math.log2(b) - math.log2(a), 1e-9)
+            return va + t * (vb - va)
+    return points[-1][1]
 
 
 def _between(one: float | None, big: float | None, batch: int) -> float | None:

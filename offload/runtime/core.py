@@ -27,15 +27,12 @@ from ..memory import PeakMeter, release_free_heap
 from ..tiers.device import DeviceTier, aligned_host
 from ..tiers.disk import DiskTier
 from ..tiers.slots import FREE, Slot, SlotRing
-from ..tiers.transport import Transport
+from ..tiers.transport import MAX_LAYER_READS, Transport
 from ..units import DTYPES, Unit
 from .startup import load_held, load_resident
 from .stats import Counters, SparseStats, cache_bytes, report
 
 log = logging.getLogger(__name__)
-
-# More than a few concurrent reads lose bandwidth on this class of disk (measured).
-MAX_LAYER_READS = 4
 
 
 class Runtime:

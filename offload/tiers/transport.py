@@ -26,6 +26,10 @@ from typing import Callable
 
 from .base import Ticket
 
+# The pipeline's reads in flight at most: more than a few concurrent reads lose bandwidth on
+# this class of disk (measured).
+MAX_LAYER_READS = 4
+
 PRIORITIES = {"now": 0, "ahead": 1, "guess": 2}
 
 
