@@ -1,9 +1,11 @@
 """Measuring the hardware profile: disk read bandwidth, host-to-device bandwidth, compute speed,
-and the decode speed of each encoding a store holds.
+the decode speed of each encoding a store holds, and the runtime's own streaming of small and
+large Units.
 
 Measured once per (offload dir, device, dtype) and cached in ``profile.json`` beside the stores
 (written to a temporary name and renamed), so that planning is deterministic for the same
-inputs. It times the tiers, so it sits just above them in the import order.
+inputs. It times the tiers and the prefetch pipeline, so it sits just above them in the
+import order.
 """
 from __future__ import annotations
 

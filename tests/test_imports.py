@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "offload"
 
-# Lowest first. ``hardware`` measures the tiers, so it sits just above them; ``hooks`` and
+# Lowest first. ``hardware`` measures the tiers and the prefetch pipeline (the runtime's
+# streaming, ``measure_stream_reads``), so it sits just above them; ``hooks`` and
 # ``calibrate`` serve the runtime and the API; the package root re-exports the API.
 LAYERS = [
     {"units", "errors", "sizes", "memory"},
@@ -17,8 +18,8 @@ LAYERS = [
     {"adapters"},
     {"planner"},
     {"tiers"},
-    {"hardware"},
     {"prefetch"},
+    {"hardware"},
     {"hooks"},
     {"runtime"},
     {"calibrate"},
