@@ -226,6 +226,31 @@ def test_moe_plan_keeps_hot_experts_resident_where_that_reads_clearly_less():
     assert chosen <= _step_reads(experts, fewer, room - 2, rates, 2, 4)
 
 
+def test_an_moe_plans_expert_misses_pay_their_reads_cpu_on_a_cpu():
+    """The expert cache's misses are streamed Units too: with ``stream_reads`` measured, a CPU
+    plan's compute and its step grow by the misses' reads' CPU (16 MiB experts: 400 us each,
+    hand arithmetic), the disk's share unchanged (16 MiB reads at the large rate)."""
+    from dataclasses import replace
+
+    from offload.planner.experts import make_moe_plan
+
+    us = moe_units()
+    order = [u.key for u in us if u.group in ("layer", "norm", "head")]
+    mb = 1 << 20
+    measured = replace(PROFILE, stream_reads={str(512 << 10): (1e9, 100e-6),
+                                              str(16 * mb): (2e9, 400e-6)})
+    for budget in (80, 200):
+        plain, p = (make_moe_plan(us, order, budget << 20, 8 << 20, 64, prof, top_k=2,
+                                  moe_layers=4, experts_per_layer=8,
+                                  pinned=frozenset(k for k in order if k.endswith(".router")))
+                    for prof in (PROFILE, measured))
+        misses = p.experts.bytes_per_step / (16 * mb)
+        assert misses > 0 and p.experts == plain.experts and not p.stream
+        assert p.compute_s == pytest.approx(plain.compute_s + misses * 400e-6)
+        assert p.io_s == pytest.approx(plain.io_s)
+        assert p.predicted_s == pytest.approx(plain.predicted_s + misses * 400e-6)
+
+
 def _simulated_lru_misses(rates, slots, steps=40000, seed=0):
     """Reads per step of a layer's share of ``slots`` experts, least recently used out, each
     expert used in a step with its chance in ``rates``, independently: the plain simulation
