@@ -77,8 +77,9 @@ def test_streamed_units_pay_their_reads_cpu_and_the_disk_rate_of_their_size():
     """``stream_reads`` measured at 512 KiB (1 GB/s, 100 us of CPU a Unit) and 16 MiB (2 GB/s,
     400 us): a Unit size's disk rate is ``disk_read_bps`` times its rate against the largest
     (log-size between the two, the nearer outside, never above 1x), its CPU seconds linear
-    in its size; a CPU plan adds its reads' CPU to compute (hand arithmetic), a GPU plan
-    does not (the host's threads are not its compute); without the figures, neither."""
+    in its size between them, beyond the largest at the largest's cost per byte; a CPU plan
+    adds its reads' CPU to compute (hand arithmetic), a GPU plan does not (the host's threads
+    are not its compute); without the figures, neither."""
     kb, mb = 1 << 10, 1 << 20
     sr = {str(512 * kb): (1e9, 100e-6), str(16 * mb): (2e9, 400e-6)}
     prof = HardwareProfile("cpu", 1.5e9, 0.0, 10e9, "float32", stream_reads=sr)
@@ -93,7 +94,8 @@ def test_streamed_units_pay_their_reads_cpu_and_the_disk_rate_of_their_size():
     assert prof.read_cpu_seconds(10, 512 * kb) == pytest.approx(1e-3)
     assert prof.read_cpu_seconds(10, 4 * mb) == pytest.approx(
         10 * (100e-6 + slope * (4 * mb - 512 * kb)))
-    assert prof.read_cpu_seconds(2, 32 * mb) == pytest.approx(2 * (400e-6 + slope * 16 * mb))
+    assert prof.read_cpu_seconds(2, 16 * mb) == pytest.approx(2 * 400e-6)
+    assert prof.read_cpu_seconds(2, 64 * mb) == pytest.approx(2 * 4 * 400e-6)   # beyond: per byte
     assert prof.read_cpu_seconds(0, mb) == 0
     faster_small = HardwareProfile("cpu", 1.5e9, 0.0, 10e9, "float32", stream_reads={
         str(512 * kb): (3e9, 1e-4), str(16 * mb): (2e9, 4e-4)})

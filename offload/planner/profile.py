@@ -96,14 +96,17 @@ class HardwareProfile:
         return nbytes / max(self.disk_read_bps * ratio, 1.0)
 
     def read_cpu_seconds(self, units: float, unit_bytes: float) -> float:
-        """CPU seconds ``units`` streamed Units of ``unit_bytes`` each cost the cores (linear
-        in the size through the two nearest measured sizes, at least 0; 0 where not
-        measured)."""
+        """CPU seconds ``units`` streamed Units of ``unit_bytes`` each cost the cores: linear in
+        the size through the two nearest measured sizes (at least 0), and beyond the largest
+        in proportion to the size at its cost per byte (a larger Unit is more reads of that
+        kind, where the slope between two small sizes would extrapolate their noise); 0 where
+        not measured."""
         points = self._stream_points()
         if units <= 0 or not points:
             return 0.0
-        if len(points) == 1:
-            return units * points[0][2]
+        if len(points) == 1 or unit_bytes >= points[-1][0]:
+            n, _, cpu = points[-1]
+            return units * cpu * (max(unit_bytes, n) / n if len(points) > 1 else 1.0)
         lo, hi = points[0], points[-1]
         for a, b in zip(points, points[1:]):
             lo, hi = a, b
