@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 # caches where the budget leaves room, the fused kernel's working set within the whole bound;
 # 6: the fast road's layers timed over a cache written in place (one kernel call a step)
 # 7: the fast road's decode step as the model road runs it (a step's layers in one call);
-# 8: the runtime's streaming of small and large Units (rate and CPU seconds per Unit).
+# 8: the runtime's streaming of small and large Units (rate and CPU seconds per Unit), and a
+# large Unit read alone.
 # A cached profile is also tied to the CPU kernels' sources (``_profile_version``): a kernel
 # that changed is measured again, not priced by its old speed.
 PROFILE_VERSION = 8
@@ -120,11 +121,12 @@ def load_or_measure(data_file: Path | None, cache_dir: Path, device: torch.devic
             # (1.8) put every disk-bound row of bench_plan 20-60% under what it ran
             disk = statistics.median(measure_disk(data_file, chunk_bytes=bound)
                                      for _ in range(DISK_PASSES))
-            stream = _stream_reads(data_file, bound)
+            stream, alone = _stream_reads(data_file, bound)
         profile = HardwareProfile(str(device), disk,
                                   measure_h2d(device, min(256 << 20, bound)),
                                   measure_compute(device, dtype, hidden, max_bytes),
-                                  DTYPE_NAMES[dtype], stream_reads=stream)
+                                  DTYPE_NAMES[dtype], stream_reads=stream,
+                                  read_alone_bps=alone)
     if kernels:
         profile = replace(profile, kernel_cache_bytes={
             **profile.kernel_cache_bytes, capacity: measure_kernel_cache(dtype)})
@@ -178,7 +180,8 @@ def described(spec: str | os.PathLike) -> HardwareProfile:
     family, ``[seconds per layer, seconds per step]`` of a decode step beyond its weight bytes;
     ``<family>@8`` at batch 8), ``batch_compute_bps`` (``{"8": ...}``: compute at batch 8),
     ``stream_reads`` (``{"<Unit bytes>": [bytes per second, CPU seconds per Unit]}``: the
-    runtime's streaming at two or more Unit sizes) and ``description``.
+    runtime's streaming at two or more Unit sizes), ``read_alone_bps`` (a large Unit read
+    with nothing else in flight) and ``description``.
 
     Raises:
         HardwareError: no such file or profile, unreadable JSON, or missing or non-positive
@@ -214,6 +217,7 @@ def described(spec: str | os.PathLike) -> HardwareProfile:
                            {k: float(v) for k, v in d.get("batch_compute_bps", {}).items()},
                            stream_reads={k: (float(v[0]), float(v[1]))
                                          for k, v in d.get("stream_reads", {}).items()},
+                           read_alone_bps=float(d.get("read_alone_bps", 0.0)),
                            source=f"described in {path}"
                            + (f": {d['description']}" if d.get("description") else ""))
 
@@ -502,25 +506,28 @@ def measure_stream_reads(data_file: Path, unit_bytes: int, slots: int,
     return count * unit_bytes / max(elapsed, 1e-9), cpu / count
 
 
-def _stream_reads(data_file: Path, bound: int) -> dict[str, tuple[float, float]]:
-    """``HardwareProfile.stream_reads``: the median of ``STREAM_PASSES`` passes at each of the
-    small and large Unit sizes, the sizes alternating (a slow moment slows both); {} where
-    the bound leaves no room for two sizes."""
+def _stream_reads(data_file: Path, bound: int) -> tuple[dict[str, tuple[float, float]], float]:
+    """``HardwareProfile.stream_reads`` and ``read_alone_bps``: the median of
+    ``STREAM_PASSES`` passes at each of the small and large Unit sizes, and of the large
+    Unit read alone (one slot: each read starts when the one before was taken), the three
+    alternating (a slow moment slows all); ({}, 0) where the bound leaves no room for two
+    sizes."""
     from .planner.placement import _auto_depth
 
     large = min(STREAM_LARGE, bound // 8) // BLOCK * BLOCK
     if large < 4 * STREAM_SMALL:
-        return {}
-    sizes = {STREAM_SMALL: _auto_depth(STREAM_SMALL) + 1, large: _auto_depth(large) + 1}
-    runs = {n: [] for n in sizes}
+        return {}, 0.0
+    ways = {(STREAM_SMALL, _auto_depth(STREAM_SMALL) + 1): [],
+            (large, _auto_depth(large) + 1): [], (large, 1): []}
     for _ in range(STREAM_PASSES):
-        for n, slots in sizes.items():
-            runs[n].append(measure_stream_reads(data_file, n, slots,
-                                                max_bytes=max(64 << 20, 8 * n)))
-    if any(bps <= 0 for r in runs.values() for bps, _ in r):
-        return {}
-    return {str(n): (statistics.median(b for b, _ in r), statistics.median(c for _, c in r))
-            for n, r in runs.items()}
+        for (n, slots), runs in ways.items():
+            runs.append(measure_stream_reads(data_file, n, slots,
+                                             max_bytes=max(64 << 20, 8 * n)))
+    if any(bps <= 0 for r in ways.values() for bps, _ in r):
+        return {}, 0.0
+    alone = ways.pop((large, 1))
+    return ({str(n): (statistics.median(b for b, _ in r), statistics.median(c for _, c in r))
+             for (n, _), r in ways.items()}, statistics.median(b for b, _ in alone))
 
 
 def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:

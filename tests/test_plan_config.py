@@ -78,6 +78,7 @@ def test_the_families_per_layer_time_is_charged_to_compute(tmp_path, machine):
     sizes = sorted(int(k) for k in measured.stream_reads)
     assert len(sizes) == 2 and sizes[0] < sizes[1] <= (16 << 20) // 8
     assert all(bps > 0 and cpu > 0 for bps, cpu in measured.stream_reads.values())
+    assert measured.read_alone_bps > 0
     # a batch-1 plan measures no batch figures (a batched matmul's packing buffers would
     # stay in a batch-1 run's memory); a batch plan measures them once
     assert not measured.batch_compute_bps and "llama@8" not in measured.layer_s
@@ -117,8 +118,10 @@ def test_a_described_machine_may_give_its_streaming(tmp_path, machine):
 
     d = json.loads(machine.read_text())
     d["stream_reads"] = {"524288": [0.5e9, 1e-4], "16777216": [1e9, 4e-4]}
+    d["read_alone_bps"] = 0.8e9
     machine.write_text(json.dumps(d))
     prof = described(machine)
+    assert prof.read_alone_bps == 0.8e9
     assert prof.stream_reads == {"524288": (0.5e9, 1e-4), "16777216": (1e9, 4e-4)}
     assert prof.disk_seconds(1e6, 524288) == pytest.approx(1e6 / 0.5e9)
     assert prof.read_cpu_seconds(3, 524288) == pytest.approx(3e-4)

@@ -253,6 +253,41 @@ def test_an_moe_plans_expert_misses_pay_their_reads_cpu_on_a_cpu():
         assert p.predicted_s == pytest.approx(plain.predicted_s + misses * 400e-6)
 
 
+def test_a_layers_lone_miss_is_read_at_the_rate_of_one_read_alone():
+    """``read_alone_bps`` (a large Unit read with nothing else in flight): a layer missing one
+    expert a step or fewer waits for it at that rate, two or more at once at the streaming
+    rate, linear between (hand arithmetic); a figure above the streaming rate counts as it;
+    an MoE plan's step at batch 1 grows by the slower misses."""
+    from dataclasses import replace
+
+    from offload.planner.experts import make_moe_plan
+
+    mb = 1 << 20
+    prof = HardwareProfile("cpu", 2e9, 0.0, 10e9, "float32", read_alone_bps=1e9)
+    assert prof.miss_seconds(64 * mb, 16 * mb, 0.5) == pytest.approx(64 * mb / 1e9)
+    assert prof.miss_seconds(64 * mb, 16 * mb, 1.0) == pytest.approx(64 * mb / 1e9)
+    assert prof.miss_seconds(64 * mb, 16 * mb, 1.25) == pytest.approx(64 * mb / 1.25e9)
+    assert prof.miss_seconds(64 * mb, 16 * mb, 3.0) == pytest.approx(64 * mb / 2e9)
+    assert replace(prof, read_alone_bps=3e9).miss_seconds(64 * mb, 16 * mb, 0.5) == \
+        pytest.approx(64 * mb / 2e9)
+    assert replace(prof, read_alone_bps=0.0).miss_seconds(64 * mb, 16 * mb, 0.5) == \
+        pytest.approx(64 * mb / 2e9)
+
+    us = moe_units()
+    order = [u.key for u in us if u.group in ("layer", "norm", "head")]
+    together, alone = (make_moe_plan(us, order, 200 << 20, 8 << 20, 64, p, top_k=2,
+                                     moe_layers=4, experts_per_layer=8,
+                                     pinned=frozenset(k for k in order if k.endswith(".router")))
+                       for p in (replace(PROFILE, read_alone_bps=0.0),
+                                 replace(PROFILE, read_alone_bps=0.7e9)))
+    per_step = alone.experts.bytes_per_step
+    per_layer = per_step / (16 * mb) / 4
+    assert alone.experts == together.experts and per_layer < 2
+    share = max(0.0, per_layer - 1)
+    assert alone.predicted_s - together.predicted_s == pytest.approx(
+        per_step / (0.7e9 + share * (1.4e9 - 0.7e9)) - per_step / 1.4e9)
+
+
 def _simulated_lru_misses(rates, slots, steps=40000, seed=0):
     """Reads per step of a layer's share of ``slots`` experts, least recently used out, each
     expert used in a step with its chance in ``rates``, independently: the plain simulation

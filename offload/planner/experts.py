@@ -317,7 +317,7 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
         compute += (profile.read_cpu_seconds(reads, each)
                     + profile.read_cpu_seconds(misses, expert_bytes))
     stream_s = profile.disk_seconds(base.streamed_bytes, each)
-    miss_s = profile.disk_seconds(per_step, expert_bytes)
+    miss_s = profile.miss_seconds(per_step, expert_bytes, misses / max(moe_layers, 1))
     disk = stream_s + miss_s
     link = (base.streamed_bytes + per_step) / profile.h2d_bps if profile.h2d_bps else 0.0
     # A layer waits for the experts it misses (guesses hide some of that, but cost reads of

@@ -54,6 +54,10 @@ class HardwareProfile:
             Unit's trip through the pipeline, the I/O thread and the read's system time,
             which a CPU run pays out of its compute (``read_cpu_seconds``). Missing (a
             described machine): neither charged.
+        read_alone_bps: a large Unit read with nothing else in flight (the probe above with one
+            slot), as an MoE layer's one missed expert is read while the layer waits: one
+            17 MB Unit here 1.8-2.1 GB/s where two at once read at 2.8 (``miss_seconds``); 0:
+            not measured (misses at ``disk_read_bps``).
         kernel_cache_bytes: per capacity (``"32"``: ``memory.kernel_cache_capacity``), the
             resident bytes torch's CPU matmul kernel caches reach in ``dtype`` on this machine
             when full (oneDNN's per-shape kernels for half precision on CPUs with native
@@ -75,6 +79,7 @@ class HardwareProfile:
     fused_bps: dict[str, float] = field(default_factory=dict)
     kernel_cache_bytes: dict[str, int] = field(default_factory=dict)
     stream_reads: dict[str, tuple[float, float]] = field(default_factory=dict)
+    read_alone_bps: float = 0.0
     contended: bool = False
     source: str = ""
 
@@ -94,6 +99,19 @@ class HardwareProfile:
             rate = _log_between([(n, bps) for n, bps, _ in points], unit_bytes)
             ratio = min(1.0, rate / max(points[-1][1], 1.0))
         return nbytes / max(self.disk_read_bps * ratio, 1.0)
+
+    def miss_seconds(self, nbytes: float, unit_bytes: float, per_layer: float) -> float:
+        """Seconds the disk takes for ``nbytes`` of missed experts of ``unit_bytes`` each, a
+        layer missing ``per_layer`` of them a step on average, read together when it waits:
+        one alone at ``read_alone_bps`` (at most the streaming rate), two or more at once at
+        the streaming rate (``disk_seconds``), linear between one and two."""
+        together = self.disk_seconds(nbytes, unit_bytes)
+        if self.read_alone_bps <= 0 or nbytes <= 0:
+            return together
+        share = min(1.0, max(0.0, per_layer - 1.0))   # of the way from one a layer to two
+        rate = nbytes / together
+        alone = min(self.read_alone_bps, rate)
+        return nbytes / (alone + share * (rate - alone))
 
     def read_cpu_seconds(self, units: float, unit_bytes: float) -> float:
         """CPU seconds ``units`` streamed Units of ``unit_bytes`` each cost the cores: linear in
