@@ -311,12 +311,9 @@ def _finish(base: Plan, budget_bytes: int, units, experts, resident: set[str], c
     # the layers' stream and the misses, each read at the rate of its Units' size; on a CPU
     # their reads' CPU seconds come out of compute
     held = set(base.held)
-    reads = sum(1 for k in base.stream if k not in held)
-    each = base.streamed_bytes / reads if reads else 0.0
-    if profile.device.startswith("cpu"):
-        compute += (profile.read_cpu_seconds(reads, each)
-                    + profile.read_cpu_seconds(misses, expert_bytes))
-    stream_s = profile.disk_seconds(base.streamed_bytes, each)
+    stream_s, stream_cpu = profile.stream_seconds(
+        base.streamed_bytes, sum(1 for k in base.stream if k not in held))
+    compute += stream_cpu + profile.stream_seconds(misses * expert_bytes, misses)[1]
     miss_s = profile.miss_seconds(per_step, expert_bytes, misses / max(moe_layers, 1))
     disk = stream_s + miss_s
     link = (base.streamed_bytes + per_step) / profile.h2d_bps if profile.h2d_bps else 0.0

@@ -197,12 +197,10 @@ def _cost(compute_s: float, streamed: int, slots: int, profile: HardwareProfile,
     (torch's threads take them all): their seconds add, and the reads overlap them only in
     part (``overlap``; measured on SmolLM2 at 20%, 2 cores: the decode thread ran at half its
     speed alone while the model computed)."""
-    disk = streamed if from_disk is None else from_disk
-    each = disk / units_read if units_read else 0.0
-    reads_cpu = profile.read_cpu_seconds(units_read, each) if _decode_shares_cores(profile) \
-        else 0.0
+    disk_s, reads_cpu = profile.stream_seconds(streamed if from_disk is None else from_disk,
+                                               units_read)
     c = {"compute": compute_s + overhead_s + reads_cpu,
-         "disk": profile.disk_seconds(disk, each),
+         "disk": disk_s,
          "host link": streamed / profile.h2d_bps if profile.h2d_bps else 0.0,
          "decode": decode_s}
     if slots <= 1:
@@ -242,10 +240,10 @@ def _bottleneck(cost: dict, profile: HardwareProfile) -> str:
 
 def _seconds_saved(stored: dict, decode: dict, profile: HardwareProfile):
     """Seconds a pass saves by keeping Unit ``k`` resident: its read (on a CPU with the
-    read's CPU seconds), and its decode (a resident encoded Unit is held decoded)."""
-    cpu = _decode_shares_cores(profile)
-    return lambda k: (profile.disk_seconds(stored[k], stored[k]) + decode[k]
-                      + (profile.read_cpu_seconds(1, stored[k]) if cpu else 0.0))
+    read's CPU seconds), and its decode (a resident encoded Unit is held decoded); computed
+    once for every Unit, as the search asks for each at every slot size and depth."""
+    saved = {k: sum(profile.stream_seconds(n, 1)) + decode[k] for k, n in stored.items()}
+    return saved.__getitem__
 
 
 def _fill(forced, streamable, size, stored, reads, slots, slot_bytes, room, saved=None,

@@ -113,6 +113,14 @@ class HardwareProfile:
         alone = min(self.read_alone_bps, rate)
         return nbytes / (alone + share * (rate - alone))
 
+    def stream_seconds(self, nbytes: float, units: float) -> tuple[float, float]:
+        """``(disk seconds, CPU seconds)`` of ``nbytes`` read as ``units`` Units of their mean
+        size (``disk_seconds``, ``read_cpu_seconds``); the CPU seconds are 0 off a CPU device,
+        whose host threads are not its compute."""
+        each = nbytes / units if units else 0.0
+        cpu = self.read_cpu_seconds(units, each) if self.device.startswith("cpu") else 0.0
+        return self.disk_seconds(nbytes, each), cpu
+
     def read_cpu_seconds(self, units: float, unit_bytes: float) -> float:
         """CPU seconds ``units`` streamed Units of ``unit_bytes`` each cost the cores: linear in
         the size through the two nearest measured sizes (at least 0), and beyond the largest
